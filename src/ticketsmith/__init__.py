@@ -1,0 +1,18 @@
+"""ticketsmith: structural lottery tickets that run faster for real.
+
+    import ticketsmith as ts
+    ds = ts.data.load("fashion-mnist")
+    model = ts.models.for_dataset("resnet20", ds)
+    masks = ts.Masks.ones(model)
+"""
+from . import data, models, prune
+from .errors import ArtifactError, DataNotFoundError, DivergenceError, TicketsmithError, UsageError
+from .masks import Block, Masks, MaskHold, prunable_names
+from .runs import Run, RunConfig, summarize_run
+from .train import Dist, Trainer, TrainConfig, evaluate
+
+__version__ = "0.1.0"
+
+__all__ = ["data", "models", "prune", "Masks", "MaskHold", "Block", "prunable_names", "Run",
+           "RunConfig", "summarize_run", "Trainer", "TrainConfig", "Dist", "evaluate",
+           "TicketsmithError", "UsageError", "DataNotFoundError", "ArtifactError", "DivergenceError"]

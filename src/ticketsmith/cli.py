@@ -1,0 +1,127 @@
+"""The `ticketsmith` command: parse arguments, call the library, print.
+
+Usage errors (unknown names, values out of range, missing data, a run directory made by another
+config) print one line and exit with status 2; a corrupt file or a diverged training exits
+with status 1, also without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+import typing
+from pathlib import Path
+
+from .errors import DivergenceError, TicketsmithError, UsageError
+
+PROG = "ticketsmith"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage block) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
+    """One flag per dataclass field: --field-name, typed by the field's default."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kw = {"help": f.metadata.get("help", ""), "dest": f.name, "default": f.default}
+        hint = hints[f.name]
+        if hint is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(hint) is tuple:
+            kw["type"] = _floats
+            kw["metavar"] = "X[,Y...]"
+        else:
+            kw["type"] = {int: int, float: float}.get(hint, str)
+            if "choices" in f.metadata:
+                kw["choices"] = f.metadata["choices"]
+                kw["metavar"] = f.name.upper()
+                kw["help"] += f"; one of: {', '.join(f.metadata['choices'])}"
+        if "default" in kw and kw.get("action") is None and f.default is not None:
+            default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+            kw["help"] += f" (default: {str(default).replace('%', '%%')})"
+        parser.add_argument(flag, **kw)
+
+
+def default_out(cfg) -> Path:
+    digest = hashlib.sha256(json.dumps(cfg.identity(), sort_keys=True).encode()).hexdigest()[:8]
+    return Path("runs") / f"{cfg.model}_{cfg.dataset}_{cfg.method}_{digest}"
+
+
+def cmd_run(args) -> int:
+    from .runs import Run, RunConfig, format_summary
+    cfg = RunConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)})
+    out = Path(args.out) if args.out else default_out(cfg)
+    run = Run(cfg, out, data_dir=args.data_dir, progress=args.progress)
+    summary = run.execute()
+    print(format_summary(summary))
+    print(f"run directory: {out}")
+    return 0
+
+
+def cmd_summary(args) -> int:
+    from .runs import format_summary, summarize_run
+    for d in args.run_dirs:
+        summary = summarize_run(d)
+        print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .runs import RunConfig
+    p = Parser(prog=PROG, description="Find structural lottery tickets and make them fast.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+
+    run = sub.add_parser("run", help="train a ticket (IMP, one-shot sources, dynamic sparse training)",
+                         description="Train dense, prune, post-process and retrain; resumable: "
+                                     "running the same command again continues where it stopped.")
+    add_dataclass_flags(run, RunConfig)
+    run.add_argument("--out", help="run directory (default: runs/MODEL_DATASET_METHOD_HASH)")
+    run.add_argument("--data-dir", help="folder holding the dataset's files (default: the "
+                     "dataset's standard place, or $TICKETSMITH_DATA)")
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                     help="show progress bars")
+    run.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("summary", help="print the per-round table of run directories")
+    s.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    s.add_argument("--json", action="store_true", help="print summary.json instead of a table")
+    s.set_defaults(func=cmd_summary)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except DivergenceError as e:
+        print(f"{PROG}: training diverged: {e}", file=sys.stderr)
+        return 1
+    except TicketsmithError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

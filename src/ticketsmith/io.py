@@ -1,0 +1,105 @@
+"""Atomic, verified files. Every artifact is written to a temporary file in the same folder,
+flushed, fsynced and renamed over the target, so a crash leaves either the old file or the new
+one, never half of one. Tensor files are safetensors whose metadata carries a SHA-256 of the
+tensor bytes, checked on load: a truncated or altered file is refused, never read as valid."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .errors import ArtifactError
+
+_DIGEST = "ticketsmith.sha256"
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise ArtifactError(f"{path}: not a text file") from None
+
+
+def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                 metadata: Mapping[str, Any] | None = None) -> None:
+    """Write tensors (and JSON-able metadata) atomically as safetensors, with a checksum."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {"json": json.dumps(dict(metadata or {}), sort_keys=True), _DIGEST: _digest(tensors)}
+    atomic_write_bytes(path, st_save(tensors, metadata=meta))
+
+
+def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a file written by `save_tensors`; raise ArtifactError if it is corrupt or not ours."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: file not found") from None
+    try:
+        tensors = st_load(data)
+        # load() does not return the header's metadata: read it from the header itself
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + header_len])
+        meta = header.get("__metadata__") or {}
+    except (SafetensorError, ValueError, json.JSONDecodeError, UnicodeDecodeError, OverflowError) as e:
+        raise ArtifactError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0][:120]})") from None
+    if _DIGEST not in meta:
+        raise ArtifactError(f"{path}: no ticketsmith checksum in its metadata; not written by ticketsmith")
+    if _digest(tensors) != meta[_DIGEST]:
+        raise ArtifactError(f"{path}: checksum mismatch, the file is corrupt")
+    try:
+        extra = json.loads(meta.get("json", "{}"))
+    except json.JSONDecodeError:
+        raise ArtifactError(f"{path}: corrupt metadata") from None
+    return tensors, extra

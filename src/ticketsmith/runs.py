@@ -1,0 +1,433 @@
+"""Run directories: one experiment, resumable by construction.
+
+    RUN/config.json            the settings that define the run (refused if they differ)
+    RUN/rewind.safetensors     all model state (weights, BN statistics, head) at the rewind point
+    RUN/round_NN/masks.safetensors     the round's mask, decided once, before training
+    RUN/round_NN/checkpoint.safetensors  last finished epoch (model, optimizer, history)
+    RUN/round_NN/weights.safetensors   final state of the round's training
+    RUN/round_NN/metrics.jsonl         one line per epoch
+    RUN/round_NN/round.json            written last: the round is done
+    RUN/summary.json           per round: sparsity, best validation accuracy, test accuracy
+
+Round 0 trains the dense network and records the rewind point. Each later round derives its
+mask from the previous round (IMP) or from round 0 (one-shot sources), optionally makes it
+structured, rewinds *all* state to the rewind point, and retrains under the mask. Running the
+same command again skips finished rounds and resumes an unfinished one from its checkpoint.
+Every file is written atomically; only rank 0 writes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import data as tsdata
+from . import models as tsmodels
+from . import prune
+from .errors import ArtifactError, UsageError
+from .io import load_tensors, read_json, save_tensors, write_json
+from .masks import Masks
+from .train import Dist, Trainer, TrainConfig, summarize
+
+METHODS = ("dense", "imp", "oneshot", "srigl", "rigl", "set")
+SOURCES = ("omp", "rp", "snip", "grasp", "synflow", "admm")
+STRUCTURES = ("none", "refill", "refill+", "regroup")
+REINITS = ("none", "random")
+
+
+def _help(text: str, **kw) -> dict:
+    return {"help": text, **kw}
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run. Each field is a `ticketsmith run` flag."""
+    model: str = field(default="resnet20", metadata=_help("model name", choices=tsmodels.names()))
+    dataset: str = field(default="fashion-mnist", metadata=_help("dataset name", choices=tsdata.names()))
+    width: float = field(default=1.0, metadata=_help("width multiplier of every hidden layer"))
+    method: str = field(default="imp", metadata=_help(
+        "dense: train once; imp: iterative magnitude pruning with rewinding; oneshot: one "
+        "mask per --sparsity from --source; srigl/rigl/set: dynamic sparse training", choices=METHODS))
+    rounds: int = field(default=5, metadata=_help("IMP pruning rounds after the dense round 0"))
+    prune_fraction: float = field(default=0.2, metadata=_help("IMP: fraction of the remaining weights pruned per round"))
+    rewind: str = field(default="5%", metadata=_help(
+        "rewind point: a percentage of training ('5%%') or an iteration ('0' = original init)"))
+    sparsity: tuple[float, ...] = field(default=(0.8,), metadata=_help(
+        "oneshot / dynamic sparse training: target sparsity, or a comma-separated list (oneshot)"))
+    source: str = field(default="omp", metadata=_help("oneshot: where the unstructured mask comes from",
+                                                       choices=SOURCES))
+    structure: str = field(default="none", metadata=_help(
+        "post-process each round's mask: refill (channels), refill+ (extra channels), regroup "
+        "(dense blocks)", choices=STRUCTURES))
+    structure_every_round: bool = field(default=False, metadata=_help(
+        "IMP: prune the structured mask of the previous round (group-aware IMP, Alg. 4) "
+        "instead of post-processing an unstructured IMP chain"))
+    reinit: str = field(default="none", metadata=_help(
+        "random: train tickets from a fresh random init instead of the rewind point (control)",
+        choices=REINITS))
+    include_head: bool = field(default=False, metadata=_help("prune the classifier head too"))
+    exclude_first: bool = field(default=False, metadata=_help("do not prune the first layer"))
+    epochs: int = field(default=30, metadata=_help("training epochs per round"))
+    batch_size: int = field(default=128, metadata=_help("global batch size (split across processes)"))
+    lr: float = field(default=0.1, metadata=_help("initial learning rate"))
+    momentum: float = field(default=0.9, metadata=_help("SGD momentum"))
+    weight_decay: float = field(default=5e-4, metadata=_help("weight decay"))
+    milestones: tuple[float, ...] = field(default=(0.5, 0.75), metadata=_help(
+        "learning rate x0.1 at these fractions of training"))
+    seed: int = field(default=0, metadata=_help("random seed"))
+    channels_last: bool = field(default=False, metadata=_help("train in channels_last memory format"))
+    val_size: int = field(default=-1, metadata=_help(
+        "examples held out of the training set for validation (-1: the dataset's default)"))
+    # Settings of later stages (structure, DST) extend this class; a config.json written before
+    # a field existed reads as that field's default.
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                           momentum=self.momentum, weight_decay=self.weight_decay,
+                           milestones=tuple(self.milestones), seed=self.seed,
+                           channels_last=self.channels_last)
+
+    def validate(self) -> None:
+        for name in ("model", "dataset", "method", "source", "structure", "reinit"):
+            choices = RunConfig.__dataclass_fields__[name].metadata.get("choices")
+            if getattr(self, name) not in choices:
+                raise UsageError(f"unknown {name} {getattr(self, name)!r}; choose one of: "
+                                 f"{', '.join(choices)}")
+        if self.rounds < 1:
+            raise UsageError(f"rounds must be at least 1, got {self.rounds}")
+        if not 0 < self.prune_fraction < 1:
+            raise UsageError(f"prune fraction must be in (0, 1), got {self.prune_fraction}")
+        if not self.sparsity:
+            raise UsageError("give at least one --sparsity")
+        for s in self.sparsity:
+            prune.check_sparsity(s)
+        if self.width <= 0:
+            raise UsageError(f"width must be > 0, got {self.width}")
+        parse_rewind(self.rewind, 1)
+        self.train_config().validate()
+        if self.structure_every_round and (self.method != "imp" or self.structure == "none"):
+            raise UsageError("--structure-every-round needs --method imp and a --structure")
+
+    def identity(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "RunConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(obj) - names
+        if unknown:
+            raise UsageError(f"unknown config keys: {', '.join(sorted(unknown))}")
+        obj = dict(obj)
+        for k in ("sparsity", "milestones"):
+            if k in obj:
+                obj[k] = tuple(obj[k])
+        return cls(**obj)
+
+
+def parse_rewind(text: str, total_iters: int) -> int:
+    """'5%' -> 5% of the training iterations; '0' or '120' -> that iteration."""
+    t = str(text).strip()
+    try:
+        if t.endswith("%"):
+            frac = float(t[:-1]) / 100
+            if not 0 <= frac < 1:
+                raise ValueError
+            return int(round(frac * total_iters))
+        it = int(t)
+        if it < 0:
+            raise ValueError
+        return it
+    except ValueError:
+        raise UsageError(f"rewind point must be a percentage in [0%, 100%) or an iteration >= 0, "
+                         f"got {text!r}") from None
+
+
+def round_dir(run: Path, r: int) -> Path:
+    return Path(run) / f"round_{r:02d}"
+
+
+def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def load_state(model: nn.Module, path: Path) -> None:
+    tensors, _ = load_tensors(path)
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise ArtifactError(f"{path}: does not fit the model ({str(e).splitlines()[0]})") from None
+
+
+class Run:
+    """Executes (or resumes) a run in `out`. Call `execute()`."""
+
+    def __init__(self, cfg: RunConfig, out: str | Path, *, data_dir: str | None = None,
+                 progress: bool = True, dist: Dist | None = None):
+        cfg.validate()
+        self.cfg, self.out = cfg, Path(out)
+        self.dist = dist or Dist()
+        self.progress = progress
+        self.ds = tsdata.load(cfg.dataset, data_dir, None if cfg.val_size < 0 else cfg.val_size)
+        self.tcfg = cfg.train_config()
+        probe = Trainer(self.new_model(), self.ds, self.tcfg, self.dist, progress=False)
+        self.total_iters = probe.total_iters
+        self.rewind_iter = parse_rewind(cfg.rewind, self.total_iters)
+        if self.rewind_iter >= self.total_iters:
+            raise UsageError(f"rewind point {self.rewind_iter} is not before the end of training "
+                             f"({self.total_iters} iterations)")
+
+    # -- helpers -----------------------------------------------------------------------------
+    def new_model(self, seed: int | None = None) -> nn.Module:
+        torch.manual_seed(self.cfg.seed if seed is None else seed)
+        return tsmodels.for_dataset(self.cfg.model, self.ds, self.cfg.width)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The model as trained: the seam where data parallelism wraps it."""
+        return model
+
+    def base_masks(self, model: nn.Module) -> Masks:
+        return Masks.ones(model, include_head=self.cfg.include_head,
+                          include_first=not self.cfg.exclude_first)
+
+    @property
+    def writer(self) -> bool:
+        return self.dist.is_main
+
+    def prepare(self) -> None:
+        """Create the run directory, or check that an existing one was made by this config."""
+        cfg_path = self.out / "config.json"
+        if cfg_path.exists():
+            old = read_json(cfg_path)
+            try:
+                old_cfg = RunConfig.from_json(old)
+            except (TypeError, UsageError) as e:
+                raise UsageError(f"{self.out}: its config.json is not a ticketsmith run config ({e})") from None
+            if old_cfg.identity() != self.cfg.identity():
+                diff = [f"{k}: {v!r} there, {self.cfg.identity()[k]!r} now"
+                        for k, v in old_cfg.identity().items() if self.cfg.identity()[k] != v]
+                raise UsageError(f"{self.out} holds a run made by a different config ("
+                                 + "; ".join(diff) + "); choose another --out")
+        elif self.out.exists() and any(self.out.iterdir()):
+            raise UsageError(f"{self.out} exists, is not empty and is not a ticketsmith run; "
+                             "choose another --out")
+        elif self.writer:
+            write_json(cfg_path, self.cfg.identity())
+
+    # -- one round of training ---------------------------------------------------------------
+    def train_round(self, path: Path, masks: Masks | None, start: str, desc: str,
+                    sparsifier_factory=None, extra: dict | None = None) -> dict:
+        """Train in `path` (resuming from its checkpoint) and write its outputs; returns round.json.
+
+        start: 'init' (from the seeded initial weights, iteration 0), 'rewind' (from the rewind
+        point) or 'reinit' (fresh random weights, trained from the rewind iteration).
+        """
+        done = path / "round.json"
+        if done.exists():
+            return read_json(done)
+        model = self.new_model()
+        start_iter = 0
+        if start == "rewind":
+            load_state(model, self.out / "rewind.safetensors")
+            start_iter = self.rewind_iter
+        elif start == "reinit":
+            model = self.new_model(seed=self.cfg.seed + 1_000_003)
+            start_iter = self.rewind_iter
+        if masks is not None:
+            masks.apply(model)
+        trainer = Trainer(self.wrap(model), self.ds, self.tcfg, self.dist, self.progress, desc=desc)
+        sparsifier = sparsifier_factory(model, trainer) if sparsifier_factory else None
+        ckpt = path / "checkpoint.safetensors"
+        resume = load_tensors(ckpt) if ckpt.exists() else None
+
+        def on_iteration(it: int) -> None:
+            if start == "init" and it == self.rewind_iter and self.writer:
+                save_tensors(self.out / "rewind.safetensors", state_tensors(model),
+                             {"iteration": it})
+
+        def on_epoch_end(next_epoch: int, history: list[dict]) -> None:
+            if self.writer:
+                save_tensors(ckpt, *trainer.state(next_epoch, history, sparsifier))
+                write_metrics(path / "metrics.jsonl", history)
+
+        t0 = time.perf_counter()
+        result = trainer.fit(masks, start_iter, resume=resume, on_iteration=on_iteration,
+                             on_epoch_end=on_epoch_end, sparsifier=sparsifier)
+        final_masks = sparsifier.masks if sparsifier is not None else masks
+        info = {"best_epoch": result.best_epoch, "best_val_acc": result.best_val_acc,
+                "test_acc": result.test_acc_at_best, "final_test_acc": result.final_test_acc,
+                "epochs": self.tcfg.epochs, "start_iteration": start_iter,
+                "train_seconds": time.perf_counter() - t0}
+        if final_masks is not None:
+            info.update(sparsity=final_masks.sparsity(),
+                        layer_sparsity=final_masks.layer_sparsity(),
+                        channel_sparsity=final_masks.channel_sparsity())
+        else:
+            info.update(sparsity=0.0)
+        info.update(extra or {})
+        if self.writer:
+            if final_masks is not None and sparsifier is not None:
+                final_masks.save(path / "masks.safetensors")
+            save_tensors(path / "weights.safetensors", state_tensors(getattr(model, "module", model)))
+            write_json(done, info)
+            ckpt.unlink(missing_ok=True)
+        return info
+
+    def round_masks(self, path: Path, decide) -> Masks:
+        """The round's mask: read back if it was decided before (a resumed run must not
+        re-draw a random or data-dependent mask), else decided now and written first."""
+        f = path / "masks.safetensors"
+        if f.exists():
+            return Masks.load(f)
+        masks = decide()
+        if self.writer:
+            masks.save(f)
+        return masks
+
+    def trained(self, path: Path) -> nn.Module:
+        model = self.new_model()
+        load_state(model, path / "weights.safetensors")
+        return model
+
+    # -- the methods -------------------------------------------------------------------------
+    def execute(self) -> dict:
+        self.prepare()
+        cfg = self.cfg
+        if cfg.method in ("srigl", "rigl", "set"):
+            self._dynamic()
+        else:
+            self.train_round(round_dir(self.out, 0), None, "init", "round 0 ")
+            if cfg.method == "imp":
+                self._imp()
+            elif cfg.method == "oneshot":
+                self._oneshot()
+        return self.write_summary()
+
+    def _start(self) -> str:
+        return "reinit" if self.cfg.reinit == "random" else "rewind"
+
+    def _imp(self) -> None:
+        cfg = self.cfg
+        chained = cfg.structure != "none" and not cfg.structure_every_round
+        prev = round_dir(self.out, 0)  # the round whose weights the next IMP step prunes
+        prev_masks = self.base_masks(self.new_model())
+        for r in range(1, cfg.rounds + 1):
+            path = round_dir(self.out, r)
+            if chained:  # the unstructured IMP chain lives in chain/; tickets are post-processed
+                cpath = self.out / "chain" / f"round_{r:02d}"
+                trained = self.trained(prev)
+                cmasks = self.round_masks(cpath, lambda: prune.magnitude(
+                    trained, prev_masks, cfg.prune_fraction))
+                masks = self.round_masks(path, lambda: self.structured(cmasks, trained))
+                if r < cfg.rounds:  # the last chain round's weights are never pruned again
+                    self.train_round(cpath, cmasks, "rewind", f"chain {r} ")
+                extra = {"unstructured_sparsity": cmasks.sparsity()}
+                prev, prev_masks = cpath, cmasks
+            else:
+                def decide():
+                    trained = self.trained(prev)
+                    unstructured = prune.magnitude(trained, prev_masks, cfg.prune_fraction)
+                    return self.structured(unstructured, trained)
+                masks = self.round_masks(path, decide)
+                extra = {}
+                prev, prev_masks = path, masks
+            self.train_round(path, masks, self._start(), f"round {r} ", extra=extra)
+
+    def _oneshot(self) -> None:
+        dense = round_dir(self.out, 0)
+        for r, s in enumerate(self.cfg.sparsity, start=1):
+            path = round_dir(self.out, r)
+            masks = self.round_masks(path, lambda: self.structured(
+                self.source_masks(dense, s), self.trained(dense)))
+            self.train_round(path, masks, self._start(), f"round {r} ")
+
+    def source_masks(self, dense: Path, sparsity: float) -> Masks:
+        """The unstructured one-shot mask at `sparsity` from `cfg.source`."""
+        cfg = self.cfg
+        if cfg.source == "omp":
+            return prune.omp(self.trained(dense), sparsity, self.base_masks(self.new_model()))
+        if cfg.source == "rp":
+            return prune.random_masks(self.new_model(), sparsity, cfg.seed,
+                                      self.base_masks(self.new_model()))
+        raise UsageError(f"source {cfg.source!r} is not available in this build")
+
+    def structured(self, masks: Masks, trained: nn.Module) -> Masks:
+        """Post-process an unstructured mask; `trained` holds the weights it was pruned from."""
+        if self.cfg.structure == "none":
+            return masks
+        raise UsageError(f"structure {self.cfg.structure!r} is not available in this build")
+
+    def _dynamic(self) -> None:
+        raise UsageError(f"method {self.cfg.method!r} is not available in this build")
+
+    # -- summary: rebuilt from the round.json files, which are the source of truth -----------
+    def write_summary(self) -> dict:
+        summary = summarize_run(self.out)
+        if self.writer:
+            write_json(self.out / "summary.json", summary)
+        return summary
+
+
+def write_metrics(path: Path, history: list[dict]) -> None:
+    from .io import atomic_write_bytes
+    atomic_write_bytes(path, "".join(json.dumps(h, sort_keys=True) + "\n" for h in history).encode())
+
+
+def summarize_run(run: str | Path) -> dict:
+    """Collect the rounds of a run directory; unfinished rounds are listed as partial."""
+    run = Path(run)
+    if not (run / "config.json").exists():
+        raise UsageError(f"{run} is not a ticketsmith run directory (no config.json)")
+    cfg = read_json(run / "config.json")
+    rounds = []
+    for d in sorted(run.glob("round_[0-9][0-9]")):
+        r = int(d.name.split("_")[1])
+        if (d / "round.json").exists():
+            info = read_json(d / "round.json")
+            rounds.append({"round": r, "status": "done", **{k: info.get(k) for k in (
+                "sparsity", "unstructured_sparsity", "best_val_acc", "test_acc", "best_epoch",
+                "final_test_acc", "train_seconds")}})
+        else:
+            epochs_done = 0
+            if (d / "metrics.jsonl").exists():
+                epochs_done = sum(1 for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip())
+            entry = {"round": r, "status": "partial", "epochs_done": epochs_done}
+            if (d / "masks.safetensors").exists():
+                try:
+                    entry["sparsity"] = Masks.load(d / "masks.safetensors").sparsity()
+                except ArtifactError:
+                    entry["status"] = "corrupt"
+            rounds.append(entry)
+    expected = _expected_rounds(cfg)
+    complete = len([x for x in rounds if x["status"] == "done"]) == expected
+    return {"run": str(run), "config": cfg, "complete": complete, "rounds": rounds}
+
+
+def _expected_rounds(cfg: dict) -> int:
+    method = cfg.get("method", "imp")
+    if method == "imp":
+        return int(cfg.get("rounds", 5)) + 1
+    if method == "oneshot":
+        return len(cfg.get("sparsity", [0.8])) + 1
+    return 1
+
+
+def format_summary(summary: dict) -> str:
+    """A plain-text table of a run's summary."""
+    c = summary["config"]
+    lines = [f"{summary['run']}: {c.get('method')} {c.get('model')} on {c.get('dataset')}"
+             + (f", structure {c['structure']}" if c.get("structure", "none") != "none" else "")
+             + ("" if summary["complete"] else "  [partial]"),
+             f"{'round':>5} {'sparsity':>9} {'best val':>9} {'test@best':>10} {'epoch':>6}  status"]
+    for r in summary["rounds"]:
+        def pct(v):
+            return f"{v:9.2%}" if isinstance(v, (int, float)) and not math.isnan(v) else f"{'-':>9}"
+        lines.append(f"{r['round']:>5} {pct(r.get('sparsity'))} {pct(r.get('best_val_acc'))} "
+                     f"{pct(r.get('test_acc')):>10} {str(r.get('best_epoch', '-')):>6}  {r['status']}")
+    return "\n".join(lines)
