@@ -1,0 +1,1 @@
+"""Compaction: rebuild a ticket into a physically smaller, faster model."""

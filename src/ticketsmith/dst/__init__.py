@@ -1,0 +1,1 @@
+"""Dynamic sparse training: SRigL (constant fan-in + neuron ablation), RigL, SET."""
