@@ -81,6 +81,14 @@ def cmd_summary(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import make_report
+    path = make_report(args.run_dirs, args.out, layers=args.layers.split(",") if args.layers else None,
+                       title=args.title)
+    print(f"report: {path} (and report.html, PNG plots) in {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .runs import RunConfig
     p = Parser(prog=PROG, description="Find structural lottery tickets and make them fast.")
@@ -101,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     s.add_argument("--json", action="store_true", help="print summary.json instead of a table")
     s.set_defaults(func=cmd_summary)
+
+    rep = sub.add_parser("report", help="plots, report.md and report.html from run directories")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    rep.add_argument("--out", required=True, help="folder for the PNGs and the report")
+    rep.add_argument("--layers", help="comma-separated layer names for the mask pictures "
+                     "(default: the largest layer and one from the middle)")
+    rep.add_argument("--title", default="ticketsmith report")
+    rep.set_defaults(func=cmd_report)
     return p
 
 

@@ -35,6 +35,9 @@ def create(name: str, in_channels: int = 3, num_classes: int = 10,
     model = _REGISTRY[name](in_channels=in_channels, num_classes=num_classes,
                             image_size=tuple(image_size), width=width)
     model.ticketsmith_name = name
+    # enough to rebuild the architecture without pickle (compact save/load)
+    model.ticketsmith_config = {"name": name, "in_channels": in_channels, "num_classes": num_classes,
+                                "image_size": list(image_size), "width": width}
     return model
 
 

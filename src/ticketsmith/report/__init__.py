@@ -1,0 +1,401 @@
+"""Reports a researcher would rather look at than read: PNG plots, `report.md`, and a
+self-contained `report.html`, made from finished (or partial) run directories.
+
+- accuracy vs sparsity, one curve per method, the dense accuracy as a line, each method's
+  extreme sparsity (the largest sparsity whose test accuracy is still >= dense) marked;
+- end-to-end time saving vs sparsity per method, one panel per batch size (from bench.json);
+- layer-wise speedup bars (the paper's Figure 7) for any architecture;
+- mask pictures of chosen layers side by side, rows and columns reordered so that each
+  regrouped block is one rectangle, outlined;
+- a table per run: round, sparsity, val/test accuracy, MACs, time saving.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from ..errors import ArtifactError, UsageError  # noqa: E402
+from ..io import read_json, write_json  # noqa: E402
+from ..masks import Masks  # noqa: E402
+from ..runs import summarize_run  # noqa: E402
+
+DPI = 110
+SIZE = (7.0, 4.5)  # inches: 770 x 495 pixels
+
+
+@dataclass
+class RunView:
+    """What the report needs of one run directory."""
+    path: Path
+    label: str
+    config: dict
+    summary: dict
+    bench: dict[int, dict] = field(default_factory=dict)  # round -> bench.json
+
+    @property
+    def done(self) -> list[dict]:
+        return [r for r in self.summary["rounds"] if r["status"] == "done"]
+
+
+def method_label(cfg: dict) -> str:
+    """The paper's name for what a run did."""
+    method = cfg.get("method", "imp")
+    if method == "imp":
+        s = cfg.get("structure", "none")
+        if s == "none":
+            name = "IMP"
+        elif cfg.get("structure_every_round"):
+            name = {"regroup": "Group-aware IMP", "refill": "IMP-Refill (every round)",
+                    "refill+": "IMP-Refill+ (every round)"}[s]
+        else:
+            name = {"refill": "IMP-Refill", "refill+": "IMP-Refill+", "regroup": "IMP-Regroup"}[s]
+        if s == "regroup" and cfg.get("regroup_granularity", "element") == "channel":
+            name += " (channel blocks)"
+    elif method == "oneshot":
+        name = cfg.get("source", "omp").upper()
+        if cfg.get("structure", "none") != "none":
+            name += "-" + {"refill": "Refill", "refill+": "Refill+", "regroup": "Regroup"}[cfg["structure"]]
+    elif method == "dense":
+        name = "Dense"
+    else:
+        name = {"srigl": "SRigL", "rigl": "RigL", "set": "SET"}.get(method, method)
+        if method == "srigl" and not cfg.get("dst_ablation", True):
+            name += " (no ablation)"
+    if cfg.get("reinit") == "random":
+        name = f"Random ticket ({name})"
+    return name
+
+
+def load_run(path: str | Path) -> RunView:
+    path = Path(path)
+    summary = summarize_run(path)  # raises a UsageError for a non-run directory
+    cfg = summary["config"]
+    view = RunView(path, method_label(cfg), cfg, summary)
+    for r in summary["rounds"]:
+        f = path / f"round_{r['round']:02d}" / "bench.json"
+        if f.exists():
+            try:
+                view.bench[r["round"]] = read_json(f)
+            except ArtifactError:
+                r["bench"] = "corrupt"
+    return view
+
+
+def _pct(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
+
+
+def group_key(v: RunView) -> tuple:
+    """Runs are compared only within the same model, dataset, width and training budget."""
+    c = v.config
+    return (c.get("model"), c.get("dataset"), c.get("width", 1.0), c.get("epochs"))
+
+
+def group_name(key: tuple) -> str:
+    model, dataset, width, epochs = key
+    return f"{model}{'' if width == 1.0 else f' x{width}'} on {dataset}, {epochs} epochs"
+
+
+def dense_accuracy(runs: Sequence[RunView]) -> float | None:
+    """Mean test accuracy of the dense round 0 over the runs (of one group) that have one."""
+    accs = [r["test_acc"] for v in runs for r in v.done if r["round"] == 0 and r.get("test_acc") is not None]
+    accs += [r["test_acc"] for v in runs if v.config.get("method") == "dense" for r in v.done]
+    return sum(accs) / len(accs) if accs else None
+
+
+def ticket_points(view: RunView) -> list[tuple[float, float, int]]:
+    """(sparsity, test accuracy, round) of each finished sparse round."""
+    return sorted((r["sparsity"], r["test_acc"], r["round"]) for r in view.done
+                  if r.get("sparsity") and r["sparsity"] > 0 and r.get("test_acc") is not None)
+
+
+def extreme_sparsity(points, dense: float | None) -> tuple[float, float, int] | None:
+    """The largest sparsity whose accuracy is still >= the dense accuracy."""
+    if dense is None:
+        return None
+    ok = [p for p in points if p[1] >= dense]
+    return max(ok) if ok else None
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy(runs: Sequence[RunView], out: Path, suffix: str = "") -> Path:
+    fig, ax = plt.subplots(figsize=SIZE)
+    dense = dense_accuracy(runs)
+    for v in runs:
+        pts = ticket_points(v)
+        if not pts:
+            continue
+        xs, ys = [100 * p[0] for p in pts], [100 * p[1] for p in pts]
+        line, = ax.plot(xs, ys, "o-", label=v.label, ms=4)
+        ext = extreme_sparsity(pts, dense)
+        if ext:
+            ax.plot(100 * ext[0], 100 * ext[1], "*", ms=15, color=line.get_color(), mec="k")
+    if dense is not None:
+        ax.axhline(100 * dense, color="k", ls="--", lw=1, label=f"dense {100 * dense:.2f}%")
+    ax.set_xlabel("sparsity (%)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Test accuracy vs sparsity (star: extreme sparsity, accuracy >= dense)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out / f"accuracy_vs_sparsity{suffix}.png")
+
+
+def bench_points(view: RunView, backend: str = "torch") -> dict[int, list[tuple[float, float]]]:
+    """batch size -> [(sparsity, time saving)] from the run's bench results."""
+    sparsity = {r["round"]: r.get("sparsity") for r in view.done}
+    out: dict[int, list[tuple[float, float]]] = {}
+    for rnd, b in sorted(view.bench.items()):
+        if sparsity.get(rnd) is None:
+            continue
+        for res in b.get("results", []):
+            if res.get("backend", "torch") == backend:
+                out.setdefault(res["batch_size"], []).append((sparsity[rnd], res["time_saving"]))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def plot_time_saving(runs: Sequence[RunView], out: Path, suffix: str = "") -> Path:
+    per_run = [(v, bench_points(v)) for v in runs]
+    batches = sorted({b for _, p in per_run for b in p})
+    n = max(1, len(batches))
+    fig, axes = plt.subplots(1, n, figsize=(SIZE[0], SIZE[1]), squeeze=False, sharey=True)
+    for ax, b in zip(axes[0], batches or [None]):
+        for v, pts in per_run:
+            if b in pts:
+                ax.plot([100 * s for s, _ in pts[b]], [100 * t for _, t in pts[b]], "o-", ms=4, label=v.label)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_title(f"batch {b}" if b is not None else "no bench results yet")
+        ax.set_xlabel("sparsity (%)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("end-to-end time saving vs dense (%)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        axes[0][-1].legend(fontsize=7)
+    fig.suptitle("Time saving vs sparsity (CPU, median of paired ratios)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out / f"time_saving{suffix}.png")
+
+
+def pick_round(view: RunView, dense: float | None) -> int | None:
+    """The round a per-ticket picture shows: the extreme ticket, else the sparsest benched one."""
+    ext = extreme_sparsity(ticket_points(view), dense)
+    if ext and ext[2] in view.bench:
+        return ext[2]
+    benched = [r for r in view.bench if r > 0]
+    return max(benched) if benched else None
+
+
+def plot_layerwise(runs: Sequence[RunView], out: Path, suffix: str = "",
+                   batch_size: int | None = None) -> Path:
+    dense = dense_accuracy(runs)
+    chosen = [(v, pick_round(v, dense)) for v in runs]
+    chosen = [(v, r) for v, r in chosen if r is not None and v.bench[r].get("layers")]
+    fig, ax = plt.subplots(figsize=(max(SIZE[0], 0.35 * 30), SIZE[1]))
+    if not chosen:
+        ax.text(0.5, 0.5, "no layer-wise bench results", ha="center", va="center")
+        ax.set_axis_off()
+        fig.tight_layout()
+        return _save(fig, out / f"layerwise_speedup{suffix}.png")
+    b = batch_size or max(row["batch_size"] for v, r in chosen for row in v.bench[r]["layers"])
+    names: list[str] = []
+    for v, r in chosen:
+        for row in v.bench[r]["layers"]:
+            if row["batch_size"] == b and row["layer"] not in names:
+                names.append(row["layer"])
+    width = 0.8 / len(chosen)
+    for i, (v, r) in enumerate(chosen):
+        rows = {row["layer"]: row for row in v.bench[r]["layers"] if row["batch_size"] == b}
+        sparsity = next((x["sparsity"] for x in v.done if x["round"] == r), None)
+        ax.bar([j + i * width for j in range(len(names))],
+               [rows[n]["speedup_median"] if n in rows else 0 for n in names], width,
+               label=f"{v.label}, round {r} ({_pct(sparsity)}% sparse)")
+    ax.axhline(1, color="k", lw=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))])
+    ax.set_xticklabels(names, rotation=70, ha="right", fontsize=7)
+    ax.set_ylabel("layer speedup vs dense (x)")
+    ax.set_title(f"Layer-wise speedup, batch {b} (conv and linear layers)")
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, out / f"layerwise_speedup{suffix}.png")
+
+
+def block_order(mask2d: torch.Tensor, blocks) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Row and column orders that make each block contiguous, and the rectangles
+    (row start, col start, rows, cols) in the reordered picture."""
+    rows_seen, cols_seen, rects = [], [], []
+    for b in blocks or []:
+        r_new = [int(i) for i in b.rows.tolist() if int(i) not in rows_seen]
+        c_new = [int(i) for i in b.cols.tolist() if int(i) not in cols_seen]
+        r0, c0 = len(rows_seen), len(cols_seen)
+        rows_seen += r_new
+        cols_seen += c_new
+        if len(r_new) == len(b.rows) and len(c_new) == len(b.cols):
+            rects.append((r0, c0, len(r_new), len(c_new)))
+    rest_r = [i for i in range(mask2d.shape[0]) if i not in set(rows_seen)]
+    rest_c = [i for i in range(mask2d.shape[1]) if i not in set(cols_seen)]
+    if not blocks:  # order rows by how many weights they keep
+        rest_r = sorted(rest_r, key=lambda i: -int(mask2d[i].sum()))
+    return torch.tensor(rows_seen + rest_r), torch.tensor(cols_seen + rest_c), rects
+
+
+def plot_masks(panels: Sequence[tuple[str, Masks]], layer: str, out: Path, name: str) -> Path:
+    """Side-by-side pictures of one layer's mask from several runs (paper Fig. A9)."""
+    from matplotlib.patches import Rectangle
+    fig, axes = plt.subplots(1, len(panels), figsize=(SIZE[0] * 1.3, SIZE[1]), squeeze=False)
+    for ax, (title, masks) in zip(axes[0], panels):
+        m = masks[layer].reshape(masks[layer].shape[0], -1)
+        rows, cols, rects = block_order(m, masks.blocks.get(layer))
+        ax.imshow(m[rows][:, cols].float().numpy(), cmap="Greys", aspect="auto", interpolation="nearest")
+        for r0, c0, nr, nc in rects:
+            ax.add_patch(Rectangle((c0 - 0.5, r0 - 0.5), nc, nr, fill=False, ec="tab:orange", lw=1.2))
+        ax.set_title(f"{title}\n{100 * (1 - float(m.float().mean())):.1f}% sparse"
+                     + (f", {len(rects)} blocks" if rects else ""), fontsize=8)
+        ax.set_xlabel("columns (c_in x kh x kw); black = kept", fontsize=7)
+        ax.set_ylabel("output channels", fontsize=7)
+        ax.tick_params(labelsize=6)
+    fig.suptitle(f"Mask of {layer}", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out / f"masks_{name}.png")
+
+
+def mask_panels(runs: Sequence[RunView], layers: Sequence[str] | None, out: Path,
+                suffix: str = "") -> list[Path]:
+    """One picture per chosen layer, comparing the runs' masks at comparable rounds."""
+    dense = dense_accuracy(runs)
+    panels = []
+    for v in runs:
+        r = pick_round(v, dense) or max((x["round"] for x in v.done if x["round"] > 0), default=None)
+        if r is None:
+            continue
+        f = v.path / f"round_{r:02d}" / "masks.safetensors"
+        if f.exists():
+            try:
+                panels.append((f"{v.label} (round {r})", Masks.load(f)))
+            except ArtifactError:
+                continue
+    if not panels:
+        return []
+    common = [n for n in panels[0][1].weight_names if all(n in m for _, m in panels)]
+    if layers:
+        missing = [n for n in layers if n not in common]
+        if missing:
+            raise UsageError(f"layers not in every run's masks: {', '.join(missing)}; "
+                             f"choose from: {', '.join(common)}")
+        chosen = list(layers)
+    else:  # the largest layer and one from the middle
+        by_size = sorted(common, key=lambda n: -panels[0][1][n].numel())
+        chosen = list(dict.fromkeys([by_size[0], common[len(common) // 2]]))[:2] if common else []
+    return [plot_masks(panels, n, out, re.sub(r"[^A-Za-z0-9]+", "_", n) + suffix) for n in chosen]
+
+
+def run_table(v: RunView) -> list[str]:
+    lines = [f"#### {v.label}: `{v.path}`" + ("" if v.summary["complete"] else " (partial)"), "",
+             "| round | sparsity % | unstructured % | val acc % | test acc % | compact MACs | "
+             "time saving b=1 | time saving b=64 | status |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in v.summary["rounds"]:
+        b = v.bench.get(r["round"], {})
+        saving = {res["batch_size"]: res["time_saving"] for res in b.get("results", [])
+                  if res.get("backend", "torch") == "torch"}
+        macs = b.get("compact", {}).get("macs")
+        lines.append(f"| {r['round']} | {_pct(r.get('sparsity'))} | {_pct(r.get('unstructured_sparsity'))} "
+                     f"| {_pct(r.get('best_val_acc'))} | {_pct(r.get('test_acc'))} | "
+                     f"{f'{macs:,}' if macs else '-'} | {_pct(saving.get(1))} | {_pct(saving.get(64))} "
+                     f"| {r['status']}{' (' + str(r.get('epochs_done')) + ' epochs)' if r['status'] == 'partial' else ''} |")
+    return lines + [""]
+
+
+def make_report(run_dirs: Sequence[str | Path], out: str | Path, layers: Sequence[str] | None = None,
+                title: str = "ticketsmith report") -> Path:
+    """Write the plots, report.md and report.html for the given runs into `out`."""
+    if not run_dirs:
+        raise UsageError("give at least one run directory")
+    runs = [load_run(d) for d in run_dirs]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    groups: dict[tuple, list[RunView]] = {}
+    for v in runs:
+        groups.setdefault(group_key(v), []).append(v)
+    md = [f"# {title}", ""]
+    plots: list[Path] = []
+    for key, members in groups.items():
+        suffix = "" if len(groups) == 1 else "_" + re.sub(r"[^A-Za-z0-9]+", "_", "_".join(map(str, key)))
+        group_plots = [plot_accuracy(members, out, suffix), plot_time_saving(members, out, suffix),
+                       plot_layerwise(members, out, suffix)] + mask_panels(members, layers, out, suffix)
+        plots += group_plots
+        dense = dense_accuracy(members)
+        md += [f"## {group_name(key)}", "",
+               "Dense test accuracy: " + (f"{100 * dense:.2f}%" if dense is not None else "no dense round"), "",
+               "| method | extreme sparsity % | test acc % | time saving at it (b=1 / b=64) |",
+               "|---|---|---|---|"]
+        for v in members:
+            ext = extreme_sparsity(ticket_points(v), dense)
+            if ext:
+                b = v.bench.get(ext[2], {})
+                s = {res["batch_size"]: res["time_saving"] for res in b.get("results", [])
+                     if res.get("backend", "torch") == "torch"}
+                md.append(f"| {v.label} | {_pct(ext[0])} | {_pct(ext[1])} | {_pct(s.get(1))} / {_pct(s.get(64))} |")
+            else:
+                md.append(f"| {v.label} | none (no sparse round at or above dense) | - | - |")
+        md.append("")
+        for p in group_plots:
+            md += [f"![{p.stem}]({p.name})", ""]
+        md += ["### Runs", ""]
+        for v in members:
+            md += run_table(v)
+    text = "\n".join(md) + "\n"
+    (out / "report.md").write_text(text)
+    (out / "report.html").write_text(_html(text, out, title))
+    write_json(out / "report.json", {"runs": [str(v.path) for v in runs],
+                                     "plots": [p.name for p in plots]})
+    return out / "report.md"
+
+
+def _html(markdown: str, folder: Path, title: str) -> str:
+    """A self-contained HTML page: the report's tables and headings, images inlined."""
+    body, table = [], []
+
+    def flush():
+        if table:
+            rows = [r for r in table if not re.fullmatch(r"\|[-| ]+\|", r)]
+            cells = [[html.escape(c.strip()) for c in r.strip("|").split("|")] for r in rows]
+            body.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in cells[0]) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in cells[1:])
+                        + "</table>")
+            table.clear()
+
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush()
+        if m := re.fullmatch(r"!\[(.*)\]\((.*)\)", line):
+            data = base64.b64encode((folder / m.group(2)).read_bytes()).decode()
+            body.append(f'<p><img alt="{html.escape(m.group(1))}" src="data:image/png;base64,{data}"></p>')
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
+        elif line.strip():
+            body.append(f"<p>{html.escape(line)}</p>")
+    flush()
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}img{max-width:100%}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
