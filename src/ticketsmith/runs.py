@@ -69,6 +69,10 @@ class RunConfig:
     structure_every_round: bool = field(default=False, metadata=_help(
         "IMP: prune the structured mask of the previous round (group-aware IMP, Alg. 4) "
         "instead of post-processing an unstructured IMP chain"))
+    chain: str = field(default="", metadata=_help(
+        "IMP with --structure: take the unstructured IMP chain (rewind point, dense round, each "
+        "round's mask and weights) from this finished IMP run directory instead of training it "
+        "again; its training settings must match"))
     reinit: str = field(default="none", metadata=_help(
         "random: train tickets from a fresh random init instead of the rewind point (control)",
         choices=REINITS))
@@ -114,6 +118,8 @@ class RunConfig:
         self.train_config().validate()
         if self.structure_every_round and (self.method != "imp" or self.structure == "none"):
             raise UsageError("--structure-every-round needs --method imp and a --structure")
+        if self.chain and (self.method != "imp" or self.structure == "none" or self.structure_every_round):
+            raise UsageError("--chain needs --method imp with a --structure (and no --structure-every-round)")
 
     def identity(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -129,6 +135,12 @@ class RunConfig:
             if k in obj:
                 obj[k] = tuple(obj[k])
         return cls(**obj)
+
+
+# what an IMP chain taken from another run must share with the run that uses it
+CHAIN_FIELDS = ("model", "dataset", "width", "prune_fraction", "rewind", "include_head",
+                "exclude_first", "epochs", "batch_size", "lr", "momentum", "weight_decay",
+                "milestones", "seed", "channels_last", "val_size")
 
 
 def parse_rewind(text: str, total_iters: int) -> int:
@@ -302,6 +314,8 @@ class Run:
         if cfg.method in ("srigl", "rigl", "set"):
             self._dynamic()
         else:
+            # with --chain, round 0 and the rewind point come from the chain run
+            self.chain_dir = self._external_chain() if cfg.chain else None
             self.train_round(round_dir(self.out, 0), None, "init", "round 0 ")
             if cfg.method == "imp":
                 self._imp()
@@ -315,17 +329,24 @@ class Run:
     def _imp(self) -> None:
         cfg = self.cfg
         chained = cfg.structure != "none" and not cfg.structure_every_round
+        external = self.chain_dir
         prev = round_dir(self.out, 0)  # the round whose weights the next IMP step prunes
         prev_masks = self.base_masks(self.new_model())
         for r in range(1, cfg.rounds + 1):
             path = round_dir(self.out, r)
-            if chained:  # the unstructured IMP chain lives in chain/; tickets are post-processed
-                cpath = self.out / "chain" / f"round_{r:02d}"
+            if chained:  # tickets post-process the rounds of an unstructured IMP chain
+                cpath = (external or self.out / "chain") / f"round_{r:02d}"
+                if external is not None:
+                    if not (cpath / "masks.safetensors").exists() or not (prev / "round.json").exists():
+                        raise UsageError(f"chain run {external} has no round {r} mask or no finished "
+                                         f"round {r - 1}; finish it first (or use fewer --rounds)")
+                    cmasks = Masks.load(cpath / "masks.safetensors")
                 trained = self.trained(prev)
-                cmasks = self.round_masks(cpath, lambda: prune.magnitude(
-                    trained, prev_masks, cfg.prune_fraction))
+                if external is None:
+                    cmasks = self.round_masks(cpath, lambda: prune.magnitude(
+                        trained, prev_masks, cfg.prune_fraction))
                 masks = self.round_masks(path, lambda: self.structured(cmasks, trained))
-                if r < cfg.rounds:  # the last chain round's weights are never pruned again
+                if external is None and r < cfg.rounds:  # the last chain round is never pruned again
                     self.train_round(cpath, cmasks, "rewind", f"chain {r} ")
                 extra = {"unstructured_sparsity": cmasks.sparsity()}
                 prev, prev_masks = cpath, cmasks
@@ -338,6 +359,35 @@ class Run:
                 extra = {}
                 prev, prev_masks = path, masks
             self.train_round(path, masks, self._start(), f"round {r} ", extra=extra)
+
+    def _external_chain(self) -> Path:
+        """Check the IMP run named by --chain and adopt its rewind point and dense round."""
+        ext = Path(self.cfg.chain)
+        if not (ext / "config.json").exists():
+            raise UsageError(f"--chain {ext}: not a ticketsmith run directory")
+        other = RunConfig.from_json(read_json(ext / "config.json"))
+        if other.method != "imp" or other.structure != "none":
+            raise UsageError(f"--chain {ext}: not an unstructured IMP run "
+                             f"(method {other.method}, structure {other.structure})")
+        diff = [f for f in CHAIN_FIELDS if getattr(other, f) != getattr(self.cfg, f)]
+        if diff:
+            raise UsageError(f"--chain {ext}: its settings differ in {', '.join(diff)}")
+        if not (ext / "round_00" / "round.json").exists() or not (ext / "rewind.safetensors").exists():
+            raise UsageError(f"--chain {ext}: its dense round 0 is not finished")
+        if self.writer:
+            import shutil
+            for name in ("rewind.safetensors",):
+                if not (self.out / name).exists():
+                    shutil.copyfile(ext / name, self.out / f".{name}.tmp")
+                    (self.out / f".{name}.tmp").replace(self.out / name)
+            dense = round_dir(self.out, 0)
+            if not (dense / "round.json").exists():
+                tmp = self.out / ".round_00.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(ext / "round_00", tmp)
+                shutil.rmtree(dense, ignore_errors=True)
+                tmp.replace(dense)
+        return ext
 
     def _oneshot(self) -> None:
         dense = round_dir(self.out, 0)

@@ -78,14 +78,15 @@ def to_format(model: nn.Module, x: torch.Tensor, channels_last: bool):
 
 
 @torch.inference_mode()
-def fastest_format(model: nn.Module, x: torch.Tensor, pairs: int = 5) -> tuple[bool, float]:
+def fastest_format(model: nn.Module, x: torch.Tensor, pairs: int = 5,
+                   burst_s: float = 0.01) -> tuple[bool, float]:
     """(use channels_last?, how much faster it is than NCHW) for this model and input."""
     if x.dim() != 4:
         return False, 1.0
     m_a, x_a = to_format(model, x, False)
     m_b, x_b = to_format(model, x, True)
-    reps = calibrate(lambda: m_a(x_a), target_s=0.01)
-    calibrate(lambda: m_b(x_b), target_s=0.01)
+    reps = calibrate(lambda: m_a(x_a), burst_s)
+    calibrate(lambda: m_b(x_b), burst_s)
     r = paired(lambda: m_a(x_a), lambda: m_b(x_b), pairs=pairs, reps=reps)["ratio_median"]
     return r > 1.0, r
 
@@ -151,8 +152,8 @@ def capture_inputs(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> d
 @torch.inference_mode()
 def compare(dense: nn.Module, compact: nn.Module, make_input: Callable[[int], torch.Tensor],
             batch_sizes: Sequence[int] = (1, 64), threads: Sequence[int] | None = None,
-            pairs: int = 20, layerwise: bool = True, progress: Callable[[str], None] | None = None
-            ) -> dict:
+            pairs: int = 20, layerwise: bool = True, progress: Callable[[str], None] | None = None,
+            burst_s: float = 0.02) -> dict:
     """Time `dense` against `compact` for each batch size and thread count.
 
     Returns a JSON-able dict: MACs and parameters of both, the ideal speedup, and per
@@ -177,11 +178,11 @@ def compare(dense: nn.Module, compact: nn.Module, make_input: Callable[[int], to
                 if progress:
                     progress(f"batch {b}, {t} threads")
                 x = make_input(b)
-                cl_d, gain_d = fastest_format(dense, x)
-                cl_c, gain_c = fastest_format(compact, x)
+                cl_d, _ = fastest_format(dense, x, burst_s=burst_s / 2)
+                cl_c, _ = fastest_format(compact, x, burst_s=burst_s / 2)
                 md, xd = to_format(dense, x, cl_d)
                 mc, xc = to_format(compact, x, cl_c)
-                reps = max(calibrate(lambda: md(xd)), calibrate(lambda: mc(xc)))
+                reps = max(calibrate(lambda: md(xd), burst_s), calibrate(lambda: mc(xc), burst_s))
                 r = paired(lambda: md(xd), lambda: mc(xc), pairs=pairs, reps=reps)
                 out["results"].append({
                     "batch_size": b, "threads": t, "backend": "torch",
@@ -193,13 +194,15 @@ def compare(dense: nn.Module, compact: nn.Module, make_input: Callable[[int], to
                     "time_saving": 1 - 1 / r["ratio_median"], "pairs": pairs, "reps": reps})
                 if layerwise:
                     out["layers"] += _layerwise(md, mc, xd, xc, b, t, pairs, layer_macs_d,
-                                                layer_macs_c, layer_params_d, layer_params_c)
+                                                layer_macs_c, layer_params_d, layer_params_c,
+                                                burst_s / 4)
     finally:
         torch.set_num_threads(old_threads)
     return out
 
 
-def _layerwise(md, mc, xd, xc, b, t, pairs, macs_d, macs_c, params_d, params_c) -> list[dict]:
+def _layerwise(md, mc, xd, xc, b, t, pairs, macs_d, macs_c, params_d, params_c,
+               burst_s: float) -> list[dict]:
     names = [n for n in macs_d if n in macs_c]
     ins_d = capture_inputs(md, xd, names)
     ins_c = capture_inputs(mc, xc, names)
@@ -209,7 +212,7 @@ def _layerwise(md, mc, xd, xc, b, t, pairs, macs_d, macs_c, params_d, params_c) 
         if n not in ins_d or n not in ins_c:
             continue
         ld, lc, xi_d, xi_c = mods_d[n], mods_c[n], ins_d[n], ins_c[n]
-        reps = max(calibrate(lambda: ld(xi_d), 0.005), calibrate(lambda: lc(xi_c), 0.005))
+        reps = max(calibrate(lambda: ld(xi_d), burst_s), calibrate(lambda: lc(xi_c), burst_s))
         r = paired(lambda: ld(xi_d), lambda: lc(xi_c), pairs=max(5, pairs // 2), reps=reps)
         rows.append({"layer": n, "batch_size": b, "threads": t,
                      "executor": getattr(lc, "executor", "dense"),
