@@ -64,12 +64,20 @@ def default_out(cfg) -> Path:
 
 def cmd_run(args) -> int:
     from .runs import Run, RunConfig, format_summary
+    from .train import Dist
     cfg = RunConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)})
+    cfg.validate()  # before joining a process group: bad input fails fast on every rank
     out = Path(args.out) if args.out else default_out(cfg)
-    run = Run(cfg, out, data_dir=args.data_dir, progress=args.progress)
-    summary = run.execute()
-    print(format_summary(summary))
-    print(f"run directory: {out}")
+    dist = Dist.from_env(None if args.backend == "auto" else args.backend, args.device)
+    try:
+        summary = Run(cfg, out, data_dir=args.data_dir, progress=args.progress, dist=dist).execute()
+    finally:
+        if dist.world_size > 1:
+            import torch.distributed as tdist
+            tdist.destroy_process_group()
+    if dist.is_main:
+        print(format_summary(summary))
+        print(f"run directory: {out}")
     return 0
 
 
@@ -96,13 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="train a ticket (IMP, one-shot sources, dynamic sparse training)",
                          description="Train dense, prune, post-process and retrain; resumable: "
-                                     "running the same command again continues where it stopped.")
+                                     "running the same command again continues where it stopped. "
+                                     "Under torchrun (torchrun --nproc_per_node N -m ticketsmith run "
+                                     "...) it trains data-parallel; --batch-size is the GLOBAL batch, "
+                                     "split evenly across the processes.")
     add_dataclass_flags(run, RunConfig)
     run.add_argument("--out", help="run directory (default: runs/MODEL_DATASET_METHOD_HASH)")
     run.add_argument("--data-dir", help="folder holding the dataset's files (default: the "
                      "dataset's standard place, or $TICKETSMITH_DATA)")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                      help="show progress bars")
+    run.add_argument("--backend", choices=("auto", "nccl", "gloo"), default="auto",
+                     help="torch.distributed backend under torchrun (auto: nccl on GPUs, gloo on CPUs)")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                     help="where to train (auto: the GPU of this process's LOCAL_RANK if any)")
     run.set_defaults(func=cmd_run)
 
     s = sub.add_parser("summary", help="print the per-round table of run directories")

@@ -60,7 +60,9 @@ def read_json(path: str | os.PathLike) -> Any:
         raise ArtifactError(f"{path}: not a text file") from None
 
 
-def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
+def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and data, in sorted name order (deterministic
+    across processes, unlike the serialized bytes, whose header order may vary)."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
@@ -71,12 +73,38 @@ def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def tensors_to_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None) -> bytes:
+    """Serialize tensors and JSON-able metadata as safetensors bytes with a checksum."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {"json": json.dumps(dict(metadata or {}), sort_keys=True), _DIGEST: tensors_digest(tensors)}
+    return st_save(tensors, metadata=meta)
+
+
+def tensors_from_bytes(data: bytes, source: str = "<bytes>") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Parse `tensors_to_bytes` output; raise ArtifactError if it is corrupt or not ours."""
+    try:
+        tensors = st_load(data)
+        # load() does not return the header's metadata: read it from the header itself
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + header_len])
+        meta = header.get("__metadata__") or {}
+    except (SafetensorError, ValueError, json.JSONDecodeError, UnicodeDecodeError, OverflowError) as e:
+        raise ArtifactError(f"{source}: not a valid safetensors file ({str(e).splitlines()[0][:120]})") from None
+    if _DIGEST not in meta:
+        raise ArtifactError(f"{source}: no ticketsmith checksum in its metadata; not written by ticketsmith")
+    if tensors_digest(tensors) != meta[_DIGEST]:
+        raise ArtifactError(f"{source}: checksum mismatch, the file is corrupt")
+    try:
+        extra = json.loads(meta.get("json", "{}"))
+    except json.JSONDecodeError:
+        raise ArtifactError(f"{source}: corrupt metadata") from None
+    return tensors, extra
+
+
 def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                  metadata: Mapping[str, Any] | None = None) -> None:
     """Write tensors (and JSON-able metadata) atomically as safetensors, with a checksum."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    meta = {"json": json.dumps(dict(metadata or {}), sort_keys=True), _DIGEST: _digest(tensors)}
-    atomic_write_bytes(path, st_save(tensors, metadata=meta))
+    atomic_write_bytes(path, tensors_to_bytes(tensors, metadata))
 
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -86,20 +114,6 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         data = path.read_bytes()
     except FileNotFoundError:
         raise ArtifactError(f"{path}: file not found") from None
-    try:
-        tensors = st_load(data)
-        # load() does not return the header's metadata: read it from the header itself
-        header_len = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8:8 + header_len])
-        meta = header.get("__metadata__") or {}
-    except (SafetensorError, ValueError, json.JSONDecodeError, UnicodeDecodeError, OverflowError) as e:
-        raise ArtifactError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0][:120]})") from None
-    if _DIGEST not in meta:
-        raise ArtifactError(f"{path}: no ticketsmith checksum in its metadata; not written by ticketsmith")
-    if _digest(tensors) != meta[_DIGEST]:
-        raise ArtifactError(f"{path}: checksum mismatch, the file is corrupt")
-    try:
-        extra = json.loads(meta.get("json", "{}"))
-    except json.JSONDecodeError:
-        raise ArtifactError(f"{path}: corrupt metadata") from None
-    return tensors, extra
+    except IsADirectoryError:
+        raise ArtifactError(f"{path}: is a directory, not a file") from None
+    return tensors_from_bytes(data, str(path))

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import ArtifactError, UsageError
-from .io import load_tensors, save_tensors
+from .io import load_tensors, save_tensors, tensors_digest, tensors_from_bytes, tensors_to_bytes
 
 PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -186,19 +186,18 @@ class Masks(Mapping[str, torch.Tensor]):
         return MaskHold(model, self, optimizer, mask_grads)
 
     # -- files -------------------------------------------------------------------------------
-    def save(self, path) -> None:
+    def _tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors = {f"mask/{k}": v for k, v in self._m.items()}
         for k, blocks in self._blocks.items():
             for i, b in enumerate(blocks):
                 tensors[f"block/{k}/{i}/rows"] = b.rows
                 tensors[f"block/{k}/{i}/cols"] = b.cols
-        save_tensors(path, tensors, {"kind": "ticketsmith.masks", "order": list(self._m)})
+        return tensors, {"kind": "ticketsmith.masks", "order": list(self._m)}
 
     @classmethod
-    def load(cls, path) -> "Masks":
-        tensors, meta = load_tensors(path)
+    def _from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict, source: str) -> "Masks":
         if meta.get("kind") != "ticketsmith.masks":
-            raise ArtifactError(f"{path}: not a ticketsmith masks file")
+            raise ArtifactError(f"{source}: not a ticketsmith masks file")
         masks = {k: tensors[f"mask/{k}"] for k in meta["order"]}
         blocks: dict[str, list[Block]] = {}
         for key in sorted((k for k in tensors if k.startswith("block/") and k.endswith("/rows")),
@@ -207,6 +206,25 @@ class Masks(Mapping[str, torch.Tensor]):
             blocks.setdefault(layer, []).append(
                 Block(tensors[key], tensors[f"block/{layer}/{i}/cols"]))
         return cls(masks, blocks)
+
+    def save(self, path) -> None:
+        save_tensors(path, *self._tensors())
+
+    @classmethod
+    def load(cls, path) -> "Masks":
+        return cls._from_tensors(*load_tensors(path), source=str(path))
+
+    def to_bytes(self) -> bytes:
+        """The masks (and blocks) as checksummed safetensors bytes, e.g. to broadcast them."""
+        return tensors_to_bytes(*self._tensors())
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Masks":
+        return cls._from_tensors(*tensors_from_bytes(data), source="<masks bytes>")
+
+    def digest(self) -> str:
+        """A SHA-256 of the masks and blocks: equal digests mean identical masks."""
+        return tensors_digest(self._tensors()[0])
 
 
 class MaskHold:

@@ -201,8 +201,28 @@ class Run:
         return tsmodels.for_dataset(self.cfg.model, self.ds, self.cfg.width)
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        """The model as trained: the seam where data parallelism wraps it."""
-        return model
+        """The model as trained: DistributedDataParallel when there are several processes."""
+        model.to(self.dist.device)
+        if self.dist.world_size == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+        ids = [self.dist.local_rank] if self.dist.device.startswith("cuda") else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    def on_main(self, fn) -> bytes:
+        """Run `fn() -> bytes` on rank 0 only and give its result (or its UsageError) to
+        every rank, so that a decision is taken once."""
+        result, error = b"", ""
+        if self.dist.is_main:
+            try:
+                result = fn()
+            except UsageError as e:
+                error = str(e)
+        status = self.dist.broadcast_bytes((b"E" + error.encode()) if error else (b"K" + result)
+                                           if self.dist.is_main else None)
+        if status[:1] == b"E":
+            raise UsageError(status[1:].decode())
+        return status[1:]
 
     def base_masks(self, model: nn.Module) -> Masks:
         return Masks.ones(model, include_head=self.cfg.include_head,
@@ -213,7 +233,14 @@ class Run:
         return self.dist.is_main
 
     def prepare(self) -> None:
-        """Create the run directory, or check that an existing one was made by this config."""
+        """Create the run directory, or check that an existing one was made by this config
+        (on rank 0; the other ranks get its verdict)."""
+        def check() -> bytes:
+            self._prepare()
+            return b""
+        self.on_main(check)
+
+    def _prepare(self) -> None:
         cfg_path = self.out / "config.json"
         if cfg_path.exists():
             old = read_json(cfg_path)
@@ -229,7 +256,7 @@ class Run:
         elif self.out.exists() and any(self.out.iterdir()):
             raise UsageError(f"{self.out} exists, is not empty and is not a ticketsmith run; "
                              "choose another --out")
-        elif self.writer:
+        else:
             write_json(cfg_path, self.cfg.identity())
 
     # -- one round of training ---------------------------------------------------------------
@@ -255,6 +282,8 @@ class Run:
             masks.apply(model)
         trainer = Trainer(self.wrap(model), self.ds, self.tcfg, self.dist, self.progress, desc=desc)
         sparsifier = sparsifier_factory(model, trainer) if sparsifier_factory else None
+        if sparsifier is not None and self.dist.world_size > 1:
+            sparsifier = CheckedSparsifier(sparsifier, self.dist)
         ckpt = path / "checkpoint.safetensors"
         resume = load_tensors(ckpt) if ckpt.exists() else None
 
@@ -289,17 +318,22 @@ class Run:
             save_tensors(path / "weights.safetensors", state_tensors(getattr(model, "module", model)))
             write_json(done, info)
             ckpt.unlink(missing_ok=True)
+        self.dist.barrier()  # the other ranks read what rank 0 just wrote
         return info
 
     def round_masks(self, path: Path, decide) -> Masks:
         """The round's mask: read back if it was decided before (a resumed run must not
         re-draw a random or data-dependent mask), else decided now and written first."""
         f = path / "masks.safetensors"
-        if f.exists():
-            return Masks.load(f)
-        masks = decide()
-        if self.writer:
+
+        def on_rank0() -> bytes:
+            if f.exists():
+                return Masks.load(f).to_bytes()
+            masks = decide()
             masks.save(f)
+            return masks.to_bytes()
+        masks = Masks.from_bytes(self.on_main(on_rank0))
+        self.dist.check_same(masks.digest(), f"the mask of {path.name}")
         return masks
 
     def trained(self, path: Path) -> nn.Module:
@@ -316,6 +350,7 @@ class Run:
         else:
             # with --chain, round 0 and the rewind point come from the chain run
             self.chain_dir = self._external_chain() if cfg.chain else None
+            self.dist.barrier()
             self.train_round(round_dir(self.out, 0), None, "init", "round 0 ")
             if cfg.method == "imp":
                 self._imp()
@@ -422,6 +457,22 @@ class Run:
         if self.writer:
             write_json(self.out / "summary.json", summary)
         return summary
+
+
+class CheckedSparsifier:
+    """Checks, at every mask change of a dynamic sparse trainer, that all ranks agree."""
+
+    def __init__(self, inner, dist: Dist):
+        self.inner, self.dist, self._last = inner, dist, inner.masks
+
+    def step(self) -> None:
+        self.inner.step()
+        if self.inner.masks is not self._last:
+            self._last = self.inner.masks
+            self.dist.check_same(self._last.digest(), "the dynamic sparse mask")
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
 
 def write_metrics(path: Path, history: list[dict]) -> None:

@@ -49,18 +49,74 @@ class TrainConfig:
 
 @dataclass
 class Dist:
-    """Who this process is in a data-parallel job; the single-process default does nothing."""
+    """Who this process is in a data-parallel job; the single-process default does nothing.
+
+    `Dist.from_env()` joins the job torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR/PORT): backend nccl on GPUs, gloo on CPUs, unless one is named."""
     rank: int = 0
     world_size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+
+    @classmethod
+    def from_env(cls, backend: str | None = None, device: str = "auto") -> "Dist":
+        import os
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+        dev = f"cuda:{local}" if cuda else "cpu"
+        if cuda:
+            torch.cuda.set_device(local)
+        if world == 1:
+            return cls(device=dev)
+        import torch.distributed as tdist
+        if not tdist.is_initialized():
+            tdist.init_process_group(backend=backend or ("nccl" if cuda else "gloo"))
+        return cls(rank=tdist.get_rank(), world_size=tdist.get_world_size(), local_rank=local, device=dev)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def _comm_device(self) -> str:
+        import torch.distributed as tdist
+        return self.device if tdist.get_backend() == "nccl" else "cpu"
+
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
-            torch.distributed.all_reduce(t)
+            moved = t.to(self._comm_device())
+            torch.distributed.all_reduce(moved)
+            t.copy_(moved.to(t.device))
         return t
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def broadcast_bytes(self, data: bytes | None) -> bytes:
+        """Rank 0's bytes on every rank (no pickle: a length, then a uint8 tensor)."""
+        if self.world_size == 1:
+            assert data is not None
+            return data
+        dev = self._comm_device()
+        n = torch.tensor([len(data) if self.is_main else 0], dtype=torch.int64, device=dev)
+        torch.distributed.broadcast(n, 0)
+        buf = (torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dev) if self.is_main
+               else torch.empty(int(n.item()), dtype=torch.uint8, device=dev))
+        torch.distributed.broadcast(buf, 0)
+        return bytes(buf.cpu().numpy().tobytes())
+
+    def check_same(self, digest: str, what: str) -> None:
+        """Fail loudly unless every rank holds the same `digest` of `what`."""
+        if self.world_size == 1:
+            return
+        mine = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8, device=self._comm_device())
+        gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
+        torch.distributed.all_gather(gathered, mine)
+        digests = [bytes(g.cpu().tolist()).hex() for g in gathered]
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"{what} differs across ranks: " + ", ".join(
+                f"rank {i}: {d[:12]}" for i, d in enumerate(digests)))
 
 
 class Sparsifier(Protocol):
@@ -109,6 +165,7 @@ def evaluate(model: nn.Module, ds: tsdata.Dataset, split: tsdata.Split, batch_si
     totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
     for x, y in tsdata.batches(ds, split, batch_size, train=False, rank=dist.rank,
                                world_size=dist.world_size, channels_last=channels_last):
+        x, y = x.to(dist.device), y.to(dist.device)
         out = model(x)
         totals += torch.tensor([F.cross_entropy(out, y, reduction="sum").item(),
                                 (out.argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
@@ -128,8 +185,14 @@ class Trainer:
         self.dist = dist or Dist()
         self.progress = progress and self.dist.is_main
         self.desc = desc
-        self.iters_per_epoch = tsdata.num_batches(len(ds.train), cfg.batch_size, self.dist.world_size)
+        if cfg.batch_size % self.dist.world_size:
+            raise UsageError(f"batch size {cfg.batch_size} (global) does not split evenly over "
+                             f"{self.dist.world_size} processes")
+        self.local_batch = cfg.batch_size // self.dist.world_size
+        self.iters_per_epoch = tsdata.num_batches(len(ds.train), self.local_batch, self.dist.world_size)
         self.total_iters = self.iters_per_epoch * cfg.epochs
+        if not hasattr(model, "module"):  # a DDP-wrapped model is already on its device
+            model.to(self.dist.device)
         self.optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         if cfg.channels_last:
@@ -212,9 +275,10 @@ class Trainer:
         it = epoch * self.iters_per_epoch + skip
         bar = tqdm(total=self.iters_per_epoch, initial=skip, disable=not self.progress,
                    desc=f"{self.desc}epoch {epoch + 1}/{cfg.epochs}", leave=False, mininterval=1.0)
-        for x, y in tsdata.batches(ds, ds.train, cfg.batch_size, train=True, epoch=epoch,
+        for x, y in tsdata.batches(ds, ds.train, self.local_batch, train=True, epoch=epoch,
                                    seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
                                    skip=skip, channels_last=cfg.channels_last):
+            x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
             if on_iteration is not None:
                 on_iteration(it)
             lr = lr_at(cfg, it, self.total_iters)
