@@ -142,3 +142,38 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, needle):
     assert "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) <= 2  # argparse adds a usage line
     assert not out.exists()
+
+
+def test_divergence_stops_keeps_checkpoint_and_resumes_with_lower_lr(tmp_path, monkeypatch):
+    cfg = RunConfig(**QUICK)
+    real_ce = ts.train.F.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):  # a NaN training loss in round 1's second epoch (20 steps an epoch)
+        loss = real_ce(*a, **k)
+        if not torch.is_grad_enabled():  # evaluation
+            return loss
+        calls["n"] += 1
+        return loss * float("nan") if calls["n"] == 3 * 20 + 25 else loss
+
+    monkeypatch.setattr(ts.train.F, "cross_entropy", poisoned)
+    with pytest.raises(ts.DivergenceError, match="lower --lr"):
+        Run(cfg, tmp_path, progress=False).execute()
+    monkeypatch.setattr(ts.train.F, "cross_entropy", real_ce)
+    assert (tmp_path / "round_01" / "checkpoint.safetensors").exists()
+    assert json.loads((tmp_path / "diverged.json").read_text())["round"] == "round_01"
+    with pytest.raises(ts.UsageError, match="different config"):  # a higher lr is refused
+        Run(RunConfig(**{**QUICK, "lr": 0.2}), tmp_path, progress=False).execute()
+    s = Run(RunConfig(**{**QUICK, "lr": 0.05}), tmp_path, progress=False).execute()
+    assert s["complete"] and not (tmp_path / "diverged.json").exists()
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert history[0]["from"] == 0.1 and history[0]["to"] == 0.05
+    assert json.loads((tmp_path / "config.json").read_text())["lr"] == 0.05
+    metrics = [json.loads(line) for line in (tmp_path / "round_01" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]  # epoch 1 kept, 2-3 retrained
+
+
+def test_cli_divergence_is_a_clean_message(tmp_path):
+    p = cli("run", "--model", "lenet5", "--dataset", "digits", "--rounds", "1", "--epochs", "1",
+            "--lr", "1e12", "--out", str(tmp_path / "r"), "--no-progress")
+    assert p.returncode == 1 and "diverged" in p.stderr and "Traceback" not in p.stderr

@@ -31,7 +31,7 @@ from torch import nn
 from . import data as tsdata
 from . import models as tsmodels
 from . import prune
-from .errors import ArtifactError, UsageError
+from .errors import ArtifactError, DivergenceError, UsageError
 from .io import load_tensors, read_json, save_tensors, write_json
 from .masks import Masks
 from .train import Dist, Trainer, TrainConfig, summarize
@@ -248,9 +248,11 @@ class Run:
                 old_cfg = RunConfig.from_json(old)
             except (TypeError, UsageError) as e:
                 raise UsageError(f"{self.out}: its config.json is not a ticketsmith run config ({e})") from None
-            if old_cfg.identity() != self.cfg.identity():
-                diff = [f"{k}: {v!r} there, {self.cfg.identity()[k]!r} now"
-                        for k, v in old_cfg.identity().items() if self.cfg.identity()[k] != v]
+            changed = [k for k, v in old_cfg.identity().items() if self.cfg.identity()[k] != v]
+            if changed == ["lr"] and (self.out / "diverged.json").exists() and self.cfg.lr < old_cfg.lr:
+                self._lower_lr(old_cfg.lr)  # resuming a diverged run with a lower learning rate
+            elif changed:
+                diff = [f"{k}: {getattr(old_cfg, k)!r} there, {getattr(self.cfg, k)!r} now" for k in changed]
                 raise UsageError(f"{self.out} holds a run made by a different config ("
                                  + "; ".join(diff) + "); choose another --out")
         elif self.out.exists() and any(self.out.iterdir()):
@@ -258,6 +260,15 @@ class Run:
                              "choose another --out")
         else:
             write_json(cfg_path, self.cfg.identity())
+
+    def _lower_lr(self, old_lr: float) -> None:
+        """Record that the run continues with a lower learning rate after a divergence."""
+        event = {"event": "learning rate lowered after divergence", "from": old_lr,
+                 "to": self.cfg.lr, "divergence": read_json(self.out / "diverged.json")}
+        history = read_json(self.out / "history.json") if (self.out / "history.json").exists() else []
+        write_json(self.out / "history.json", history + [event])
+        write_json(self.out / "config.json", self.cfg.identity())
+        (self.out / "diverged.json").unlink()
 
     # -- one round of training ---------------------------------------------------------------
     def train_round(self, path: Path, masks: Masks | None, start: str, desc: str,
@@ -298,8 +309,14 @@ class Run:
                 write_metrics(path / "metrics.jsonl", history)
 
         t0 = time.perf_counter()
-        result = trainer.fit(masks, start_iter, resume=resume, on_iteration=on_iteration,
-                             on_epoch_end=on_epoch_end, sparsifier=sparsifier)
+        try:
+            result = trainer.fit(masks, start_iter, resume=resume, on_iteration=on_iteration,
+                                 on_epoch_end=on_epoch_end, sparsifier=sparsifier)
+        except DivergenceError as e:
+            if self.writer:  # lets a rerun with a lower --lr resume from the last checkpoint
+                write_json(self.out / "diverged.json", {"round": path.name, "lr": self.cfg.lr,
+                                                         "message": str(e)})
+            raise
         final_masks = sparsifier.masks if sparsifier is not None else masks
         info = {"best_epoch": result.best_epoch, "best_val_acc": result.best_val_acc,
                 "test_acc": result.test_acc_at_best, "final_test_acc": result.final_test_acc,
