@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from . import faults
 from .errors import ArtifactError
 
 _DIGEST = "ticketsmith.sha256"
@@ -30,6 +31,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        faults.reach("write")
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -30,7 +30,7 @@ from torch import nn
 
 from . import data as tsdata
 from . import models as tsmodels
-from . import prune
+from . import faults, prune
 from .errors import ArtifactError, DivergenceError, UsageError
 from .io import load_tensors, read_json, save_tensors, write_json
 from .masks import Masks
@@ -243,6 +243,8 @@ class Run:
     def _prepare(self) -> None:
         cfg_path = self.out / "config.json"
         if cfg_path.exists():
+            for tmp in self.out.rglob(".*.tmp"):  # left by a crash mid-write; never read
+                tmp.unlink(missing_ok=True)
             old = read_json(cfg_path)
             try:
                 old_cfg = RunConfig.from_json(old)
@@ -336,6 +338,7 @@ class Run:
             write_json(done, info)
             ckpt.unlink(missing_ok=True)
         self.dist.barrier()  # the other ranks read what rank 0 just wrote
+        faults.reach("round")
         return info
 
     def round_masks(self, path: Path, decide) -> Masks:
@@ -347,6 +350,7 @@ class Run:
             if f.exists():
                 return Masks.load(f).to_bytes()
             masks = decide()
+            faults.reach("mask")
             masks.save(f)
             return masks.to_bytes()
         masks = Masks.from_bytes(self.on_main(on_rank0))

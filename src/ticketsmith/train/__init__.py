@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .. import data as tsdata
+from .. import faults
 from ..errors import DivergenceError, UsageError
 from ..masks import Masks
 
@@ -259,6 +260,7 @@ class Trainer:
             for epoch in range(first_epoch, cfg.epochs):
                 skip = max(0, start_iter - epoch * self.iters_per_epoch)
                 history.append(self._epoch(epoch, skip, on_iteration, sparsifier))
+                faults.reach("epoch")
                 if on_epoch_end is not None:
                     on_epoch_end(epoch + 1, history)
         finally:
@@ -300,6 +302,7 @@ class Trainer:
                 sums += torch.tensor([loss.item() * len(y), (out.argmax(1) == y).sum().item(),
                                       len(y)], dtype=torch.float64)
             it += 1
+            faults.reach("iteration")
             bar.update(1)
             if bar.n % 10 == 0:
                 bar.set_postfix(loss=f"{sums[0].item() / max(sums[2].item(), 1):.3f}",
