@@ -524,6 +524,36 @@ def test_companions_never_zero_a_norm_that_sees_the_input():
     assert bool(out["bn.weight"].all()) and bool(out["bn.bias"].all())
 
 
+class ScaledShift(nn.Module):
+    """bn(a(x) * 0.5 + 1): constants between a layer and its norm do not stop the zeroing."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 3, 1, bias=False)
+        self.bn = nn.BatchNorm2d(3)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.a(x) * 0.5 + 1).mean((2, 3)))
+
+
+def test_companions_through_constants():
+    model = ScaledShift()
+    randomize_norms(model)
+    a = torch.ones(3, 3, 1, 1, dtype=torch.bool)
+    a[1] = False
+    out = channel_companions(model, Masks({"a.weight": a}), (X8,))  # a tuple of inputs works
+    assert out["bn.weight"].tolist() == [True, False, True]
+    seen = {}
+    model.bn.register_forward_hook(lambda m, i, o: seen.__setitem__("bn", o))
+    out.apply(model)
+    for train in (True, False):
+        model.train(train)
+        with torch.no_grad():
+            model(torch.randn(4, 3, 8, 8))
+        assert not bool(seen["bn"][:, 1].any()) and bool(seen["bn"][:, 0].any())
+
+
 def test_companions_of_an_unstructured_mask_cover_only_empty_rows():
     model = resnet20()
     masks = ts.prune.random_masks(model, 0.5, seed=9)

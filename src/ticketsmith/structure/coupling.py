@@ -184,13 +184,8 @@ def analyse(model: nn.Module, example_inputs=None) -> Coupling:
     flag is restored afterwards. Nothing else about the model changes."""
     if example_inputs is None:
         example_inputs = example_inputs_for(model)
-    elif isinstance(example_inputs, torch.Tensor):
-        # on the model's device, and requiring grad so that the graph is traced even when the
-        # parameters are frozen
-        p = next(model.parameters(), None)
-        example_inputs = example_inputs.detach().to(p.device if p is not None else "cpu")
-        if example_inputs.is_floating_point():
-            example_inputs.requires_grad_(True)
+    p = next(model.parameters(), None)
+    example_inputs = _as_leaves(example_inputs, p.device if p is not None else torch.device("cpu"))
     names = {m: n for n, m in model.named_modules()}
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)]
     if not layers:
@@ -291,7 +286,7 @@ def analyse(model: nn.Module, example_inputs=None) -> Coupling:
             if group_of[layer] != gi:
                 continue
             if consumer not in index:
-                index[consumer] = torch.full((_in_channels(params[consumer], model, consumer),), -1,
+                index[consumer] = torch.full((_in_channels(model, consumer),), -1,
                                              dtype=torch.int64)
                 cons.append(consumer)
             index[consumer][torch.tensor(in_idxs)] = index[layer][torch.tensor(rows)]
@@ -307,7 +302,7 @@ def _out_channels(m: nn.Module) -> int:
     return m.out_features if isinstance(m, nn.Linear) else m.out_channels
 
 
-def _in_channels(weight: torch.Tensor, model: nn.Module, name: str) -> int:
+def _in_channels(model: nn.Module, name: str) -> int:
     mod = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
     return mod.in_features if isinstance(mod, nn.Linear) else mod.in_channels
 
@@ -349,17 +344,34 @@ def _walk_forward(root, c_out: int):
     return hits, out
 
 
-def _untraced(grad_fn) -> bool:
-    """An autograd input that is a leaf (the model input, a tensor used as is) or a constant."""
-    return grad_fn is None or hasattr(grad_fn, "variable")  # AccumulateGrad holds `variable`
+def _as_leaves(inputs, device):
+    """The example inputs on the model's device, floating tensors as leaves requiring grad: the
+    graph is then traced even with frozen parameters, and the model input shows up in autograd
+    as a leaf (AccumulateGrad), told apart from constants (no autograd node at all)."""
+    if isinstance(inputs, torch.Tensor):
+        t = inputs.detach().to(device)
+        return t.clone().requires_grad_(True) if t.is_floating_point() else t
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(_as_leaves(v, device) for v in inputs)
+    if isinstance(inputs, dict):
+        return {k: _as_leaves(v, device) for k, v in inputs.items()}
+    return inputs
+
+
+def _leaf_operand(grad_fn) -> bool:
+    """An autograd input that is a leaf requiring grad: the model input (see `_as_leaves`) or a
+    tensor used as is. Constants (scalars, buffers) have no node (None) and are harmless: an
+    all-zero channel plus a constant is a constant, which the masked norm turns into zero."""
+    return grad_fn is not None and hasattr(grad_fn, "variable")  # AccumulateGrad
 
 
 def _has_external_source(norm_node) -> bool:
-    """Whether the norm's input depends on something other than conv/linear layers through
-    parameter-free ops: the model input, a constant tensor, another norm, a parameter. Such a
-    norm channel is not zero even when every feeding layer row is, so it is never zeroed."""
+    """Whether the norm's input depends on something other than conv/linear layers (and
+    constants) through parameter-free ops: the model input, another norm, a parameter. Such a
+    norm channel carries information even when every feeding layer row is zero, so it is never
+    zeroed."""
     stack, seen = list(norm_node.inputs), set()
-    if any(_untraced(f[0]) for f in getattr(norm_node.grad_fn, "next_functions", ())[:1]):
+    if any(_leaf_operand(f[0]) for f in getattr(norm_node.grad_fn, "next_functions", ())[:1]):
         return True
     while stack:
         node = stack.pop()
@@ -370,7 +382,7 @@ def _has_external_source(norm_node) -> bool:
             continue
         if node.type not in _PASS:
             return True
-        if any(_untraced(f[0]) for f in getattr(node.grad_fn, "next_functions", ())):
+        if any(_leaf_operand(f[0]) for f in getattr(node.grad_fn, "next_functions", ())):
             return True  # an operand that is no layer's output: the model input, a constant
         if not node.inputs:
             return True

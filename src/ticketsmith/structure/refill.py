@@ -39,7 +39,8 @@ def refill(model: nn.Module, masks: Masks, criterion: str = "l1", extra: float =
       training); the model runs in eval mode, on a copy with the masks applied.
     - Each layer keeps k = ceil((1 - s_l) * c_out) whole channels, s_l its sparsity in `masks`;
       Refill+ keeps k + round(extra * (c_out - k)) (round half up), `extra` in [0, 1].
-      Kept rows become fully dense, dropped rows fully zero. Ties go to the lower channel index.
+      Kept rows become fully dense, dropped rows fully zero. Ties go to the lower row index
+      (coupled: the lower group channel id, which is the row index in a residual stage).
     - `coupled=True`: the masked layers of a coupled group (see `channel_groups`: outputs added
       together, depthwise convs) keep one shared channel set, chosen from their summed scores,
       each layer's scores first divided by their sum so that every layer has the same say; k
@@ -93,28 +94,36 @@ def refill_counts(c: int, kept: int, total: int, extra: float = 0.0) -> int:
 
 def _refill_unit(group: ChannelGroup, unit: list[str], masks: Masks,
                  scores: dict[str, torch.Tensor], extra: float) -> dict[str, torch.Tensor]:
-    """One shared channel set for the layers of `unit` (a single layer when uncoupled)."""
-    covered = torch.zeros(group.channels, dtype=torch.bool)
-    channel_score = torch.zeros(group.channels, dtype=torch.float64)
+    """One shared channel set for the layers of `unit` (a single layer when uncoupled).
+
+    A single layer chooses among its own rows; several layers choose among the group channels
+    they cover (ids in module order, then row order: in a residual stage, the row index)."""
+    if len(unit) == 1:
+        rows = masks[unit[0]].shape[0]
+        index = {unit[0]: torch.arange(rows)}
+        channels = rows
+    else:
+        index, channels = group.index, group.channels
+    covered = torch.zeros(channels, dtype=torch.bool)
+    channel_score = torch.zeros(channels, dtype=torch.float64)
     kept = total = 0
     for n in unit:
-        idx = group.index[n]
-        covered[idx] = True
+        covered[index[n]] = True
         s = scores[n]
         norm = float(s.sum())
         # normalised so that layers of different fan-in (or feature scale) weigh the same
-        channel_score.index_add_(0, idx, s / norm if len(unit) > 1 and norm > 0 else s)
+        channel_score.index_add_(0, index[n], s / norm if len(unit) > 1 and norm > 0 else s)
         kept += int(masks[n].sum())
         total += masks[n].numel()
     cand = torch.nonzero(covered).flatten()  # ascending channel ids
     keep_n = refill_counts(len(cand), kept, total, extra)
     # stable sort: equal scores keep ascending channel order, so ties go to the lower index
     order = torch.sort(channel_score[cand], descending=True, stable=True).indices
-    keep_ch = torch.zeros(group.channels, dtype=torch.bool)
+    keep_ch = torch.zeros(channels, dtype=torch.bool)
     keep_ch[cand[order[:keep_n]]] = True
     out = {}
     for n in unit:
-        rows = keep_ch[group.index[n]]
+        rows = keep_ch[index[n]]
         m = masks[n]
         out[n] = rows.to(m.device).view(-1, *([1] * (m.dim() - 1))).expand_as(m).clone()
     return out
