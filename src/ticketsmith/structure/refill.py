@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from ..errors import UsageError
 from ..masks import Masks
-from .coupling import ChannelGroup, Coupling, analyse
+from .coupling import ChannelGroup, analyse
 
 CRITERIA = ("l1", "count", "feature-l1", "feature-l2", "saliency")
 DATA_CRITERIA = ("feature-l1", "feature-l2", "saliency")
@@ -191,7 +191,7 @@ def channel_scores(model: nn.Module, masks: Masks, criterion: str = "l1",
             else:
                 # the value now and the gradient of this very value (a tensor hook registered
                 # before any in-place op downstream receives the gradient of the old value)
-                a = per_channel(n, output.detach())
+                a = per_channel(n, output.detach().clone())  # in-place ops may follow
 
                 def taylor(g: torch.Tensor) -> None:
                     acc[n].add_((a * per_channel(n, g)).sum(dim=2).abs().sum(dim=0).cpu())
@@ -217,4 +217,4 @@ def channel_scores(model: nn.Module, masks: Masks, criterion: str = "l1",
     return acc
 
 
-__all__ = ["refill", "refill_counts", "channel_scores", "CRITERIA", "DATA_CRITERIA", "Coupling"]
+__all__ = ["refill", "refill_counts", "channel_scores", "CRITERIA", "DATA_CRITERIA"]
