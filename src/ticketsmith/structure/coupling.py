@@ -1,0 +1,419 @@
+"""Channel couplings, found from the model's graph (torch-pruning's `DependencyGraph`).
+
+Two layers are *coupled* when their output channels are tied by index: their outputs meet at a
+residual addition (or any elementwise op), or one is a depthwise conv whose channels follow its
+producer's. A channel of a coupled group can only be removed physically if it is removed from
+every member. Concatenation is not a tie: `cat([a(x), b(x)])` puts a's and b's channels side by
+side, so a and b stay in separate groups (unless something else ties them), and the
+BatchNorm after the concatenation serves both, each on its own slice.
+
+`channel_groups` describes every conv/linear layer's group; `channel_companions` adds the 1-D
+masks (conv/linear bias, the per-channel norm's affine weight and bias that follow) that make a
+channel whose weight rows are all zero output exactly zero.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch_pruning import ops as tpops
+from torch_pruning._helpers import _HybridIndex
+
+from ..errors import UsageError
+from ..masks import PRUNABLE_TYPES, Masks
+
+# Norms that act on each channel separately: zeroing a channel's affine weight and bias makes
+# their output exactly zero on that channel, whatever its input. LayerNorm / GroupNorm mix
+# channels (a removed channel would change the others' statistics), so they are never companions.
+CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+# Graph nodes without parameters that carry channel indices through (possibly remapped by
+# torch-pruning's index mapping): the forward walk from a layer to its norms passes them.
+_PASS = {tpops.OPTYPE.ELEMENTWISE, tpops.OPTYPE.CONCAT, tpops.OPTYPE.SPLIT, tpops.OPTYPE.RESHAPE,
+         tpops.OPTYPE.SLICE, tpops.OPTYPE.EXPAND, tpops.OPTYPE.UNBIND}
+
+# Input sizes tried, smallest first (tracing runs a forward), when no example input is given:
+# the zoo's datasets (digits, Fashion-MNIST, CIFAR, Tiny-ImageNet, ImageNet). Any size that runs
+# gives the same graph: a flatten into a fixed-size linear layer only runs at its own size.
+_TRIAL_SIZES = (8, 16, 28, 32, 64, 224)
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelGroup:
+    """Conv/linear layers whose output channels are tied by the graph, and what hangs on them.
+
+    `index[name]` is an int64 tensor over the parameter's channel axis giving, for each entry,
+    the group channel (0 .. channels-1) it belongs to, or -1 if it is not in this group:
+      - for each of `layers` (weight names): over the output rows; every row is in the group;
+      - for each of `companions` (1-D parameter names: the layers' biases and the affine weight
+        and bias of the per-channel norms they feed): over the entries; a norm after a
+        concatenation serves several groups, each on its own slice (-1 elsewhere);
+      - for each of `consumers` (weight names of the layers reading the group's channels):
+        over their *input* channels (`in_channels`, or `in_features` where a flatten spreads a
+        channel over several features).
+    In a plain residual stage every layer's index is `arange(channels)`.
+    `output` is True when the channels are the model's outputs (the classifier head): they
+    cannot be dropped.
+    """
+    layers: tuple[str, ...]
+    channels: int
+    companions: tuple[str, ...] = ()
+    consumers: tuple[str, ...] = ()
+    index: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    output: bool = False
+
+    def __repr__(self) -> str:
+        return (f"ChannelGroup(layers={list(self.layers)}, channels={self.channels}, "
+                f"companions={list(self.companions)}, consumers={list(self.consumers)}"
+                + (", output=True" if self.output else "") + ")")
+
+
+@dataclass
+class Feed:
+    """Entries `positions` of a companion are fed by output rows `rows` of `layer`."""
+    layer: str
+    positions: torch.Tensor
+    rows: torch.Tensor
+
+
+@dataclass
+class Coupling:
+    """The analysis behind `channel_groups` and `channel_companions` (computed once, reused)."""
+    groups: list[ChannelGroup]
+    group_of: dict[str, int]            # layer weight name -> position in `groups`
+    feeds: dict[str, list[Feed]]        # companion name -> the layer rows feeding its entries
+    external: set[str]                  # companions that also see a non-layer input: never zeroed
+    sizes: dict[str, int]               # companion name -> number of entries
+
+    def companion_masks(self, masks: Masks) -> dict[str, torch.Tensor]:
+        """For every companion fed by a masked layer: True where some feeding row survives."""
+        alive_rows = {n: masks[n].reshape(masks[n].shape[0], -1).any(dim=1)
+                      for n in masks.weight_names}
+        out = {}
+        for comp, feeds in self.feeds.items():
+            if not any(f.layer in alive_rows for f in feeds) and comp not in masks:
+                continue
+            size = self.sizes[comp]
+            fed = torch.zeros(size, dtype=torch.bool)
+            alive = torch.zeros(size, dtype=torch.bool)
+            for f in feeds:
+                rows = alive_rows.get(f.layer)
+                # a layer without a mask is dense: its rows are all alive
+                a = rows[f.rows].cpu() if rows is not None else torch.ones(len(f.rows), dtype=torch.bool)
+                fed[f.positions] = True
+                alive[f.positions] |= a
+            keep = alive | ~fed
+            if comp in self.external:
+                keep[:] = True
+            out[comp] = keep
+        return out
+
+
+def example_inputs_for(model: nn.Module) -> torch.Tensor:
+    """One random input the model accepts (a batch of 1), guessed from its first layer.
+
+    Linear first layers take `(1, in_features)`; 2-D convs are tried at the zoo's image sizes.
+    Raises UsageError when no guess runs: pass `example_inputs` explicitly then."""
+    first = next((m for m in model.modules() if isinstance(m, PRUNABLE_TYPES)), None)
+    p = next(model.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    if isinstance(first, nn.Linear):
+        candidates = [(1, first.in_features)]
+    elif isinstance(first, nn.Conv2d):
+        candidates = [(1, first.in_channels, s, s) for s in _TRIAL_SIZES]
+    elif isinstance(first, nn.Conv1d):
+        candidates = [(1, first.in_channels, s) for s in (16, 32, 64, 128, 256)]
+    else:
+        candidates = []
+    with _eval_mode(model), torch.no_grad():
+        for shape in candidates:
+            x = torch.randn(shape, device=device)
+            try:
+                model(x)
+                return x
+            except (RuntimeError, ValueError):
+                continue
+    raise UsageError(f"cannot guess an input shape for {type(model).__name__}: "
+                     "pass example_inputs (a batch the model accepts)")
+
+
+class _eval_mode:
+    """Eval mode inside the block, each module's own training flag restored after."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.flags = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc):
+        for m, t in self.flags:
+            m.training = t
+        return False
+
+
+class _UnionFind:
+    def __init__(self):
+        self.parent: dict = {}
+
+    def find(self, a):
+        self.parent.setdefault(a, a)
+        root = a
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[a] != root:  # path compression
+            self.parent[a], a = root, self.parent[a]
+        return root
+
+    def union(self, a, b) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+
+
+def analyse(model: nn.Module, example_inputs=None) -> Coupling:
+    """Trace the model once and compute its channel groups, companions and feeds.
+
+    The model is traced in eval mode (BatchNorm statistics do not move); each module's training
+    flag is restored afterwards. Nothing else about the model changes."""
+    if example_inputs is None:
+        example_inputs = example_inputs_for(model)
+    p = next(model.parameters(), None)
+    example_inputs = _as_leaves(example_inputs, p.device if p is not None else torch.device("cpu"))
+    names = {m: n for n, m in model.named_modules()}
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)]
+    if not layers:
+        raise UsageError(f"{type(model).__name__} has no conv or linear layer")
+    wname = {m: (f"{n}.weight" if n else "weight") for n, m in layers}
+
+    with _eval_mode(model), torch.enable_grad():
+        # a tensor is one input (torch-pruning would first try `model(*x)`, i.e. unbatched rows)
+        forward = (lambda mod, inputs: mod(inputs)) if isinstance(example_inputs, torch.Tensor) else None
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs, forward_fn=forward,
+                                                   verbose=False)
+
+    # -- ties between output rows (union-find over (layer, row)) and consumers ---------------
+    rows_uf, layers_uf = _UnionFind(), _UnionFind()
+    consumed: list[tuple[str, list[int], str, list[int]]] = []  # (consumer, in_idxs, layer, rows)
+    for n, m in layers:
+        layers_uf.find(wname[m])
+        if m not in dg.module2node:  # not used in forward: a group of its own
+            continue
+        pruner = dg.get_pruner_of_module(m)
+        c_out = _out_channels(m)
+        group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(c_out)))
+        for item in group:
+            t = item.dep.target.module
+            if t not in wname:
+                continue
+            tp_pruner = dg.get_pruner_of_module(t)
+            if item.dep.handler == tp_pruner.prune_out_channels:  # depthwise: in == out
+                for i, r in zip(item.idxs, item.root_idxs):
+                    rows_uf.union((wname[m], r), (wname[t], i))
+                layers_uf.union(wname[m], wname[t])
+            elif item.dep.handler == tp_pruner.prune_in_channels:
+                consumed.append((wname[t], list(item.idxs), wname[m], list(item.root_idxs)))
+
+    # -- groups, with channel ids in order of first appearance (module order, row order) ------
+    members: dict = {}
+    for n, m in layers:
+        members.setdefault(layers_uf.find(wname[m]), []).append(m)
+    groups_raw = []
+    group_of: dict[str, int] = {}
+    for gi, mods in enumerate(members.values()):
+        ids: dict = {}
+        index = {}
+        for m in mods:
+            w = wname[m]
+            idx = [ids.setdefault(rows_uf.find((w, r)), len(ids)) for r in range(_out_channels(m))]
+            index[w] = torch.tensor(idx, dtype=torch.int64)
+            group_of[w] = gi
+        groups_raw.append(([wname[m] for m in mods], len(ids), index))
+
+    # -- feeds: forward walk from each layer to the per-channel norms it reaches -------------
+    feeds: dict[str, list[Feed]] = {}
+    reaches_output: set[str] = set()
+    norms_seen = set()
+    params = dict(model.named_parameters())
+    for n, m in layers:
+        w = wname[m]
+        if getattr(m, "bias", None) is not None:
+            r = torch.arange(_out_channels(m))
+            feeds.setdefault(f"{n}.bias" if n else "bias", []).append(Feed(w, r, r))
+        if m not in dg.module2node:
+            continue
+        hits, out = _walk_forward(dg.module2node[m], _out_channels(m))
+        if out:
+            reaches_output.add(w)
+        for node, pos, rows in hits:
+            norms_seen.add(node)
+            nn_name = names[node.module]
+            for pn in ("weight", "bias"):
+                full = f"{nn_name}.{pn}" if nn_name else pn
+                if full in params:
+                    feeds.setdefault(full, []).append(
+                        Feed(w, torch.tensor(pos, dtype=torch.int64), torch.tensor(rows, dtype=torch.int64)))
+
+    external = set()
+    for node in norms_seen:
+        if _has_external_source(node):
+            nn_name = names[node.module]
+            external.update(f"{nn_name}.{pn}" if nn_name else pn for pn in ("weight", "bias"))
+
+    # -- assemble the public groups ----------------------------------------------------------
+    groups = []
+    for gi, (lnames, channels, index) in enumerate(groups_raw):
+        index = dict(index)
+        comps = []
+        for comp, fs in feeds.items():
+            mine = [f for f in fs if group_of[f.layer] == gi]
+            if not mine:
+                continue
+            size = params[comp].shape[0]
+            idx = torch.full((size,), -1, dtype=torch.int64)
+            for f in mine:
+                idx[f.positions] = index[f.layer][f.rows]
+            index[comp] = idx
+            comps.append(comp)
+        cons = []
+        for consumer, in_idxs, layer, rows in consumed:
+            if group_of[layer] != gi:
+                continue
+            if consumer not in index:
+                index[consumer] = torch.full((_in_channels(model, consumer),), -1,
+                                             dtype=torch.int64)
+                cons.append(consumer)
+            index[consumer][torch.tensor(in_idxs)] = index[layer][torch.tensor(rows)]
+        groups.append(ChannelGroup(layers=tuple(lnames), channels=channels,
+                                   companions=tuple(comps), consumers=tuple(cons),
+                                   index=MappingProxyType(index),
+                                   output=any(w in reaches_output for w in lnames)))
+    return Coupling(groups, group_of, feeds, external,
+                    {c: int(params[c].shape[0]) for c in feeds})
+
+
+def _out_channels(m: nn.Module) -> int:
+    return m.out_features if isinstance(m, nn.Linear) else m.out_channels
+
+
+def _in_channels(model: nn.Module, name: str) -> int:
+    mod = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    return mod.in_features if isinstance(mod, nn.Linear) else mod.in_channels
+
+
+def _forward_deps(node):
+    outs = set(map(id, node.outputs))
+    return [d for d in node.dependencies if d.source is node and id(d.target) in outs]
+
+
+def _walk_forward(root, c_out: int):
+    """From a layer's node, follow its channels forward through parameter-free ops (mapping
+    indices through concat/split/flatten as torch-pruning does) to the per-channel norms they
+    reach. Returns ([(norm node, positions, rows)], reaches the model's output)."""
+    start = [_HybridIndex(idx=i, root_idx=i) for i in range(c_out)]
+    stack, seen, hits, out = [(root, start)], set(), [], False
+    while stack:
+        node, idxs = stack.pop()
+        deps = _forward_deps(node)
+        if not deps:
+            out = True  # nothing consumes it: a model output
+        for dep in deps:
+            new = idxs
+            for mapping in dep.index_mapping:
+                if mapping is not None:
+                    new = mapping(new)
+            if not new:
+                continue
+            t = dep.target
+            if t.type == tpops.OPTYPE.OUTPUT:
+                out = True
+            elif isinstance(t.module, CHANNEL_NORMS):
+                hits.append((t, [i.idx for i in new], [i.root_idx for i in new]))
+            elif t.type in _PASS:
+                key = (id(t), tuple(new))
+                if key not in seen:
+                    seen.add(key)
+                    stack.append((t, new))
+            # any other node (a layer, a channel-mixing norm, attention, ...) ends the walk
+    return hits, out
+
+
+def _as_leaves(inputs, device):
+    """The example inputs on the model's device, floating tensors as leaves requiring grad: the
+    graph is then traced even with frozen parameters, and the model input shows up in autograd
+    as a leaf (AccumulateGrad), told apart from constants (no autograd node at all)."""
+    if isinstance(inputs, torch.Tensor):
+        t = inputs.detach().to(device)
+        return t.clone().requires_grad_(True) if t.is_floating_point() else t
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(_as_leaves(v, device) for v in inputs)
+    if isinstance(inputs, dict):
+        return {k: _as_leaves(v, device) for k, v in inputs.items()}
+    return inputs
+
+
+def _leaf_operand(grad_fn) -> bool:
+    """An autograd input that is a leaf requiring grad: the model input (see `_as_leaves`) or a
+    tensor used as is. Constants (scalars, buffers) have no node (None) and are harmless: an
+    all-zero channel plus a constant is a constant, which the masked norm turns into zero."""
+    return grad_fn is not None and hasattr(grad_fn, "variable")  # AccumulateGrad
+
+
+def _has_external_source(norm_node) -> bool:
+    """Whether the norm's input depends on something other than conv/linear layers (and
+    constants) through parameter-free ops: the model input, another norm, a parameter. Such a
+    norm channel carries information even when every feeding layer row is zero, so it is never
+    zeroed."""
+    stack, seen = list(norm_node.inputs), set()
+    if any(_leaf_operand(f[0]) for f in getattr(norm_node.grad_fn, "next_functions", ())[:1]):
+        return True
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node.module, PRUNABLE_TYPES):
+            continue
+        if node.type not in _PASS:
+            return True
+        if any(_leaf_operand(f[0]) for f in getattr(node.grad_fn, "next_functions", ())):
+            return True  # an operand that is no layer's output: the model input, a constant
+        if not node.inputs:
+            return True
+        stack.extend(node.inputs)
+    return False
+
+
+def channel_groups(model: nn.Module, example_inputs=None) -> list[ChannelGroup]:
+    """The channel groups of every conv and linear layer of the model, in module order.
+
+    Each layer (by weight name, `<module>.weight`) is in exactly one group; a layer whose
+    outputs are tied to nobody is a group of its own. `example_inputs` is a batch the model
+    accepts (guessed from the first layer if omitted). See `ChannelGroup`."""
+    return analyse(model, example_inputs).groups
+
+
+def channel_companions(model: nn.Module, masks: Masks, example_inputs=None,
+                       coupling: Coupling | None = None) -> Masks:
+    """`masks` plus 1-D companion masks, so that a channel whose weight rows are all zero
+    outputs exactly zero (in train and eval mode).
+
+    For every bias and per-channel norm affine weight/bias fed by a masked layer, an entry is
+    False exactly when every layer row feeding it (through parameter-free ops, e.g. the convs
+    of a residual addition before a post-addition BatchNorm) is entirely zero in `masks`; a
+    layer without a mask counts as dense. A norm that also sees the model input or another
+    non-layer source is never zeroed. Existing companion masks for these parameters are
+    replaced; everything else (weight masks, blocks) is kept. `masks` is not modified."""
+    masks.check(model)
+    coupling = coupling if coupling is not None else analyse(model, example_inputs)
+    return masks.updated(coupling.companion_masks(masks))
+
+
+__all__ = ["ChannelGroup", "Coupling", "Feed", "analyse", "channel_groups", "channel_companions",
+           "example_inputs_for", "CHANNEL_NORMS"]

@@ -1,0 +1,220 @@
+"""Refill and Refill+ (paper §3.2, Alg. 2): turn an unstructured mask into whole output channels.
+
+Per layer (or per coupled group) with unstructured sparsity s, score every output channel, keep
+the k = ceil((1 - s) * c_out) best channels fully dense (their pruned weights grow back) and
+drop the others whole: their weight rows, their bias and the affine weight and bias of the
+per-channel norm they feed are all masked, so a dropped channel outputs exactly zero while the
+ticket retrains and can later be removed without changing the network's function.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import UsageError
+from ..masks import Masks
+from .coupling import ChannelGroup, analyse
+
+CRITERIA = ("l1", "count", "feature-l1", "feature-l2", "saliency")
+DATA_CRITERIA = ("feature-l1", "feature-l2", "saliency")
+
+
+def refill(model: nn.Module, masks: Masks, criterion: str = "l1", extra: float = 0.0,
+           coupled: bool = True, data: Sequence[torch.Tensor] | torch.Tensor | None = None,
+           example_inputs=None) -> Masks:
+    """Channel-wise structured masks from unstructured `masks` (Refill; Refill+ if `extra` > 0).
+
+    - `criterion` scores each output channel (row) of a masked conv/linear layer, from the
+      unstructured ticket (weights times mask): `l1` sum of |m*W| over the row (the paper's
+      default), `count` surviving weights in the row, `feature-l1` / `feature-l2` the L1 / L2
+      norm of the channel's output on the batch `data`, `saliency` the first-order Taylor
+      estimate of the loss change when the channel is removed (Molchanov et al.): per sample
+      |sum over positions of activation * gradient of the cross-entropy|, summed over the batch.
+      The data criteria need `data = (x, y)` (`y` only for saliency; x normalised as for
+      training); the model runs in eval mode, on a copy with the masks applied.
+    - Each layer keeps k = ceil((1 - s_l) * c_out) whole channels, s_l its sparsity in `masks`;
+      Refill+ keeps k + round(extra * (c_out - k)) (round half up), `extra` in [0, 1].
+      Kept rows become fully dense, dropped rows fully zero. Ties go to the lower row index
+      (coupled: the lower group channel id, which is the row index in a residual stage).
+    - `coupled=True`: the masked layers of a coupled group (see `channel_groups`: outputs added
+      together, depthwise convs) keep one shared channel set, chosen from their summed scores,
+      each layer's scores first divided by their sum so that every layer has the same say; k
+      comes from the group's combined sparsity (kept / total weights over its masked layers),
+      counted over the group channels its masked layers cover. Layers of the group without a
+      mask are left alone (and count as dense, so the channels they write are not removable).
+      `coupled=False`: every layer on its own (the authors' behaviour).
+    - Layers whose outputs are the model's outputs (the classifier head, if masked) keep their
+      mask unchanged: dropping a class is not a structure. Layers not in `masks` are untouched.
+    - The result also holds the companions of the dropped channels (see `channel_companions`);
+      blocks are dropped (a refilled layer is one block: its kept rows by all columns).
+    `example_inputs`: a batch for tracing the graph (default: `data`'s inputs, else guessed).
+    Neither `masks` nor the model (weights, BatchNorm statistics, training flags) changes.
+    """
+    if criterion not in CRITERIA:
+        raise UsageError(f"unknown refill criterion {criterion!r}; choose one of: {', '.join(CRITERIA)}")
+    if isinstance(extra, bool) or not isinstance(extra, (int, float)) or not 0.0 <= extra <= 1.0:
+        raise UsageError(f"refill extra (the Refill+ rate) must be a number in [0, 1], got {extra!r}")
+    x, y = _unpack(data, criterion)
+    masks.check(model)
+    for name in masks.weight_names:
+        if not bool(masks[name].any()):
+            raise UsageError(f"mask {name!r} is all zeros: refill needs surviving weights "
+                             "to choose that layer's channels")
+    if example_inputs is None and x is not None:
+        example_inputs = x[:1]  # the graph does not depend on the batch size
+    coupling = analyse(model, example_inputs)
+    unknown = [n for n in masks.weight_names if n not in coupling.group_of]
+    if unknown:
+        raise UsageError(f"refill handles conv and linear weights; {unknown[0]!r} is not one")
+
+    scores = channel_scores(model, masks, criterion, x, y)
+    new = {}
+    for group in coupling.groups:
+        names = [n for n in group.layers if n in masks]
+        if not names or group.output:
+            continue
+        units = [names] if coupled else [[n] for n in names]
+        for unit in units:
+            new.update(_refill_unit(group, unit, masks, scores, extra))
+    result = masks.updated(new, drop_blocks=True)
+    return result.updated(coupling.companion_masks(result))
+
+
+def refill_counts(c: int, kept: int, total: int, extra: float = 0.0) -> int:
+    """Channels Refill (+) keeps out of `c` for `kept` of `total` weights surviving:
+    k = ceil(kept / total * c), exactly (integer arithmetic), plus round(extra * (c - k))."""
+    k = -(-kept * c // total)
+    return k + int(math.floor(extra * (c - k) + 0.5))
+
+
+def _refill_unit(group: ChannelGroup, unit: list[str], masks: Masks,
+                 scores: dict[str, torch.Tensor], extra: float) -> dict[str, torch.Tensor]:
+    """One shared channel set for the layers of `unit` (a single layer when uncoupled).
+
+    A single layer chooses among its own rows; several layers choose among the group channels
+    they cover (ids in module order, then row order: in a residual stage, the row index)."""
+    if len(unit) == 1:
+        rows = masks[unit[0]].shape[0]
+        index = {unit[0]: torch.arange(rows)}
+        channels = rows
+    else:
+        index, channels = group.index, group.channels
+    covered = torch.zeros(channels, dtype=torch.bool)
+    channel_score = torch.zeros(channels, dtype=torch.float64)
+    kept = total = 0
+    for n in unit:
+        covered[index[n]] = True
+        s = scores[n]
+        norm = float(s.sum())
+        # normalised so that layers of different fan-in (or feature scale) weigh the same
+        channel_score.index_add_(0, index[n], s / norm if len(unit) > 1 and norm > 0 else s)
+        kept += int(masks[n].sum())
+        total += masks[n].numel()
+    cand = torch.nonzero(covered).flatten()  # ascending channel ids
+    keep_n = refill_counts(len(cand), kept, total, extra)
+    # stable sort: equal scores keep ascending channel order, so ties go to the lower index
+    order = torch.sort(channel_score[cand], descending=True, stable=True).indices
+    keep_ch = torch.zeros(channels, dtype=torch.bool)
+    keep_ch[cand[order[:keep_n]]] = True
+    out = {}
+    for n in unit:
+        rows = keep_ch[index[n]]
+        m = masks[n]
+        out[n] = rows.to(m.device).view(-1, *([1] * (m.dim() - 1))).expand_as(m).clone()
+    return out
+
+
+def _unpack(data, criterion: str):
+    if criterion not in DATA_CRITERIA:
+        return None, None
+    if data is None:
+        raise UsageError(f"refill criterion {criterion!r} needs data: pass a batch (x, y)")
+    if isinstance(data, torch.Tensor):
+        x, y = data, None
+    elif isinstance(data, (tuple, list)) and len(data) == 2:
+        x, y = data
+    else:
+        raise UsageError("refill data must be a batch (x, y) of tensors")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or len(x) == 0:
+        raise UsageError("refill data: x must be a non-empty floating-point tensor "
+                         "(normalise the batch as for training)")
+    if criterion == "saliency":
+        if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or len(y) != len(x):
+            raise UsageError("refill criterion 'saliency' needs labels: data = (x, y) with y "
+                             "int64 class indices, one per input")
+    return x, y
+
+
+def channel_scores(model: nn.Module, masks: Masks, criterion: str = "l1",
+                   x: torch.Tensor | None = None, y: torch.Tensor | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """Per masked layer, a float64 CPU score for each output channel (higher = more important),
+    computed on the unstructured ticket (weights times mask). See `refill` for the criteria."""
+    params = dict(model.named_parameters())
+    names = masks.weight_names
+    if criterion == "l1":
+        return {n: (params[n].detach() * masks[n].to(params[n].device)).abs()
+                .reshape(masks[n].shape[0], -1).sum(dim=1).double().cpu() for n in names}
+    if criterion == "count":
+        return {n: masks[n].reshape(masks[n].shape[0], -1).sum(dim=1).double().cpu() for n in names}
+    if criterion not in DATA_CRITERIA:
+        raise UsageError(f"unknown refill criterion {criterion!r}; choose one of: {', '.join(CRITERIA)}")
+    if x is None:
+        raise UsageError(f"refill criterion {criterion!r} needs data: pass a batch (x, y)")
+
+    # A copy carries the ticket: the caller's weights, statistics and gradients stay untouched.
+    ticket = copy.deepcopy(model)
+    masks.apply(ticket)
+    ticket.eval()
+    device = next(ticket.parameters()).device
+    x = x.to(device)
+    modules = {n: ticket.get_submodule(n.rsplit(".", 1)[0]) if "." in n else ticket for n in names}
+    acc = {n: torch.zeros(masks[n].shape[0], dtype=torch.float64) for n in names}
+
+    def per_channel(n, t: torch.Tensor) -> torch.Tensor:
+        # (batch, channels, positions): channels are dim 1 for convs, the last dim for linear
+        if isinstance(modules[n], nn.Linear) and t.dim() > 2:
+            t = t.movedim(-1, 1)
+        return t.reshape(t.shape[0], t.shape[1], -1).double()
+
+    def hook(n):
+        def record(module, inputs, output):
+            if criterion == "feature-l1":
+                acc[n] += per_channel(n, output.detach()).abs().sum(dim=(0, 2)).cpu()
+            elif criterion == "feature-l2":
+                acc[n] += per_channel(n, output.detach()).pow(2).sum(dim=(0, 2)).cpu()
+            else:
+                # the value now and the gradient of this very value (a tensor hook registered
+                # before any in-place op downstream receives the gradient of the old value)
+                a = per_channel(n, output.detach().clone())  # in-place ops may follow
+
+                def taylor(g: torch.Tensor) -> None:
+                    acc[n].add_((a * per_channel(n, g)).sum(dim=2).abs().sum(dim=0).cpu())
+                output.register_hook(taylor)
+        return record
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
+    try:
+        if criterion == "saliency":
+            for p in ticket.parameters():
+                p.requires_grad_(False)  # only activation gradients are needed
+            with torch.enable_grad():
+                logits = ticket(x.detach().requires_grad_(True))
+                F.cross_entropy(logits, y.to(device)).backward()
+        else:
+            with torch.no_grad():
+                ticket(x)
+    finally:
+        for h in handles:
+            h.remove()
+    if criterion == "feature-l2":
+        acc = {n: v.sqrt() for n, v in acc.items()}
+    return acc
+
+
+__all__ = ["refill", "refill_counts", "channel_scores", "CRITERIA", "DATA_CRITERIA"]
