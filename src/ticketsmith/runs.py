@@ -66,6 +66,13 @@ class RunConfig:
     structure: str = field(default="none", metadata=_help(
         "post-process each round's mask: refill (channels), refill+ (extra channels), regroup "
         "(dense blocks)", choices=STRUCTURES))
+    refill_criterion: str = field(default="l1", metadata=_help(
+        "refill: how channels are scored", choices=("l1", "count", "feature-l1", "feature-l2", "saliency")))
+    refill_extra: float = field(default=0.2, metadata=_help(
+        "refill+: extra fraction of the dropped channels kept (k + round(extra * (c_out - k)))"))
+    refill_coupled: bool = field(default=True, metadata=_help(
+        "refill: layers whose channels meet at a residual addition keep one shared channel set "
+        "(--no-refill-coupled: per layer, as the authors' code)"))
     structure_every_round: bool = field(default=False, metadata=_help(
         "IMP: prune the structured mask of the previous round (group-aware IMP, Alg. 4) "
         "instead of post-processing an unstructured IMP chain"))
@@ -99,7 +106,7 @@ class RunConfig:
                            channels_last=self.channels_last)
 
     def validate(self) -> None:
-        for name in ("model", "dataset", "method", "source", "structure", "reinit"):
+        for name in ("model", "dataset", "method", "source", "structure", "reinit", "refill_criterion"):
             choices = RunConfig.__dataclass_fields__[name].metadata.get("choices")
             if getattr(self, name) not in choices:
                 raise UsageError(f"unknown {name} {getattr(self, name)!r}; choose one of: "
@@ -112,6 +119,8 @@ class RunConfig:
             raise UsageError("give at least one --sparsity")
         for s in self.sparsity:
             prune.check_sparsity(s)
+        if not 0 <= self.refill_extra <= 1:
+            raise UsageError(f"refill extra must be in [0, 1], got {self.refill_extra}")
         if self.width <= 0:
             raise UsageError(f"width must be > 0, got {self.width}")
         parse_rewind(self.rewind, 1)
@@ -325,9 +334,11 @@ class Run:
                 "epochs": self.tcfg.epochs, "start_iteration": start_iter,
                 "train_seconds": time.perf_counter() - t0}
         if final_masks is not None:
-            info.update(sparsity=final_masks.sparsity(),
-                        layer_sparsity=final_masks.layer_sparsity(),
-                        channel_sparsity=final_masks.channel_sparsity())
+            info.update(sparsity=final_masks.sparsity(), layer_sparsity=final_masks.layer_sparsity(),
+                        channel_sparsity=final_masks.channel_sparsity(),
+                        channels_kept=structure_counts(final_masks)["channels"])
+            if final_masks.blocks:
+                info["blocks"] = structure_counts(final_masks)["blocks"]
         else:
             info.update(sparsity=0.0)
         info.update(extra or {})
@@ -463,11 +474,22 @@ class Run:
                                       self.base_masks(self.new_model()))
         raise UsageError(f"source {cfg.source!r} is not available in this build")
 
+    def structure_batch(self, n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fixed batch of training data for data-based criteria (and graph tracing)."""
+        return self.ds.normalize(self.ds.train.x[:n]), self.ds.train.y[:n]
+
     def structured(self, masks: Masks, trained: nn.Module) -> Masks:
         """Post-process an unstructured mask; `trained` holds the weights it was pruned from."""
-        if self.cfg.structure == "none":
+        cfg = self.cfg
+        if cfg.structure == "none":
             return masks
-        raise UsageError(f"structure {self.cfg.structure!r} is not available in this build")
+        from .structure import refill
+        x, y = self.structure_batch()
+        if cfg.structure in ("refill", "refill+"):
+            return refill(trained, masks, criterion=cfg.refill_criterion,
+                          extra=cfg.refill_extra if cfg.structure == "refill+" else 0.0,
+                          coupled=cfg.refill_coupled, data=(x, y), example_inputs=x[:1])
+        raise UsageError(f"structure {cfg.structure!r} is not available in this build")
 
     def _dynamic(self) -> None:
         raise UsageError(f"method {self.cfg.method!r} is not available in this build")
@@ -478,6 +500,15 @@ class Run:
         if self.writer:
             write_json(self.out / "summary.json", summary)
         return summary
+
+
+def structure_counts(masks: Masks) -> dict:
+    """Per layer: [kept output channels, all output channels], and the number of blocks."""
+    channels = {}
+    for k in masks.weight_names:
+        rows = masks[k].reshape(masks[k].shape[0], -1).any(dim=1)
+        channels[k] = [int(rows.sum()), int(rows.numel())]
+    return {"channels": channels, "blocks": {k: len(v) for k, v in masks.blocks.items()}}
 
 
 class CheckedSparsifier:

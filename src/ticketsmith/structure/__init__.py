@@ -2,3 +2,8 @@
 
 refill (whole channels, paper Alg. 2), regroup (dense blocks by hypergraph partitioning,
 Alg. 3), channel couplings found from the model's graph."""
+
+from .coupling import ChannelGroup, channel_companions, channel_groups  # noqa: E402
+from .refill import CRITERIA, refill, refill_counts  # noqa: E402
+
+__all__ = ["ChannelGroup", "channel_groups", "channel_companions", "refill", "refill_counts", "CRITERIA"]
