@@ -166,6 +166,10 @@ class DynamicSparsifier:
         if not (_is_number(s["t_end"]) and 0 < s["t_end"] <= 1):
             raise UsageError(f"t_end (fraction of training with mask updates) must be in (0, 1], "
                              f"got {s['t_end']!r}")
+        if math.floor(s["t_end"] * s["total_steps"]) <= s["delta_t"]:
+            raise UsageError(f"no mask update would happen: the first is due at step delta_t = "
+                             f"{s['delta_t']}, updates stop at t_end * total_steps = "
+                             f"{math.floor(s['t_end'] * s['total_steps'])}; lower delta_t")
         if not (_is_number(s["alpha"]) and 0 <= s["alpha"] <= 1):
             raise UsageError(f"alpha (initial drop fraction) must be in [0, 1], got {s['alpha']!r}")
         if s["distribution"] not in DISTRIBUTIONS:
@@ -292,7 +296,8 @@ class DynamicSparsifier:
     def _reduced_grads(self) -> dict[str, torch.Tensor]:
         grads = self._dense_grad
         dist = torch.distributed
-        if grads and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if (self.needs_dense_grad and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1):
             for n in self.sparse_names:  # every rank must take the same decisions
                 g = grads.get(n)
                 if g is None:
@@ -371,8 +376,12 @@ class DynamicSparsifier:
         self._gen.set_state(tensors["rng"].to(torch.uint8))
         self._step, self._updates = int(meta["step"]), int(meta["updates"])
         self._last = {k: dict(v) for k, v in meta.get("last_update", {}).items()}
-        self._dense_grad = {n[len("dense_grad/"):]: v.to(self._params[n[len("dense_grad/"):]].device)
-                            for n, v in tensors.items() if n.startswith("dense_grad/")}
+        grads = {k[len("dense_grad/"):]: v for k, v in tensors.items() if k.startswith("dense_grad/")}
+        for n, g in grads.items():
+            if n not in self._masks or tuple(g.shape) != tuple(self._params[n].shape):
+                raise ArtifactError(f"sparsifier checkpoint: dense gradient of {n!r} does not fit")
+        self._dense_grad = {n: g.to(self._params[n].device, self._params[n].dtype)
+                            for n, g in grads.items()}
         self._set_masks(masks)
 
     def remove(self) -> None:

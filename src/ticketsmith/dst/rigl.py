@@ -7,15 +7,13 @@
 Both keep each layer's nonzero count exactly at its budget. Growth candidates are the positions
 not kept by the drop (a just-dropped weight may be regrown; it then keeps its value, as in the
 reference implementations); newly grown weights start at zero with zeroed momentum.
-Defaults follow the original papers: the model's own initialisation is masked
-(`sparse_init=False`); pass `sparse_init=True` for He-normal with each neuron's sparse fan-in.
+Like SRigL (and every method here, so that comparisons differ only in the rules), the
+weights start He-normal with each neuron's sparse fan-in (`sparse_init=True`); pass
+`sparse_init=False` to keep the model's own initialisation, masked.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
-from torch import nn
 
 from .base import DynamicSparsifier, top_mask
 
@@ -24,16 +22,6 @@ class RigL(DynamicSparsifier):
     """RigL: magnitude drop, dense-gradient growth, unstructured; see the module docstring."""
 
     method = "rigl"
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, sparsity: float,
-                 total_steps: int, *, delta_t: int = 100, t_end: float = 0.75,
-                 alpha: float = 0.3, distribution: str = "erk", dense_layers: Sequence[str] = (),
-                 grad_accumulation: int = 1, include_head: bool = False,
-                 include_first: bool = True, sparse_init: bool = False, seed: int = 0):
-        super().__init__(model, optimizer, sparsity, total_steps, delta_t=delta_t, t_end=t_end,
-                         alpha=alpha, distribution=distribution, dense_layers=dense_layers,
-                         grad_accumulation=grad_accumulation, include_head=include_head,
-                         include_first=include_first, sparse_init=sparse_init, seed=seed)
 
     def _initial_mask(self, name: str, budget: int, shape: tuple[int, int]) -> torch.Tensor:
         rows, cols = shape
