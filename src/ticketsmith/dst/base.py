@@ -45,28 +45,43 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _keys(scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Unique int64 sort keys for non-negative scores along the last dimension: the score's
+    float32 bit pattern (monotone for non-negative floats), then the earlier position first;
+    non-candidates get -1, below every candidate. Unique keys make any selection (kthvalue,
+    topk) exact and deterministic, ties included, without a full stable sort."""
+    bits = scores.detach().float().contiguous().view(torch.int32).to(torch.int64)
+    pos = torch.arange(scores.shape[-1], device=scores.device, dtype=torch.int64)
+    keys = (bits << 32) + ((1 << 32) - 1 - pos)
+    return torch.where(candidates, keys, torch.tensor(-1, dtype=torch.int64, device=keys.device))
+
+
 def top_mask(scores: torch.Tensor, candidates: torch.Tensor, count: int) -> torch.Tensor:
     """The `count` highest-scoring candidate entries (fewer if there are fewer candidates).
-    Ties go to the earlier position (a stable sort), so the result is deterministic."""
-    flat = torch.where(candidates, scores, torch.tensor(float("-inf"), device=scores.device)).flatten()
+    Scores are non-negative; ties go to the earlier position, so the result is deterministic."""
     count = max(0, min(int(count), int(candidates.sum())))
-    out = torch.zeros(flat.numel(), dtype=torch.bool, device=scores.device)
-    out[torch.sort(flat, descending=True, stable=True).indices[:count]] = True
-    return out.view_as(candidates)
+    if count == 0:
+        return torch.zeros_like(candidates)
+    keys = _keys(scores.flatten(), candidates.flatten())
+    threshold = torch.kthvalue(keys, keys.numel() - count + 1).values  # the count-th largest
+    return (keys >= threshold).view_as(candidates)
 
 
 def top_per_row(scores: torch.Tensor, candidates: torch.Tensor, counts: torch.Tensor | int
                 ) -> torch.Tensor:
     """Per row i of a 2-D score matrix, the `counts[i]` highest-scoring candidates (fewer if the
-    row has fewer candidates). Ties go to the earlier column."""
+    row has fewer candidates). Scores are non-negative; ties go to the earlier column."""
     rows, cols = scores.shape
-    s = torch.where(candidates, scores, torch.tensor(float("-inf"), device=scores.device))
-    order = torch.sort(s, dim=1, descending=True, stable=True).indices
     if not isinstance(counts, torch.Tensor):
         counts = torch.full((rows,), int(counts), device=scores.device)
-    take = torch.arange(cols, device=scores.device)[None, :] < counts.to(scores.device)[:, None]
-    out = torch.zeros_like(candidates).scatter_(1, order, take)
-    return out & candidates
+    counts = counts.to(scores.device).clamp(0, cols)
+    kmax = int(counts.max()) if rows else 0
+    out = torch.zeros_like(candidates)
+    if kmax == 0:
+        return out
+    order = _keys(scores, candidates).topk(kmax, dim=1, sorted=True).indices
+    take = torch.arange(kmax, device=scores.device)[None, :] < counts[:, None]
+    return out.scatter_(1, order, take) & candidates
 
 
 class DynamicSparsifier:

@@ -86,7 +86,7 @@ class SRigL(DynamicSparsifier):
     def _initial_mask(self, name: str, budget: int, shape: tuple[int, int]) -> torch.Tensor:
         rows, cols = shape
         k = budget // rows
-        pick = torch.rand(rows, cols, generator=self._gen).argsort(dim=1)[:, :k]
+        pick = torch.rand(rows, cols, generator=self._gen).topk(k, dim=1).indices
         return torch.zeros(rows, cols, dtype=torch.bool).scatter_(1, pick, True)
 
     def may_ablate(self, name: str) -> bool:
