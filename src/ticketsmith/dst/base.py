@@ -97,6 +97,8 @@ class DynamicSparsifier:
                  grad_accumulation: int = 1, include_head: bool = False,
                  include_first: bool = True, sparse_init: bool = True, seed: int = 0):
         self.model, self.optimizer = model, optimizer
+        if isinstance(dense_layers, str):
+            dense_layers = [dense_layers]
         self.settings: dict[str, Any] = dict(
             sparsity=sparsity, total_steps=total_steps, delta_t=delta_t, t_end=t_end, alpha=alpha,
             distribution=distribution, dense_layers=list(dense_layers),
@@ -195,11 +197,12 @@ class DynamicSparsifier:
                              f"{s['delta_t']}], got {s['grad_accumulation']!r}")
         if not _is_int(s["seed"]):
             raise UsageError(f"seed must be an integer, got {s['seed']!r}")
+        for flag in ("include_head", "include_first", "sparse_init"):
+            if not isinstance(s[flag], bool):
+                raise UsageError(f"{flag} must be True or False, got {s[flag]!r}")
         self._validate_extra()
 
     def _resolve_dense(self, dense_layers: Sequence[str]) -> list[str]:
-        if isinstance(dense_layers, str):
-            dense_layers = [dense_layers]
         out = []
         for d in dense_layers:
             name = d if d in self.names else f"{d}.weight"
