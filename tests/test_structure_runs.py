@@ -64,3 +64,42 @@ def test_chain_with_other_settings_is_refused(tmp_path):
     cfg = RunConfig(**FAST, structure="refill", chain=str(tmp_path / "imp"))  # 2 rounds > 1 done
     with pytest.raises(ts.UsageError, match="no round 2 mask"):
         Run(cfg, tmp_path / "rf2", progress=False).execute()
+
+
+def constant_fan_in(masks):
+    """Every active row of every sparse layer has the same number of nonzeros."""
+    for k in masks.weight_names:
+        rows = masks[k].reshape(masks[k].shape[0], -1).sum(1)
+        active = rows[rows > 0]
+        if int(rows.sum()) < masks[k].numel():  # a dense layer (ERK saturated) is exempt
+            assert len(active.unique()) == 1, (k, active.unique())
+
+
+@pytest.mark.parametrize("method", ["srigl", "rigl"])
+def test_dynamic_sparse_run_layout_and_statistics(tmp_path, method):
+    from ticketsmith.cli import main
+    rc = main(["run", "--method", method, "--sparsity", "0.8", "--model", "lenet5", "--dataset",
+               "digits", "--epochs", "2", "--batch-size", "64", "--dst-delta-t", "5",
+               "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["complete"] and [r["round"] for r in s["rounds"]] == [0]
+    assert s["rounds"][0]["sparsity"] == pytest.approx(0.8, abs=0.01)
+    masks = ts.Masks.load(tmp_path / "round_00" / "masks.safetensors")
+    if method == "srigl":
+        constant_fan_in(masks)
+    metrics = [json.loads(x) for x in (tmp_path / "round_00" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2
+    for m in metrics:  # mask statistics over time: active neurons and fan-in per layer
+        layer = m["extra"]["layers"]["fc1.weight"]
+        assert {"active_neurons", "fan_in", "nonzeros"} <= set(layer)
+    w, _ = load_tensors(tmp_path / "round_00" / "weights.safetensors")
+    for k in masks.weight_names:
+        assert (w[k][~masks[k]] == 0).all()
+
+
+def test_dynamic_sparse_bad_input(tmp_path):
+    with pytest.raises(ts.UsageError, match="one --sparsity"):
+        RunConfig(method="srigl", sparsity=(0.8, 0.9)).validate()
+    with pytest.raises(ts.UsageError, match=r"in \(0, 1\)"):
+        RunConfig(method="srigl", sparsity=(0.0,)).validate()

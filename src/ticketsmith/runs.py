@@ -83,6 +83,17 @@ class RunConfig:
     reinit: str = field(default="none", metadata=_help(
         "random: train tickets from a fresh random init instead of the rewind point (control)",
         choices=REINITS))
+    dst_delta_t: int = field(default=100, metadata=_help("srigl/rigl/set: steps between mask updates"))
+    dst_t_end: float = field(default=0.75, metadata=_help("srigl/rigl/set: mask updates stop at this fraction of training"))
+    dst_alpha: float = field(default=0.3, metadata=_help("srigl/rigl/set: initial drop fraction (cosine decay)"))
+    dst_gamma_sal: float = field(default=0.3, metadata=_help(
+        "srigl: a neuron with fewer than gamma_sal * k salient weights is ablated"))
+    dst_ablation: bool = field(default=True, metadata=_help("srigl: ablate neurons (--no-dst-ablation: keep all)"))
+    dst_distribution: str = field(default="erk", metadata=_help("srigl/rigl/set: layer densities",
+                                                                 choices=("erk", "uniform")))
+    dst_dense_layers: str = field(default="", metadata=_help("srigl/rigl/set: comma-separated layers kept dense"))
+    dst_grad_accumulation: int = field(default=1, metadata=_help(
+        "srigl/rigl: dense gradients averaged over this many steps before an update"))
     include_head: bool = field(default=False, metadata=_help("prune the classifier head too"))
     exclude_first: bool = field(default=False, metadata=_help("do not prune the first layer"))
     epochs: int = field(default=30, metadata=_help("training epochs per round"))
@@ -106,7 +117,8 @@ class RunConfig:
                            channels_last=self.channels_last)
 
     def validate(self) -> None:
-        for name in ("model", "dataset", "method", "source", "structure", "reinit", "refill_criterion"):
+        for name in ("model", "dataset", "method", "source", "structure", "reinit", "refill_criterion",
+                     "dst_distribution"):
             choices = RunConfig.__dataclass_fields__[name].metadata.get("choices")
             if getattr(self, name) not in choices:
                 raise UsageError(f"unknown {name} {getattr(self, name)!r}; choose one of: "
@@ -119,6 +131,11 @@ class RunConfig:
             raise UsageError("give at least one --sparsity")
         for s in self.sparsity:
             prune.check_sparsity(s)
+        if self.method in ("srigl", "rigl", "set"):
+            if len(self.sparsity) != 1:
+                raise UsageError(f"--method {self.method} trains one sparsity per run; give one --sparsity")
+            if not 0 < self.sparsity[0] < 1:
+                raise UsageError(f"sparsity must be in (0, 1) for {self.method}, got {self.sparsity[0]}")
         if not 0 <= self.refill_extra <= 1:
             raise UsageError(f"refill extra must be in [0, 1], got {self.refill_extra}")
         if self.width <= 0:
@@ -492,7 +509,19 @@ class Run:
         raise UsageError(f"structure {cfg.structure!r} is not available in this build")
 
     def _dynamic(self) -> None:
-        raise UsageError(f"method {self.cfg.method!r} is not available in this build")
+        """Sparse training from scratch: one round, round_00, its mask learned while training."""
+        from . import dst
+        cfg = self.cfg
+
+        def factory(model: nn.Module, trainer: Trainer):
+            return dst.make_sparsifier(
+                cfg.method, model, trainer.optimizer, trainer.total_iters, cfg.sparsity[0],
+                delta_t=cfg.dst_delta_t, t_end=cfg.dst_t_end, alpha=cfg.dst_alpha,
+                gamma_sal=cfg.dst_gamma_sal, ablation=cfg.dst_ablation,
+                distribution=cfg.dst_distribution, grad_accumulation=cfg.dst_grad_accumulation,
+                dense_layers=tuple(n for n in cfg.dst_dense_layers.split(",") if n),
+                include_head=cfg.include_head, include_first=not cfg.exclude_first, seed=cfg.seed)
+        self.train_round(round_dir(self.out, 0), None, "init", f"{cfg.method} ", sparsifier_factory=factory)
 
     # -- summary: rebuilt from the round.json files, which are the source of truth -----------
     def write_summary(self) -> dict:

@@ -70,7 +70,7 @@ def method_label(cfg: dict) -> str:
         name = "Dense"
     else:
         name = {"srigl": "SRigL", "rigl": "RigL", "set": "SET"}.get(method, method)
-        if method == "srigl" and not cfg.get("dst_ablation", True):
+        if method == "srigl" and not cfg.get("dst_ablation", True):  # noqa: SIM102
             name += " (no ablation)"
     if cfg.get("reinit") == "random":
         name = f"Random ticket ({name})"
