@@ -395,7 +395,8 @@ def _source(model: nn.Module, inputs: tuple, outputs: list[torch.Tensor]) -> dic
         x = inputs[0]
         args = {"in_channels": int(x.shape[1]) if x.dim() >= 2 else 1,
                 "num_classes": int(outputs[0].shape[-1]) if outputs else 10,
-                "image_size": [int(s) for s in x.shape[2:4]] if x.dim() >= 4 else None,
+                # a flat input (an MLP's): in_channels * 1 * 1 features
+                "image_size": [int(s) for s in x.shape[2:4]] if x.dim() >= 4 else [1, 1],
                 "width": None}
     return {"zoo": name, "args": {k: (list(v) if isinstance(v, tuple) else v)
                                   for k, v in dict(args).items()}}
