@@ -53,6 +53,8 @@ CONDENSED_MAX_DENSITY = 0.3
 # compact() refuses to return a model that deviates more than this (relative to the largest
 # output magnitude) from the masked model on the example inputs: that would be a bug here.
 VERIFY_TOLERANCE = 1e-3
+# autotune's name for the plain dense layer the executor replaced (timed with its kernels)
+DENSE_LAYER = "dense-layer"
 
 _EXECUTORS = {  # class name -> module, the only classes save/load will instantiate
     "BlockConv2d": "ticketsmith.compact.blocks",
@@ -203,7 +205,10 @@ def _dispatch(name: str, layer: nn.Module, mask: torch.Tensor | None, orig_mask_
         cls = executor_class("BlockConv2d" if is_conv2d else "BlockLinear")
         if cls is None:
             return layer, "block executor not installed"
-        ex = cls.from_conv(layer, remapped) if is_conv2d else cls.from_linear(layer, remapped)
+        if is_conv2d and layer.padding_mode != "zeros":
+            return layer, f"padding mode {layer.padding_mode!r} has no block executor"
+        ex = (cls.from_conv(layer, remapped, name=name) if is_conv2d
+              else cls.from_linear(layer, remapped, name=name))
         return ex, f"{len(remapped)} {kind}-granular blocks, {density:.0%} of the layer"
     if constant_fan_in and isinstance(layer, nn.Linear):
         nnz = mask.sum(dim=1)
@@ -216,7 +221,7 @@ def _dispatch(name: str, layer: nn.Module, mask: torch.Tensor | None, orig_mask_
         if cls is None:
             return layer, "condensed executor not installed"
         padded = _pad_fan_in(mask, k)
-        return cls.from_linear(layer, padded), f"constant fan-in {k}/{mask.shape[1]}"
+        return cls.from_linear(layer, padded, name=name), f"constant fan-in {k}/{mask.shape[1]}"
     return layer, "dense"
 
 
@@ -284,11 +289,11 @@ def _autotune(model: nn.Module, inputs: tuple, batch_size: int | None,
         b = batch_size or x.shape[0]
         x = x[torch.arange(b) % x.shape[0]].contiguous()
         cands = {c: (lambda c=c, ex=ex: ex.use(c), ex) for c in ex.candidates()}
-        cands["dense"] = (None, dense[n])
+        cands[DENSE_LAYER] = (None, dense[n])
         times = _time_candidates(cands, x)
         best = min(times, key=times.get)
         rows[n]["autotune"] = {"batch_size": b, "seconds": times}
-        if best == "dense":
+        if best in ("dense", DENSE_LAYER):  # the plain layer does what a folded kernel does
             _set_module(model, n, dense[n])
             rows[n].update(executor="dense", module=type(dense[n]).__name__,
                            params_after=_params(dense[n]), reason="autotune: dense fastest")
@@ -345,6 +350,13 @@ def compact(model: nn.Module, masks: Masks | Mapping[str, torch.Tensor], example
         fan_in = key in masks and mask is not None and _constant_fan_in(masks[key])
         new, reason = _dispatch(name, layer, mask, masks[key].shape if key in masks else None,
                                 blocks, fan_in, cm)
+        if new is not layer and not autotune:
+            # the executor's own rule for the batch (default: batch 1, set at construction);
+            # when that rule says "dense", the plain dense layer is the simpler module
+            if batch_size is not None and hasattr(new, "select"):
+                new.select(batch_size)
+            if new.executor == "dense":
+                new, reason = layer, reason + "; the executor's rule picks dense"
         if new is not layer:
             _set_module(work, name, new)
             dense_alt[name] = layer
@@ -356,8 +368,9 @@ def compact(model: nn.Module, masks: Masks | Mapping[str, torch.Tensor], example
                       "params_before": before[name][1], "params_after": _params(new),
                       "density": (float(mask.float().mean()) if mask is not None else 1.0)}
 
-    for n, p in work.named_parameters():
-        p.requires_grad_(grad_flags.get(n, True))
+    for n, p in work.named_parameters():  # executors set their own flags
+        if n in grad_flags:
+            p.requires_grad_(grad_flags[n])
         p.grad = None
     work.eval()
     if autotune:
