@@ -306,6 +306,37 @@ def test_all_channels_dead_keeps_one():
     assert small.fc2.weight.shape[0] == 1
 
 
+class Unsupported(nn.Module):
+    """Channel-mixing or constant-adding operations: their groups are left whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.gn = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c3 = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = F.relu(self.gn(self.c1(x)))          # GroupNorm mixes channels in its statistics
+        x = F.relu(self.c2(x) + 1.0)             # a constant makes a dead channel alive
+        x = self.c3(x)
+        return self.fc(x.mean(dim=(2, 3)) + x.mean(dim=1, keepdim=True).mean(dim=(2, 3)))
+
+
+def test_unsupported_operations_leave_their_groups_whole():
+    torch.manual_seed(0)
+    model = randomize(Unsupported())
+    masks: dict = {}
+    for layer in ("c1", "c2", "c3"):
+        kill_rows(model, masks, layer, torch.tensor([0, 1, 2, 3]))
+    small = check_compact(model, ts.Masks(masks), torch.randn(2, 3, 8, 8), expect_smaller=False)
+    assert [small.get_submodule(n).weight.shape[0] for n in ("c1", "c2", "c3")] == [8, 8, 8]
+    skipped = small.ticketsmith_compact["skipped_groups"]
+    assert "GroupNorm" in skipped["c1"] and "not supported" in skipped["c1"]
+    assert "constant" in skipped["c2"]
+    assert "channel dimension" in skipped["c3"]
+
+
 def test_masks_as_plain_mapping_and_unchanged_masks():
     model = zoo_model("lenet5", 1.0, (2, 1, 28, 28))
     masks = dict(random_channel_masks(model, 0.5, seed=4))
@@ -575,3 +606,56 @@ def test_bad_inputs_raise_clear_errors():
         C.compact(Detached(), {}, torch.randn(1, 4))
     with pytest.raises(UsageError, match="describe"):
         C.describe(nn.Linear(2, 2))
+
+
+# -- the real executors (blocks.py / condensed.py), once they are installed ---------------------
+def test_real_block_executor_end_to_end(tmp_path):
+    blocks_mod = pytest.importorskip("ticketsmith.compact.blocks")
+    model = zoo_model("vgg11", 0.25, (2, 3, 16, 16))
+    x = torch.randn(2, 3, 16, 16)
+    masks: dict = {}
+    kill_rows(model, masks, "features.4", torch.tensor([0, 5, 9]))
+    masks, blocks = block_masks(model, "features.8", torch.tensor([1, 2, 3]), masks=masks)
+    small = check_compact(model, ts.Masks(masks, blocks), x, batch_size=64)
+    ex = small.features[8]
+    assert isinstance(ex, blocks_mod.BlockConv2d)
+    assert small.ticketsmith_executors["features.8"] == ex.executor != "dense"
+    ref = masked(model, masks)
+    with torch.no_grad():
+        for kernel in ex.candidates():
+            ex.use(kernel)
+            assert rel_err(ref(x), small(x)) < 1e-4, kernel
+    C.save(small, tmp_path / "v")
+    again = C.load(tmp_path / "v")
+    assert again.features[8].executor == ex.executor
+    (y,) = C.run_onnx(C.export_onnx(small, x, tmp_path / "v.onnx"), x)
+    with torch.no_grad():
+        assert torch.equal(again(x), small(x))
+        assert rel_err(small(x), y) < 1e-4
+
+
+def test_real_condensed_executor_end_to_end(tmp_path):
+    condensed = pytest.importorskip("ticketsmith.compact.condensed")
+    torch.manual_seed(0)
+    model = randomize(MLP())
+    masks = {"fc1.weight": constant_fan_in_mask(32, 20, 4, ablated=(3, 7)),
+             "fc2.weight": constant_fan_in_mask(16, 32, 6, ablated=(0,), seed=1),
+             "fc1.bias": torch.ones(32, dtype=torch.bool).index_fill(0, torch.tensor([3, 7]), False)}
+    x = torch.randn(4, 20)
+    small = check_compact(model, ts.Masks(masks), x, autotune=True, batch_size=8)
+    for name in ("fc1", "fc2"):
+        row = {r["layer"]: r for r in C.describe(small)}[name]
+        assert "dense-layer" in row["autotune"]["seconds"]
+    small = check_compact(model, ts.Masks(masks), x)
+    assert isinstance(small.fc2, condensed.CondensedLinear)
+    ref = masked(model, masks)
+    with torch.no_grad():
+        for kernel in small.fc2.candidates():
+            small.fc2.use(kernel)
+            assert rel_err(ref(x), small(x)) < 1e-4, kernel
+    C.save(small, tmp_path / "m")
+    again = C.load(tmp_path / "m", build=MLP)
+    (y,) = C.run_onnx(C.export_onnx(small, x, tmp_path / "m.onnx"), x)
+    with torch.no_grad():
+        assert torch.equal(again(x), small(x))
+        assert rel_err(small(x), y) < 1e-4

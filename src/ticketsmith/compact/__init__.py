@@ -76,6 +76,7 @@ def executor_class(name: str) -> type | None:
 
 
 def is_executor(module: nn.Module) -> bool:
+    """True if `module` is one of the executor classes save/load know."""
     cls = type(module)
     return cls.__name__ in _EXECUTORS and cls.__module__ == _EXECUTORS[cls.__name__]
 
