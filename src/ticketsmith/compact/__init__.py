@@ -378,7 +378,11 @@ def compact(model: nn.Module, masks: Masks | Mapping[str, torch.Tensor], example
         _autotune(work, inputs, batch_size, dense_alt, rows)
         executors = {n: r["executor"] for n, r in rows.items()}
 
-    result = flat_tensors(run_model(work, inputs))
+    try:
+        result = flat_tensors(run_model(work, inputs))
+    except UsageError as e:  # the masked model ran on these inputs: this one must too
+        raise TicketsmithError(f"compact model fails where the masked model ran ({e}): a bug "
+                               "in compaction") from None
     if len(result) != len(reference) or any(a.shape != b.shape for a, b in zip(reference, result)):
         raise TicketsmithError("compact model's outputs have other shapes than the masked "
                                "model's: a bug in channel surgery")

@@ -38,15 +38,22 @@ from ..errors import UsageError
 OPTYPE = tp.ops.OPTYPE
 _U64 = 1 << 64
 
-# Element-wise operations (autograd node names, lower case, without the "backward" suffix)
-# known to act on each channel independently. ZERO_PRESERVING map a zero channel to zero;
-# PER_CHANNEL ones may map it to a nonzero value (the channel then stays unless unread).
-ZERO_PRESERVING = ("relu", "hardtanh", "leakyrelu", "gelu", "silu", "elu", "celu", "tanh",
-                   "hardswish", "mish", "neg", "clone", "tocopy", "alias", "maxpool",
-                   "avgpool", "adaptiveavgpool", "adaptivemaxpool", "upsample",
-                   "constantpadnd", "maxunpool", "fractionalmaxpool", "reflectionpad",
-                   "replicationpad", "dropout")
-PER_CHANNEL = ("sigmoid", "hardsigmoid", "softplus", "exp", "logsigmoid", "rrelu")
+# Element-wise operations (autograd node names, lower case, without "backward" and the trailing
+# digits) known to act on each channel independently. ZERO_PRESERVING ones map a zero channel to
+# zero; PER_CHANNEL ones may map it to a nonzero value (the channel then stays unless unread).
+# Exact names, plus a few families matched by prefix (pools, upsampling, copy-padding).
+ZERO_PRESERVING = {"relu", "hardtanh", "leakyrelu", "gelu", "silu", "elu", "celu", "tanh",
+                   "hardswish", "mish", "neg", "clone", "tocopy", "alias"}
+ZERO_PRESERVING_FAMILIES = ("maxpool", "avgpool", "adaptiveavgpool", "adaptivemaxpool",
+                            "fractionalmaxpool", "upsample", "reflectionpad", "replicationpad")
+PER_CHANNEL = {"sigmoid", "hardsigmoid", "softplus", "exp", "logsigmoid",
+               "constantpadnd"}  # the pad value is not recorded: it may be nonzero
+
+
+def _zero_preserving(op: str) -> bool:
+    return op in ZERO_PRESERVING or op.startswith(ZERO_PRESERVING_FAMILIES)
+
+
 TRACKED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.PReLU)
 
 
@@ -223,16 +230,16 @@ class _Group:
                 continue
             if t == OPTYPE.ELEMENTWISE:
                 op = _grad_name(node)
-                if op.startswith(("add", "sub")):
+                if op in ("add", "sub"):
                     if _untraced_operand(node):
                         return f"operation {op} with a constant operand"
-                elif op.startswith("mul"):
+                elif op == "mul":
                     if _untraced_operand(node) and not _mul_scalar_ok(node):
                         return f"operation {op} with a constant tensor operand"
-                elif op.startswith(("mean", "sum")):
+                elif op in ("mean", "sum"):
                     if _reduces_channels(node):
                         return f"operation {op} over the channel dimension"
-                elif not op.startswith(ZERO_PRESERVING + PER_CHANNEL):
+                elif not (_zero_preserving(op) or op in PER_CHANNEL):
                     return f"operation {op or 'unknown'} not known to be per-channel"
                 continue
             return f"{node.name}: {t.name.lower()} is not supported by channel surgery"
@@ -309,9 +316,9 @@ class _Group:
             z = self.zero_in(node)
         elif t == OPTYPE.ELEMENTWISE:
             op = _grad_name(node)
-            if _is_param_leaf(node) or op.startswith(PER_CHANNEL):
+            if _is_param_leaf(node) or op in PER_CHANNEL:
                 z = torch.zeros(n, dtype=torch.bool)
-            elif op.startswith("mul"):
+            elif op == "mul":
                 z = torch.zeros(n, dtype=torch.bool)
                 for i in self.data_inputs(node):
                     if i in self.items:
