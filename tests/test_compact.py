@@ -337,6 +337,29 @@ def test_unsupported_operations_leave_their_groups_whole():
     assert "channel dimension" in skipped["c3"]
 
 
+class PositionsLinear(nn.Module):
+    """A linear layer over spatial positions (flatten(2)): channels are not its features."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(16, 5)
+        self.out = nn.Linear(30, 2)
+
+    def forward(self, x):
+        return self.out(self.fc(F.relu(self.c(x)).flatten(2)).flatten(1))
+
+
+def test_reshapes_other_than_a_flatten_are_left_alone():
+    model = randomize(PositionsLinear())
+    masks: dict = {}
+    kill_rows(model, masks, "c", torch.tensor([0, 2]))
+    small = check_compact(model, ts.Masks(masks), torch.randn(2, 3, 4, 4), expect_smaller=False)
+    assert small.c.weight.shape[0] == 6
+    skipped = small.ticketsmith_compact["skipped_groups"]
+    assert "flatten" in skipped["c"] and "more than 2 dimensions" in skipped["fc"]
+
+
 def test_masks_as_plain_mapping_and_unchanged_masks():
     model = zoo_model("lenet5", 1.0, (2, 1, 28, 28))
     masks = dict(random_channel_masks(model, 0.5, seed=4))

@@ -168,6 +168,22 @@ def _reduces_channels(node) -> bool:
     return nd < 2 or any(d % nd == 1 for d in dims) or len(dims) == 0
 
 
+def _reshape_ok(graph, node) -> bool:
+    """A view / reshape the DependencyGraph maps right: the flatten of [N, C, H, W] (or of
+    [N, F]) whole into the features of what follows."""
+    sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
+    if sizes is None or len(sizes) not in (2, 4):
+        return False
+    features = 1
+    for s in sizes[1:]:
+        features *= int(s)
+    for out in node.outputs:
+        n = tp.dependency.shape_infer.infer_in_channels_recursively(graph, out, [0])
+        if n is not None and n != features:
+            return False
+    return True
+
+
 def _mul_scalar_ok(node) -> bool:
     g = node.grad_fn
     for attr in ("_saved_other", "_saved_self"):
@@ -220,6 +236,10 @@ class _Group:
             if t in (OPTYPE.CONV, OPTYPE.LINEAR):
                 if isinstance(m, nn.modules.conv._ConvNd) and (m.groups != 1 or m.transposed):
                     return f"{node.name}: grouped or transposed convolution"
+                if t == OPTYPE.LINEAR and _grad_name(node) not in ("addmm", "mm"):
+                    # features in the last dimension of a >2-D tensor: the graph's index
+                    # mappings (flatten, concatenation) assume channels in dimension 1
+                    return f"{node.name}: linear layer on a tensor of more than 2 dimensions"
                 continue
             if t in (OPTYPE.DEPTHWISE_CONV, OPTYPE.BN, OPTYPE.PRELU, OPTYPE.CONCAT,
                      OPTYPE.RESHAPE, OPTYPE.OUTPUT):
@@ -227,6 +247,8 @@ class _Group:
                     return f"{node.name}: depthwise convolution with a channel multiplier"
                 if t == OPTYPE.BN and node.grad_fn is None:
                     return f"{node.name}: batch norm not traced"
+                if t == OPTYPE.RESHAPE and not _reshape_ok(self.graph, node):
+                    return f"{node.name}: a reshape other than a flatten into the next layer"
                 continue
             if t == OPTYPE.ELEMENTWISE:
                 op = _grad_name(node)
