@@ -364,7 +364,10 @@ def test_masks_as_plain_mapping_and_unchanged_masks():
     model = zoo_model("lenet5", 1.0, (2, 1, 28, 28))
     masks = dict(random_channel_masks(model, 0.5, seed=4))
     copies = {k: v.clone() for k, v in masks.items()}
-    check_compact(model, masks, torch.randn(2, 1, 28, 28))
+    small = check_compact(model, masks, torch.randn(2, 1, 28, 28))
+    # the subpackage is callable: ts.compact(model, masks, example_inputs)
+    again = C(model, masks, torch.randn(2, 1, 28, 28))
+    assert C.describe(again) == C.describe(small)
     assert all(torch.equal(masks[k], copies[k]) for k in masks)
 
 

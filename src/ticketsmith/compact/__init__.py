@@ -443,3 +443,17 @@ def describe(model: nn.Module) -> list[dict]:
 
 from .onnx_export import export_onnx, onnx_session, run_onnx  # noqa: E402
 from .serialize import load, save  # noqa: E402
+
+
+class _CallableModule(type(importlib)):
+    """`ts.compact(model, masks, example_inputs)` as the issue spells it, while `ts.compact`
+    stays the subpackage (`ts.compact.save`, `ts.compact.describe`, ...)."""
+
+    def __call__(self, model: nn.Module, masks: Masks | Mapping[str, torch.Tensor],
+                 example_inputs: Any, **kwargs: Any) -> nn.Module:
+        return compact(model, masks, example_inputs, **kwargs)
+
+
+import sys as _sys  # noqa: E402
+
+_sys.modules[__name__].__class__ = _CallableModule
