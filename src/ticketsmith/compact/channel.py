@@ -1,0 +1,464 @@
+"""Channel surgery: physically remove the channels of a masked model that cannot affect its output.
+
+The coupling of channels (a conv's output channels with its BatchNorm, the input channels of
+every consumer, the other branches of a residual addition, the offsets of a concatenation, the
+features a flatten hands to a linear layer) comes from torch-pruning's `DependencyGraph`, which
+also performs the removal. What the graph does not know is *which* channels may go without
+changing the function; that is decided here, per coupled group and channel, from the weights:
+
+- a channel is **dead** at a point of the graph when it is exactly zero for every input: a
+  conv / linear row that is all zero with a zero (or absent) bias; a BatchNorm whose affine
+  weight and bias are zero, or whose input is dead and which maps zero to zero (an unmasked
+  BatchNorm maps a dead channel to a nonzero constant: that channel is *not* dead); a depthwise
+  conv, PReLU, ReLU-like activation, pooling, flatten, addition (of dead channels only) or
+  concatenation of dead channels;
+- a group's channel is **removable** when every consumer (conv / linear reading it) either reads
+  it dead or has an all-zero weight column for it ("unread"), no model output shows it, and
+  every operation it passes through is per-channel. Anything else (an unknown operation, a
+  channel-mixing reduction, a grouped conv, LayerNorm / GroupNorm, a constant added to the
+  feature map, ...) leaves the whole group untouched, recorded with the reason.
+
+Removals repeat until nothing changes, since removing a dead input channel can leave a row of
+the next layer all zero (dead in turn). At least one channel of every group is kept so that no
+layer ends up with zero width.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from ..errors import UsageError
+
+OPTYPE = tp.ops.OPTYPE
+_U64 = 1 << 64
+
+# Element-wise operations (autograd node names, lower case, without "backward" and the trailing
+# digits) known to act on each channel independently. ZERO_PRESERVING ones map a zero channel to
+# zero; PER_CHANNEL ones may map it to a nonzero value (the channel then stays unless unread).
+# Exact names, plus a few families matched by prefix (pools, upsampling, copy-padding).
+ZERO_PRESERVING = {"relu", "hardtanh", "leakyrelu", "gelu", "silu", "elu", "celu", "tanh",
+                   "hardswish", "mish", "neg", "clone", "tocopy", "alias"}
+ZERO_PRESERVING_FAMILIES = ("maxpool", "avgpool", "adaptiveavgpool", "adaptivemaxpool",
+                            "fractionalmaxpool", "upsample", "reflectionpad", "replicationpad")
+PER_CHANNEL = {"sigmoid", "hardsigmoid", "softplus", "exp", "logsigmoid",
+               "constantpadnd"}  # the pad value is not recorded: it may be nonzero
+
+
+def _zero_preserving(op: str) -> bool:
+    return op in ZERO_PRESERVING or op.startswith(ZERO_PRESERVING_FAMILIES)
+
+
+TRACKED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.PReLU)
+
+
+@dataclasses.dataclass
+class ChannelMap:
+    """Which original output / input channels of a layer survive surgery (int64, ascending)."""
+    out: torch.Tensor
+    inp: torch.Tensor
+
+
+@dataclasses.dataclass
+class SurgeryReport:
+    """What channel surgery did: surviving channels per tracked layer, channels removed per
+    group (named by the group's root layer), and groups left whole with the reason."""
+    kept: dict[str, ChannelMap]
+    removed: dict[str, int]
+    skipped: dict[str, str]
+
+
+def as_inputs(example_inputs: Any) -> tuple:
+    """Example inputs as the tuple of positional arguments of `model(*inputs)`."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and all(isinstance(t, torch.Tensor)
+                                                         for t in example_inputs):
+        return tuple(example_inputs)
+    raise UsageError("example_inputs must be a tensor or a tuple of tensors (the positional "
+                     f"arguments of the model), got {type(example_inputs).__name__}")
+
+
+def flat_tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors of a (possibly nested) model output."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in flat_tensors(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in flat_tensors(o)]
+    return []
+
+
+def _channels(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.out_channels, module.in_channels
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module.num_features, module.num_features
+    return module.num_parameters, module.num_parameters  # PReLU
+
+
+def trace(model: nn.Module, inputs: tuple) -> tuple[tp.DependencyGraph, set]:
+    """Build the dependency graph of `model` (in place) and find the nodes the outputs show."""
+    outputs: list = []
+
+    def forward(m, x):
+        out = m(*x)
+        outputs.append(out)
+        return out
+
+    for p in model.parameters():
+        p.requires_grad_(True)
+    try:
+        with torch.enable_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=inputs,
+                                                          forward_fn=forward, verbose=False)
+    except UsageError:
+        raise
+    except Exception as e:  # the tracer's own failures are of many kinds
+        raise UsageError(f"the graph tracer cannot follow {type(model).__name__}: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                         ) from None
+    out_fns = {t.grad_fn for t in flat_tensors(outputs[-1]) if t.grad_fn is not None}
+    if not out_fns:
+        raise UsageError(f"the graph tracer cannot follow {type(model).__name__}: no output "
+                         "tensor depends on its parameters through autograd")
+    out_nodes = {n for n in graph.module2node.values()
+                 if n.type == OPTYPE.OUTPUT or n.grad_fn in out_fns}
+    return graph, out_nodes
+
+
+def _grad_name(node) -> str:
+    g = node.grad_fn
+    name = g.name() if g is not None and hasattr(g, "name") else ""
+    return name.lower().replace("backward", "").rstrip("0123456789")
+
+
+def _is_param_leaf(node) -> bool:
+    """An op on parameters only (the weight transpose inside F.linear): no data flows in."""
+    if node.inputs or node.type not in (OPTYPE.ELEMENTWISE, OPTYPE.RESHAPE):
+        return False
+    g = node.grad_fn
+    fns = getattr(g, "next_functions", ()) if g is not None else ()
+    return all(f is None or "accumulategrad" in f.name().lower() for f, _ in fns)
+
+
+def _untraced_operand(node) -> bool:
+    g = node.grad_fn
+    return any(f is None for f, _ in getattr(g, "next_functions", ()))
+
+
+def _reduces_channels(node) -> bool:
+    """True if a mean / sum node reduces over the channel dimension (dim 1)."""
+    g = node.grad_fn
+    dims = getattr(g, "_saved_dim", None)
+    sizes = getattr(g, "_saved_self_sym_sizes", None)
+    if dims is None or sizes is None:
+        return True
+    dims = [d - _U64 if d >= 1 << 63 else d for d in (dims if isinstance(dims, tuple) else (dims,))]
+    nd = len(sizes)
+    return nd < 2 or any(d % nd == 1 for d in dims) or len(dims) == 0
+
+
+def _reshape_ok(graph, node) -> bool:
+    """A view / reshape the DependencyGraph maps right: the flatten of [N, C, H, W] (or of
+    [N, F]) whole into the features of what follows."""
+    sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
+    if sizes is None or len(sizes) not in (2, 4):
+        return False
+    features = 1
+    for s in sizes[1:]:
+        features *= int(s)
+    for out in node.outputs:
+        n = tp.dependency.shape_infer.infer_in_channels_recursively(graph, out, [0])
+        if n is not None and n != features:
+            return False
+    return True
+
+
+def _mul_scalar_ok(node) -> bool:
+    g = node.grad_fn
+    for attr in ("_saved_other", "_saved_self"):
+        try:
+            t = getattr(g, attr)
+        except Exception:
+            continue
+        if isinstance(t, torch.Tensor) and t.numel() == 1:
+            return True
+    return False
+
+
+class _Group:
+    """One coupled group, analysed in the space of its root channels."""
+
+    def __init__(self, graph: tp.DependencyGraph, group, out_nodes: set):
+        self.graph, self.group, self.out_nodes = graph, group, out_nodes
+        self.n_roots = len(group[0].idxs)
+        # node -> list of (handler, local idxs, root idxs)
+        self.items: dict[Any, list] = {}
+        for it in group:
+            loc = torch.as_tensor(list(it.idxs), dtype=torch.long)
+            roots = torch.as_tensor(list(it.root_idxs), dtype=torch.long)
+            self.items.setdefault(it.dep.target, []).append((it.dep.handler, loc, roots))
+        self._zero: dict[Any, torch.Tensor] = {}
+
+    def covers(self, node) -> torch.Tensor:
+        c = torch.zeros(self.n_roots, dtype=torch.bool)
+        for _, _, roots in self.items.get(node, ()):
+            c[roots] = True
+        return c
+
+    def _locals(self, node):
+        """(local, root) index pairs of a node, over all its items."""
+        locs = torch.cat([loc for _, loc, _ in self.items[node]])
+        roots = torch.cat([r for _, _, r in self.items[node]])
+        return locs, roots
+
+    def _all_by_root(self, locs, roots, local_true: torch.Tensor) -> torch.Tensor:
+        """Per root: True iff every local index mapped to it is True."""
+        bad = torch.zeros(self.n_roots).index_add_(0, roots, (~local_true[locs]).float())
+        return bad == 0
+
+    def unsupported(self) -> str | None:
+        for node in self.items:
+            t = node.type
+            if _is_param_leaf(node):
+                continue
+            m = node.module
+            if t in (OPTYPE.CONV, OPTYPE.LINEAR):
+                if isinstance(m, nn.modules.conv._ConvNd) and (m.groups != 1 or m.transposed):
+                    return f"{node.name}: grouped or transposed convolution"
+                if t == OPTYPE.LINEAR and _grad_name(node) not in ("addmm", "mm"):
+                    # features in the last dimension of a >2-D tensor: the graph's index
+                    # mappings (flatten, concatenation) assume channels in dimension 1
+                    return f"{node.name}: linear layer on a tensor of more than 2 dimensions"
+                continue
+            if t in (OPTYPE.DEPTHWISE_CONV, OPTYPE.BN, OPTYPE.PRELU, OPTYPE.CONCAT,
+                     OPTYPE.RESHAPE, OPTYPE.OUTPUT):
+                if t == OPTYPE.DEPTHWISE_CONV and (m.in_channels != m.out_channels or m.transposed):
+                    return f"{node.name}: depthwise convolution with a channel multiplier"
+                if t == OPTYPE.BN and node.grad_fn is None:
+                    return f"{node.name}: batch norm not traced"
+                if t == OPTYPE.RESHAPE and not _reshape_ok(self.graph, node):
+                    return f"{node.name}: a reshape other than a flatten into the next layer"
+                continue
+            if t == OPTYPE.ELEMENTWISE:
+                op = _grad_name(node)
+                if op in ("add", "sub"):
+                    if _untraced_operand(node):
+                        return f"operation {op} with a constant operand"
+                elif op == "mul":
+                    if _untraced_operand(node) and not _mul_scalar_ok(node):
+                        return f"operation {op} with a constant tensor operand"
+                elif op in ("mean", "sum"):
+                    if _reduces_channels(node):
+                        return f"operation {op} over the channel dimension"
+                elif not (_zero_preserving(op) or op in PER_CHANNEL):
+                    return f"operation {op or 'unknown'} not known to be per-channel"
+                continue
+            return f"{node.name}: {t.name.lower()} is not supported by channel surgery"
+        return None
+
+    def data_inputs(self, node) -> list:
+        return [i for i in node.inputs if not _is_param_leaf(i)]
+
+    def zero_in(self, node) -> torch.Tensor:
+        """Per root: the node's input is dead (every data input in the group carrying that root
+        is dead, and at least one carries it)."""
+        ins = [i for i in self.data_inputs(node) if i in self.items]
+        if not ins:
+            return torch.zeros(self.n_roots, dtype=torch.bool)
+        z = torch.ones(self.n_roots, dtype=torch.bool)
+        any_cover = torch.zeros(self.n_roots, dtype=torch.bool)
+        strict = node.type != OPTYPE.CONCAT
+        for i in ins:
+            c = self.covers(i)
+            zi = self.zero(i)
+            z &= zi | ~c
+            any_cover |= c
+        if strict:
+            # every data input of a non-concatenation must carry the root
+            for i in self.data_inputs(node):
+                if i not in self.items:
+                    return torch.zeros(self.n_roots, dtype=torch.bool)
+                any_cover &= self.covers(i)
+        return z & any_cover
+
+    def zero(self, node) -> torch.Tensor:
+        """Per root: the node's output is dead (exactly zero for every input)."""
+        if node in self._zero:
+            return self._zero[node]
+        self._zero[node] = torch.zeros(self.n_roots, dtype=torch.bool)  # cycle guard
+        t, m = node.type, node.module
+        n = self.n_roots
+        if t in (OPTYPE.CONV, OPTYPE.LINEAR):
+            z = torch.zeros(n, dtype=torch.bool)
+            is_out = [(h, loc, r) for h, loc, r in self.items[node]
+                      if h.__name__ == "prune_out_channels"]
+            if is_out:
+                w = m.weight.detach()
+                dead = (w.reshape(w.shape[0], -1) == 0).all(dim=1)
+                if m.bias is not None:
+                    dead &= m.bias.detach() == 0
+                locs = torch.cat([loc for _, loc, _ in is_out])
+                roots = torch.cat([r for _, _, r in is_out])
+                z = self._all_by_root(locs, roots, dead) & self.covers_out(is_out)
+        elif t == OPTYPE.DEPTHWISE_CONV:
+            w = m.weight.detach()
+            row0 = (w.reshape(w.shape[0], -1) == 0).all(dim=1)
+            bias0 = (m.bias.detach() == 0) if m.bias is not None else torch.ones_like(row0)
+            locs, roots = self._locals(node)
+            zin = self.zero_in(node)
+            z = (self._all_by_root(locs, roots, row0) | zin) & self._all_by_root(locs, roots, bias0)
+            z &= self.covers(node)
+        elif t == OPTYPE.BN:
+            with torch.no_grad():
+                c = m.num_features
+                nd = 2 if isinstance(m, nn.BatchNorm1d) else 5 if isinstance(m, nn.BatchNorm3d) else 4
+                probe = torch.zeros((2, c) + (1,) * (nd - 2), device=m.weight.device
+                                    if m.weight is not None else None)
+                maps_zero = (m(probe) == 0).reshape(2, c).all(dim=0)
+                if m.affine:
+                    kills = (m.weight.detach() == 0) & (m.bias.detach() == 0)
+                else:
+                    kills = torch.zeros(c, dtype=torch.bool)
+            locs, roots = self._locals(node)
+            zin = self.zero_in(node)
+            z = self._all_by_root(locs, roots, kills) | (zin & self._all_by_root(locs, roots, maps_zero))
+            z &= self.covers(node)
+        elif t in (OPTYPE.PRELU, OPTYPE.RESHAPE, OPTYPE.CONCAT):
+            z = self.zero_in(node)
+        elif t == OPTYPE.ELEMENTWISE:
+            op = _grad_name(node)
+            if _is_param_leaf(node) or op in PER_CHANNEL:
+                z = torch.zeros(n, dtype=torch.bool)
+            elif op == "mul":
+                z = torch.zeros(n, dtype=torch.bool)
+                for i in self.data_inputs(node):
+                    if i in self.items:
+                        z |= self.zero(i) & self.covers(i)
+                z &= self.covers(node)
+            else:
+                z = self.zero_in(node)
+        else:
+            z = torch.zeros(n, dtype=torch.bool)
+        self._zero[node] = z
+        return z
+
+    def covers_out(self, items) -> torch.Tensor:
+        c = torch.zeros(self.n_roots, dtype=torch.bool)
+        for _, _, roots in items:
+            c[roots] = True
+        return c
+
+    def removable(self) -> torch.Tensor:
+        """Per root channel: True if removing it from every member leaves the function as is."""
+        ok = torch.ones(self.n_roots, dtype=torch.bool)
+        for node in self.items:
+            if node in self.out_nodes or node.type == OPTYPE.OUTPUT:
+                # a model output shows the channel (a linear head only shows its output side)
+                shown = self.items[node] if node.type not in (OPTYPE.CONV, OPTYPE.LINEAR) else [
+                    (h, loc, r) for h, loc, r in self.items[node]
+                    if h.__name__ == "prune_out_channels"]
+                ok &= ~self.covers_out(shown)
+            if node.type == OPTYPE.DEPTHWISE_CONV:
+                # its input channels go too: they must come from inside the group
+                ins = [i for i in self.data_inputs(node) if i in self.items]
+                carried = torch.zeros(self.n_roots, dtype=torch.bool)
+                for i in ins:
+                    carried |= self.covers(i)
+                ok &= carried | ~self.covers(node)
+            if node.type in (OPTYPE.CONV, OPTYPE.LINEAR):
+                cons = [(h, loc, r) for h, loc, r in self.items[node]
+                        if h.__name__ == "prune_in_channels"]
+                if not cons:
+                    continue
+                w = node.module.weight.detach()
+                col0 = (w == 0).all(dim=0).reshape(w.shape[1], -1).all(dim=1) if w.dim() > 2 \
+                    else (w == 0).all(dim=0)
+                locs = torch.cat([loc for _, loc, _ in cons])
+                roots = torch.cat([r for _, _, r in cons])
+                zin = self.zero_in(node)
+                ok &= self._all_by_root(locs, roots, col0) | zin
+        return ok
+
+
+def remove_dead_channels(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+                         max_passes: int = 8) -> SurgeryReport:
+    """Remove, in place, every channel of `model` that cannot affect its output (see the module
+    docstring), with torch-pruning's DependencyGraph. Returns what was kept and removed."""
+    inputs = as_inputs(example_inputs)
+    model.eval()
+    graph, out_nodes = trace(model, inputs)
+    names = {m: n for n, m in model.named_modules()}
+    kept = {}
+    for name, m in model.named_modules():
+        if isinstance(m, TRACKED):
+            o, i = _channels(m)
+            kept[name] = ChannelMap(torch.arange(o), torch.arange(i))
+    removed: dict[str, int] = {}
+    skipped: dict[str, str] = {}
+    for _ in range(max_passes):
+        changed = False
+        roots = [(g[0].dep.target.module, g[0].dep.handler) for g in graph.get_all_groups()]
+        for module, handler in roots:
+            root_name = names.get(module, str(module))
+            n_out = graph.get_out_channels(module)
+            if not n_out:
+                continue
+            group = graph.get_pruning_group(module, handler, list(range(n_out)))
+            g = _Group(graph, group, out_nodes)
+            reason = g.unsupported()
+            if reason is not None:
+                skipped[root_name] = reason
+                continue
+            ok = g.removable()
+            if bool(ok.all()):
+                ok[0] = False  # keep one channel: no layer may end with zero width
+            idxs = [int(r) for r in torch.nonzero(ok).flatten()]
+            if not idxs:
+                continue
+            # root local index == root index for the full group built above
+            pruning = graph.get_pruning_group(module, handler, idxs)
+            for it in pruning:
+                target = it.dep.target.module
+                name = names.get(target)
+                if name is None or name not in kept:
+                    continue
+                drop = torch.as_tensor(sorted(set(int(i) for i in it.idxs)), dtype=torch.long)
+                cm = kept[name]
+                fn = it.dep.handler.__name__
+                both = isinstance(target, (nn.modules.batchnorm._BatchNorm, nn.PReLU)) or (
+                    isinstance(target, nn.modules.conv._ConvNd) and target.groups > 1)
+                if both or fn == "prune_out_channels":
+                    cm.out = _delete(cm.out, drop)
+                if both or fn == "prune_in_channels":
+                    cm.inp = _delete(cm.inp, drop)
+            pruning.prune(record_history=False)
+            removed[root_name] = removed.get(root_name, 0) + len(idxs)
+            skipped.pop(root_name, None)
+            changed = True
+        if not changed:
+            break
+    for name, m in model.named_modules():
+        if name in kept:
+            o, i = _channels(m)
+            cm = kept[name]
+            if len(cm.out) != o or len(cm.inp) != i:
+                raise AssertionError(f"channel bookkeeping of {name} is off: "
+                                     f"{len(cm.out)}/{o}, {len(cm.inp)}/{i}")
+    return SurgeryReport(kept, removed, skipped)
+
+
+def _delete(ids: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    keep = torch.ones(len(ids), dtype=torch.bool)
+    keep[local] = False
+    return ids[keep]

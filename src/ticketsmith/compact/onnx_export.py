@@ -1,0 +1,88 @@
+"""ONNX export of compact models and running them under ONNX Runtime.
+
+Executors switch to an exportable formulation while `torch.onnx.is_in_onnx_export()` is true;
+dense layers export as they are. The batch dimension is exported as dynamic by default.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+from .channel import as_inputs, flat_tensors
+
+
+def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
+                dynamic_batch: bool = True, opset_version: int = 17,
+                dynamo: bool = False) -> Path:
+    """Export `model` (eval mode) to an ONNX file at `path`, atomically. Inputs are named
+    input0, input1, ..., outputs output0, ...; with `dynamic_batch` dimension 0 of every input
+    and output may vary. `dynamo=True` uses the torch.export-based exporter (slower to run)
+    instead of the TorchScript one."""
+    inputs = as_inputs(example_inputs)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    from . import run_model
+    n_out = len(flat_tensors(run_model(model, inputs)))
+    in_names = [f"input{i}" for i in range(len(inputs))]
+    out_names = [f"output{i}" for i in range(n_out)]
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if dynamo:
+                dyn = None
+                if dynamic_batch:
+                    batch = torch.export.Dim("batch")
+                    dyn = tuple({0: batch} for _ in inputs)
+                torch.onnx.export(model, inputs, tmp, dynamo=True, input_names=in_names,
+                                  output_names=out_names, dynamic_shapes=dyn,
+                                  opset_version=max(opset_version, 18), verbose=False)
+            else:
+                axes = ({n: {0: "batch"} for n in in_names + out_names} if dynamic_batch
+                        else None)
+                torch.onnx.export(model, inputs, tmp, dynamo=False, input_names=in_names,
+                                  output_names=out_names, dynamic_axes=axes,
+                                  opset_version=opset_version)
+        os.replace(tmp, path)
+    except Exception as e:
+        raise UsageError(f"ONNX export of {type(model).__name__} failed: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                         ) from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        model.train(was_training)
+    return path
+
+
+def onnx_session(path: str | os.PathLike, threads: int | None = None):
+    """An onnxruntime InferenceSession (CPU) for an exported model."""
+    import onnxruntime as ort
+
+    if not Path(path).exists():
+        raise UsageError(f"{path}: no such ONNX file")
+    opts = ort.SessionOptions()
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(session_or_path, *inputs: torch.Tensor) -> list[torch.Tensor]:
+    """Run an exported model (a session or a path) on tensors; returns its outputs as tensors."""
+    session = session_or_path if hasattr(session_or_path, "run") else onnx_session(session_or_path)
+    names = [i.name for i in session.get_inputs()]
+    if len(names) != len(inputs):
+        raise UsageError(f"the ONNX model takes {len(names)} inputs, got {len(inputs)}")
+    feed = {n: t.detach().cpu().contiguous().numpy() for n, t in zip(names, inputs)}
+    return [torch.from_numpy(o) for o in session.run(None, feed)]

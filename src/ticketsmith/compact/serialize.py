@@ -1,0 +1,202 @@
+"""Saving and loading compact models without pickle.
+
+A saved compact model is two files: `model.safetensors` (every tensor of the state dict, written
+by `ticketsmith.io.save_tensors`: atomic, with a checksum) and `model.json` (how to rebuild the
+module structure). The JSON names the original architecture (a zoo model and its creation
+arguments; otherwise the caller's `build` callable rebuilds it), the module tree it had, and for
+every conv / linear / BatchNorm / PReLU its new constructor arguments, for every executor its
+class (from a fixed list: nothing named in the file is imported freely) and `to_config()`.
+`load` rebuilds the original architecture, swaps those modules in, and loads the state dict
+strictly, so the round trip computes bit-identical outputs.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ArtifactError, UsageError
+from ..io import load_tensors, read_json, save_tensors, write_json
+
+FORMAT = "ticketsmith.compact"
+VERSION = 1
+WEIGHTS, DESCRIPTION = "model.safetensors", "model.json"
+
+_BN = {"BatchNorm1d": nn.BatchNorm1d, "BatchNorm2d": nn.BatchNorm2d, "BatchNorm3d": nn.BatchNorm3d}
+_CONV = {"Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d}
+
+
+def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(weights, description) for a directory, a .safetensors or a .json path."""
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        return p, p.with_suffix(".json")
+    if p.suffix == ".json":
+        return p.with_suffix(".safetensors"), p
+    return p / WEIGHTS, p / DESCRIPTION
+
+
+def _spec(module: nn.Module) -> dict | None:
+    """Constructor arguments of a layer whose shape surgery may have changed."""
+    name = type(module).__name__
+    if type(module) in _CONV.values():
+        return {"type": name, "in_channels": module.in_channels,
+                "out_channels": module.out_channels, "kernel_size": list(module.kernel_size),
+                "stride": list(module.stride),
+                "padding": module.padding if isinstance(module.padding, str) else list(module.padding),
+                "dilation": list(module.dilation), "groups": module.groups,
+                "bias": module.bias is not None, "padding_mode": module.padding_mode}
+    if type(module) is nn.Linear:
+        return {"type": name, "in_features": module.in_features,
+                "out_features": module.out_features, "bias": module.bias is not None}
+    if type(module) in _BN.values():
+        return {"type": name, "num_features": module.num_features, "eps": module.eps,
+                "momentum": module.momentum, "affine": module.affine,
+                "track_running_stats": module.track_running_stats}
+    if type(module) is nn.PReLU:
+        return {"type": name, "num_parameters": module.num_parameters}
+    return None
+
+
+def _build_layer(spec: dict) -> nn.Module:
+    t = spec["type"]
+    if t in _CONV:
+        pad = spec["padding"]
+        return _CONV[t](spec["in_channels"], spec["out_channels"], tuple(spec["kernel_size"]),
+                        stride=tuple(spec["stride"]),
+                        padding=pad if isinstance(pad, str) else tuple(pad),
+                        dilation=tuple(spec["dilation"]), groups=spec["groups"],
+                        bias=spec["bias"], padding_mode=spec["padding_mode"])
+    if t == "Linear":
+        return nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"])
+    if t in _BN:
+        return _BN[t](spec["num_features"], eps=spec["eps"], momentum=spec["momentum"],
+                      affine=spec["affine"], track_running_stats=spec["track_running_stats"])
+    if t == "PReLU":
+        return nn.PReLU(spec["num_parameters"])
+    raise ArtifactError(f"unknown layer type {t!r} in a compact model description")
+
+
+def save(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write a compact model (from `compact()`) as safetensors + JSON; `path` is a directory
+    (holding model.safetensors and model.json) or a `.safetensors` file (with a `.json` beside
+    it). Returns the path of the JSON description."""
+    from . import is_executor
+
+    info = getattr(model, "ticketsmith_compact", None)
+    if info is None:
+        raise UsageError("save() takes a model returned by ticketsmith.compact.compact()")
+    weights, description = _paths(path)
+    layers: dict[str, dict] = {}
+    inside: list[str] = []  # executors' own submodules are theirs to rebuild
+    for name, m in model.named_modules():
+        if not name or any(name.startswith(p + ".") for p in inside):
+            continue
+        if is_executor(m):
+            config = m.to_config()
+            layers[name] = {"type": "executor", "class": type(m).__name__,
+                            "executor": m.executor, "config": config}
+            inside.append(name)
+            continue
+        spec = _spec(m)
+        if spec is not None:
+            layers[name] = spec
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    dtypes = sorted({str(v.dtype) for v in state.values() if v.is_floating_point()})
+    save_tensors(weights, state, {"kind": FORMAT, "version": VERSION})
+    write_json(description, {
+        "kind": FORMAT, "version": VERSION, "weights": weights.name,
+        "source": info["source"], "tree": info["tree"], "layers": layers,
+        "executors": dict(getattr(model, "ticketsmith_executors", {})),
+        "compact": {k: v for k, v in info.items() if k not in ("source", "tree")},
+        "float_dtypes": dtypes,
+    })
+    return description
+
+
+def load(path: str | os.PathLike, build: Callable[[], nn.Module] | None = None) -> nn.Module:
+    """Rebuild a compact model written by `save`. Zoo models rebuild themselves; for any other
+    model pass `build`, a callable returning the original (uncompacted) architecture."""
+    from . import executor_class
+
+    weights, description = _paths(path)
+    if not description.exists():
+        raise UsageError(f"{description}: no compact model description found")
+    desc = read_json(description)
+    if not isinstance(desc, dict) or desc.get("kind") != FORMAT:
+        raise ArtifactError(f"{description}: not a ticketsmith compact model description")
+    if desc.get("version") != VERSION:
+        raise ArtifactError(f"{description}: format version {desc.get('version')} is not "
+                            f"supported (expected {VERSION})")
+    tensors, meta = load_tensors(weights)
+    if meta.get("kind") != FORMAT:
+        raise ArtifactError(f"{weights}: not the weights of a ticketsmith compact model")
+
+    model = _build_original(desc, build, description)
+    for name, spec in desc["layers"].items():
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise ArtifactError(f"{description}: layer {name!r} is not in the rebuilt model") from None
+        if spec.get("type") == "executor":
+            cls = executor_class(spec.get("class", ""))
+            if cls is None:
+                raise ArtifactError(f"{description}: executor {spec.get('class')!r} of layer "
+                                    f"{name!r} is not available")
+            own = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+            new = cls.from_config(spec["config"], own)
+            new.use(spec["executor"])
+        else:
+            new = _build_layer(spec)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
+    dtypes = desc.get("float_dtypes") or []
+    if len(dtypes) == 1:
+        model.to(getattr(torch, dtypes[0].replace("torch.", "")))
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise ArtifactError(f"{weights}: the weights do not fit the described model "
+                            f"({str(e).splitlines()[0][:200]})") from None
+    model.eval()
+    model.ticketsmith_executors = dict(desc.get("executors", {}))
+    model.ticketsmith_compact = dict(desc.get("compact", {}), source=desc["source"],
+                                     tree=desc["tree"])
+    src = desc["source"]
+    if src.get("zoo"):
+        model.ticketsmith_name = src["zoo"]
+    return model
+
+
+def _build_original(desc: dict, build, description: Path) -> nn.Module:
+    src = desc.get("source") or {}
+    if build is not None:
+        model = build()
+        if not isinstance(model, nn.Module):
+            raise UsageError(f"build() must return an nn.Module, got {type(model).__name__}")
+    elif src.get("zoo"):
+        from .. import models
+        args = dict(src.get("args") or {})
+        if args.get("width") is None:
+            # creation width unknown: the zoo's module tree does not depend on it, and every
+            # layer whose shape it sets is replaced below from the description
+            args["width"] = 1.0
+        if args.get("image_size") is None:
+            args.pop("image_size", None)
+        else:
+            args["image_size"] = tuple(args["image_size"])
+        model = models.create(src["zoo"], **args)
+    else:
+        raise UsageError(f"{description}: the model is not from the zoo; pass build=<a callable "
+                         "returning the original architecture> to load()")
+    tree = [[n, type(m).__name__] for n, m in model.named_modules()]
+    if tree != desc.get("tree"):
+        diff = next((f"{a} vs {b}" for a, b in zip(tree, desc["tree"]) if a != b),
+                    f"{len(tree)} vs {len(desc['tree'])} modules")
+        what = "build()" if build is not None else f"zoo model {src.get('zoo')!r}"
+        raise UsageError(f"{what} does not rebuild the architecture that was compacted "
+                         f"(first difference: {diff})")
+    return model

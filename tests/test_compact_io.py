@@ -1,0 +1,129 @@
+"""ts.compact.save / load (safetensors + JSON, no pickle) and ONNX export under onnxruntime."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import ticketsmith as ts
+from ticketsmith import compact as C
+from ticketsmith.errors import ArtifactError, UsageError
+
+from test_compact import MLP, ResCat, ZOO, kill_rows, random_channel_masks, randomize, rel_err, zoo_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def compacted(name, width, shape, seed=1):
+    model = zoo_model(name, width, shape)
+    x = torch.randn(shape)
+    return model, C.compact(model, random_channel_masks(model, 0.5, seed=seed), x), x
+
+
+@pytest.mark.parametrize("name,width,shape", ZOO, ids=[z[0] for z in ZOO])
+def test_zoo_round_trip_bit_identical(name, width, shape, tmp_path):
+    model, small, x = compacted(name, width, shape)
+    desc = C.save(small, tmp_path / "ticket")
+    assert desc == tmp_path / "ticket" / "model.json"
+    assert (tmp_path / "ticket" / "model.safetensors").exists()
+    again = C.load(tmp_path / "ticket")  # zoo model: no build needed
+    assert type(again) is type(small) and not again.training
+    for (n1, m1), (n2, m2) in zip(small.named_modules(), again.named_modules()):
+        assert n1 == n2 and type(m1) is type(m2)
+    x2 = torch.randn((3,) + tuple(shape[1:]))
+    with torch.no_grad():
+        for inp in (x, x2):
+            assert torch.equal(small(inp), again(inp))
+    assert again.ticketsmith_executors == small.ticketsmith_executors
+    assert C.describe(again) == C.describe(small)
+    assert again.ticketsmith_name == name
+
+
+def test_user_model_needs_build_and_the_right_one(tmp_path):
+    torch.manual_seed(0)
+    model = randomize(ResCat())
+    masks: dict = {}
+    kill_rows(model, masks, "stem", torch.tensor([2]))
+    kill_rows(model, masks, "a", torch.tensor([2]))
+    kill_rows(model, masks, "dw", torch.tensor([2]))
+    kill_rows(model, masks, "mix", torch.tensor([1, 3]))
+    x = torch.randn(2, 3, 8, 8)
+    small = C.compact(model, ts.Masks(masks), x)
+    path = tmp_path / "rescat.safetensors"  # a file path: the JSON goes beside it
+    assert C.save(small, path) == tmp_path / "rescat.json"
+    with pytest.raises(UsageError, match="not from the zoo.*build="):
+        C.load(path)
+    with pytest.raises(UsageError, match="build\\(\\) does not rebuild"):
+        C.load(path, build=MLP)
+    again = C.load(tmp_path / "rescat.json", build=ResCat)
+    assert again.stem.weight.shape[0] == 7 and again.mix.weight.shape[0] == 4
+    with torch.no_grad():
+        assert torch.equal(again(x), small(x))
+
+
+def test_corrupt_or_foreign_files_are_refused(tmp_path):
+    _, small, _ = compacted("lenet5", 1.0, (2, 1, 28, 28))
+    C.save(small, tmp_path / "m")
+    w = tmp_path / "m" / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-3] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="checksum"):
+        C.load(tmp_path / "m")
+    C.save(small, tmp_path / "m")
+    d = tmp_path / "m" / "model.json"
+    desc = json.loads(d.read_text())
+    desc["layers"]["fc1"]["out_features"] += 1
+    d.write_text(json.dumps(desc))
+    with pytest.raises(ArtifactError, match="do not fit"):
+        C.load(tmp_path / "m")
+    desc["kind"] = "something else"
+    d.write_text(json.dumps(desc))
+    with pytest.raises(ArtifactError, match="not a ticketsmith compact"):
+        C.load(tmp_path / "m")
+    with pytest.raises(UsageError, match="no compact model description"):
+        C.load(tmp_path / "nowhere")
+    with pytest.raises(UsageError, match="compact\\(\\)"):
+        C.save(nn.Linear(2, 2), tmp_path / "x")
+
+
+@pytest.mark.parametrize("name,width,shape", [z for z in ZOO if z[0] in
+                                              ("resnet20", "mobilenet-v1", "lenet5", "vgg11")],
+                         ids=["resnet20", "mobilenet-v1", "lenet5", "vgg11"])
+def test_onnx_matches_pytorch(name, width, shape, tmp_path):
+    _, small, x = compacted(name, width, shape)
+    path = C.export_onnx(small, x, tmp_path / f"{name}.onnx")
+    session = C.onnx_session(path, threads=1)
+    x2 = torch.randn((5,) + tuple(shape[1:]))  # another batch size: the batch axis is dynamic
+    with torch.no_grad():
+        for inp in (x, x2):
+            (y,) = C.run_onnx(session, inp)
+            assert rel_err(small(inp), y) < 1e-4
+
+
+def test_onnx_inline_models(tmp_path):
+    torch.manual_seed(0)
+    model = randomize(MLP())
+    masks: dict = {}
+    kill_rows(model, masks, "fc1", torch.arange(0, 32, 3))
+    x = torch.randn(3, 20)
+    small = C.compact(model, ts.Masks(masks), x)
+    (y,) = C.run_onnx(C.export_onnx(small, x, tmp_path / "mlp.onnx"), x)
+    with torch.no_grad():
+        assert rel_err(small(x), y) < 1e-4
+    model = randomize(ResCat())
+    x = torch.randn(2, 3, 8, 8)
+    small = C.compact(model, ts.Masks({}), x)
+    (y,) = C.run_onnx(C.export_onnx(small, (x,), tmp_path / "rescat.onnx"), x)
+    with torch.no_grad():
+        assert rel_err(small(x), y) < 1e-4
+    with pytest.raises(UsageError, match="takes 1 inputs"):
+        C.run_onnx(tmp_path / "rescat.onnx", x, x)
