@@ -5,7 +5,7 @@
     model = ts.models.for_dataset("resnet20", ds)
     masks = ts.Masks.ones(model)
 """
-from . import data, dst, models, prune, structure
+from . import compact, data, dst, models, prune, structure
 from .errors import ArtifactError, DataNotFoundError, DivergenceError, TicketsmithError, UsageError
 from .masks import Block, Masks, MaskHold, prunable_names
 from .runs import Run, RunConfig, summarize_run
@@ -14,6 +14,6 @@ from .train import Dist, Trainer, TrainConfig, evaluate
 
 __version__ = "0.1.0"
 
-__all__ = ["data", "dst", "models", "prune", "structure", "refill", "channel_groups", "channel_companions", "Masks", "MaskHold", "Block", "prunable_names", "Run",
+__all__ = ["compact", "data", "dst", "models", "prune", "structure", "refill", "channel_groups", "channel_companions", "Masks", "MaskHold", "Block", "prunable_names", "Run",
            "RunConfig", "summarize_run", "Trainer", "TrainConfig", "Dist", "evaluate",
            "TicketsmithError", "UsageError", "DataNotFoundError", "ArtifactError", "DivergenceError"]

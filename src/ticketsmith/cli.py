@@ -89,6 +89,75 @@ def cmd_summary(args) -> int:
     return 0
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise UsageError(f"expected positive integers, got {text!r}")
+    return vals
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from . import bench, models
+    from .io import write_json
+    from .masks import Masks
+    kw = dict(batch_sizes=_ints(args.batch_sizes), threads=_ints(args.threads) if args.threads else None,
+              pairs=args.pairs, layerwise=args.layerwise, onnx=args.onnx, autotune=args.autotune,
+              progress=lambda msg: print(f"  timing {msg}", file=sys.stderr))
+    if args.pairs < 3:
+        raise UsageError(f"--pairs must be at least 3, got {args.pairs}")
+    jobs = []  # (label, dense, ticket, masks, input shape, output folder)
+    if args.run_dir:
+        from .runs import Run, RunConfig, round_dir
+        from .io import read_json
+        run_dir = Path(args.run_dir)
+        if not (run_dir / "config.json").exists():
+            raise UsageError(f"{run_dir} is not a ticketsmith run directory (no config.json)")
+        run = Run(RunConfig.from_json(read_json(run_dir / "config.json")), run_dir,
+                  data_dir=args.data_dir, progress=False)
+        done = [int(p.parent.name.split("_")[1]) for p in sorted(run_dir.glob("round_[0-9][0-9]/round.json"))]
+        rounds = _ints(args.rounds) if args.rounds else [r for r in done if
+                                                         (round_dir(run_dir, r) / "masks.safetensors").exists()]
+        if not rounds:
+            raise UsageError(f"{run_dir}: no finished sparse round to bench")
+        dense = run.new_model()
+        if (round_dir(run_dir, 0) / "weights.safetensors").exists() and run.cfg.method not in ("srigl", "rigl", "set"):
+            dense = run.trained(round_dir(run_dir, 0))
+        shape = (run.ds.in_channels, *run.ds.image_size)
+        for r in rounds:
+            d = round_dir(run_dir, r)
+            if r not in done or not (d / "masks.safetensors").exists():
+                raise UsageError(f"{run_dir}: round {r} is not a finished sparse round (finished: {done})")
+            jobs.append((f"{run_dir.name} round {r}", dense, run.trained(d), Masks.load(d / "masks.safetensors"),
+                         shape, d))
+    else:
+        if not (args.model and args.masks and args.input_shape):
+            raise UsageError("give a RUN_DIR, or --model, --masks and --input-shape")
+        shape = tuple(_ints(args.input_shape))
+        masks = Masks.load(args.masks)
+        torch.manual_seed(0)
+        model = models.create(args.model, shape[0], args.num_classes, tuple(shape[1:]), args.width)
+        masks.check(model)
+        jobs.append((f"{args.model} with {args.masks}", model, model, masks, shape,
+                     Path(args.out) if args.out else Path(args.masks).parent))
+    for label, dense, ticket, masks, shape, folder in jobs:
+        print(f"bench {label}: sparsity {masks.sparsity():.2%}", file=sys.stderr)
+        result = bench.bench_ticket(dense, ticket, masks, shape, **kw)
+        result["label"] = label
+        write_json(folder / "bench.json", result)
+        (folder / "bench.md").write_text(bench.to_markdown(result, f"Bench: {label}"))
+        for r in result["results"]:
+            print(f"{label}: {r['backend']} batch {r['batch_size']} threads {r['threads']}: "
+                  f"{r['speedup_median']:.2f}x ({r['speedup_min']:.2f}-{r['speedup_max']:.2f}), "
+                  f"ideal {result['ideal_speedup']:.2f}x, time saving {r['time_saving']:.1%}")
+        print(f"written: {folder / 'bench.json'}, {folder / 'bench.md'}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from .report import make_report
     path = make_report(args.run_dirs, args.out, layers=args.layers.split(",") if args.layers else None,
@@ -124,6 +193,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     s.add_argument("--json", action="store_true", help="print summary.json instead of a table")
     s.set_defaults(func=cmd_summary)
+
+    b = sub.add_parser("bench", help="time compact tickets against the fastest dense path",
+                       description="Compact each ticket and time it against the dense model: "
+                                   "interleaved A B A B bursts, median and min-max of the per-pair "
+                                   "time ratios; dense and compact each run in their faster memory "
+                                   "format (NCHW or channels_last). Writes bench.json and bench.md "
+                                   "into each round's folder.")
+    b.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a run directory (all finished sparse rounds)")
+    b.add_argument("--rounds", help="comma-separated rounds to bench (default: every finished sparse round)")
+    b.add_argument("--model", help="without RUN_DIR: a zoo model name")
+    b.add_argument("--masks", help="without RUN_DIR: a masks .safetensors file")
+    b.add_argument("--input-shape", help="without RUN_DIR: C,H,W of one input (e.g. 3,32,32)")
+    b.add_argument("--num-classes", type=int, default=10)
+    b.add_argument("--width", type=float, default=1.0)
+    b.add_argument("--out", help="without RUN_DIR: folder for bench.json / bench.md")
+    b.add_argument("--batch-sizes", default="1,64", help="comma-separated (default: 1,64)")
+    b.add_argument("--threads", help="comma-separated thread counts (default: torch's current)")
+    b.add_argument("--pairs", type=int, default=20, help="timed A/B pairs per setting (default: 20)")
+    b.add_argument("--layerwise", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time every conv/linear layer (the paper's Figure 7)")
+    b.add_argument("--onnx", action="store_true", help="also time both models under ONNX Runtime")
+    b.add_argument("--autotune", action="store_true", help="time each executor's kernels and keep the fastest")
+    b.add_argument("--data-dir", help="the dataset folder of RUN_DIR's dataset, if not the default")
+    b.set_defaults(func=cmd_bench)
 
     rep = sub.add_parser("report", help="plots, report.md and report.html from run directories")
     rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")

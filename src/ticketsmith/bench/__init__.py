@@ -281,3 +281,38 @@ def to_markdown(result: dict, title: str = "Benchmark") -> str:
     lines += ["", "Speedups are medians of paired, interleaved time ratios (dense / compact); the "
               "machine's absolute speed drifts, the ratios hold to about +-10%."]
     return "\n".join(lines) + "\n"
+
+
+def bench_ticket(dense: nn.Module, ticket: nn.Module, masks, input_shape: Sequence[int], *,
+                 batch_sizes: Sequence[int] = (1, 64), threads: Sequence[int] | None = None,
+                 pairs: int = 20, layerwise: bool = True, onnx: bool = False, autotune: bool = False,
+                 progress: Callable[[str], None] | None = None) -> dict:
+    """Compact `ticket` under `masks` and time it against `dense` (same architecture, dense).
+
+    The compact model is checked against the masked ticket on random inputs first. With
+    `autotune`, executors are tuned for each batch size (the result records the choices)."""
+    from .. import compact as tscompact
+    ticket = copy.deepcopy(ticket).eval()
+    masks.apply(ticket)
+    make = lambda b: torch.randn(b, *input_shape, generator=torch.Generator().manual_seed(b))  # noqa: E731
+    example = make(2)
+    compact = tscompact.compact(ticket, masks, example, autotune=autotune,
+                                batch_size=max(batch_sizes) if autotune else None)
+    with torch.inference_mode():
+        x = make(3)
+        ref, got = ticket(x), compact(x)
+        rel_err = float((ref - got).norm() / ref.norm().clamp_min(1e-12))
+    result = compare(dense, compact, make, batch_sizes, threads, pairs, layerwise, progress)
+    result["check_rel_err"] = rel_err
+    result["executors"] = dict(getattr(compact, "ticketsmith_executors", {}))
+    result["sparsity"] = masks.sparsity()
+    if onnx:
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            d = tscompact.export_onnx(dense, example, f"{tmp}/dense.onnx")
+            c = tscompact.export_onnx(compact, example, f"{tmp}/compact.onnx")
+            result["results"] += compare_onnx(str(d), str(c), make, batch_sizes,
+                                              threads or [torch.get_num_threads()], pairs)
+    for r in result["results"]:
+        r["realized_over_ideal"] = r["speedup_median"] / result["ideal_speedup"]
+    return result

@@ -408,8 +408,9 @@ def _source(model: nn.Module, inputs: tuple, outputs: list[torch.Tensor]) -> dic
     name = getattr(model, "ticketsmith_name", None)
     if name is None:
         return {"zoo": None, "args": None}
-    args = getattr(model, "ticketsmith_args", None)
-    if args is None:  # not recorded by models.create: infer what the inputs and outputs show
+    config = getattr(model, "ticketsmith_config", None)  # recorded by models.create
+    args = {k: v for k, v in config.items() if k != "name"} if config else None
+    if args is None:  # not recorded: infer what the inputs and outputs show
         x = inputs[0]
         args = {"in_channels": int(x.shape[1]) if x.dim() >= 2 else 1,
                 "num_classes": int(outputs[0].shape[-1]) if outputs else 10,

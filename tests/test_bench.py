@@ -1,0 +1,67 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import ticketsmith as ts
+from ticketsmith.bench import count_macs, paired
+from ticketsmith.cli import main
+from ticketsmith.runs import Run, RunConfig
+
+
+def test_mac_count_of_conv_and_linear():
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, stride=2, padding=1),
+                      nn.Flatten(), nn.Linear(4 * 4 * 4, 10))
+    total, per, params = count_macs(m, torch.randn(1, 3, 8, 8))
+    assert per["0"] == 8 * 3 * 9 * 64 and per["2"] == 4 * 8 * 9 * 16 and per["4"] == 64 * 10
+    assert total == sum(per.values()) and params["4"] == 64 * 10 + 10
+
+
+def test_paired_ratio_sees_the_slower_side():
+    slow = lambda: torch.randn(400, 400) @ torch.randn(400, 400)  # noqa: E731
+    fast = lambda: torch.randn(40, 40) @ torch.randn(40, 40)  # noqa: E731
+    r = paired(slow, fast, pairs=5, reps=3)
+    assert r["ratio_min"] <= r["ratio_median"] <= r["ratio_max"] and r["ratio_median"] > 1
+
+
+@pytest.fixture(scope="module")
+def refill_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rf")
+    cfg = RunConfig(model="resnet20", width=0.25, dataset="digits", epochs=1, batch_size=128,
+                    rounds=1, structure="refill", prune_fraction=0.5)
+    Run(cfg, out, progress=False).execute()
+    return out
+
+
+def test_bench_cli_on_a_run_directory(refill_run, capsys):
+    assert main(["bench", str(refill_run), "--batch-sizes", "1,4", "--pairs", "3"]) == 0
+    res = json.loads((refill_run / "round_01" / "bench.json").read_text())
+    assert res["check_rel_err"] < 1e-4
+    assert res["compact"]["params"] < res["dense"]["params"]
+    assert res["ideal_speedup"] > 1.2  # half the channels gone in many layers
+    assert [r["batch_size"] for r in res["results"]] == [1, 4]
+    for r in res["results"]:
+        assert r["speedup_min"] <= r["speedup_median"] <= r["speedup_max"]
+        assert r["dense_format"] in ("nchw", "channels_last")
+    layers = {row["layer"] for row in res["layers"]}
+    assert "layers.0.conv1" in layers and "fc" in layers
+    assert "speedup median" in (refill_run / "round_01" / "bench.md").read_text()
+    assert "time saving" in capsys.readouterr().out
+
+
+def test_bench_cli_model_and_masks_file(tmp_path, capsys):
+    torch.manual_seed(0)
+    m = ts.models.create("lenet5", 1, 10, (28, 28))
+    masks = ts.refill(m, ts.prune.omp(m, 0.6), example_inputs=torch.randn(1, 1, 28, 28))
+    masks.save(tmp_path / "m.safetensors")
+    assert main(["bench", "--model", "lenet5", "--masks", str(tmp_path / "m.safetensors"),
+                 "--input-shape", "1,28,28", "--batch-sizes", "2", "--pairs", "3", "--no-layerwise"]) == 0
+    res = json.loads((tmp_path / "bench.json").read_text())
+    assert res["layers"] == [] and res["compact"]["macs"] < res["dense"]["macs"]
+
+
+def test_bench_bad_input(tmp_path, capsys):
+    assert main(["bench", str(tmp_path)]) == 2
+    assert main(["bench", "--model", "lenet5"]) == 2
+    assert "RUN_DIR" in capsys.readouterr().err
