@@ -138,6 +138,8 @@ def cmd_bench(args) -> int:
         if not (args.model and args.masks and args.input_shape):
             raise UsageError("give a RUN_DIR, or --model, --masks and --input-shape")
         shape = tuple(_ints(args.input_shape))
+        if not Path(args.masks).is_file():
+            raise UsageError(f"--masks {args.masks}: no such file")
         masks = Masks.load(args.masks)
         torch.manual_seed(0)
         model = models.create(args.model, shape[0], args.num_classes, tuple(shape[1:]), args.width)
@@ -241,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except TicketsmithError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a full disk, a read-only folder: nothing was left half-written
+        print(f"{PROG}: error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; run the same command again to resume", file=sys.stderr)

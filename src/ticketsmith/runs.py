@@ -220,6 +220,7 @@ class Run:
         if self.rewind_iter >= self.total_iters:
             raise UsageError(f"rewind point {self.rewind_iter} is not before the end of training "
                              f"({self.total_iters} iterations)")
+        self.chain_dir = self._check_chain() if cfg.chain else None
 
     # -- helpers -----------------------------------------------------------------------------
     def new_model(self, seed: int | None = None) -> nn.Module:
@@ -397,9 +398,8 @@ class Run:
         if cfg.method in ("srigl", "rigl", "set"):
             self._dynamic()
         else:
-            # with --chain, round 0 and the rewind point come from the chain run
-            self.chain_dir = self._external_chain() if cfg.chain else None
-            self.dist.barrier()
+            if self.chain_dir is not None:  # round 0 and the rewind point come from the chain
+                self._adopt_chain()
             self.train_round(round_dir(self.out, 0), None, "init", "round 0 ")
             if cfg.method == "imp":
                 self._imp()
@@ -444,8 +444,8 @@ class Run:
                 prev, prev_masks = path, masks
             self.train_round(path, masks, self._start(), f"round {r} ", extra=extra)
 
-    def _external_chain(self) -> Path:
-        """Check the IMP run named by --chain and adopt its rewind point and dense round."""
+    def _check_chain(self) -> Path:
+        """The IMP run named by --chain, checked before anything is written."""
         ext = Path(self.cfg.chain)
         if not (ext / "config.json").exists():
             raise UsageError(f"--chain {ext}: not a ticketsmith run directory")
@@ -458,12 +458,16 @@ class Run:
             raise UsageError(f"--chain {ext}: its settings differ in {', '.join(diff)}")
         if not (ext / "round_00" / "round.json").exists() or not (ext / "rewind.safetensors").exists():
             raise UsageError(f"--chain {ext}: its dense round 0 is not finished")
+        return ext
+
+    def _adopt_chain(self) -> None:
+        """Copy the chain's rewind point and dense round 0 into this run (atomically)."""
+        import shutil
+        ext = self.chain_dir
         if self.writer:
-            import shutil
-            for name in ("rewind.safetensors",):
-                if not (self.out / name).exists():
-                    shutil.copyfile(ext / name, self.out / f".{name}.tmp")
-                    (self.out / f".{name}.tmp").replace(self.out / name)
+            if not (self.out / "rewind.safetensors").exists():
+                shutil.copyfile(ext / "rewind.safetensors", self.out / ".rewind.safetensors.tmp")
+                (self.out / ".rewind.safetensors.tmp").replace(self.out / "rewind.safetensors")
             dense = round_dir(self.out, 0)
             if not (dense / "round.json").exists():
                 tmp = self.out / ".round_00.tmp"
@@ -471,7 +475,7 @@ class Run:
                 shutil.copytree(ext / "round_00", tmp)
                 shutil.rmtree(dense, ignore_errors=True)
                 tmp.replace(dense)
-        return ext
+        self.dist.barrier()
 
     def _oneshot(self) -> None:
         dense = round_dir(self.out, 0)

@@ -275,9 +275,8 @@ def plot_masks(panels: Sequence[tuple[str, Masks]], layer: str, out: Path, name:
     return _save(fig, out / f"masks_{name}.png")
 
 
-def mask_panels(runs: Sequence[RunView], layers: Sequence[str] | None, out: Path,
-                suffix: str = "") -> list[Path]:
-    """One picture per chosen layer, comparing the runs' masks at comparable rounds."""
+def mask_sources(runs: Sequence[RunView]) -> list[tuple[str, Masks]]:
+    """Each run's mask at the round its pictures show."""
     dense = dense_accuracy(runs)
     panels = []
     for v in runs:
@@ -290,6 +289,12 @@ def mask_panels(runs: Sequence[RunView], layers: Sequence[str] | None, out: Path
                 panels.append((f"{v.label} (round {r})", Masks.load(f)))
             except ArtifactError:
                 continue
+    return panels
+
+
+def choose_layers(panels: Sequence[tuple[str, Masks]], layers: Sequence[str] | None) -> list[str]:
+    """The layers to picture: those asked for (each must be in every run's masks), or the
+    largest layer and one from the middle."""
     if not panels:
         return []
     common = [n for n in panels[0][1].weight_names if all(n in m for _, m in panels)]
@@ -298,11 +303,9 @@ def mask_panels(runs: Sequence[RunView], layers: Sequence[str] | None, out: Path
         if missing:
             raise UsageError(f"layers not in every run's masks: {', '.join(missing)}; "
                              f"choose from: {', '.join(common)}")
-        chosen = list(layers)
-    else:  # the largest layer and one from the middle
-        by_size = sorted(common, key=lambda n: -panels[0][1][n].numel())
-        chosen = list(dict.fromkeys([by_size[0], common[len(common) // 2]]))[:2] if common else []
-    return [plot_masks(panels, n, out, re.sub(r"[^A-Za-z0-9]+", "_", n) + suffix) for n in chosen]
+        return list(layers)
+    by_size = sorted(common, key=lambda n: -panels[0][1][n].numel())
+    return list(dict.fromkeys([by_size[0], common[len(common) // 2]]))[:2] if common else []
 
 
 def run_table(v: RunView) -> list[str]:
@@ -329,16 +332,22 @@ def make_report(run_dirs: Sequence[str | Path], out: str | Path, layers: Sequenc
         raise UsageError("give at least one run directory")
     runs = [load_run(d) for d in run_dirs]
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     groups: dict[tuple, list[RunView]] = {}
     for v in runs:
         groups.setdefault(group_key(v), []).append(v)
+    pictures = {}  # decided before anything is written: a bad --layers writes nothing
+    for key, members in groups.items():
+        panels = mask_sources(members)
+        pictures[key] = (panels, choose_layers(panels, layers))
+    out.mkdir(parents=True, exist_ok=True)
     md = [f"# {title}", ""]
     plots: list[Path] = []
     for key, members in groups.items():
         suffix = "" if len(groups) == 1 else "_" + re.sub(r"[^A-Za-z0-9]+", "_", "_".join(map(str, key)))
+        panels, chosen = pictures[key]
         group_plots = [plot_accuracy(members, out, suffix), plot_time_saving(members, out, suffix),
-                       plot_layerwise(members, out, suffix)] + mask_panels(members, layers, out, suffix)
+                       plot_layerwise(members, out, suffix)]
+        group_plots += [plot_masks(panels, n, out, re.sub(r"[^A-Za-z0-9]+", "_", n) + suffix) for n in chosen]
         plots += group_plots
         dense = dense_accuracy(members)
         md += [f"## {group_name(key)}", "",

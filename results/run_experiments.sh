@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The recorded experiments (issues 5 and 6), on Fashion-MNIST, 2-core CPU.
+# Budget: 6 epochs per training (LR x0.1 at epochs 3 and 4.5), batch 128, channels_last,
+# rewind to 5% of training, 5 IMP rounds pruning 36% of the remaining weights each (two of
+# the paper's 20% steps per round: sparsity 36, 59, 74, 83, 89%), seed 0.
+# Usage: results/run_experiments.sh PHASE LANE   (two lanes run side by side, 1 thread each)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=1
+TS=".venv/bin/ticketsmith"
+COMMON="--dataset fashion-mnist --epochs 6 --channels-last --rewind 5% --no-progress"
+IMP="--method imp --rounds 5 --prune-fraction 0.36"
+declare -A MODEL=([resnet]="--model resnet20" [vgg]="--model vgg16 --width 0.25")
+lane=$2; m=${MODEL[$lane]}
+case $1 in
+  chain)   # unstructured IMP (the chain every IMP-structure run post-processes)
+    $TS run $m $COMMON $IMP --out runs/$lane-imp ;;
+  refill)  # IMP-Refill and IMP-Refill+ on that chain
+    $TS run $m $COMMON $IMP --structure refill  --chain runs/$lane-imp --out runs/$lane-refill
+    $TS run $m $COMMON $IMP --structure refill+ --chain runs/$lane-imp --out runs/$lane-refill+ ;;
+  regroup) # IMP-Regroup (element blocks, the paper; channel blocks, fast on CPU), group-aware IMP
+    $TS run $m $COMMON $IMP --structure regroup --chain runs/$lane-imp --out runs/$lane-regroup
+    $TS run $m $COMMON $IMP --structure regroup --regroup-granularity channel --chain runs/$lane-imp --out runs/$lane-regroup-ch
+    $TS run $m $COMMON $IMP --structure regroup --structure-every-round --out runs/$lane-gaimp ;;
+  random)  # random-ticket controls (Tables A3/A4): same masks procedure, fresh random init
+    $TS run $m $COMMON $IMP --structure refill  --chain runs/$lane-imp --reinit random --out runs/$lane-refill-random
+    $TS run $m $COMMON $IMP --structure regroup --chain runs/$lane-imp --reinit random --out runs/$lane-regroup-random ;;
+  dst)     # dense vs RigL vs SRigL with/without ablation at 80/90/95% (ResNet-20)
+    $TS run $m $COMMON --method dense --out runs/$lane-dense
+    for s in 0.8 0.9 0.95; do
+      $TS run $m $COMMON --method rigl  --sparsity $s --out runs/$lane-rigl-$s
+      $TS run $m $COMMON --method srigl --sparsity $s --out runs/$lane-srigl-$s
+      $TS run $m $COMMON --method srigl --sparsity $s --no-dst-ablation --out runs/$lane-srigl-noabl-$s
+    done ;;
+  bench)   # every ticket at batch 1 and 64, against the fastest dense path (run alone!)
+    export OMP_NUM_THREADS=2
+    for d in runs/$lane-*; do [ -f $d/summary.json ] && $TS bench $d --batch-sizes 1,64 --pairs 20; done ;;
+  *) echo "unknown phase $1"; exit 2 ;;
+esac

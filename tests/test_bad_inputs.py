@@ -1,0 +1,195 @@
+"""Goes through docs/bad_inputs.md: every row's situation gets its one-line message and status,
+no traceback, no existing file changed, nothing half-written (and nothing at all for usage
+errors)."""
+import errno
+import gzip
+import hashlib
+import pickle
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ticketsmith as ts
+from ticketsmith.cli import main
+from ticketsmith.runs import Run, RunConfig
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "bad_inputs.md"
+ROWS = [r for r in re.findall(r"^\| ([a-z0-9-]+) \| (.+?) \| (.+?) \| (\d) \|$", DOC.read_text(), re.M)]
+QUICK = ["--model", "lenet5", "--dataset", "digits", "--epochs", "1", "--batch-size", "128", "--no-progress"]
+FMNIST = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+          "t10k-labels-idx1-ubyte.gz"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished 1-round IMP run on digits (LeNet-5, 1 epoch)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["run", *QUICK, "--rounds", "1", "--out", str(out)]) == 0
+    return out
+
+
+def fake_fmnist(folder: Path, files=FMNIST):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name in files:
+        n = 30 if name.startswith("train") else 10
+        if "images" in name:
+            body = bytes([0, 0, 8, 3]) + np.array([n, 28, 28], ">u4").tobytes() + rng.integers(0, 255, n * 784, dtype=np.uint8).tobytes()
+        else:
+            body = bytes([0, 0, 8, 1]) + np.array([n], ">u4").tobytes() + rng.integers(0, 10, n, dtype=np.uint8).tobytes()
+        (folder / name).write_bytes(gzip.compress(body))
+    return folder
+
+
+def copy_run(finished, tmp):
+    dst = tmp / "run"
+    shutil.copytree(finished, dst)
+    return dst
+
+
+def setup(case: str, tmp: Path, finished: Path, monkeypatch) -> list[str]:
+    out = ["--out", str(tmp / "out")]
+    simple = {
+        "unknown-model": ["run", *QUICK, "--model", "resnet21"],
+        "unknown-dataset": ["run", *QUICK, "--dataset", "mnist3d"],
+        "unknown-method": ["run", *QUICK, "--method", "magic"],
+        "unknown-structure": ["run", *QUICK, "--structure", "blocks"],
+        "sparsity-one": ["run", *QUICK, "--method", "oneshot", "--sparsity", "1.0"],
+        "sparsity-negative": ["run", *QUICK, "--method", "oneshot", "--sparsity", "-0.1"],
+        "sparsity-not-a-number": ["run", *QUICK, "--sparsity", "abc"],
+        "dst-two-sparsities": ["run", *QUICK, "--method", "srigl", "--sparsity", "0.8,0.9"],
+        "dst-zero-sparsity": ["run", *QUICK, "--method", "srigl", "--sparsity", "0"],
+        "rounds-zero": ["run", *QUICK, "--rounds", "0"],
+        "epochs-zero": ["run", *QUICK, "--epochs", "0"],
+        "batch-zero": ["run", *QUICK, "--batch-size", "0"],
+        "lr-negative": ["run", *QUICK, "--lr", "-0.1"],
+        "lr-not-a-number": ["run", *QUICK, "--lr", "fast"],
+        "width-zero": ["run", *QUICK, "--width", "0"],
+        "rewind-garbage": ["run", *QUICK, "--rewind", "soon"],
+        "rewind-past-end": ["run", *QUICK, "--rewind", "100000"],
+        "prune-fraction": ["run", *QUICK, "--prune-fraction", "1.5"],
+        "refill-extra": ["run", *QUICK, "--structure", "refill+", "--refill-extra", "2"],
+        "every-round-alone": ["run", *QUICK, "--structure-every-round"],
+        "chain-not-a-run": ["run", *QUICK, "--structure", "refill", "--chain", str(tmp / "nowhere")],
+        "data-dir-missing": ["run", *QUICK, "--dataset", "fashion-mnist", "--data-dir", "/nonexistent"],
+        "nan-loss": ["run", *QUICK, "--lr", "1e12"],
+        "bench-no-run": ["bench", str(tmp)],
+        "bench-no-masks-file": ["bench", "--model", "lenet5", "--masks", str(tmp / "missing.safetensors"),
+                                "--input-shape", "1,28,28"],
+        "report-not-a-run": ["report", str(tmp), "--out", str(tmp / "rep")],
+        "summary-not-a-run": ["summary", str(tmp)],
+    }
+    if case in simple:
+        argv = simple[case]
+        return argv + out if argv[0] == "run" else argv
+    fm = ["run", *QUICK, "--dataset", "fashion-mnist", "--model", "mlp-300-100"]
+    if case == "data-dir-partial":
+        return fm + ["--data-dir", str(fake_fmnist(tmp / "fm", FMNIST[:2]))] + out
+    if case in ("data-file-truncated", "data-file-wrong", "data-file-not-gzip"):
+        folder = fake_fmnist(tmp / "fm")
+        f = folder / "t10k-images-idx3-ubyte.gz"
+        body = gzip.decompress(f.read_bytes())
+        f.write_bytes({"data-file-truncated": gzip.compress(body[: len(body) // 2]),
+                       "data-file-wrong": gzip.compress(b"hello, these are not images\n" * 50),
+                       "data-file-not-gzip": b"plain text, not gzip\n"}[case])
+        return fm + ["--data-dir", str(folder)] + out
+    if case == "cifar-hostile-pickle":
+        import os
+
+        class Evil:
+            def __reduce__(self):
+                return (os.system, (f"touch {tmp / 'pwned'}",))
+        d = tmp / "cifar" / "cifar-10-batches-py"
+        d.mkdir(parents=True)
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            (d / name).write_bytes(pickle.dumps({b"data": Evil(), b"labels": []}))
+        return ["run", *QUICK, "--dataset", "cifar10", "--data-dir", str(tmp / "cifar")] + out
+    if case == "out-other-config":
+        return ["run", *QUICK, "--rounds", "1", "--lr", "0.05", "--out", str(copy_run(finished, tmp))]
+    if case == "out-not-a-run":
+        (tmp / "out").mkdir()
+        (tmp / "out" / "notes.txt").write_text("mine")
+        return ["run", *QUICK] + out
+    run_args = ["run", *QUICK, "--rounds", "1"]
+    if case == "config-unknown-keys":
+        d = copy_run(finished, tmp)
+        (d / "config.json").write_text((d / "config.json").read_text().replace('{', '{"colour": 1, ', 1))
+        return run_args + ["--out", str(d)]
+    if case == "config-not-json":
+        d = copy_run(finished, tmp)
+        (d / "config.json").write_text("{ half a config")
+        return run_args + ["--out", str(d)]
+    if case == "masks-corrupt":
+        d = copy_run(finished, tmp)
+        (d / "round_01" / "round.json").unlink()  # round 1 unfinished: its mask is read back
+        f = d / "round_01" / "masks.safetensors"
+        data = bytearray(f.read_bytes())
+        data[-3] ^= 0x01
+        f.write_bytes(bytes(data))
+        return run_args + ["--out", str(d)]
+    if case == "checkpoint-truncated":
+        d = copy_run(finished, tmp)
+        (d / "round_01" / "round.json").unlink()
+        f = d / "round_01" / "checkpoint.safetensors"
+        shutil.copyfile(d / "round_01" / "weights.safetensors", f)
+        f.write_bytes(f.read_bytes()[:-100])
+        return run_args + ["--out", str(d)]
+    if case == "weights-foreign":
+        from safetensors.torch import save_file
+        d = copy_run(finished, tmp)
+        shutil.rmtree(d / "round_01")  # round 1 not started: it prunes round 0's weights
+        save_file({"conv1.weight": torch.zeros(6, 1, 5, 5)}, str(d / "round_00" / "weights.safetensors"))
+        return run_args + ["--out", str(d)]
+    if case == "disk-full":
+        def no_space(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(ts.io.os, "fsync", no_space)
+        return ["run", *QUICK] + out
+    if case == "bench-masks-mismatch":
+        torch.manual_seed(0)
+        ts.Masks.ones(ts.models.create("lenet5", 1, 10, (28, 28))).save(tmp / "lenet.safetensors")
+        return ["bench", "--model", "resnet20", "--masks", str(tmp / "lenet.safetensors"),
+                "--input-shape", "1,28,28"]
+    if case == "bench-batch-zero":
+        return ["bench", str(copy_run(finished, tmp)), "--batch-sizes", "0"]
+    if case == "report-unknown-layer":
+        return ["report", str(copy_run(finished, tmp)), "--out", str(tmp / "rep"), "--layers", "nope"]
+    raise AssertionError(f"docs/bad_inputs.md row {case!r} has no setup in this test")
+
+
+def files(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in root.rglob("*") if p.is_file()}
+
+
+def test_the_catalogue_is_big_enough_and_parsed():
+    assert len(ROWS) >= 25
+    assert len({r[0] for r in ROWS}) == len(ROWS)
+
+
+@pytest.mark.parametrize("case,what,message,status", ROWS, ids=[r[0] for r in ROWS])
+def test_bad_input(case, what, message, status, tmp_path, finished, monkeypatch, capsys):
+    argv = setup(case, tmp_path, finished, monkeypatch)
+    before = files(tmp_path)
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == int(status), err
+    lines = [x for x in err.strip().splitlines() if x.strip()]
+    assert lines and "Traceback" not in err
+    assert len(lines) == 1, err
+    for quoted in re.findall(r'"([^"]+)"', message):
+        assert quoted in err, (quoted, err)
+    after = files(tmp_path)
+    changed = [p for p in before if p in after and before[p] != after[p]]
+    assert not changed, f"existing files changed: {changed}"
+    assert not [p for p in after if p.endswith(".tmp")], "a temporary file was left behind"
+    if rc == 2 or case == "disk-full":
+        assert set(after) == set(before), f"files written: {sorted(set(after) - set(before))}"
+    assert not (tmp_path / "pwned").exists()
