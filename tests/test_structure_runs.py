@@ -103,3 +103,11 @@ def test_dynamic_sparse_bad_input(tmp_path):
         RunConfig(method="srigl", sparsity=(0.8, 0.9)).validate()
     with pytest.raises(ts.UsageError, match=r"in \(0, 1\)"):
         RunConfig(method="srigl", sparsity=(0.0,)).validate()
+
+
+@pytest.mark.parametrize("source", ["snip", "grasp", "synflow", "admm"])
+def test_oneshot_sources_in_runs(tmp_path, source):
+    cfg = RunConfig(**{**FAST, "epochs": 1, "rounds": 1}, method="oneshot", source=source,
+                    sparsity=(0.7,), synflow_iterations=5, admm_epochs=1)
+    s = Run(cfg, tmp_path, progress=False).execute()
+    assert s["complete"] and s["rounds"][1]["sparsity"] == pytest.approx(0.7, abs=1e-3)

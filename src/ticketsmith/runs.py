@@ -63,6 +63,9 @@ class RunConfig:
         "oneshot / dynamic sparse training: target sparsity, or a comma-separated list (oneshot)"))
     source: str = field(default="omp", metadata=_help("oneshot: where the unstructured mask comes from",
                                                        choices=SOURCES))
+    synflow_iterations: int = field(default=100, metadata=_help("oneshot synflow: pruning iterations"))
+    admm_epochs: int = field(default=5, metadata=_help("oneshot admm: epochs of ADMM training on the dense model"))
+    admm_rho: float = field(default=1e-2, metadata=_help("oneshot admm: initial penalty (grows to 1)"))
     structure: str = field(default="none", metadata=_help(
         "post-process each round's mask: refill (channels), refill+ (extra channels), regroup "
         "(dense blocks)", choices=STRUCTURES))
@@ -136,6 +139,8 @@ class RunConfig:
                 raise UsageError(f"--method {self.method} trains one sparsity per run; give one --sparsity")
             if not 0 < self.sparsity[0] < 1:
                 raise UsageError(f"sparsity must be in (0, 1) for {self.method}, got {self.sparsity[0]}")
+        if self.synflow_iterations < 1 or self.admm_epochs < 1 or not self.admm_rho > 0:
+            raise UsageError("synflow iterations and admm epochs must be >= 1, admm rho > 0")
         if not 0 <= self.refill_extra <= 1:
             raise UsageError(f"refill extra must be in [0, 1], got {self.refill_extra}")
         if self.width <= 0:
@@ -490,10 +495,29 @@ class Run:
         cfg = self.cfg
         if cfg.source == "omp":
             return prune.omp(self.trained(dense), sparsity, self.base_masks(self.new_model()))
+        base = self.base_masks(self.new_model())
         if cfg.source == "rp":
-            return prune.random_masks(self.new_model(), sparsity, cfg.seed,
-                                      self.base_masks(self.new_model()))
-        raise UsageError(f"source {cfg.source!r} is not available in this build")
+            return prune.random_masks(self.new_model(), sparsity, cfg.seed, base)
+        if cfg.source == "admm":
+            return prune.admm(self.trained(dense), sparsity, self.ds, epochs=cfg.admm_epochs,
+                              rho=cfg.admm_rho, batch_size=cfg.batch_size, masks=base,
+                              progress=self.progress, seed=cfg.seed)
+        # pruning "at initialization": score the weights the ticket restarts from
+        start = self.new_model()
+        load_state(start, self.out / "rewind.safetensors")
+        if cfg.source == "synflow":
+            return prune.synflow(start, sparsity, (self.ds.in_channels, *self.ds.image_size),
+                                 iterations=cfg.synflow_iterations, masks=base)
+        if cfg.source == "snip":
+            x, y = self.structure_batch(cfg.batch_size)
+            return prune.snip(start, sparsity, (x, y), masks=base)
+        return prune.grasp(start, sparsity, self.balanced_batch(10), masks=base)
+
+    def balanced_batch(self, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `per_class` training examples of every class (GraSP's sample)."""
+        y = self.ds.train.y
+        idx = torch.cat([torch.nonzero(y == c).flatten()[:per_class] for c in range(self.ds.num_classes)])
+        return self.ds.normalize(self.ds.train.x[idx]), y[idx]
 
     def structure_batch(self, n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
         """A fixed batch of training data for data-based criteria (and graph tracing)."""

@@ -4,7 +4,7 @@
   weights with the globally smallest magnitude.
 - `omp(model, sparsity)`: one-shot global magnitude pruning to a target sparsity.
 - `random_masks(model, sparsity)`: RP, layer-wise uniform random pruning.
-Pruning at initialization (SNIP, GraSP, SynFlow) and ADMM live in their own modules.
+- `snip`, `grasp`, `synflow` (pruning at initialization, `pai.py`) and `admm` (`admm.py`).
 """
 from __future__ import annotations
 
@@ -78,3 +78,7 @@ def random_masks(model: nn.Module, sparsity: float, seed: int = 0,
         flat[order] = True
         out[n] = flat.view_as(m)
     return masks.updated(out, drop_blocks=True)
+
+
+from .admm import admm, admm_train  # noqa: E402  (they use keep_top / check_sparsity above)
+from .pai import grasp, snip, synflow  # noqa: E402
