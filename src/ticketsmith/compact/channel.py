@@ -228,6 +228,12 @@ class _Group:
         return bad == 0
 
     def unsupported(self) -> str | None:
+        types = {n.type for n in self.items}
+        if OPTYPE.CONCAT in types and OPTYPE.RESHAPE in types:
+            # torch-pruning 1.6 ties channel i of every concatenated branch together on the way
+            # back from a flatten, and drops the features of only one of them (found by the
+            # property tests): such groups stay whole
+            return "a concatenation followed by a flatten (torch-pruning maps it wrongly)"
         for node in self.items:
             t = node.type
             if _is_param_leaf(node):
@@ -443,6 +449,9 @@ def remove_dead_channels(model: nn.Module, example_inputs: Sequence[torch.Tensor
                 if both or fn == "prune_in_channels":
                     cm.inp = _delete(cm.inp, drop)
             pruning.prune(record_history=False)
+            if any(n.type == OPTYPE.RESHAPE for n in g.items):
+                # the flatten sizes saved in the traced autograd nodes are stale now
+                graph, out_nodes = trace(model, inputs)
             removed[root_name] = removed.get(root_name, 0) + len(idxs)
             skipped.pop(root_name, None)
             changed = True

@@ -1,0 +1,141 @@
+"""Property-based tests (hypothesis): for random small architectures and random structured
+masks, compaction keeps the function; refill keeps exactly k rows; masks stay binary at the
+stated sparsity."""
+import math
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn import functional as F
+
+import ticketsmith as ts
+
+SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+                    derandomize=True)
+
+
+class RandomNet(nn.Module):
+    """stem conv -> blocks (plain conv, residual pair, or two-branch concat) -> pool -> MLP."""
+
+    def __init__(self, spec):
+        super().__init__()
+        c = spec["stem"]
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=spec["bias"]), nn.BatchNorm2d(c))
+        self.kinds = []
+        self.blocks = nn.ModuleList()
+        for kind, width in spec["blocks"]:
+            if kind == "plain":
+                self.blocks.append(nn.Sequential(nn.Conv2d(c, width, 3, padding=1, bias=spec["bias"]),
+                                                 nn.BatchNorm2d(width)))
+                c = width
+            elif kind == "residual":
+                self.blocks.append(nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
+                                                 nn.ReLU(), nn.Conv2d(c, c, 3, padding=1, bias=False),
+                                                 nn.BatchNorm2d(c)))
+            else:  # concat of two branches
+                self.blocks.append(nn.ModuleList([
+                    nn.Sequential(nn.Conv2d(c, width, 1, bias=False), nn.BatchNorm2d(width)),
+                    nn.Sequential(nn.Conv2d(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width))]))
+                c = 2 * width
+            self.kinds.append(kind)
+        self.fc1 = nn.Linear(c * 4, spec["hidden"])
+        self.fc2 = nn.Linear(spec["hidden"], 5)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        for kind, block in zip(self.kinds, self.blocks):
+            if kind == "residual":
+                x = F.relu(x + block(x))
+            elif kind == "concat":
+                x = F.relu(torch.cat([block[0](x), block[1](x)], 1))
+            else:
+                x = F.relu(block(x))
+        x = F.adaptive_avg_pool2d(x, 2).flatten(1)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+specs = st.fixed_dictionaries({
+    "stem": st.integers(2, 8),
+    "bias": st.booleans(),
+    "blocks": st.lists(st.tuples(st.sampled_from(["plain", "residual", "concat"]), st.integers(2, 8)),
+                       min_size=1, max_size=4),
+    "hidden": st.integers(3, 12),
+})
+
+
+def randomize_bn(model, g):
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.randn(m.num_features, generator=g))
+                m.bias.copy_(torch.randn(m.num_features, generator=g))
+
+
+def random_channel_masks(model, x, g, p_dead):
+    """Random whole dead output channels in every prunable layer, then their companions."""
+    base = ts.Masks.ones(model)
+    out = {}
+    for k in base.weight_names:
+        m = base[k].clone()
+        dead = torch.rand(m.shape[0], generator=g) < p_dead
+        dead[torch.randint(0, m.shape[0], (1,), generator=g)] = False  # never a whole layer
+        m[dead] = False
+        out[k] = m
+    return ts.channel_companions(model, base.updated(out), x[:1])
+
+
+@SETTINGS
+@given(spec=specs, seed=st.integers(0, 10_000), p_dead=st.floats(0.0, 0.7))
+def test_compact_keeps_the_function_of_random_nets_with_random_channel_masks(spec, seed, p_dead):
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = RandomNet(spec)
+    randomize_bn(model, g)
+    x = torch.randn(4, 3, 8, 8, generator=g)
+    masks = random_channel_masks(model, x, g, p_dead)
+    masked = RandomNet(spec)
+    masked.load_state_dict(model.state_dict())
+    masks.apply(masked)
+    masked.eval()
+    compact = ts.compact(model, masks, x)
+    with torch.no_grad():
+        xt = torch.randn(3, 3, 8, 8, generator=g)
+        ref, got = masked(xt), compact(xt)
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5 * max(1.0, ref.abs().max().item()))
+    assert sum(p.numel() for p in compact.parameters()) <= sum(p.numel() for p in model.parameters())
+
+
+@SETTINGS
+@given(spec=specs, seed=st.integers(0, 10_000), sparsity=st.floats(0.05, 0.95),
+       extra=st.sampled_from([0.0, 0.3]))
+def test_refill_keeps_exactly_k_rows_and_masks_stay_binary(spec, seed, sparsity, extra):
+    torch.manual_seed(seed)
+    model = RandomNet(spec)
+    x = torch.randn(2, 3, 8, 8)
+    unstructured = ts.prune.random_masks(model, sparsity, seed=seed)
+    refilled = ts.refill(model, unstructured, extra=extra, coupled=False, example_inputs=x[:1])
+    for k in unstructured.weight_names:
+        m = refilled[k]
+        assert m.dtype == torch.bool
+        rows = m.reshape(m.shape[0], -1)
+        assert (rows.all(1) | ~rows.any(1)).all()  # whole channels only
+        c_out = rows.shape[0]
+        kk = math.ceil((1 - unstructured.layer_sparsity()[k]) * c_out - 1e-9)
+        if unstructured[k].reshape(c_out, -1).any(1).sum() > 0:
+            assert int(rows.any(1).sum()) == kk + math.floor(extra * (c_out - kk) + 0.5)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10_000), s1=st.floats(0.0, 0.9), fraction=st.floats(0.05, 0.6))
+def test_pruning_keeps_masks_binary_at_the_stated_sparsity(seed, s1, fraction):
+    torch.manual_seed(seed)
+    model = ts.models.create("lenet5", 1, 10, (8, 8))
+    masks = ts.prune.omp(model, s1)
+    assert abs(masks.nonzeros() - round((1 - s1) * masks.numel())) <= 1
+    nxt = ts.prune.magnitude(model, masks, fraction)
+    assert abs(nxt.nonzeros() - (masks.nonzeros() - round(fraction * masks.nonzeros()))) <= 1
+    for k in nxt:
+        assert nxt[k].dtype == torch.bool and not (nxt[k] & ~masks[k]).any()
