@@ -10,7 +10,7 @@ export OMP_NUM_THREADS=1
 TS=".venv/bin/ticketsmith"
 COMMON="--dataset fashion-mnist --epochs 6 --channels-last --rewind 5% --no-progress"
 IMP="--method imp --rounds 5 --prune-fraction 0.36"
-declare -A MODEL=([resnet]="--model resnet20" [vgg]="--model vgg16 --width 0.25")
+declare -A MODEL=([resnet]="--model resnet20 --width 0.5" [vgg]="--model vgg16 --width 0.25")
 lane=$2; m=${MODEL[$lane]}
 case $1 in
   chain)   # unstructured IMP (the chain every IMP-structure run post-processes)
