@@ -163,7 +163,9 @@ def test_deterministic_and_input_untouched():
     model = ts.models.create("resnet20", 1, 10, (16, 16), width=0.5)
     masks = ts.prune.random_masks(model, 0.7, seed=3)
     before = {k: v.clone() for k, v in masks.items()}
+    threads = torch.get_num_threads()
     a = regroup(masks, seed=5)
+    assert torch.get_num_threads() == threads          # the one-thread section is undone
     b = regroup(masks, seed=5)
     assert a == b
     for n in a.blocks:

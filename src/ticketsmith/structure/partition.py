@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,22 @@ class PartitionerError(TicketsmithError, RuntimeError):
     """The partitioner itself failed (crashed, exited, or returned something unusable)."""
 
 
+@contextmanager
+def one_thread():
+    """Run torch ops on one intra-op thread, then restore the caller's setting. Regroup's tensors
+    are small (a few MB); with two threads on the shared 2-vCPU machine, OpenMP synchronisation
+    made whole-model regroup 7-8x slower in wall time (and in CPU time) than one thread."""
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def partition_rows(mask2d: torch.Tensor, n_parts: int, partitioner: str = "metis", seed: int = 0,
                    imbalance: float = 0.1, *, kahypar_preset: str | os.PathLike | None = None,
                    timeout_s: float = 900.0) -> torch.Tensor:
@@ -52,6 +69,12 @@ def partition_rows(mask2d: torch.Tensor, n_parts: int, partitioner: str = "metis
     `kahypar_preset` replaces the shipped KaHyPar preset (an .ini file of KaHyPar options);
     `timeout_s` bounds the KaHyPar child process.
     """
+    with one_thread():
+        return _partition_rows(mask2d, n_parts, partitioner, seed, imbalance, kahypar_preset,
+                               timeout_s)
+
+
+def _partition_rows(mask2d, n_parts, partitioner, seed, imbalance, kahypar_preset, timeout_s):
     if not isinstance(mask2d, torch.Tensor) or mask2d.dim() != 2:
         raise UsageError("partition_rows expects a 2-D mask tensor (rows x columns)")
     if partitioner not in PARTITIONERS:
@@ -98,8 +121,10 @@ def similarity_graph(sub: torch.Tensor, neighbours: int = METIS_NEIGHBOURS
     w = torch.clamp(torch.round(jac * _SIM_SCALE), min=1.0) * (jac > 0)
     k = min(neighbours, n - 1)
     if k < n - 1:
-        # stable top-k: sort by (-weight, index) so equal weights resolve the same way always
-        order = torch.sort(-w, dim=1, stable=True).indices[:, :k]
+        # top-k by weight; equal weights resolve by lower index (integer weights: the key
+        # weight * n - index is exact in float64 and never ties, so the graph is deterministic)
+        key = w.to(torch.float64) * n - torch.arange(n, dtype=torch.float64)[None, :]
+        order = torch.topk(key, k, dim=1).indices
         keep = torch.zeros_like(w, dtype=torch.bool)
         keep.scatter_(1, order, True)
         keep &= w > 0
@@ -212,5 +237,5 @@ def connectivity(mask2d: torch.Tensor, parts: torch.Tensor) -> int:
     return int(torch.clamp(per_col - 1, min=0).sum())
 
 
-__all__ = ["partition_rows", "PartitionerError", "PARTITIONERS", "KAHYPAR_PRESET",
+__all__ = ["partition_rows", "PartitionerError", "one_thread", "PARTITIONERS", "KAHYPAR_PRESET",
            "kahypar_available", "connectivity", "similarity_graph"]

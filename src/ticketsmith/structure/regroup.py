@@ -61,7 +61,7 @@ import torch
 
 from ..errors import UsageError
 from ..masks import Block, Masks
-from .partition import PARTITIONERS, partition_rows
+from .partition import PARTITIONERS, one_thread, partition_rows
 
 DEFAULT_GROUPS = 8
 GRANULARITIES = ("element", "channel")
@@ -165,19 +165,20 @@ def _layer_names(masks: Masks, layers: Sequence[str] | None) -> list[str]:
 
 
 # -- the block search ----------------------------------------------------------------------------
-def _block_in_group(remaining: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor]],
-                    group: torch.Tensor, t1: float, t2: int | None, density: float, b1: int,
-                    b2: int, unit: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _block_in_group(remaining: torch.Tensor, earlier_rows: torch.Tensor,
+                    earlier_cols: list[torch.Tensor], group: torch.Tensor, t1: float,
+                    t2: int | None, density: float, b1: int, b2: int, unit: int
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The dense block of one row group, or None. `remaining` is a float 0/1 matrix of the
-    nonzeros no block holds yet. Columns an earlier block holds for any of the group's rows are
-    not candidates, so blocks never overlap."""
+    nonzeros no block holds yet; `earlier_rows` (blocks x rows, bool) and `earlier_cols` are the
+    blocks of earlier passes. Their columns are no candidates for a group that shares a row
+    with them, so blocks never overlap."""
     sub = remaining[group]                                   # |G| x U
     counts = sub.sum(dim=0)                                  # float32: exact integer counts
-    in_group = torch.zeros(remaining.shape[0], dtype=torch.bool)
-    in_group[group] = True
-    for rows, cols in blocks:
-        if bool(in_group[rows].any()):
-            counts[cols] = 0.0
+    if earlier_cols:
+        hit = torch.nonzero(earlier_rows[:, group].any(dim=1)).flatten().tolist()
+        if hit:
+            counts[torch.cat([earlier_cols[i] for i in hit])] = 0.0
     size = group.numel()
     need = t2 if t2 is not None else min(size, max(2, math.ceil(density * size - 1e-9)))
     n_cand = int((counts >= need).sum())
@@ -215,18 +216,23 @@ def _regroup_units(mat: torch.Tensor, name: str, eff: dict, t1: float, unit: int
         groups = [torch.nonzero(parts == p).flatten() for p in range(k)]
         groups = sorted((g for g in groups if g.numel() >= b1),
                         key=lambda g: (-g.numel(), int(g[0])))          # largest first
+        # blocks of this pass cannot conflict with each other: the groups are row-disjoint
+        earlier_rows = torch.zeros(len(found), mat.shape[0], dtype=torch.bool)
+        for i, (rows, _) in enumerate(found):
+            earlier_rows[i, rows] = True
+        earlier_cols = [cols for _, cols in found]
         new = []
         for g in groups:
-            blk = _block_in_group(remaining, found, g, t1, eff["t2"], eff["density"], b1,
-                                  eff["b2"], unit)
+            blk = _block_in_group(remaining, earlier_rows, earlier_cols, g, t1, eff["t2"],
+                                  eff["density"], b1, eff["b2"], unit)
             if blk is None:
                 continue
             rows, cols = blk
             remaining[rows[:, None], cols[None, :]] = 0.0
             new.append(blk)
-            found.append(blk)   # groups of one pass are row-disjoint: no conflict among them
         if not new:
             break
+        found.extend(new)
         passes += 1
         if not remaining.any():
             break
@@ -277,8 +283,9 @@ def regroup_layer(mask: torch.Tensor, n_groups: int | None = None, partitioner: 
     if not isinstance(mask, torch.Tensor):
         raise UsageError(f"layer {name!r}: expected a mask tensor, got {type(mask).__name__}")
     mask = Masks({name: mask})[name]   # same binary check as every other mask
-    return _regroup_one(mask, name, n_groups, partitioner, t1, t2, b1, b2, granularity, seed,
-                        imbalance, max_passes, kernel_numel)[0]
+    with one_thread():
+        return _regroup_one(mask, name, n_groups, partitioner, t1, t2, b1, b2, granularity, seed,
+                            imbalance, max_passes, kernel_numel)[0]
 
 
 def regroup(masks: Masks, n_groups: int | None = None, partitioner: str = "metis", *,
@@ -291,22 +298,24 @@ def regroup(masks: Masks, n_groups: int | None = None, partitioner: str = "metis
     empty outside) and ``result.blocks[layer]`` lists the blocks. Other entries (1-D companion
     masks, layers not named) are passed through unchanged. Deterministic for a fixed `seed`;
     the input is never modified. `n_groups=None` picks min(8, rows // b1) groups per layer
-    (at least 1); `max_passes=None` repeats until no block is found. Defaults and the
+    (at least 1); `max_passes=None` repeats until no block is found. The (small) tensor ops run
+    on one thread; the caller's `torch.get_num_threads()` is restored afterwards. Defaults and the
     small-layer policy are described in the module docstring; `regroup_settings` reports the
     effective values per layer and `regroup_stats` the outcome.
     """
     _check_args(n_groups, partitioner, t1, t2, b1, b2, granularity, imbalance, seed, max_passes)
     masks = _as_masks(masks)
     new_masks, new_blocks = {}, {}
-    for name in _layer_names(masks, layers):
-        m = masks[name]
-        blocks, _ = _regroup_one(m, name, n_groups, partitioner, t1, t2, b1, b2, granularity,
-                                 seed, imbalance, max_passes)
-        out = torch.zeros(m.shape[0], m[0].numel(), dtype=torch.bool)
-        for blk in blocks:
-            out[blk.rows[:, None], blk.cols[None, :]] = True
-        new_masks[name] = out.view(m.shape)
-        new_blocks[name] = blocks
+    with one_thread():
+        for name in _layer_names(masks, layers):
+            m = masks[name]
+            blocks, _ = _regroup_one(m, name, n_groups, partitioner, t1, t2, b1, b2, granularity,
+                                     seed, imbalance, max_passes)
+            out = torch.zeros(m.shape[0], m[0].numel(), dtype=torch.bool)
+            for blk in blocks:
+                out[blk.rows[:, None], blk.cols[None, :]] = True
+            new_masks[name] = out.view(m.shape)
+            new_blocks[name] = blocks
     return masks.updated(new_masks, blocks=new_blocks)
 
 
