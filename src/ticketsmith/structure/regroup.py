@@ -45,7 +45,8 @@ used as given (more groups than non-empty rows is an error). Then, per layer:
 - an explicit t2 becomes min(t2, b1'); the auto t2 never asks more than the group's rows.
 Later passes use min(n, remaining rows // b1') groups. `regroup_settings` returns these values.
 A layer that ends with no block at all is an error that names the layer and what to lower; a
-fully dense layer is one block covering it; an all-zero layer is an error.
+fully dense layer (with `granularity="channel"`: every row using every input channel) is one
+block covering it; an all-zero layer is an error.
 
 `granularity="element"`: columns are single (c_in, kh, kw) positions (the paper).
 `granularity="channel"`: columns are whole input channels (a channel is used by a row if any of
@@ -247,7 +248,7 @@ def _regroup_one(mask: torch.Tensor, name: str, n_groups, partitioner, t1, t2, b
     mat, unit, eff = _plan(mask, name, granularity, kernel_numel, n_groups, t2, b1, b2)
     n_elem = mat.shape[1] * unit
     rows = eff["rows"]
-    if bool(mask.all()):
+    if bool(mat.all()):   # every row uses every column (unit): the layer is one block
         everything = torch.arange(mask.shape[0], dtype=torch.int64)
         return [Block(everything, torch.arange(n_elem, dtype=torch.int64))], {**eff, "passes": 0}
     found, passes = _regroup_units(mat, name, eff, t1, unit, partitioner, seed, imbalance, max_passes)
