@@ -144,6 +144,8 @@ def test_channel_granularity_gives_whole_channels_and_finds_channel_blocks():
         assert torch.equal(ch, ch[:, :1] + torch.arange(k)) and bool((ch[:, 0] % k == 0).all())
     assert as_lists(blocks) == sorted(truth)
     check_exact_cover(out["w"], blocks)
+    flat = regroup_layer(m.reshape(c_out, -1), 2, granularity="channel", kernel_numel=k)
+    assert as_lists(flat) == sorted(truth)             # the 2-D view + kernel_numel agrees
     assert bool(out["w"][m].all())                       # every kept weight survives
     # element granularity on the same mask gives different (position-level) columns
     elem = regroup(Masks({"w": m}), 2, granularity="element").blocks["w"]

@@ -83,9 +83,7 @@ def _partition_rows(mask2d, n_parts, partitioner, seed, imbalance, kahypar_prese
         raise UsageError(f"n_parts must be an integer >= 1, got {n_parts!r}")
     if not (isinstance(imbalance, (int, float)) and 0 < imbalance < 1):
         raise UsageError(f"imbalance must be in (0, 1), got {imbalance!r}")
-    m = mask2d.detach().to("cpu")
-    if m.dtype != torch.float32:   # regroup passes float 0/1 already; keep that copy-free
-        m = (m != 0).to(torch.float32)
+    m = (mask2d.detach().to("cpu") != 0).to(torch.float32)   # any nonzero counts as kept
     live = torch.nonzero(m.amax(dim=1) > 0).flatten()
     parts = torch.full((m.shape[0],), -1, dtype=torch.int64)
     n = live.numel()
