@@ -183,6 +183,20 @@ def test_deterministic_and_input_untouched():
     assert all(s["blocks"] >= 1 for s in stats.values())
 
 
+@pytest.mark.parametrize("sparsity", [0.2, 0.5, 0.9])
+def test_small_model_defaults_regroup_every_layer(sparsity):
+    # ResNet-20 at width 0.5 on 1-channel input: 8-row layers, an 8 x 9 first conv, 1x1
+    # shortcuts; global magnitude masks leave those layers at very different densities
+    torch.manual_seed(0)
+    model = ts.models.create("resnet20", 1, 10, (28, 28), width=0.5)
+    masks = ts.prune.omp(model, sparsity)
+    out = regroup(masks)
+    assert set(out.blocks) == set(masks.weight_names)
+    for n in masks.weight_names:
+        check_exact_cover(out[n], out.blocks[n])
+        assert int(out[n].sum()) > 0
+
+
 def test_layers_argument_regroups_only_those():
     m1, _ = planted(0)
     m2 = torch.rand(96, 200, generator=torch.Generator().manual_seed(1)) < 0.3

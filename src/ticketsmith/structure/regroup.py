@@ -16,8 +16,10 @@ Hyper-parameters (names from the paper and the authors' code):
   the column that was actually added, in sorted order, and for every row.)
 - `t2` (int or None): the paper's column threshold: only a column with at least t2 nonzeros
   among the group's rows can join a block, which caps w. Default None = per group
-  max(2, ceil(d * group rows)), d = the layer's density before regrouping (at the chosen
-  granularity): a block column must be at least as dense as the layer was, and never used by a
+  max(2, ceil(min(d, 1/2) * group rows)), d = the layer's density before regrouping (at the
+  chosen granularity): a block column must be at least as dense as the layer was (but a column
+  used by half the group's rows always qualifies: it refills no more than it keeps, and
+  without this cap a 95%-dense layer could only use full columns), and never be used by a
   single row only (the paper's Figure 2 example uses 2). With a fixed count instead, the later
   passes of the while loop turn scattered leftovers into sparse "blocks" (measured: 1% noise
   around 8 planted blocks of a 512 x 4608 mask gave 24 extra blocks at ~5% density with t2=2;
@@ -39,9 +41,11 @@ columns. With `n_groups=None` (the default) a layer with R non-empty rows gets
 n = clamp(R // b1, 1, 8) groups, so groups hold about b1 rows or more; an explicit `n_groups` is
 used as given (more groups than non-empty rows is an error). Then, per layer:
 - b1' = min(b1, max(1, R // (2 n))): a block may lose up to half of an equal share of rows (to the
-  partitioner's imbalance, and to rows with nothing in the block's columns) and still count;
-- b2' = min(b2, max(1, floor(d * n_columns))), d = the layer's density: a block need not be wider
-  than the average row's kept weights (e.g. 2 for an 8 x 9 first conv at 30% density);
+  partitioner's imbalance, and to rows with nothing in the block's columns) and still count
+  (e.g. 4 for an 8-row layer, 16 from 256 rows up);
+- b2' = min(b2, max(1, floor(k / 2))), k = the layer's average kept weights per row: a block
+  need not be wider than half a typical row (e.g. 1 for an 8 x 9 first conv at 30% density,
+  6 for a 6 x 25 LeNet conv at 50%; 16 for every VGG-16 conv but the first at 80% sparsity);
 - an explicit t2 becomes min(t2, b1'); the auto t2 never asks more than the group's rows.
 Later passes use min(n, remaining rows // b1') groups. `regroup_settings` returns these values.
 A layer that ends with no block at all is an error that names the layer and what to lower; a
@@ -126,7 +130,7 @@ def _plan(mask: torch.Tensor, name: str, granularity: str, kernel_numel: int,
     b1e = min(b1, max(1, rows // (2 * n)))
     row_nnz = float(mask.sum()) / mask.shape[0]          # average kept weights per row
     eff = {"n_groups": n, "b1": b1e, "t2": None if t2 is None else min(t2, b1e),
-           "b2": min(b2, max(1, int(row_nnz))), "rows": rows,
+           "b2": min(b2, max(1, int(row_nnz / 2))), "rows": rows,
            "density": float(mat.sum()) / mat.numel()}
     return mat, unit, eff
 
@@ -136,7 +140,8 @@ def regroup_settings(masks: Masks, n_groups: int | None = None, *, t2: int | Non
                      layers: Sequence[str] | None = None) -> dict[str, dict]:
     """Per layer, the effective hyper-parameters `regroup` uses with these arguments:
     ``{"n_groups", "b1", "t2", "b2", "rows", "density"}``: rows = non-empty rows, density = the
-    layer's density at this granularity, t2 None = per group max(2, ceil(density * rows))."""
+    layer's density at this granularity, t2 None = per group max(2, ceil(min(density, 1/2) *
+    group rows))."""
     _check_args(n_groups, "metis", 1.0, t2, b1, b2, granularity, 0.1, 0, None)
     masks = _as_masks(masks)
     return {name: _plan(masks[name], name, granularity, 1, n_groups, t2, b1, b2)[2]
@@ -181,7 +186,7 @@ def _block_in_group(remaining: torch.Tensor, earlier_rows: torch.Tensor,
         if hit:
             counts[torch.cat([earlier_cols[i] for i in hit])] = 0.0
     size = group.numel()
-    need = t2 if t2 is not None else min(size, max(2, math.ceil(density * size - 1e-9)))
+    need = t2 if t2 is not None else min(size, max(2, math.ceil(min(density, 0.5) * size - 1e-9)))
     n_cand = int((counts >= need).sum())
     if n_cand == 0:
         return None
