@@ -15,12 +15,13 @@ Hyper-parameters (names from the paper and the authors' code):
   holds most of every row. (Unlike the authors' code, each row's outside count is updated with
   the column that was actually added, in sorted order, and for every row.)
 - `t2` (int or None): the paper's column threshold: only a column with at least t2 nonzeros
-  among the group's rows can join a block, which caps w. Default None = per group
-  max(2, ceil(min(d, 1/2) * group rows)), d = the layer's density before regrouping (at the
-  chosen granularity): a block column must be at least as dense as the layer was (but a column
-  used by half the group's rows always qualifies: it refills no more than it keeps, and
-  without this cap a 95%-dense layer could only use full columns), and never be used by a
-  single row only (the paper's Figure 2 example uses 2). With a fixed count instead, the later
+  (kept weights) among the group's rows can join a block, which caps w. For a channel column
+  that counts the kept positions of the channel over the group's rows. Default None = per group
+  max(2, ceil(min(d, 1/2) * group rows * kh*kw)) (kh*kw = 1 for element columns), d = the
+  layer's density before regrouping: a block column must be at least as dense as the layer was
+  (but a column half full always qualifies: it refills no more than it keeps, and without this
+  cap a 95%-dense layer could only use full columns), and never hold a single weight only (the
+  paper's Figure 2 example uses 2). With a fixed count instead, the later
   passes of the while loop turn scattered leftovers into sparse "blocks" (measured: 1% noise
   around 8 planted blocks of a 512 x 4608 mask gave 24 extra blocks at ~5% density with t2=2;
   with the default none), since the t1 rule alone can always be met by widening.
@@ -30,9 +31,9 @@ Hyper-parameters (names from the paper and the authors' code):
   register of the CPUs this project targets. Narrower leftovers are dropped.
 
 Two additions to the authors' rule, both to keep a block exactly what the mask supports:
-- once w stops, the block still takes every further candidate column that is *full* in the group
-  (all the group's rows use it): it costs no refill, and without it a fully dense group would be
-  cut at w = 0.6 n (the t1 rule) and the rest fragmented;
+- once w stops, the block still takes every further candidate column that *every* row of the
+  group uses (at element granularity such a column costs no refill): without it a fully dense
+  group would be cut at w = 0.6 n (the t1 rule) and the rest fragmented over later passes;
 - a group row that has no nonzero inside the block's columns is left out of the block (its block
   row would be pure refill); it stays available for the next pass.
 
@@ -46,16 +47,17 @@ used as given (more groups than non-empty rows is an error). Then, per layer:
 - b2' = min(b2, max(1, floor(k / 2))), k = the layer's average kept weights per row: a block
   need not be wider than half a typical row (e.g. 1 for an 8 x 9 first conv at 30% density,
   6 for a 6 x 25 LeNet conv at 50%; 16 for every VGG-16 conv but the first at 80% sparsity);
-- an explicit t2 becomes min(t2, b1'); the auto t2 never asks more than the group's rows.
+- an explicit t2 becomes min(t2, b1' * kh*kw); the auto t2 never asks more than a full column.
 Later passes use min(n, remaining rows // b1') groups. `regroup_settings` returns these values.
 A layer that ends with no block at all is an error that names the layer and what to lower; a
-fully dense layer (with `granularity="channel"`: every row using every input channel) is one
-block covering it; an all-zero layer is an error.
+fully dense layer is one block covering it; an all-zero layer is an error.
 
 `granularity="element"`: columns are single (c_in, kh, kw) positions (the paper).
 `granularity="channel"`: columns are whole input channels (a channel is used by a row if any of
-its kh*kw positions is nonzero; a selected channel brings all its kh*kw columns), which runs as
-a dense (grouped) convolution. For linear layers both are the same.
+its kh*kw positions is nonzero: that is what the partition, the column order and the t1 rule
+count; t2 counts kept positions, so block columns stay as dense as the layer in weights; a
+selected channel brings all its kh*kw columns), which runs as a dense (grouped) convolution.
+For linear layers both are the same.
 """
 from __future__ import annotations
 
@@ -100,16 +102,17 @@ def _check_args(n_groups, partitioner, t1, t2, b1, b2, granularity, imbalance, s
 
 
 def _units(mask: torch.Tensor, granularity: str, kernel_numel: int) -> tuple[torch.Tensor, int]:
-    """The `c_out x units` bool matrix regroup works on, and how many element columns a unit is."""
+    """The `c_out x units` float matrix regroup works on (kept weights per row and unit: 0/1 for
+    elements, 0..kh*kw for channels) and how many element columns a unit is."""
     c_out = mask.shape[0]
     if mask.dim() > 2:
         kernel_numel = math.prod(mask.shape[2:])
     flat = mask.reshape(c_out, -1)
     if granularity == "element" or kernel_numel == 1:
-        return flat, 1
+        return flat.to(torch.float32), 1
     if flat.shape[1] % kernel_numel:
         raise UsageError(f"kernel_numel={kernel_numel} does not divide the {flat.shape[1]} columns")
-    return flat.reshape(c_out, -1, kernel_numel).any(dim=2), kernel_numel
+    return flat.reshape(c_out, -1, kernel_numel).sum(dim=2, dtype=torch.float32), kernel_numel
 
 
 def _plan(mask: torch.Tensor, name: str, granularity: str, kernel_numel: int,
@@ -117,7 +120,7 @@ def _plan(mask: torch.Tensor, name: str, granularity: str, kernel_numel: int,
           ) -> tuple[torch.Tensor, int, dict]:
     """The unit matrix of a layer, the unit width, and the effective hyper-parameters."""
     mat, unit = _units(mask, granularity, kernel_numel)
-    rows = int(mat.any(dim=1).sum())
+    rows = int((mat.amax(dim=1) > 0).sum())
     if rows == 0:
         raise UsageError(f"layer {name!r}: the mask is all zeros; nothing to regroup")
     if n_groups is None:
@@ -129,9 +132,9 @@ def _plan(mask: torch.Tensor, name: str, granularity: str, kernel_numel: int,
         n = n_groups
     b1e = min(b1, max(1, rows // (2 * n)))
     row_nnz = float(mask.sum()) / mask.shape[0]          # average kept weights per row
-    eff = {"n_groups": n, "b1": b1e, "t2": None if t2 is None else min(t2, b1e),
+    eff = {"n_groups": n, "b1": b1e, "t2": None if t2 is None else min(t2, b1e * unit),
            "b2": min(b2, max(1, int(row_nnz / 2))), "rows": rows,
-           "density": float(mat.sum()) / mat.numel()}
+           "density": float(mask.sum()) / mask.numel()}
     return mat, unit, eff
 
 
@@ -140,8 +143,8 @@ def regroup_settings(masks: Masks, n_groups: int | None = None, *, t2: int | Non
                      layers: Sequence[str] | None = None) -> dict[str, dict]:
     """Per layer, the effective hyper-parameters `regroup` uses with these arguments:
     ``{"n_groups", "b1", "t2", "b2", "rows", "density"}``: rows = non-empty rows, density = the
-    layer's density at this granularity, t2 None = per group max(2, ceil(min(density, 1/2) *
-    group rows))."""
+    layer's density (kept weights / weights), t2 None = per group
+    max(2, ceil(min(density, 1/2) * group rows * kh*kw))."""
     _check_args(n_groups, "metis", 1.0, t2, b1, b2, granularity, 0.1, 0, None)
     masks = _as_masks(masks)
     return {name: _plan(masks[name], name, granularity, 1, n_groups, t2, b1, b2)[2]
@@ -175,31 +178,36 @@ def _block_in_group(remaining: torch.Tensor, earlier_rows: torch.Tensor,
                     earlier_cols: list[torch.Tensor], group: torch.Tensor, t1: float,
                     t2: int | None, density: float, b1: int, b2: int, unit: int
                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The dense block of one row group, or None. `remaining` is a float 0/1 matrix of the
-    nonzeros no block holds yet; `earlier_rows` (blocks x rows, bool) and `earlier_cols` are the
-    blocks of earlier passes. Their columns are no candidates for a group that shares a row
-    with them, so blocks never overlap."""
+    """The dense block of one row group, or None. `remaining` holds the kept weights per (row,
+    unit column) that no block holds yet; `earlier_rows` (blocks x rows, bool) and
+    `earlier_cols` are the blocks of earlier passes. Their columns are no candidates for a group
+    that shares a row with them, so blocks never overlap."""
     sub = remaining[group]                                   # |G| x U
-    counts = sub.sum(dim=0)                                  # float32: exact integer counts
+    used = sub if unit == 1 else (sub > 0).to(torch.float32)  # does the row use the column
+    weights = sub.sum(dim=0)                                 # kept weights per column (exact)
     if earlier_cols:
         hit = torch.nonzero(earlier_rows[:, group].any(dim=1)).flatten().tolist()
         if hit:
-            counts[torch.cat([earlier_cols[i] for i in hit])] = 0.0
+            weights[torch.cat([earlier_cols[i] for i in hit])] = 0.0
     size = group.numel()
-    need = t2 if t2 is not None else min(size, max(2, math.ceil(min(density, 0.5) * size - 1e-9)))
-    n_cand = int((counts >= need).sum())
-    if n_cand == 0:
+    area = size * unit                                       # weights in a full block column
+    need = t2 if t2 is not None else min(area, max(2, math.ceil(min(density, 0.5) * area - 1e-9)))
+    cand = torch.nonzero(weights >= need).flatten()
+    if cand.numel() == 0:
         return None
-    order = torch.sort(-counts, stable=True).indices[:n_cand]   # most used first, ties: lower col
-    # per row, nonzeros outside the top-w columns for w = 1..n_cand, updated in sorted order for
+    # candidates, most used first (ties: more kept weights, then lower column); exact in float32
+    users = used.sum(dim=0)[cand]
+    perm = torch.sort(-(users * (area + 1) + weights[cand]), stable=True).indices
+    order, users = cand[perm], users[perm]
+    # per row, used columns outside the top-w for w = 1..len(order), updated in sorted order for
     # every row; the rule holds at w when the row with the most left outside satisfies it
-    outside = sub.sum(dim=1, keepdim=True) - torch.cumsum(sub[:, order], dim=1)
-    width = torch.arange(1, n_cand + 1, dtype=torch.float32)
+    outside = used.sum(dim=1, keepdim=True) - torch.cumsum(used[:, order], dim=1)
+    width = torch.arange(1, order.numel() + 1, dtype=torch.float32)
     done = width > t1 * outside.amax(dim=0)
-    w = int(torch.nonzero(done)[0]) + 1 if bool(done.any()) else n_cand
-    w = max(w, int((counts[order] == size).sum()))   # full columns cost no refill
+    w = int(torch.nonzero(done)[0]) + 1 if bool(done.any()) else order.numel()
+    w = max(w, int((users == size).sum()))   # columns every row uses (elements: no refill)
     cols = order[:w]
-    rows = group[sub[:, cols].amax(dim=1) > 0]
+    rows = group[used[:, cols].amax(dim=1) > 0]
     if rows.numel() < b1 or w * unit < b2:
         return None
     return rows, torch.sort(cols).values
@@ -209,7 +217,7 @@ def _regroup_units(mat: torch.Tensor, name: str, eff: dict, t1: float, unit: int
                    seed: int, imbalance: float, max_passes: int | None
                    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
     """Blocks (rows, unit columns) of a `rows x units` bool matrix, and the number of passes."""
-    remaining = mat.to(torch.float32)    # a new tensor: the caller's mask is never written
+    remaining = mat.clone()    # written below; never the caller's mask
     found: list[tuple[torch.Tensor, torch.Tensor]] = []
     passes = 0
     b1 = eff["b1"]
@@ -253,13 +261,14 @@ def _regroup_one(mask: torch.Tensor, name: str, n_groups, partitioner, t1, t2, b
     mat, unit, eff = _plan(mask, name, granularity, kernel_numel, n_groups, t2, b1, b2)
     n_elem = mat.shape[1] * unit
     rows = eff["rows"]
-    if bool(mat.all()):   # every row uses every column (unit): the layer is one block
+    if bool(mask.all()):   # nothing pruned: the layer is one block
         everything = torch.arange(mask.shape[0], dtype=torch.int64)
         return [Block(everything, torch.arange(n_elem, dtype=torch.int64))], {**eff, "passes": 0}
     found, passes = _regroup_units(mat, name, eff, t1, unit, partitioner, seed, imbalance, max_passes)
     if not found:
         raise UsageError(
-            f"layer {name!r}: regroup found no dense block (rows={rows}, effective n_groups="
+            f"layer {name!r}: regroup found no dense block (rows={rows}, kept weights="
+            f"{int(mask.sum())} of {mask.numel()}, effective n_groups="
             f"{eff['n_groups']}, b1={eff['b1']}, b2={eff['b2']}, t2={eff['t2'] or 'auto'}); lower b1, b2, "
             "t2 or n_groups, or leave this layer out (layers=...)")
     blocks = []
