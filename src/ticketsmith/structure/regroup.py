@@ -195,9 +195,10 @@ def _block_in_group(remaining: torch.Tensor, earlier_rows: torch.Tensor,
     cand = torch.nonzero(weights >= need).flatten()
     if cand.numel() == 0:
         return None
-    # candidates, most used first (ties: more kept weights, then lower column); exact in float32
+    # candidates, most used first (ties: more kept weights, then lower column)
     users = used.sum(dim=0)[cand]
-    perm = torch.sort(-(users * (area + 1) + weights[cand]), stable=True).indices
+    key = users.to(torch.float64) * (area + 1) + weights[cand].to(torch.float64)   # exact
+    perm = torch.sort(-key, stable=True).indices
     order, users = cand[perm], users[perm]
     # per row, used columns outside the top-w for w = 1..len(order), updated in sorted order for
     # every row; the rule holds at w when the row with the most left outside satisfies it
@@ -216,7 +217,8 @@ def _block_in_group(remaining: torch.Tensor, earlier_rows: torch.Tensor,
 def _regroup_units(mat: torch.Tensor, name: str, eff: dict, t1: float, unit: int, partitioner: str,
                    seed: int, imbalance: float, max_passes: int | None
                    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
-    """Blocks (rows, unit columns) of a `rows x units` bool matrix, and the number of passes."""
+    """Blocks (rows, unit columns) of a `rows x units` matrix of kept weights, and the number
+    of passes that found one."""
     remaining = mat.clone()    # written below; never the caller's mask
     found: list[tuple[torch.Tensor, torch.Tensor]] = []
     passes = 0
