@@ -73,6 +73,8 @@ def setup(case: str, tmp: Path, finished: Path, monkeypatch) -> list[str]:
         "rewind-past-end": ["run", *QUICK, "--rewind", "100000"],
         "prune-fraction": ["run", *QUICK, "--prune-fraction", "1.5"],
         "refill-extra": ["run", *QUICK, "--structure", "refill+", "--refill-extra", "2"],
+        "regroup-settings": ["run", *QUICK, "--structure", "regroup", "--regroup-b1", "0"],
+        "regroup-partitioner": ["run", *QUICK, "--structure", "regroup", "--regroup-partitioner", "hmetis"],
         "every-round-alone": ["run", *QUICK, "--structure-every-round"],
         "chain-not-a-run": ["run", *QUICK, "--structure", "refill", "--chain", str(tmp / "nowhere")],
         "data-dir-missing": ["run", *QUICK, "--dataset", "fashion-mnist", "--data-dir", "/nonexistent"],

@@ -111,3 +111,33 @@ def test_oneshot_sources_in_runs(tmp_path, source):
                     sparsity=(0.7,), synflow_iterations=5, admm_epochs=1)
     s = Run(cfg, tmp_path, progress=False).execute()
     assert s["complete"] and s["rounds"][1]["sparsity"] == pytest.approx(0.7, abs=1e-3)
+
+
+def blocks_cover_exactly(masks):
+    for k, blocks in masks.blocks.items():
+        cover = torch.zeros(masks[k].shape[0], masks[k][0].numel(), dtype=torch.int)
+        for b in blocks:
+            cover[b.rows[:, None], b.cols[None, :]] += 1
+        assert cover.max() <= 1, f"{k}: blocks overlap"
+        assert torch.equal(cover.bool(), masks[k].reshape(cover.shape)), f"{k}: weights outside blocks"
+
+
+def test_group_aware_imp_ends_every_round_block_structured(tmp_path):
+    cfg = RunConfig(model="vgg11", width=0.25, dataset="digits", epochs=1, batch_size=128, rounds=2,
+                    structure="regroup", structure_every_round=True, prune_fraction=0.5)
+    s = Run(cfg, tmp_path, progress=False).execute()
+    assert s["complete"] and not (tmp_path / "chain").exists()
+    prev = None
+    for r in (1, 2):
+        masks = ts.Masks.load(tmp_path / f"round_{r:02d}" / "masks.safetensors")
+        assert set(masks.blocks) == set(masks.weight_names)  # every layer regrouped
+        blocks_cover_exactly(masks)
+        info = json.loads((tmp_path / f"round_{r:02d}" / "round.json").read_text())
+        assert info["blocks"] == {k: len(v) for k, v in masks.blocks.items()}
+        if prev is not None:  # Alg. 4: round 2 prunes round 1's regrouped mask
+            for k in masks.weight_names:
+                assert masks[k].sum() <= prev[k].numel()
+        prev = masks
+    w, _ = load_tensors(tmp_path / "round_02" / "weights.safetensors")
+    for k in prev:
+        assert (w[k][~prev[k]] == 0).all(), k

@@ -9,11 +9,11 @@ from . import compact, data, dst, models, prune, structure
 from .errors import ArtifactError, DataNotFoundError, DivergenceError, TicketsmithError, UsageError
 from .masks import Block, Masks, MaskHold, prunable_names
 from .runs import Run, RunConfig, summarize_run
-from .structure import channel_companions, channel_groups, refill
+from .structure import channel_companions, channel_groups, refill, regroup
 from .train import Dist, Trainer, TrainConfig, evaluate
 
 __version__ = "0.1.0"
 
-__all__ = ["compact", "data", "dst", "models", "prune", "structure", "refill", "channel_groups", "channel_companions", "Masks", "MaskHold", "Block", "prunable_names", "Run",
+__all__ = ["compact", "data", "dst", "models", "prune", "structure", "refill", "regroup", "channel_groups", "channel_companions", "Masks", "MaskHold", "Block", "prunable_names", "Run",
            "RunConfig", "summarize_run", "Trainer", "TrainConfig", "Dist", "evaluate",
            "TicketsmithError", "UsageError", "DataNotFoundError", "ArtifactError", "DivergenceError"]

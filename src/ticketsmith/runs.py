@@ -76,6 +76,18 @@ class RunConfig:
     refill_coupled: bool = field(default=True, metadata=_help(
         "refill: layers whose channels meet at a residual addition keep one shared channel set "
         "(--no-refill-coupled: per layer, as the authors' code)"))
+    regroup_groups: int = field(default=0, metadata=_help(
+        "regroup: row groups per layer, the paper's t1 (0: min(8, rows // b1) per layer)"))
+    regroup_partitioner: str = field(default="metis", metadata=_help(
+        "regroup: hypergraph partitioner (kahypar is GPLv3+, an optional extra)", choices=("metis", "kahypar")))
+    regroup_granularity: str = field(default="element", metadata=_help(
+        "regroup: block columns are single (c_in, kh, kw) positions (element, the paper) or whole "
+        "input channels (channel: runs as dense convolutions)", choices=("element", "channel")))
+    regroup_t1: float = field(default=1.5, metadata=_help("regroup: block density ratio (authors: 1.5)"))
+    regroup_t2: int = field(default=0, metadata=_help(
+        "regroup: minimum kept weights of a column in a group (0: from the layer's density)"))
+    regroup_b1: int = field(default=16, metadata=_help("regroup: minimum rows of a block"))
+    regroup_b2: int = field(default=16, metadata=_help("regroup: minimum columns (elements) of a block"))
     structure_every_round: bool = field(default=False, metadata=_help(
         "IMP: prune the structured mask of the previous round (group-aware IMP, Alg. 4) "
         "instead of post-processing an unstructured IMP chain"))
@@ -121,7 +133,7 @@ class RunConfig:
 
     def validate(self) -> None:
         for name in ("model", "dataset", "method", "source", "structure", "reinit", "refill_criterion",
-                     "dst_distribution"):
+                     "dst_distribution", "regroup_partitioner", "regroup_granularity"):
             choices = RunConfig.__dataclass_fields__[name].metadata.get("choices")
             if getattr(self, name) not in choices:
                 raise UsageError(f"unknown {name} {getattr(self, name)!r}; choose one of: "
@@ -141,6 +153,9 @@ class RunConfig:
                 raise UsageError(f"sparsity must be in (0, 1) for {self.method}, got {self.sparsity[0]}")
         if self.synflow_iterations < 1 or self.admm_epochs < 1 or not self.admm_rho > 0:
             raise UsageError("synflow iterations and admm epochs must be >= 1, admm rho > 0")
+        if self.regroup_groups < 0 or self.regroup_t2 < 0 or self.regroup_b1 < 1 or self.regroup_b2 < 1 \
+                or not self.regroup_t1 > 0:
+            raise UsageError("regroup settings: groups >= 0, t1 > 0, t2 >= 0, b1 >= 1, b2 >= 1")
         if not 0 <= self.refill_extra <= 1:
             raise UsageError(f"refill extra must be in [0, 1], got {self.refill_extra}")
         if self.width <= 0:
@@ -534,7 +549,12 @@ class Run:
             return refill(trained, masks, criterion=cfg.refill_criterion,
                           extra=cfg.refill_extra if cfg.structure == "refill+" else 0.0,
                           coupled=cfg.refill_coupled, data=(x, y), example_inputs=x[:1])
-        raise UsageError(f"structure {cfg.structure!r} is not available in this build")
+        from .structure import channel_companions, regroup
+        grouped = regroup(masks, cfg.regroup_groups or None, cfg.regroup_partitioner, t1=cfg.regroup_t1,
+                          t2=cfg.regroup_t2 or None, b1=cfg.regroup_b1, b2=cfg.regroup_b2,
+                          granularity=cfg.regroup_granularity, seed=cfg.seed)
+        # rows no block covers are dead channels: mask their bias / BatchNorm too
+        return channel_companions(trained, grouped, x[:1])
 
     def _dynamic(self) -> None:
         """Sparse training from scratch: one round, round_00, its mask learned while training."""
