@@ -160,6 +160,17 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .sweep import parse_values, sweep
+    values = parse_values(args.vary)
+    rows = sweep(args.run_dir, args.round, values, args.out, epochs=args.epochs,
+                 granularity=args.granularity, batch_size=args.batch_size, pairs=args.pairs,
+                 data_dir=args.data_dir, progress=args.progress,
+                 log=lambda m: print(m, file=sys.stderr))
+    print(Path(args.out, "sweep.md").read_text())
+    return 0 if rows else 1
+
+
 def cmd_report(args) -> int:
     from .report import make_report
     path = make_report(args.run_dirs, args.out, layers=args.layers.split(",") if args.layers else None,
@@ -219,6 +230,26 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--autotune", action="store_true", help="time each executor's kernels and keep the fastest")
     b.add_argument("--data-dir", help="the dataset folder of RUN_DIR's dataset, if not the default")
     b.set_defaults(func=cmd_bench)
+
+    sw = sub.add_parser("sweep", help="Regroup's hyper-parameters on a finished IMP run: sparsity, "
+                        "accuracy after retraining and speed per setting",
+                        description="Regroup one round's mask of a finished unstructured IMP run for "
+                                    "each setting (one hyper-parameter varied at a time, the others "
+                                    "at their defaults); retrain each ticket from the run's rewind "
+                                    "point for --epochs (0: no retraining) and time it; writes "
+                                    "sweep.json, sweep.md and sweep.png. Resumable.")
+    sw.add_argument("run_dir", metavar="IMP_RUN")
+    sw.add_argument("--round", type=int, required=True, help="which IMP round's mask")
+    sw.add_argument("--vary", action="append", default=[], metavar="NAME=V1,V2",
+                    help="n_groups, t1, t2, b1 or b2 and its values; repeatable")
+    sw.add_argument("--epochs", type=int, default=0, help="retraining budget per setting (default 0)")
+    sw.add_argument("--granularity", choices=("element", "channel"), default="element")
+    sw.add_argument("--batch-size", type=int, default=64, help="batch size of the speed measurement")
+    sw.add_argument("--pairs", type=int, default=10)
+    sw.add_argument("--out", required=True)
+    sw.add_argument("--data-dir")
+    sw.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    sw.set_defaults(func=cmd_sweep)
 
     rep = sub.add_parser("report", help="plots, report.md and report.html from run directories")
     rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")

@@ -1,0 +1,170 @@
+"""How sensitive is Regroup to its hyper-parameters? (the blog review's question)
+
+`sweep(imp_run, round, values)` takes one round of a finished unstructured IMP run, regroups
+its mask once per setting (one hyper-parameter varied at a time, the others at their
+defaults), and records for each: the structured sparsity and blocks, the test accuracy after
+retraining from the run's rewind point (`epochs` sets the budget; 0 skips retraining) and the
+measured speedup of the compacted ticket. Each setting's result is written as soon as it is
+known, so an interrupted sweep resumes where it stopped.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from . import bench
+from .errors import UsageError
+from .io import read_json, write_json
+from .masks import Masks
+from .runs import Run, RunConfig, load_state, round_dir
+from .train import Trainer, TrainConfig
+
+PARAMS = {"n_groups": int, "t1": float, "t2": int, "b1": int, "b2": int}
+DEFAULTS = {"n_groups": None, "t1": 1.5, "t2": None, "b1": 16, "b2": 16}
+
+
+def parse_values(specs: Sequence[str]) -> dict[str, list]:
+    """'t1=1,1.5,2' -> {'t1': [1.0, 1.5, 2.0]}."""
+    out: dict[str, list] = {}
+    for spec in specs:
+        name, _, vals = spec.partition("=")
+        if name not in PARAMS or not vals:
+            raise UsageError(f"sweep values look like NAME=V1,V2 with NAME one of "
+                             f"{', '.join(PARAMS)}; got {spec!r}")
+        try:
+            out[name] = [PARAMS[name](v) for v in vals.split(",") if v.strip()]
+        except ValueError:
+            raise UsageError(f"{name}: expected {PARAMS[name].__name__} values, got {vals!r}") from None
+    if not out:
+        raise UsageError("give at least one --vary NAME=V1,V2")
+    return out
+
+
+def sweep(imp_run: str | Path, round_: int, values: Mapping[str, Sequence], out: str | Path, *,
+          epochs: int = 0, granularity: str = "element", batch_size: int = 64, pairs: int = 10,
+          data_dir: str | None = None, progress: bool = True,
+          log: Callable[[str], None] = print) -> list[dict]:
+    imp_run, out = Path(imp_run), Path(out)
+    if not (imp_run / "config.json").exists():
+        raise UsageError(f"{imp_run} is not a ticketsmith run directory (no config.json)")
+    cfg = RunConfig.from_json(read_json(imp_run / "config.json"))
+    if cfg.method != "imp" or cfg.structure != "none":
+        raise UsageError(f"{imp_run}: sweep needs an unstructured IMP run")
+    src, prev = round_dir(imp_run, round_), round_dir(imp_run, round_ - 1)
+    if round_ < 1 or not (src / "masks.safetensors").exists() or not (prev / "round.json").exists():
+        raise UsageError(f"{imp_run}: round {round_} has no mask or round {round_ - 1} is not finished")
+    if epochs < 0:
+        raise UsageError(f"epochs must be >= 0, got {epochs}")
+    run = Run(cfg, imp_run, data_dir=data_dir, progress=False)
+    unstructured = Masks.load(src / "masks.safetensors")
+    trained = run.trained(prev)
+    dense = run.trained(round_dir(imp_run, 0))
+    x, _ = run.structure_batch()
+    shape = (run.ds.in_channels, *run.ds.image_size)
+    settings = [("default", None)] + [(name, v) for name, vs in values.items() for v in vs]
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, value in settings:
+        key = f"{name}={value}" if value is not None else "default"
+        f = out / f"setting_{key.replace('=', '_')}.json"
+        if f.exists():
+            rows.append(read_json(f))
+            continue
+        kw = dict(DEFAULTS)
+        if value is not None:
+            kw[name] = value
+        log(f"sweep {key}: regroup")
+        from .structure import channel_companions, regroup
+        try:
+            masks = regroup(unstructured, kw["n_groups"], "metis", t1=kw["t1"], t2=kw["t2"], b1=kw["b1"],
+                            b2=kw["b2"], granularity=granularity, seed=cfg.seed)
+        except UsageError as e:  # a setting that leaves a layer without any block
+            row = {"setting": key, "param": name, "value": value, "error": str(e)}
+            write_json(f, row)
+            rows.append(row)
+            continue
+        masks = channel_companions(trained, masks, x[:1])
+        row = {"setting": key, "param": name, "value": value, "sparsity": masks.sparsity(),
+               "unstructured_sparsity": unstructured.sparsity(),
+               "blocks": sum(len(b) for b in masks.blocks.values())}
+        ticket = run.trained(src) if epochs == 0 else _retrain(run, masks, epochs, key, progress, row)
+        log(f"sweep {key}: bench at batch {batch_size}")
+        res = bench.bench_ticket(dense, ticket, masks, shape, batch_sizes=(batch_size,), pairs=pairs,
+                                 layerwise=False)
+        row.update(ideal_speedup=res["ideal_speedup"], speedup=res["results"][0]["speedup_median"],
+                   speedup_min=res["results"][0]["speedup_min"],
+                   speedup_max=res["results"][0]["speedup_max"], batch_size=batch_size)
+        write_json(f, row)
+        rows.append(row)
+    write_json(out / "sweep.json", {"run": str(imp_run), "round": round_, "epochs": epochs,
+                                    "granularity": granularity, "rows": rows})
+    (out / "sweep.md").write_text(to_markdown(rows, imp_run, round_, epochs, granularity, batch_size))
+    plot(rows, out / "sweep.png")
+    return rows
+
+
+def _retrain(run: Run, masks: Masks, epochs: int, key: str, progress: bool, row: dict):
+    """Retrain the ticket from the run's rewind point for `epochs` (a short budget runs the
+    same schedule, compressed: LR milestones at the same fractions)."""
+    model = run.new_model()
+    load_state(model, run.out / "rewind.safetensors")
+    masks.apply(model)
+    c = run.cfg
+    tcfg = TrainConfig(epochs=epochs, batch_size=c.batch_size, lr=c.lr, momentum=c.momentum,
+                       weight_decay=c.weight_decay, milestones=tuple(c.milestones), seed=c.seed,
+                       channels_last=c.channels_last)
+    result = Trainer(model, run.ds, tcfg, progress=progress, desc=f"{key} ").fit(masks)
+    row.update(best_val_acc=result.best_val_acc, test_acc=result.test_acc_at_best, epochs=epochs)
+    model.to(memory_format=torch.contiguous_format)
+    return model
+
+
+def to_markdown(rows, run, round_, epochs, granularity, batch_size) -> str:
+    lines = [f"# Regroup sensitivity: {run}, round {round_}", "",
+             f"Granularity {granularity}; retraining budget: "
+             + (f"{epochs} epochs from the rewind point" if epochs else "none (speed and sparsity only)")
+             + f"; speedup at batch {batch_size}, median of paired ratios vs the fastest dense path.", "",
+             "| setting | structured sparsity % | blocks | test acc % | speedup (min-max) | ideal |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['setting']} | no block in some layer | - | - | - | - |")
+            continue
+        acc = f"{100 * r['test_acc']:.2f}" if "test_acc" in r else "-"
+        lines.append(f"| {r['setting']} | {100 * r['sparsity']:.2f} | {r['blocks']} | {acc} | "
+                     f"{r['speedup']:.2f}x ({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) | "
+                     f"{r['ideal_speedup']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    params = [p for p in PARAMS if any(r["param"] == p for r in rows)]
+    default = next((r for r in rows if r["setting"] == "default" and "error" not in r), None)
+    fig, axes = plt.subplots(3, max(1, len(params)), figsize=(3.2 * max(1, len(params)), 7), squeeze=False)
+    metrics = [("sparsity", "structured sparsity %", 100), ("test_acc", "test accuracy %", 100),
+               ("speedup", "speedup (x)", 1)]
+    for j, p in enumerate(params):
+        pts = sorted((r["value"], r) for r in rows if r["param"] == p and "error" not in r)
+        for i, (key, label, scale) in enumerate(metrics):
+            ax = axes[i][j]
+            ys = [(v, r[key] * scale) for v, r in pts if key in r]
+            if ys:
+                ax.plot([v for v, _ in ys], [y for _, y in ys], "o-")
+            if default is not None and key in default:
+                ax.axhline(default[key] * scale, color="k", ls="--", lw=0.8)
+            ax.set_xlabel(p)
+            if j == 0:
+                ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+    fig.suptitle("Regroup hyper-parameters, one at a time (dashed: defaults)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+__all__ = ["sweep", "parse_values", "PARAMS", "DEFAULTS"]
