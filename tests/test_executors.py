@@ -332,7 +332,7 @@ def test_onnx_export_runs_under_onnxruntime():
     for mod, x in ((conv_mod, x4), (over_mod, x4), (lin_mod, x2)):
         mod.use("per-block")
         _onnx_check(mod, x)
-    for name in ("csr", "dense"):
+    for name in ("csr", "gather"):
         cond.use(name)
         _onnx_check(cond, torch.randn(2, 16))
     cond.use("embedding_bag")

@@ -52,7 +52,7 @@ class Executor(nn.Module):
         self.layer_name = name
         self.executor = "dense"
         self.timings: dict[str, float] = {}
-        self._cache: dict[str, Any] = {}
+        self._cache: dict[Any, Any] = {}
 
     # -- interface ---------------------------------------------------------------------------
     def _kernels(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
@@ -114,7 +114,10 @@ class Executor(nn.Module):
         self._check_input(x)
         if torch.onnx.is_in_onnx_export():
             return self._export_forward(x)
-        return self._kernels()[self.executor](x)
+        fn = self._cache.get(("kernel", self.executor))
+        if fn is None:
+            fn = self._cache[("kernel", self.executor)] = self._kernels()[self.executor]
+        return fn(x)
 
     def extra_repr(self) -> str:
         return f"executor={self.executor!r}"

@@ -6,7 +6,7 @@ Which CPU kernel is fastest depends on the batch (docs/BENCHMARKS.md and
 benchmarks/results/condensed_linear.md): a CSR product with int32 indices at small batch
 (memory-bound: it reads a tenth of the dense weight), `F.embedding_bag` with per-sample weights
 at large batch (each output neuron is a weighted bag of input columns). Both are candidates of
-one module, with the folded dense layer, and the naive gather that is also the ONNX form.
+one module, with the folded dense layer and the naive gather.
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ __all__ = ["CondensedLinear", "constant_fan_in"]
 # Batch size from which embedding_bag beats the int32 CSR product (measured on 3072->768 and
 # 768->3072 at 90% sparsity, 2 threads; see benchmarks/results/condensed_linear.md).
 EMBEDDING_BAG_FROM_BATCH = 16
+# Bytes of x^T one embedding_bag call reads from (see `CondensedLinear._embedding_bag`).
+L2_TILE_BYTES = 256 * 1024
 
 
 def constant_fan_in(mask: torch.Tensor) -> int | None:
@@ -43,8 +45,9 @@ class CondensedLinear(Executor):
     active neuron). Rows with no kept input (ablated neurons) output their bias only.
 
     Kernels: "csr" (int32-index CSR times the input), "embedding_bag" (weighted bags of input
-    columns), "gather" (index, multiply, sum: the exportable form), "dense" (F.linear with the
-    folded weight) and, on CPU with float32, "dense-mkldnn" (oneDNN linear).
+    columns), "gather" (index, multiply, sum), "dense" (F.linear with the folded weight) and,
+    on CPU with float32, "dense-mkldnn" (oneDNN linear). ONNX export writes the folded dense layer
+    (onnxruntime has no sparse product), or the gather form when "gather" is in use.
     """
 
     def __init__(self, in_features: int, out_features: int, values: torch.Tensor,
@@ -63,6 +66,8 @@ class CondensedLinear(Executor):
         self.register_buffer("active_rows", active_rows.detach().to(torch.int64).clone())
         self.register_parameter("bias", None if bias is None else
                                 nn.Parameter(bias.detach().clone(), requires_grad=False))
+        # batch tile of the embedding_bag kernel: x^T tiles of about L2_TILE_BYTES
+        self.bag_tile = max(16, 1 << max(0, (L2_TILE_BYTES // (4 * max(1, self.in_features))).bit_length() - 1))
         a = int(active_rows.numel())
         self.n_active = a
         # every row active, in order: the kernels' output is the layer's output
@@ -185,9 +190,18 @@ class CondensedLinear(Executor):
         return (self._csr_weight() @ x.t()).t()
 
     def _embedding_bag(self, x: torch.Tensor) -> torch.Tensor:
-        # each active neuron is a bag of input columns weighted by its values
-        return F.embedding_bag(self.indices, x.t().contiguous(), per_sample_weights=self.values,
-                               mode="sum").t()
+        # Each active neuron is a bag of rows of x^T weighted by its values. The batch is cut into
+        # tiles so that the x^T tile the bags read from stays in the core's L2 cache.
+        n, tile = x.shape[0], self.bag_tile
+        if n <= tile:
+            return F.embedding_bag(self.indices, x.t().contiguous(), per_sample_weights=self.values,
+                                   mode="sum").t()
+        out = x.new_empty((n, self.n_active))
+        for i in range(0, n, tile):
+            y = F.embedding_bag(self.indices, x[i:i + tile].t().contiguous(),
+                                per_sample_weights=self.values, mode="sum")
+            out[i:i + tile].copy_(y.t())
+        return out
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
         flat = self._cached("flat", lambda: self.indices.flatten())
@@ -197,7 +211,10 @@ class CondensedLinear(Executor):
     def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features)
-        if self.executor.startswith("dense") or self.n_active == 0:
+        # ONNX has no sparse product: measured under onnxruntime (3072->768, 90%), the gathered
+        # form ran 10x (batch 1) to 20x (batch 256) slower than the dense MatMul, so the export
+        # is dense unless the gather kernel was chosen explicitly (a file 3-4x smaller).
+        if self.executor != "gather" or self.n_active == 0:
             y = self._dense(x)
         else:
             y = self._gather(x)
