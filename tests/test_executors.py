@@ -288,6 +288,9 @@ def test_bad_inputs_raise_usage_error():
         BlockConv2d.from_config(BlockLinear.from_linear(lin, ok).to_config(), {})
     with pytest.raises(UsageError, match="missing tensors"):
         BlockConv2d.from_config(mod.to_config(), {})
+    bad = dict(mod.tensors(), cols0=torch.tensor([2, 1, 40]))
+    with pytest.raises(UsageError, match="cols0"):
+        BlockConv2d.from_config(mod.to_config(), bad)
     with pytest.raises(UsageError, match="constant fan-in.*between 1 and 2"):
         CondensedLinear.from_linear(lin, torch.tensor([[1, 0, 0, 0, 0, 0, 0, 0],
                                                        [1, 1, 0, 0, 0, 0, 0, 0]] + [[0] * 8] * 3))

@@ -157,7 +157,7 @@ def _check_config(cls: type, config: dict, tensors: dict, needed: Sequence[str])
 # blocks: validation and the shared bookkeeping of rows
 # ---------------------------------------------------------------------------------------------
 
-def _index(where: str, what: str, t: Any, bound: int) -> torch.Tensor:
+def _index(where: str, what: str, t: Any, bound: int, sort: bool = True) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         t = torch.as_tensor(t)
     if t.dtype.is_floating_point or t.dtype == torch.bool or t.dim() != 1:
@@ -167,7 +167,10 @@ def _index(where: str, what: str, t: Any, bound: int) -> torch.Tensor:
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= bound):
         raise UsageError(f"{where}: {what} out of range [0, {bound}) "
                          f"(min {int(t.min())}, max {int(t.max())})")
-    t = t.sort().values
+    if sort:
+        t = t.sort().values
+    elif t.numel() > 1 and bool((t[1:] < t[:-1]).any()):
+        raise UsageError(f"{where}: {what} is not sorted")
     if t.numel() > 1 and bool((t[1:] == t[:-1]).any()):
         raise UsageError(f"{where}: {what} has repeated indices")
     return t
@@ -259,9 +262,10 @@ def _assemble_export(plan: _RowPlan, ys: list[torch.Tensor], bias: torch.Tensor 
         return base()
     zero = torch.zeros_like(ys[0].narrow(1, 0, 1))
     cat = torch.cat(list(ys) + [zero], 1)
-    out = cat.index_select(1, plan.gather[0])
-    for level in range(1, plan.gather.shape[0]):
-        out = out + cat.index_select(1, plan.gather[level])
+    gather = plan.gather.to(cat.device)
+    out = cat.index_select(1, gather[0])
+    for level in range(1, gather.shape[0]):
+        out = out + cat.index_select(1, gather[level])
     if bias is not None:
         shape = (1, -1) + (1,) * (out.dim() - 2)
         out = out + bias.view(shape)
@@ -571,11 +575,15 @@ class BlockConv2d(Executor):
         need = [f"{k}{i}" for i in range(n) for k in ("rows", "cols", "weight")]
         _check_config(cls, config, tensors, need + (["bias"] if config.get("bias") else []))
         try:
+            kh, kw = config["kernel_size"]
+            where = "BlockConv2d.from_config"
             mod = cls(int(config["in_channels"]), int(config["out_channels"]),
                       tuple(config["kernel_size"]), tuple(config["stride"]), tuple(config["padding"]),
                       tuple(config["dilation"]),
-                      [tensors[f"rows{i}"].to(torch.int64) for i in range(n)],
-                      [tensors[f"cols{i}"].to(torch.int64) for i in range(n)],
+                      [_index(where, f"rows{i}", tensors[f"rows{i}"], int(config["out_channels"]), False)
+                       for i in range(n)],
+                      [_index(where, f"cols{i}", tensors[f"cols{i}"],
+                              int(config["in_channels"]) * kh * kw, False) for i in range(n)],
                       [tensors[f"weight{i}"] for i in range(n)],
                       tensors.get("bias") if config.get("bias") else None, config.get("name"))
         except KeyError as e:
@@ -733,9 +741,12 @@ class BlockLinear(Executor):
         need = [f"{k}{i}" for i in range(n) for k in ("rows", "cols", "weight")]
         _check_config(cls, config, tensors, need + (["bias"] if config.get("bias") else []))
         try:
+            where = "BlockLinear.from_config"
             mod = cls(int(config["in_features"]), int(config["out_features"]),
-                      [tensors[f"rows{i}"].to(torch.int64) for i in range(n)],
-                      [tensors[f"cols{i}"].to(torch.int64) for i in range(n)],
+                      [_index(where, f"rows{i}", tensors[f"rows{i}"], int(config["out_features"]), False)
+                       for i in range(n)],
+                      [_index(where, f"cols{i}", tensors[f"cols{i}"], int(config["in_features"]), False)
+                       for i in range(n)],
                       [tensors[f"weight{i}"] for i in range(n)],
                       tensors.get("bias") if config.get("bias") else None, config.get("name"))
         except KeyError as e:
