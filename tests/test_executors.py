@@ -106,6 +106,20 @@ def test_block_conv_every_kernel_matches_masked_conv(kind, ci):
         assert torch.equal(y, bias[~covered].view(1, -1, 1, 1).expand_as(y))
 
 
+def test_block_conv_grouped_form():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(4)
+    conv = nn.Conv2d(9, 12, 3, stride=2, padding=1)
+    mod = BlockConv2d.from_conv(conv, make_blocks("channel", 12, 9, 9, g))
+    in_index, grouped, out_index = mod.grouped_form()
+    assert grouped.groups == 3 and isinstance(grouped, nn.Conv2d)
+    x = torch.randn(2, 9, 7, 7)
+    y = grouped(x.index_select(1, in_index)).index_select(1, out_index)
+    assert rel_err(y, mod(x)) < 1e-5
+    with pytest.raises(UsageError, match="exactly one block"):
+        BlockConv2d.from_conv(conv, make_blocks("overlap", 12, 9, 9, g)).grouped_form()
+
+
 def test_block_conv_overlapping_entries_counted_once():
     conv = nn.Conv2d(3, 4, 1)
     rows, cols = torch.tensor([0, 1, 2]), torch.tensor([0, 1])
@@ -130,7 +144,10 @@ def test_block_conv_select_and_autotune_keep_the_function():
     conv = nn.Conv2d(16, 16, 3, padding=1)
     g = torch.Generator().manual_seed(1)
     chan = BlockConv2d.from_conv(conv, make_blocks("channel", 16, 16, 9, g))
-    assert chan.select(1) == "per-block" and chan.select(64) == "per-block"
+    assert chan.select(1) == "grouped" and chan.select(64) == "grouped"
+    uneven = BlockConv2d.from_conv(conv, [Block(torch.arange(12), torch.arange(9 * 2)),
+                                          Block(torch.arange(12, 14), torch.arange(9 * 2, 9 * 10))])
+    assert uneven.select(64) == "per-block"  # padding to one shape would waste most of the work
     # random single columns touch nearly every input channel: the blocks cannot pay
     full = [Block(torch.arange(8), torch.randperm(144, generator=g)[:72].sort().values),
             Block(torch.arange(8, 16), torch.randperm(144, generator=g)[:72].sort().values)]
@@ -152,6 +169,23 @@ def roundtrip(mod, tmp_path):
     save_tensors(tmp_path / "t.safetensors", mod.tensors())
     tensors, _ = load_tensors(tmp_path / "t.safetensors")
     return type(mod).from_config(config, tensors)
+
+
+def test_refresh_after_in_place_change():
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    mod = BlockConv2d.from_conv(conv, [Block(torch.arange(6), torch.arange(18))])
+    x = torch.randn(1, 4, 5, 5)
+    for name in mod.candidates():
+        mod.use(name)
+        before = mod(x)
+        with torch.no_grad():
+            mod.weight0.mul_(2)
+        mod.refresh()
+        assert not torch.allclose(mod(x), before)
+        with torch.no_grad():
+            mod.weight0.div_(2)
+        mod.refresh()
+        assert rel_err(mod(x), before) < 1e-6
 
 
 def test_block_save_load_round_trip(tmp_path):
@@ -216,6 +250,10 @@ def test_condensed_every_kernel_matches_masked_linear(zero_rows, bias):
                     y = mod(x)
                 assert y.shape == ref.shape
                 assert rel_err(y, ref) < 1e-4, (name, x.shape)
+    mod.use("embedding_bag")
+    mod.bag_tile = 2  # the batch cut into tiles (a remainder tile included)
+    x = torch.randn(7, 30)
+    assert rel_err(mod(x), F.linear(x, lin.weight * mask, lin.bias)) < 1e-4
     if bias:
         assert torch.equal(mod.bias, lin.bias)
     if zero_rows:  # ablated neurons output their bias (or zero)

@@ -30,6 +30,10 @@ from ..masks import Block
 __all__ = ["BlockConv2d", "BlockLinear", "Executor"]
 
 
+_PACKED_CONV = (hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+                and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight"))
+
+
 def _mkldnn_ok(t: torch.Tensor) -> bool:
     return (t.device.type == "cpu" and t.dtype == torch.float32
             and torch.backends.mkldnn.is_available())
@@ -125,6 +129,11 @@ class Executor(nn.Module):
     def _apply(self, fn, recurse=True):  # .to() / .float(): derived tensors are stale
         self._cache.clear()
         return super()._apply(fn, recurse)
+
+    def refresh(self) -> None:
+        """Drop the derived tensors (folded, packed, CSR copies of the weights); call it after
+        changing the module's own tensors in place."""
+        self._cache.clear()
 
     def _cached(self, key: str, build: Callable[[], Any]) -> Any:
         v = self._cache.get(key)
@@ -434,23 +443,56 @@ class BlockConv2d(Executor):
         return k
 
     def _default(self, batch_size: int) -> str:
-        """Measured rule: gather + small dense convs win when the blocks' work (MACs over the
-        touched channels) is at most about 60% of the dense conv's; otherwise run dense. The
-        grouped conv and im2col never won here, at any batch size tried (1-64)."""
+        """Measured rule (benchmarks/results/block_conv.md): the block kernels pay when their
+        work (MACs over the touched input channels, padded to equal blocks for "grouped") is at
+        most 60% of the dense conv's, otherwise "dense". Between them, "grouped" (one oneDNN call)
+        held up on the loaded, shared machine where "per-block" (four calls, each with its own
+        thread synchronisation) fell below dense; "per-block" only when padding the blocks to one
+        shape would waste more than a quarter of the work."""
         if self.n_blocks == 0:
             return "dense"
+        dense = self.out_channels * self.in_channels
         work = sum(r.numel() * ch.numel() for r, ch in zip(self._rows, self._chans))
-        return "per-block" if work <= 0.6 * self.out_channels * self.in_channels else "dense"
+        padded = (self.n_blocks * max(r.numel() for r in self._rows)
+                  * max(ch.numel() for ch in self._chans))
+        if min(work, padded) > 0.6 * dense:
+            return "dense"
+        if self.n_blocks >= 2 and padded <= 1.25 * work:
+            return "grouped"
+        return "per-block"
+
+    def _conv(self, x: torch.Tensor, key: Any, weight: torch.Tensor, bias: torch.Tensor | None,
+              pad: tuple[int, int], groups: int = 1) -> torch.Tensor:
+        """F.conv2d, or oneDNN's convolution with a weight reordered once per input shape:
+        F.conv2d reorders the plain weight into oneDNN's blocked layout on every call, which
+        cost as much as the convolution itself at batch 8 here (256->256, 16x16)."""
+        if not (_PACKED_CONV and _mkldnn_ok(x) and weight.dtype == x.dtype
+                and not (torch.is_grad_enabled() and x.requires_grad)):
+            return F.conv2d(x, weight, bias, self.stride, pad, self.dilation, groups)
+        ck = ("packed", key, tuple(x.shape))
+        packed = self._cache.get(ck)
+        if packed is None:
+            if len(self._cache) > 64:  # many input shapes: drop the old packed weights
+                for k in [k for k in self._cache if isinstance(k, tuple) and k[0] == "packed"]:
+                    del self._cache[k]
+            packed = self._cache[ck] = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                weight.detach().to_mkldnn(), list(pad), list(self.stride), list(self.dilation),
+                groups, list(x.shape))
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, packed, None if bias is None else bias.detach(), list(pad), list(self.stride),
+            list(self.dilation), groups, "none", [], "")
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         x, pad = self._conv_padding(x)
-        return F.conv2d(x, self.dense_weight(), self.bias, self.stride, pad, self.dilation)
+        if torch.onnx.is_in_onnx_export():
+            return F.conv2d(x, self.dense_weight(), self.bias, self.stride, pad, self.dilation)
+        return self._conv(x, "dense", self.dense_weight(), self.bias, pad)
 
     def _per_block(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()  # gathering channels out of channels_last is a strided, slow copy
         x, pad = self._conv_padding(x)
-        ys = [F.conv2d(x.index_select(1, chans), wb, bb, self.stride, pad, self.dilation)
-              for (_, chans, wb), bb in zip(self._blocks(), self._block_biases())]
+        ys = [self._conv(x.index_select(1, chans), i, wb, bb, pad)
+              for i, ((_, chans, wb), bb) in enumerate(zip(self._blocks(), self._block_biases()))]
         return _assemble(self._plan, ys, self._rows_now(), self._base_fn_padded(x))
 
     def _rows_now(self) -> list[torch.Tensor]:
@@ -498,7 +540,7 @@ class BlockConv2d(Executor):
         idx, w, b, slots = self._grouped_tensors()
         x = x.contiguous()
         x, pad = self._conv_padding(x)
-        y = F.conv2d(x.index_select(1, idx), w, b, self.stride, pad, self.dilation, self.n_blocks)
+        y = self._conv(x.index_select(1, idx), "grouped", w, b, pad, self.n_blocks)
         if self._plan.partition:  # one gather puts every row in place
             def build():
                 return slots[self._plan.slot_of_row.to(slots.device)]
@@ -542,6 +584,31 @@ class BlockConv2d(Executor):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise UsageError(f"{self._where()}: expected an input [N, {self.in_channels}, H, W], "
                              f"got {shape}")
+
+    def grouped_form(self) -> tuple[torch.Tensor, nn.Conv2d, torch.Tensor]:
+        """The layer as `(in_index, conv, out_index)` with a plain grouped nn.Conv2d:
+        `layer(x) == conv(x.index_select(1, in_index)).index_select(1, out_index)`.
+
+        For whole-model compaction: where `in_index` is a permutation of the input channels and
+        the neighbouring layers can absorb both index maps (reorder the previous layer's output
+        channels, the next layer's input channels), the layer runs as the grouped conv alone,
+        without the two channel gathers that cost this executor a third of its time. Needs every
+        output row in exactly one block (rows shared by blocks or in none: UsageError)."""
+        if self.n_blocks < 1 or not self._plan.partition:
+            raise UsageError(f"{self._where()}: a grouped form needs every output channel in "
+                             "exactly one block")
+        if not self._sym_pad:
+            raise UsageError(f"{self._where()}: asymmetric padding has no nn.Conv2d form")
+        idx, w, b, slots = self._grouped_tensors()
+        g = self.n_blocks
+        conv = nn.Conv2d(idx.numel(), w.shape[0], self.kernel_size, self.stride,
+                         (self.pad4[0], self.pad4[2]), self.dilation, groups=g, bias=b is not None)
+        with torch.no_grad():
+            conv.weight.copy_(w)
+            if b is not None:
+                conv.bias.copy_(b)
+        out_index = slots[self._plan.slot_of_row.to(slots.device)]
+        return idx.clone(), conv.to(w.device), out_index.clone()
 
     # -- accounting --------------------------------------------------------------------------
     def macs_per_position(self) -> int:
