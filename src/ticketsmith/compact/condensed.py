@@ -25,7 +25,11 @@ __all__ = ["CondensedLinear", "constant_fan_in"]
 # Batch size from which embedding_bag beats the int32 CSR product (measured on 3072->768 and
 # 768->3072 at 90% sparsity, 2 threads; see benchmarks/results/condensed_linear.md).
 EMBEDDING_BAG_FROM_BATCH = 16
-# Bytes of x^T one embedding_bag call reads from (see `CondensedLinear._embedding_bag`).
+# Density above which the folded dense layer is the default.
+DENSE_ABOVE_DENSITY = 0.2
+# Batch tile of the embedding_bag kernel, and the most bytes of x^T one call may read from
+# (see `CondensedLinear._embedding_bag`).
+BAG_TILE = 64
 L2_TILE_BYTES = 1536 * 1024
 
 
@@ -66,10 +70,11 @@ class CondensedLinear(Executor):
         self.register_buffer("active_rows", active_rows.detach().to(torch.int64).clone())
         self.register_parameter("bias", None if bias is None else
                                 nn.Parameter(bias.detach().clone(), requires_grad=False))
-        # batch tile of the embedding_bag kernel: the largest power of two whose x^T tile
-        # fits in L2_TILE_BYTES (measured best: 128 rows for 3072 inputs, no tiling for 768)
+        # batch tile of the embedding_bag kernel: 64 rows measured best for 3072 and for 768
+        # inputs (1.2-1.6x faster than one call over batch 256); fewer where the x^T tile
+        # would not fit in L2_TILE_BYTES
         fit = L2_TILE_BYTES // (4 * max(1, self.in_features))
-        self.bag_tile = max(16, 1 << max(0, fit.bit_length() - 1))
+        self.bag_tile = min(BAG_TILE, max(16, 1 << max(0, fit.bit_length() - 1)))
         a = int(active_rows.numel())
         self.n_active = a
         # every row active, in order: the kernels' output is the layer's output
@@ -129,10 +134,11 @@ class CondensedLinear(Executor):
     def _default(self, batch_size: int) -> str:
         """CSR below EMBEDDING_BAG_FROM_BATCH rows of input, embedding_bag from there on (both
         measured against the dense paths at 10% density); the folded dense layer when the
-        weight keeps more than half its entries, where the sparse kernels cannot pay."""
+        weight keeps more than DENSE_ABOVE_DENSITY of its entries (768->3072: CSR broke even with
+        oneDNN at about 25% density at batch 1, embedding_bag at about 18% at batch 256)."""
         if self.n_active == 0:
             return "dense"
-        if self.n_active * self.fan_in > 0.5 * self.out_features * self.in_features:
+        if self.n_active * self.fan_in > DENSE_ABOVE_DENSITY * self.out_features * self.in_features:
             return "dense-mkldnn" if batch_size >= 32 and "dense-mkldnn" in self._kernels() else "dense"
         return "csr" if batch_size < EMBEDDING_BAG_FROM_BATCH else "embedding_bag"
 
