@@ -6,7 +6,7 @@ Two block structures: channel-granular (each block's columns are whole input cha
 random quarter of them: the form regroup should aim for) and element-granular (each block takes a
 random quarter of the c_in*3*3 columns: the blocks then touch nearly every input channel).
 
-    PYTHONPATH=src python benchmarks/block_conv.py [--batch 64] [--pairs 30] [--threads 2]
+    PYTHONPATH=src python benchmarks/block_conv.py [--batch 64] [--pairs 20] [--threads 2,1]
 
 Writes benchmarks/results/block_conv.{json,md}.
 """
@@ -89,29 +89,17 @@ def dense_paths(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, x_cl: torch.T
             "to_mkldnn model (mkldnn tensors)": lambda: mk(x_mk)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--channels", type=int, default=256)
-    ap.add_argument("--size", type=int, default=16)
-    ap.add_argument("--blocks", type=int, default=4)
-    ap.add_argument("--pairs", type=int, default=30)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(RESULTS / "block_conv"))
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+def measure(args, threads: int) -> dict:
+    """All figures at one thread count."""
+    torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
     c, n, hw = args.channels, args.batch, args.size
     conv = nn.Conv2d(c, c, 3, padding=1).eval()
     x = torch.randn(n, c, hw, hw)
     x_cl = x.contiguous(memory_format=torch.channels_last)
-    load_before = os.getloadavg()
-    report = {**machine(), "layer": f"conv {c}->{c}, 3x3, pad 1, {hw}x{hw}", "batch": n,
-              "blocks": args.blocks, "pairs": args.pairs, "loadavg_before": load_before, "structures": {}}
+    run = {"threads": threads, "loadavg_before": os.getloadavg(), "structures": {}}
     dense_macs = n * hw * hw * c * c * 9
-
     with torch.inference_mode():
         for kind in ("channel", "element"):
             blocks = make_blocks(kind, c, c, 9, args.blocks, g)
@@ -127,48 +115,66 @@ def main() -> None:
             entry = {"channel_granular": mod.channel_granular, "baseline": base_name,
                      "baseline_probe_s": base_times, "dense_macs": dense_macs,
                      "block_macs": block_macs, "ideal_speedup": dense_macs / block_macs,
-                     "dense_params": c * c * 9 + c,
-                     "block_params": mod.macs_per_position() + c,
-                     "kernels": {}}
+                     "dense_params": c * c * 9 + c, "block_params": mod.macs_per_position() + c,
+                     "reps_per_burst": reps, "kernels": {}}
+
+            def record(label: str, fn, err: float) -> None:
+                assert err < 1e-4, (kind, label, err)
+                r = paired(base, fn, pairs=args.pairs, reps=reps)
+                r["rel_err"] = err
+                r["realized_over_ideal"] = r["ratio_median"] / entry["ideal_speedup"]
+                entry["kernels"][label] = r
+                print(f"{threads}T {kind:8s} {label:60s} speedup {r['ratio_median']:.2f} "
+                      f"[{r['ratio_min']:.2f}, {r['ratio_max']:.2f}] vs {base_name}", flush=True)
+
             for name in mod.candidates():
                 mod.use(name)
                 for fmt, xin in (("NCHW", x), ("channels_last", x_cl)):
+                    if name == "im2col" and fmt == "channels_last":
+                        continue  # unfold copies either layout the same way, slowly
                     err = float((mod(xin) - ref).abs().max() / ref.abs().max())
-                    assert err < 1e-4, (kind, name, fmt, err)
-                    r = paired(base, lambda: mod(xin), pairs=args.pairs, reps=reps)
-                    r["rel_err"] = err
-                    r["realized_over_ideal"] = r["ratio_median"] / entry["ideal_speedup"]
-                    entry["kernels"][f"{name} ({fmt} input)"] = r
-                    print(f"{kind:8s} {name:10s} {fmt:14s} speedup {r['ratio_median']:.2f} "
-                          f"[{r['ratio_min']:.2f}, {r['ratio_max']:.2f}] vs {base_name} "
-                          f"(ideal {entry['ideal_speedup']:.2f})", flush=True)
+                    record(f"{name} ({fmt} input)", (lambda xi: lambda: mod(xi))(xin), err)
             if kind == "channel":
-                # what whole-model compaction could reach: the grouped conv alone, the input
-                # channels already in block order (a permuted previous layer), the output left in
-                # block order (absorbed by the next layer's input channels)
+                # What whole-model compaction could reach: the grouped conv alone, its input
+                # channels already in block order (a permuted previous layer), its output left in
+                # block order (absorbed by the next layer's input channels).
                 in_index, grouped, out_index = mod.grouped_form()
                 xg = x.index_select(1, in_index).contiguous(memory_format=torch.channels_last)
-                yg = grouped(xg)
-                err = float((yg.index_select(1, out_index) - ref).abs().max() / ref.abs().max())
-                assert err < 1e-4, err
                 pw = torch._C._nn.mkldnn_reorder_conv2d_weight(
                     grouped.weight.detach().to_mkldnn(), [1, 1], [1, 1], [1, 1], grouped.groups,
                     list(xg.shape))
                 gb = grouped.bias.detach()
-                r = paired(base, lambda: torch.ops.mkldnn._convolution_pointwise(
-                    xg, pw, gb, [1, 1], [1, 1], [1, 1], grouped.groups, "none", [], ""),
-                    pairs=args.pairs, reps=reps)
-                r["rel_err"] = err
-                r["realized_over_ideal"] = r["ratio_median"] / entry["ideal_speedup"]
-                entry["kernels"]["grouped conv alone, channel maps absorbed by neighbours "
-                                 "(channels_last)"] = r
-                print(f"{kind:8s} grouped conv alone (maps absorbed) speedup {r['ratio_median']:.2f} "
-                      f"[{r['ratio_min']:.2f}, {r['ratio_max']:.2f}]", flush=True)
+
+                def alone():
+                    return torch.ops.mkldnn._convolution_pointwise(
+                        xg, pw, gb, [1, 1], [1, 1], [1, 1], grouped.groups, "none", [], "")
+                err = float((alone().index_select(1, out_index) - ref).abs().max() / ref.abs().max())
+                record("grouped conv alone, channel maps absorbed by neighbours (channels_last)",
+                       alone, err)
             entry["select_batch"] = mod.select(n)
             entry["autotune"] = mod.autotune(x)
             entry["autotune_timings_s"] = mod.timings
-            report["structures"][kind] = entry
-    report["loadavg_after"] = os.getloadavg()
+            run["structures"][kind] = entry
+    run["loadavg_after"] = os.getloadavg()
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--channels", type=int, default=256)
+    ap.add_argument("--size", type=int, default=16)
+    ap.add_argument("--blocks", type=int, default=4)
+    ap.add_argument("--pairs", type=int, default=20)
+    ap.add_argument("--threads", default="2,1", help="thread counts, comma separated")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(RESULTS / "block_conv"))
+    args = ap.parse_args()
+    c, hw = args.channels, args.size
+    report = {**machine(), "layer": f"conv {c}->{c}, 3x3, pad 1, {hw}x{hw}", "batch": args.batch,
+              "blocks": args.blocks, "pairs": args.pairs, "runs": {}}
+    for t in map(int, args.threads.split(",")):
+        report["runs"][str(t)] = measure(args, t)
     out = Path(args.out)
     write_json(out.with_suffix(".json"), report)
     out.with_suffix(".md").write_text(markdown(report))
@@ -177,28 +183,36 @@ def main() -> None:
 
 def markdown(r: dict) -> str:
     lines = [f"# Regrouped conv layer: {r['layer']}, batch {r['batch']}, {r['blocks']} blocks, 75% sparse",
-             "", f"Command: `{r['command']}`  ", f"CPU: {r['cpu']}, torch {r['torch']}, "
-             f"{r['threads']} threads, {r['pairs']} interleaved pairs per figure, inference_mode.  ",
-             f"Load average before/after: {tuple(round(v, 1) for v in r['loadavg_before'])} / "
-             f"{tuple(round(v, 1) for v in r['loadavg_after'])}: taken on a machine shared with other "
-             "jobs; absolute times drift 30-50%, the paired ratios are the figures to read.", "",
-             "Speedup = median over pairs of time(best dense) / time(kernel), [min, max]; "
+             "", f"Command: `{r['command']}`  ",
+             f"CPU: {r['cpu']}, torch {r['torch']}, {r['pairs']} interleaved pairs per figure "
+             "(each a burst of calls), inference_mode, warm-up first, every kernel checked against "
+             "the masked dense conv (relative error < 1e-4).", "",
+             "Taken on a machine shared with other jobs (load averages below): absolute times drift "
+             "by 30-50% and more, the paired ratios are the figures to read. With 2 threads on a "
+             "loaded 2-core machine, every parallel region of a kernel can wait for a descheduled "
+             "thread, which penalises kernels made of several calls (gather, conv, scatter) far "
+             "more than one dense call; the 1-thread figures show the kernels without that effect.",
+             "", "Speedup = median over pairs of time(fastest dense) / time(kernel), [min, max]; "
              "ideal = dense MACs / block MACs.", ""]
-    for kind, e in r["structures"].items():
-        lines += [f"## {kind}-granular blocks (channel_granular={e['channel_granular']})", "",
-                  f"Baseline: {e['baseline']}, the fastest dense conv here (probe medians: "
-                  + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in e["baseline_probe_s"].items())
-                  + f"). MACs dense "
-                  f"{e['dense_macs'] / 1e9:.2f} G, blocks {e['block_macs'] / 1e9:.2f} G "
-                  f"(ideal {e['ideal_speedup']:.2f}x); params dense {e['dense_params']}, "
-                  f"blocks {e['block_params']}.", "",
-                  "| kernel | speedup (median) | min | max | realized/ideal | baseline ms | kernel ms |",
-                  "|---|---|---|---|---|---|---|"]
-        for k, v in e["kernels"].items():
-            lines.append(f"| {k} | {v['ratio_median']:.2f}x | {v['ratio_min']:.2f} | {v['ratio_max']:.2f} "
-                         f"| {v['realized_over_ideal']:.2f} | {1e3 * v['a_median_s']:.1f} | "
-                         f"{1e3 * v['b_median_s']:.1f} |")
-        lines += ["", f"`select({r['batch']})` -> {e['select_batch']}; `autotune` -> {e['autotune']}.", ""]
+    for t, run in r["runs"].items():
+        lines += [f"## {t} thread{'s' if t != '1' else ''} (load average before "
+                  f"{tuple(round(v, 1) for v in run['loadavg_before'])}, after "
+                  f"{tuple(round(v, 1) for v in run['loadavg_after'])})", ""]
+        for kind, e in run["structures"].items():
+            lines += [f"### {kind}-granular blocks (channel_granular={e['channel_granular']})", "",
+                      f"Baseline: {e['baseline']}, the fastest dense conv here (probe medians: "
+                      + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in e["baseline_probe_s"].items())
+                      + f"). MACs dense {e['dense_macs'] / 1e9:.2f} G, blocks "
+                      f"{e['block_macs'] / 1e9:.2f} G (ideal {e['ideal_speedup']:.2f}x); params "
+                      f"dense {e['dense_params']}, blocks {e['block_params']}.", "",
+                      "| kernel | speedup (median) | min | max | realized/ideal | baseline ms | kernel ms |",
+                      "|---|---|---|---|---|---|---|"]
+            for k, v in e["kernels"].items():
+                lines.append(f"| {k} | {v['ratio_median']:.2f}x | {v['ratio_min']:.2f} | "
+                             f"{v['ratio_max']:.2f} | {v['realized_over_ideal']:.2f} | "
+                             f"{1e3 * v['a_median_s']:.1f} | {1e3 * v['b_median_s']:.1f} |")
+            lines += ["", f"`select({r['batch']})` -> {e['select_batch']}; `autotune` -> "
+                      f"{e['autotune']}.", ""]
     return "\n".join(lines) + "\n"
 
 

@@ -7,7 +7,7 @@ fastest dense path of the same layer: F.linear (MKL), oneDNN linear on mkldnn te
 `--sweep` also times CSR against embedding_bag over batch sizes, which sets the batch from which
 `CondensedLinear.select` prefers embedding_bag.
 
-    PYTHONPATH=src python benchmarks/condensed_linear.py [--pairs 30] [--threads 2] [--sweep]
+    PYTHONPATH=src python benchmarks/condensed_linear.py [--pairs 20] [--threads 2,1] [--sweep]
 
 Writes benchmarks/results/condensed_linear.{json,md}.
 """
@@ -70,23 +70,12 @@ def fastest(fns: dict, rounds: int = 9) -> tuple[str, dict[str, float]]:
     return min(med, key=med.get), med
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", default="3072x768,768x3072", help="in x out, comma separated")
-    ap.add_argument("--batches", default="1,256")
-    ap.add_argument("--sparsity", type=float, default=0.9)
-    ap.add_argument("--pairs", type=int, default=30)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--sweep", action="store_true", help="CSR vs embedding_bag over batch sizes")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(RESULTS / "condensed_linear"))
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+def measure(args, threads: int) -> dict:
+    """All figures at one thread count."""
+    torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
-    report = {**machine(), "sparsity": args.sparsity, "pairs": args.pairs,
-              "loadavg_before": os.getloadavg(), "layers": {}, "sweep": {},
-              "embedding_bag_from_batch": EMBEDDING_BAG_FROM_BATCH}
+    run = {"threads": threads, "loadavg_before": os.getloadavg(), "layers": {}, "sweep": {}}
     with torch.inference_mode():
         for shape in args.shapes.split(","):
             i, o = map(int, shape.split("x"))
@@ -104,10 +93,12 @@ def main() -> None:
             for n in map(int, args.batches.split(",")):
                 x = torch.randn(n, i)
                 ref = masked(x)
-                base_name, probe = fastest(dense_paths(masked, x))
-                base = dense_paths(masked, x)[base_name]
+                paths = dense_paths(masked, x)
+                base_name, probe = fastest(paths)
+                base = paths[base_name]
                 reps = burst_reps(base)
-                entry = {"baseline": base_name, "reps_per_burst": reps, "baseline_probe_s": probe, "kernels": {}}
+                entry = {"baseline": base_name, "reps_per_burst": reps, "baseline_probe_s": probe,
+                         "kernels": {}}
                 for name in mod.candidates():
                     mod.use(name)
                     err = float((mod(x) - ref).abs().max() / ref.abs().max())
@@ -116,26 +107,46 @@ def main() -> None:
                     r["rel_err"] = err
                     r["realized_over_ideal"] = r["ratio_median"] / layer["ideal_speedup"]
                     entry["kernels"][name] = r
-                    print(f"{shape:9s} batch {n:4d} {name:14s} speedup {r['ratio_median']:.2f} "
-                          f"[{r['ratio_min']:.2f}, {r['ratio_max']:.2f}] vs {base_name}", flush=True)
+                    print(f"{threads}T {shape:9s} batch {n:4d} {name:14s} speedup "
+                          f"{r['ratio_median']:.2f} [{r['ratio_min']:.2f}, {r['ratio_max']:.2f}] "
+                          f"vs {base_name}", flush=True)
                 entry["select"] = mod.select(n)
                 entry["autotune"] = mod.autotune(x)
                 layer["batches"][str(n)] = entry
-            report["layers"][shape] = layer
+            run["layers"][shape] = layer
             if args.sweep:
                 sweep = {}
-                for n in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+                eb = CondensedLinear.from_linear(lin, mask)
+                eb.use("embedding_bag")
+                mod.use("csr")
+                for n in (1, 4, 8, 16, 32, 64, 256):
                     x = torch.randn(n, i)
-                    mod.use("csr")
-                    csr = lambda: mod(x)  # noqa: E731
-                    eb = CondensedLinear.from_linear(lin, mask)
-                    eb.use("embedding_bag")
+                    csr = (lambda xi: lambda: mod(xi))(x)
                     r = paired(csr, lambda: eb(x), pairs=max(10, args.pairs // 2), reps=burst_reps(csr))
                     sweep[str(n)] = r
-                    print(f"{shape:9s} batch {n:4d} embedding_bag vs csr: {r['ratio_median']:.2f} "
-                          f"[{r['ratio_min']:.2f}, {r['ratio_max']:.2f}]", flush=True)
-                report["sweep"][shape] = sweep
-    report["loadavg_after"] = os.getloadavg()
+                    print(f"{threads}T {shape:9s} batch {n:4d} embedding_bag vs csr: "
+                          f"{r['ratio_median']:.2f} [{r['ratio_min']:.2f}, {r['ratio_max']:.2f}]",
+                          flush=True)
+                run["sweep"][shape] = sweep
+    run["loadavg_after"] = os.getloadavg()
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="3072x768,768x3072", help="in x out, comma separated")
+    ap.add_argument("--batches", default="1,256")
+    ap.add_argument("--sparsity", type=float, default=0.9)
+    ap.add_argument("--pairs", type=int, default=20)
+    ap.add_argument("--threads", default="2,1", help="thread counts, comma separated")
+    ap.add_argument("--sweep", action="store_true", help="CSR vs embedding_bag over batch sizes")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(RESULTS / "condensed_linear"))
+    args = ap.parse_args()
+    report = {**machine(), "sparsity": args.sparsity, "pairs": args.pairs, "runs": {},
+              "embedding_bag_from_batch": EMBEDDING_BAG_FROM_BATCH}
+    for t in map(int, args.threads.split(",")):
+        report["runs"][str(t)] = measure(args, t)
     out = Path(args.out)
     write_json(out.with_suffix(".json"), report)
     out.with_suffix(".md").write_text(markdown(report))
@@ -144,35 +155,45 @@ def main() -> None:
 
 def markdown(r: dict) -> str:
     lines = [f"# Condensed constant fan-in linear layers, {r['sparsity']:.0%} sparse", "",
-             f"Command: `{r['command']}`  ", f"CPU: {r['cpu']}, torch {r['torch']}, {r['threads']} "
-             f"threads, {r['pairs']} interleaved pairs per figure, inference_mode.  ",
-             f"Load average before/after: {tuple(round(v, 1) for v in r['loadavg_before'])} / "
-             f"{tuple(round(v, 1) for v in r['loadavg_after'])}: taken on a machine shared with other "
-             "jobs; absolute times drift 30-50%, the paired ratios are the figures to read.", "",
+             f"Command: `{r['command']}`  ",
+             f"CPU: {r['cpu']}, torch {r['torch']}, {r['pairs']} interleaved pairs per figure (each "
+             "a burst of calls lasting about 20 ms), inference_mode, warm-up first, every kernel "
+             "checked against the masked dense layer (relative error < 1e-4).", "",
+             "Taken on a machine shared with other jobs (load averages below): absolute times drift "
+             "by 30-50% and more, the paired ratios are the figures to read. With 2 threads on a "
+             "loaded 2-core machine every parallel region can wait for a descheduled thread; the "
+             "1-thread figures show the kernels without that effect.", "",
              "Speedup = median over pairs of time(fastest dense) / time(kernel), [min, max]; "
              "ideal = dense MACs / condensed MACs.", ""]
-    for shape, layer in r["layers"].items():
-        lines += [f"## {shape.replace('x', ' -> ')} (fan-in {layer['fan_in']}, ideal "
-                  f"{layer['ideal_speedup']:.1f}x; params dense {layer['dense_params']}, condensed "
-                  f"{layer['condensed_params']})", ""]
-        for n, e in layer["batches"].items():
-            lines += [f"Batch {n}, baseline {e['baseline']} (fastest of "
-                      + ", ".join(f"{k} {1e6 * v:.0f} us" for k, v in e["baseline_probe_s"].items())
-                      + f"); `select({n})` -> {e['select']}, `autotune` -> {e['autotune']}.", "",
-                      "| kernel | speedup (median) | min | max | realized/ideal | dense us | kernel us |",
-                      "|---|---|---|---|---|---|---|"]
-            for k, v in e["kernels"].items():
-                lines.append(f"| {k} | {v['ratio_median']:.2f}x | {v['ratio_min']:.2f} | "
-                             f"{v['ratio_max']:.2f} | {v['realized_over_ideal']:.2f} | "
-                             f"{1e6 * v['a_median_s']:.0f} | {1e6 * v['b_median_s']:.0f} |")
-            lines.append("")
-    if r["sweep"]:
-        lines += ["## embedding_bag vs CSR by batch (ratio > 1: embedding_bag faster)", "",
-                  "| layer | " + " | ".join(next(iter(r["sweep"].values())).keys()) + " |",
-                  "|---|" + "---|" * len(next(iter(r["sweep"].values()))), ]
-        for shape, sw in r["sweep"].items():
-            lines.append(f"| {shape} | " + " | ".join(f"{v['ratio_median']:.2f}" for v in sw.values()) + " |")
-        lines += ["", f"`CondensedLinear.select` uses embedding_bag from batch {r['embedding_bag_from_batch']}.", ""]
+    for t, run in r["runs"].items():
+        lines += [f"## {t} thread{'s' if t != '1' else ''} (load average before "
+                  f"{tuple(round(v, 1) for v in run['loadavg_before'])}, after "
+                  f"{tuple(round(v, 1) for v in run['loadavg_after'])})", ""]
+        for shape, layer in run["layers"].items():
+            lines += [f"### {shape.replace('x', ' -> ')} (fan-in {layer['fan_in']}, ideal "
+                      f"{layer['ideal_speedup']:.1f}x; params dense {layer['dense_params']}, "
+                      f"condensed {layer['condensed_params']})", ""]
+            for n, e in layer["batches"].items():
+                lines += [f"Batch {n}, baseline {e['baseline']} (fastest of: "
+                          + ", ".join(f"{k} {1e6 * v:.0f} us" for k, v in e["baseline_probe_s"].items())
+                          + f"); `select({n})` -> {e['select']}, `autotune` -> {e['autotune']}.", "",
+                          "| kernel | speedup (median) | min | max | realized/ideal | dense us | kernel us |",
+                          "|---|---|---|---|---|---|---|"]
+                for k, v in e["kernels"].items():
+                    lines.append(f"| {k} | {v['ratio_median']:.2f}x | {v['ratio_min']:.2f} | "
+                                 f"{v['ratio_max']:.2f} | {v['realized_over_ideal']:.2f} | "
+                                 f"{1e6 * v['a_median_s']:.0f} | {1e6 * v['b_median_s']:.0f} |")
+                lines.append("")
+        if run["sweep"]:
+            first = next(iter(run["sweep"].values()))
+            lines += ["#### embedding_bag vs CSR by batch (ratio > 1: embedding_bag faster)", "",
+                      "| layer | " + " | ".join(f"batch {b}" for b in first) + " |",
+                      "|---|" + "---|" * len(first)]
+            for shape, sw in run["sweep"].items():
+                lines.append(f"| {shape} | " + " | ".join(f"{v['ratio_median']:.2f}" for v in sw.values())
+                             + " |")
+            lines += ["", f"`CondensedLinear.select` uses embedding_bag from batch "
+                      f"{r['embedding_bag_from_batch']}.", ""]
     return "\n".join(lines) + "\n"
 
 

@@ -145,10 +145,20 @@ class CondensedLinear(Executor):
     def _run(self, fn: Callable[[torch.Tensor], torch.Tensor], condensed: bool = False
              ) -> Callable[[torch.Tensor], torch.Tensor]:
         def run(x: torch.Tensor) -> torch.Tensor:
+            if x.dim() == 2:
+                return self._place(fn(x), x) if condensed else fn(x)
             lead = x.shape[:-1]
             x2 = x.reshape(-1, self.in_features)
             y = self._place(fn(x2), x2) if condensed else fn(x2)
             return y.reshape(lead + (self.out_features,))
+        if fn == self._csr:
+            def run_csr(x: torch.Tensor) -> torch.Tensor:
+                # one input row, every row active: one sparse addmv gives the whole output
+                # (a module overhead of a few microseconds matters next to a ~40 us product)
+                if x.dim() == 2 and x.shape[0] == 1 and self._all_rows and self.bias is not None:
+                    return torch.addmv(self.bias, self._csr_weight(), x[0]).unsqueeze(0)
+                return run(x)
+            return run_csr
         return run
 
     def _place(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
