@@ -444,22 +444,16 @@ class BlockConv2d(Executor):
 
     def _default(self, batch_size: int) -> str:
         """Measured rule (benchmarks/results/block_conv.md): the block kernels pay when their
-        work (MACs over the touched input channels, padded to equal blocks for "grouped") is at
-        most half the dense conv's, otherwise "dense" (at a quarter they ran 2.5x faster). Between them, "grouped" (one oneDNN call)
-        held up on the loaded, shared machine where "per-block" (four calls, each with its own
-        thread synchronisation) fell below dense; "per-block" only when padding the blocks to one
-        shape would waste more than a quarter of the work."""
+        work (MACs over the touched input channels) is at most half the dense conv's, otherwise
+        "dense" (blocks over random single columns touch nearly every input channel: 0.5-0.7x).
+        Among them "per-block" ran 2.1-2.5x over the best dense conv at a quarter of the work,
+        "grouped" 1.2-1.8x (oneDNN's grouped kernel on NCHW input is slower than four small
+        convs), so "grouped" is left to `autotune`."""
         if self.n_blocks == 0:
             return "dense"
         dense = self.out_channels * self.in_channels
         work = sum(r.numel() * ch.numel() for r, ch in zip(self._rows, self._chans))
-        padded = (self.n_blocks * max(r.numel() for r in self._rows)
-                  * max(ch.numel() for ch in self._chans))
-        if min(work, padded) > 0.5 * dense:
-            return "dense"
-        if self.n_blocks >= 2 and padded <= 1.25 * work:
-            return "grouped"
-        return "per-block"
+        return "per-block" if work <= 0.5 * dense else "dense"
 
     def _conv(self, x: torch.Tensor, key: Any, weight: torch.Tensor, bias: torch.Tensor | None,
               pad: tuple[int, int], groups: int = 1) -> torch.Tensor:
