@@ -88,7 +88,8 @@ class Executor(nn.Module):
     def select(self, batch_size: int) -> str:
         """Switch to the kernel the measured default rule picks for `batch_size`; return it."""
         if not isinstance(batch_size, int) or batch_size < 1:
-            raise UsageError(f"{self._where()}: batch_size must be a positive integer, got {batch_size!r}")
+            raise UsageError(f"{self._where()}: batch_size must be a positive integer, "
+                             f"got {batch_size!r}")
         name = self._default(batch_size)
         self.use(name)
         return name
@@ -285,7 +286,8 @@ def _base(bias: torch.Tensor | None, shape: Sequence[int], like: torch.Tensor) -
     if bias is None:
         return like.new_zeros(shape)
     view = (1, -1) + (1,) * (len(shape) - 2)
-    return bias.view(view).expand(shape).clone(memory_format=torch.contiguous_format)  # never the bias itself
+    # a copy, never a view of the bias itself: the block outputs are added into it
+    return bias.view(view).expand(shape).clone(memory_format=torch.contiguous_format)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,7 +368,8 @@ class BlockConv2d(Executor):
         if conv.groups != 1:
             raise UsageError(f"{where}: grouped convolutions (groups={conv.groups}) are not supported")
         if conv.padding_mode != "zeros":
-            raise UsageError(f"{where}: padding_mode {conv.padding_mode!r} is not supported (zeros only)")
+            raise UsageError(f"{where}: padding_mode {conv.padding_mode!r} is not supported "
+                             "(zeros only)")
         w = conv.weight.detach().to("cpu")
         o, c, kh, kw = w.shape
         blocks_n = _normalise_blocks(where, blocks, o, c * kh * kw)
@@ -412,10 +415,14 @@ class BlockConv2d(Executor):
         return self._cached("dense", build)
 
     def _dtype(self) -> torch.dtype:
-        return self.weight0.dtype if self.n_blocks else (self.bias.dtype if self.bias is not None else torch.float32)
+        if self.n_blocks:
+            return self.weight0.dtype
+        return self.bias.dtype if self.bias is not None else torch.float32
 
     def _device(self) -> torch.device:
-        return self.weight0.device if self.n_blocks else (self.bias.device if self.bias is not None else torch.device("cpu"))
+        if self.n_blocks:
+            return self.weight0.device
+        return self.bias.device if self.bias is not None else torch.device("cpu")
 
     def _conv_padding(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         t, b, l, r = self.pad4
