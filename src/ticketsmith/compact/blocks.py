@@ -453,19 +453,15 @@ class BlockConv2d(Executor):
         """Measured rule (benchmarks/results/block_conv.md): the block kernels pay when their
         work (MACs over the touched input channels) is at most half the dense conv's, otherwise
         "dense" (blocks over random single columns touch nearly every input channel: 0.5-0.8x).
-        Then "grouped" (one oneDNN call over the blocks padded to one shape): at 1 thread it ran
-        level with "per-block" (2.2x), at 2 threads on the loaded machine it kept 1.2-1.9x where
-        "per-block", four convs each with its own thread synchronisation, fell to 0.9-1.3x.
-        "per-block" where padding to one shape would waste more than a quarter of the work."""
+        Then "per-block": 2.3x over the best dense conv at a quarter of the work, at 1 and 2
+        threads; "grouped" (oneDNN's grouped kernel on NCHW input) ran 1.5-2.4x. (With OpenMP's
+        default spinning wait on a loaded machine, any multi-call kernel degrades; "grouped",
+        one call, degraded least: see the benchmark notes on OMP_WAIT_POLICY.)"""
         if self.n_blocks == 0:
             return "dense"
         dense = self.out_channels * self.in_channels
         work = sum(r.numel() * ch.numel() for r, ch in zip(self._rows, self._chans))
-        if work > 0.5 * dense:
-            return "dense"
-        padded = (self.n_blocks * max(r.numel() for r in self._rows)
-                  * max(ch.numel() for ch in self._chans))
-        return "grouped" if self.n_blocks >= 2 and padded <= 1.25 * work else "per-block"
+        return "per-block" if work <= 0.5 * dense else "dense"
 
     def _conv(self, x: torch.Tensor, key: Any, weight: torch.Tensor, bias: torch.Tensor | None,
               pad: tuple[int, int], groups: int = 1) -> torch.Tensor:
