@@ -22,9 +22,10 @@ from .blocks import Executor, _check_config, _mkldnn_ok
 
 __all__ = ["CondensedLinear", "constant_fan_in"]
 
-# Batch size from which embedding_bag beats the int32 CSR product (measured on 3072->768 and
-# 768->3072 at 90% sparsity, 2 threads; see benchmarks/results/condensed_linear.md).
-EMBEDDING_BAG_FROM_BATCH = 16
+# Batch size from which embedding_bag is the default over the int32 CSR product: measured on
+# 3072->768 and 768->3072 at 90% sparsity (benchmarks/results/condensed_linear.md), CSR was ~10%
+# faster at batch 16, embedding_bag 1.5-2.5x faster at batch 32; the crossover lies between.
+EMBEDDING_BAG_FROM_BATCH = 24
 # Density above which the folded dense layer is the default.
 DENSE_ABOVE_DENSITY = 0.2
 # Batch tile of the embedding_bag kernel, and the most bytes of x^T one call may read from
