@@ -8,10 +8,11 @@ carries its current choice in `executor`, a default rule in `select(batch_size)`
 choice in `autotune(example_input)`. Modules are saved without pickle through `to_config()` (JSON)
 plus `tensors()` and rebuilt with `from_config(config, tensors)`.
 
-Measured on the project's 2-core machine (conv 256->256, 3x3, 16x16, batch 64, 4 blocks of 64 rows
-x 64 whole input channels): a channel gather plus one small dense conv per block ran at 2-2.5x the
-best dense conv, the same blocks as one grouped conv at 1.3x (oneDNN's grouped kernel is slow), and
-anything built on im2col (`F.unfold`) lost to the dense conv, whose cost `unfold` alone exceeds.
+Measured on the project's shared 2-core machine (conv 256->256, 3x3, 16x16, batch 64, 4 blocks of
+64 rows x 64 whole input channels; benchmarks/results/block_conv.md): a channel gather plus one
+small dense conv per block ran at 1.5-2.3x the best dense conv, the same blocks as one grouped
+conv at 1.5-2.4x, the grouped conv alone (channel maps absorbed by the neighbouring layers, see
+`BlockConv2d.grouped_form`) at 3.6x; anything built on im2col (`F.unfold`) lost to the dense conv.
 """
 from __future__ import annotations
 
