@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import platform
 import statistics
 import sys
@@ -35,7 +36,8 @@ def machine() -> dict:
     except OSError:
         pass
     return {"cpu": cpu, "torch": torch.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads(), "command": " ".join(sys.argv)}
+            "threads": torch.get_num_threads(), "command": " ".join(sys.argv),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
 
 
 def paired(fa: Callable[[], object], fb: Callable[[], object], pairs: int = 20,
@@ -98,8 +100,10 @@ def layer_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _macs_per_position(m: nn.Module) -> int:
-    if hasattr(m, "macs_per_position"):
+    if hasattr(m, "macs_per_position"):  # block conv executor
         return int(m.macs_per_position())
+    if hasattr(m, "macs_per_sample"):  # block / condensed linear: one position per sample
+        return int(m.macs_per_sample())
     return int(m.weight.numel())  # conv: c_out * c_in/groups * kh * kw; linear: out * in
 
 

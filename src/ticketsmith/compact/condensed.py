@@ -1,0 +1,297 @@
+"""The condensed linear layer of SRigL (constant fan-in): every active output neuron keeps the
+same number k of inputs, so the weight is stored as values [active, k] and input indices
+[active, k], and y[:, a] = bias[a] + sum_j values[a, j] * x[:, indices[a, j]].
+
+Which CPU kernel is fastest depends on the batch (docs/BENCHMARKS.md and
+benchmarks/results/condensed_linear.md): a CSR product with int32 indices at small batch
+(memory-bound: it reads a tenth of the dense weight), `F.embedding_bag` with per-sample weights
+at large batch (each output neuron is a weighted bag of input columns). Both are candidates of
+one module, with the folded dense layer and the naive gather.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import UsageError
+from .blocks import Executor, _check_config, _mkldnn_ok
+
+__all__ = ["CondensedLinear", "constant_fan_in"]
+
+# Batch size from which embedding_bag is the default over the int32 CSR product: measured on
+# 3072->768 and 768->3072 at 90% sparsity (benchmarks/results/condensed_linear.md), CSR was ~10%
+# faster at batch 16, embedding_bag 1.5-2.5x faster at batch 32; the crossover lies between.
+EMBEDDING_BAG_FROM_BATCH = 24
+# Density above which the folded dense layer is the default.
+DENSE_ABOVE_DENSITY = 0.2
+# Batch tile of the embedding_bag kernel, and the most bytes of x^T one call may read from
+# (see `CondensedLinear._embedding_bag`).
+BAG_TILE = 64
+L2_TILE_BYTES = 1536 * 1024
+
+
+def constant_fan_in(mask: torch.Tensor) -> int | None:
+    """The fan-in k shared by every nonzero row of a 2-D mask (0 if all rows are empty), or
+    None if the nonzero rows keep different numbers of inputs."""
+    counts = mask.reshape(mask.shape[0], -1).count_nonzero(dim=1)
+    nz = counts[counts > 0]
+    if nz.numel() == 0:
+        return 0
+    k = int(nz[0])
+    return k if bool((nz == k).all()) else None
+
+
+class CondensedLinear(Executor):
+    """A Linear layer with a constant fan-in mask, stored condensed (values and indices per
+    active neuron). Rows with no kept input (ablated neurons) output their bias only.
+
+    Kernels: "csr" (int32-index CSR times the input), "embedding_bag" (weighted bags of input
+    columns), "gather" (index, multiply, sum), "dense" (F.linear with the folded weight) and,
+    on CPU with float32, "dense-mkldnn" (oneDNN linear). ONNX export writes the folded dense layer
+    (onnxruntime has no sparse product), or the gather form when "gather" is in use.
+    """
+
+    def __init__(self, in_features: int, out_features: int, values: torch.Tensor,
+                 indices: torch.Tensor, active_rows: torch.Tensor, bias: torch.Tensor | None,
+                 name: str | None = None):
+        super().__init__(name)
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        if values.dim() != 2 or tuple(indices.shape) != tuple(values.shape) \
+                or tuple(active_rows.shape) != (values.shape[0],):
+            raise UsageError(f"{self._where()}: values {tuple(values.shape)}, indices "
+                             f"{tuple(indices.shape)} and active rows {tuple(active_rows.shape)} "
+                             "do not fit together")
+        self.fan_in = int(values.shape[1])
+        self.register_parameter("values", nn.Parameter(values.detach().clone(), requires_grad=False))
+        self.register_buffer("indices", indices.detach().to(torch.int64).clone())
+        self.register_buffer("active_rows", active_rows.detach().to(torch.int64).clone())
+        self.register_parameter("bias", None if bias is None else
+                                nn.Parameter(bias.detach().clone(), requires_grad=False))
+        # batch tile of the embedding_bag kernel: 64 rows measured best for 3072 and for 768
+        # inputs (1.2-1.6x faster than one call over batch 256); fewer where the x^T tile
+        # would not fit in L2_TILE_BYTES
+        fit = L2_TILE_BYTES // (4 * max(1, self.in_features))
+        self.bag_tile = min(BAG_TILE, max(16, 1 << max(0, fit.bit_length() - 1)))
+        a = int(active_rows.numel())
+        self.n_active = a
+        # every row active, in order: the kernels' output is the layer's output
+        self._all_rows = a == self.out_features and bool(
+            (active_rows.cpu() == torch.arange(a)).all())
+        self.executor = self._default(1)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, mask: torch.Tensor, name: str | None = None
+                    ) -> "CondensedLinear":
+        """The condensed form of `linear` with its weight restricted to `mask` (True = kept),
+        which must keep the same number of inputs in every nonzero row."""
+        where = f"CondensedLinear({name})" if name else "CondensedLinear"
+        if not isinstance(linear, nn.Linear):
+            raise UsageError(f"{where}: expected an nn.Linear, got {type(linear).__name__}")
+        if not isinstance(mask, torch.Tensor):
+            raise UsageError(f"{where}: mask must be a tensor, got {type(mask).__name__}")
+        w = linear.weight.detach().to("cpu")
+        if tuple(mask.shape) != tuple(w.shape):
+            raise UsageError(f"{where}: mask has shape {tuple(mask.shape)}, the weight has shape "
+                             f"{tuple(w.shape)}")
+        mask = mask.detach().to("cpu")
+        if mask.dtype != torch.bool:
+            if not bool(((mask == 0) | (mask == 1)).all()):
+                raise UsageError(f"{where}: mask is not binary (values other than 0 and 1)")
+            mask = mask != 0
+        k = constant_fan_in(mask)
+        if k is None:
+            counts = mask.sum(1)
+            nz = counts[counts > 0]
+            raise UsageError(f"{where}: mask does not have a constant fan-in: its nonzero rows keep "
+                             f"between {int(nz.min())} and {int(nz.max())} inputs; a condensed "
+                             "layer needs the same number in every active row")
+        active = mask.any(dim=1).nonzero().flatten()
+        if k == 0:
+            indices = torch.zeros(0, 0, dtype=torch.int64)
+        else:
+            # nonzero() lists positions row by row in increasing column order
+            indices = mask[active].nonzero()[:, 1].reshape(active.numel(), k)
+        values = torch.gather(w[active], 1, indices) if k else torch.zeros(0, 0, dtype=w.dtype)
+        mod = cls(w.shape[1], w.shape[0], values, indices, active,
+                  None if linear.bias is None else linear.bias.detach().to("cpu"), name)
+        return mod.to(linear.weight.device)
+
+    # -- kernels -----------------------------------------------------------------------------
+    def _kernels(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        if self.n_active == 0:
+            return {"dense": self._run(self._dense)}
+        k = {"csr": self._run(self._csr, condensed=True),
+             "embedding_bag": self._run(self._embedding_bag, condensed=True),
+             "gather": self._run(self._gather, condensed=True),
+             "dense": self._run(self._dense)}
+        if _mkldnn_ok(self.values):
+            k["dense-mkldnn"] = self._run(self._dense_mkldnn)
+        return k
+
+    def _default(self, batch_size: int) -> str:
+        """CSR below EMBEDDING_BAG_FROM_BATCH rows of input, embedding_bag from there on (both
+        measured against the dense paths at 10% density); the folded dense layer when the
+        weight keeps more than DENSE_ABOVE_DENSITY of its entries (768->3072: CSR broke even with
+        oneDNN at about 25% density at batch 1, embedding_bag at about 18% at batch 256)."""
+        if self.n_active == 0:
+            return "dense"
+        if self.n_active * self.fan_in > DENSE_ABOVE_DENSITY * self.out_features * self.in_features:
+            return "dense-mkldnn" if batch_size >= 32 and "dense-mkldnn" in self._kernels() else "dense"
+        return "csr" if batch_size < EMBEDDING_BAG_FROM_BATCH else "embedding_bag"
+
+    def _run(self, fn: Callable[[torch.Tensor], torch.Tensor], condensed: bool = False
+             ) -> Callable[[torch.Tensor], torch.Tensor]:
+        def run(x: torch.Tensor) -> torch.Tensor:
+            if x.dim() == 2:
+                return self._place(fn(x), x) if condensed else fn(x)
+            lead = x.shape[:-1]
+            x2 = x.reshape(-1, self.in_features)
+            y = self._place(fn(x2), x2) if condensed else fn(x2)
+            return y.reshape(lead + (self.out_features,))
+        if fn == self._csr:
+            def run_csr(x: torch.Tensor) -> torch.Tensor:
+                # one input row, every row active: one sparse addmv gives the whole output
+                # (a module overhead of a few microseconds matters next to a ~40 us product)
+                if x.dim() == 2 and x.shape[0] == 1 and self._all_rows and self.bias is not None:
+                    return torch.addmv(self.bias, self._csr_weight(), x[0]).unsqueeze(0)
+                return run(x)
+            return run_csr
+        return run
+
+    def _place(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Active neurons' sums [N, active] -> the layer's output [N, out] with the bias."""
+        if self._all_rows:
+            if self.bias is None:
+                return y.contiguous()
+            out = x.new_empty((y.shape[0], self.out_features))
+            return torch.add(y, self.bias, out=out)  # also makes a transposed y contiguous
+        if self.bias is None:
+            out = x.new_zeros((y.shape[0], self.out_features))
+        else:
+            out = self.bias.unsqueeze(0).expand(y.shape[0], self.out_features).clone(
+                memory_format=torch.contiguous_format)  # a copy: index_add_ writes into it
+        return out.index_add_(1, self.active_rows, y)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The folded dense weight [out_features, in_features]."""
+        def build():
+            w = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype,
+                            device=self.values.device)
+            if self.n_active:
+                w[self.active_rows.unsqueeze(1), self.indices] = self.values.detach()
+            return w
+        return self._cached("dense", build)
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dense_weight(), self.bias)
+
+    def _dense_mkldnn(self, x: torch.Tensor) -> torch.Tensor:
+        w = self._cached("mkldnn", lambda: self.dense_weight().to_mkldnn())
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, self.bias, "none", [], "")
+
+    def _csr_weight(self) -> torch.Tensor:
+        def build():
+            a, k = self.values.shape
+            dev = self.values.device
+            crow = torch.arange(0, a * k + 1, k, dtype=torch.int32, device=dev)
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore")
+                return torch.sparse_csr_tensor(crow, self.indices.to(torch.int32).flatten(),
+                                               self.values.detach().flatten(),
+                                               (a, self.in_features))
+        return self._cached("csr", build)
+
+    def _csr(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:  # sparse matrix-vector product: 2-3x faster than the [I, 1] matmul
+            return torch.mv(self._csr_weight(), x[0]).unsqueeze(0)
+        return (self._csr_weight() @ x.t()).t()
+
+    def _embedding_bag(self, x: torch.Tensor) -> torch.Tensor:
+        # Each active neuron is a bag of rows of x^T weighted by its values. The batch is cut into
+        # tiles so that the x^T tile the bags read from stays in the core's L2 cache.
+        n, tile = x.shape[0], self.bag_tile
+        if n <= tile:
+            return F.embedding_bag(self.indices, x.t().contiguous(), per_sample_weights=self.values,
+                                   mode="sum").t()
+        out = x.new_empty((n, self.n_active))
+        for i in range(0, n, tile):
+            y = F.embedding_bag(self.indices, x[i:i + tile].t().contiguous(),
+                                per_sample_weights=self.values, mode="sum")
+            out[i:i + tile].copy_(y.t())
+        return out
+
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        flat = self._cached("flat", lambda: self.indices.flatten())
+        g = x.index_select(1, flat).view(x.shape[0], self.n_active, self.fan_in)
+        return (g * self.values).sum(-1)
+
+    def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.in_features)
+        # ONNX has no sparse product: measured under onnxruntime (3072->768, 90%), the gathered
+        # form ran 10x (batch 1) to 20x (batch 256) slower than the dense MatMul, so the export
+        # is dense unless the gather kernel was chosen explicitly (a file 3-4x smaller).
+        if self.executor != "gather" or self.n_active == 0:
+            y = self._dense(x)
+        else:
+            y = self._gather(x)
+            if not self._all_rows:  # scatter as a gather: inactive rows read a zero column
+                pos = torch.full((self.out_features,), self.n_active, dtype=torch.int64)
+                pos[self.active_rows.cpu()] = torch.arange(self.n_active)
+                y = torch.cat([y, torch.zeros_like(y[:, :1])], 1).index_select(1, pos.to(y.device))
+            if self.bias is not None:
+                y = y + self.bias
+        return y.reshape(lead + (self.out_features,))
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise UsageError(f"{self._where()}: expected an input [..., {self.in_features}], got {shape}")
+
+    def macs_per_sample(self) -> int:
+        """Multiply-adds per input row (active neurons x fan-in)."""
+        return self.n_active * self.fan_in
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"fan_in={self.fan_in}, active={self.n_active}, executor={self.executor!r}")
+
+    # -- save / load -------------------------------------------------------------------------
+    def to_config(self) -> dict:
+        """JSON-able description; with `tensors()` it rebuilds the module (`from_config`)."""
+        return {"kind": "CondensedLinear", "in_features": self.in_features,
+                "out_features": self.out_features, "fan_in": self.fan_in,
+                "active": self.n_active, "bias": self.bias is not None,
+                "executor": self.executor, "name": self.layer_name}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """values [active, k], indices [active, k], active_rows [active] and bias, by name."""
+        t = {"values": self.values.detach(), "indices": self.indices,
+             "active_rows": self.active_rows}
+        if self.bias is not None:
+            t["bias"] = self.bias.detach()
+        return t
+
+    @classmethod
+    def from_config(cls, config: dict, tensors: dict[str, torch.Tensor]) -> "CondensedLinear":
+        """Rebuild a module saved with `to_config()` and `tensors()`."""
+        need = ["values", "indices", "active_rows"]
+        _check_config(cls, config, tensors, need + (["bias"] if config.get("bias") else []))
+        try:
+            mod = cls(int(config["in_features"]), int(config["out_features"]), tensors["values"],
+                      tensors["indices"], tensors["active_rows"],
+                      tensors.get("bias") if config.get("bias") else None, config.get("name"))
+        except KeyError as e:
+            raise UsageError(f"CondensedLinear.from_config: config lacks {e}") from None
+        if mod.fan_in != int(config.get("fan_in", mod.fan_in)):
+            raise UsageError(f"CondensedLinear.from_config: tensors have fan-in {mod.fan_in}, "
+                             f"the config says {config['fan_in']}")
+        idx = mod.indices
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= mod.in_features):
+            raise UsageError("CondensedLinear.from_config: indices out of range")
+        mod.use(config.get("executor", mod.executor))
+        return mod
