@@ -18,6 +18,22 @@ def test_mac_count_of_conv_and_linear():
     assert total == sum(per.values()) and params["4"] == 64 * 10 + 10
 
 
+def test_mac_count_of_executors_is_their_structure():
+    from ticketsmith.compact.blocks import BlockConv2d, BlockLinear
+    from ticketsmith.compact.condensed import CondensedLinear
+    torch.manual_seed(0)
+    conv, lin, lin2 = nn.Conv2d(6, 8, 3, padding=1), nn.Linear(12, 10), nn.Linear(10, 4)
+    bconv = BlockConv2d.from_conv(conv, [ts.Block((0, 1, 2), (0, 1)), ts.Block((5, 6), (3, 4, 5))])
+    blin = BlockLinear.from_linear(lin, [ts.Block((0, 1), (2, 3, 4))])
+    mask = torch.zeros(4, 10, dtype=torch.bool)
+    mask[[0, 2, 3], :3] = True  # 3 active neurons, fan-in 3
+    cond = CondensedLinear.from_linear(lin2, mask)
+    _, per, _ = count_macs(nn.Sequential(bconv, nn.Flatten(), nn.Linear(8 * 25, 12), blin, cond),
+                           torch.randn(1, 6, 5, 5))
+    # block columns index the flattened c_in*kh*kw axis: no extra kernel factor
+    assert per["0"] == (3 * 2 + 2 * 3) * 25 and per["3"] == 2 * 3 and per["4"] == 3 * 3
+
+
 def test_paired_ratio_sees_the_slower_side():
     slow = lambda: torch.randn(400, 400) @ torch.randn(400, 400)  # noqa: E731
     fast = lambda: torch.randn(40, 40) @ torch.randn(40, 40)  # noqa: E731
