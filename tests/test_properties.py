@@ -1,6 +1,7 @@
-"""Property-based tests (hypothesis): for random small architectures and random structured
-masks, compaction keeps the function; refill keeps exactly k rows; masks stay binary at the
-stated sparsity."""
+"""Property-based tests (hypothesis): for random small architectures and random channel, block and
+fan-in masks, compaction keeps the function (block and condensed executors included); regroup
+blocks never overlap and cover exactly the kept weights; refill keeps exactly k rows; masks stay
+binary at the stated sparsity."""
 import math
 
 import torch
@@ -139,3 +140,66 @@ def test_pruning_keeps_masks_binary_at_the_stated_sparsity(seed, s1, fraction):
     assert abs(nxt.nonzeros() - (masks.nonzeros() - round(fraction * masks.nonzeros()))) <= 1
     for k in nxt:
         assert nxt[k].dtype == torch.bool and not (nxt[k] & ~masks[k]).any()
+
+
+def cells(blocks, n_cols):
+    """The (row, flattened column) cells each block covers, as flat indices."""
+    return [(b.rows[:, None] * n_cols + b.cols[None, :]).reshape(-1) for b in blocks]
+
+
+@SETTINGS
+@given(spec=specs, seed=st.integers(0, 10_000), sparsity=st.floats(0.3, 0.95),
+       granularity=st.sampled_from(["element", "channel"]), n_groups=st.sampled_from([None, 1]),
+       b=st.integers(1, 3))  # None: up to 8 groups per layer (rows // b1)
+def test_regroup_blocks_never_overlap_and_cover_exactly_the_kept_weights(
+        spec, seed, sparsity, granularity, n_groups, b):
+    torch.manual_seed(seed)
+    model = RandomNet(spec)
+    unstructured = ts.prune.random_masks(model, sparsity, seed=seed)
+    # t2=1: a column with one kept weight in a group's rows qualifies, so every layer has a block
+    out = ts.regroup(unstructured, n_groups=n_groups, t2=1, b1=b, b2=b, granularity=granularity,
+                     seed=seed)
+    for k in unstructured.weight_names:
+        m = out[k]
+        assert m.dtype == torch.bool and m.shape == unstructured[k].shape
+        flat = m.reshape(m.shape[0], -1)
+        covered = cells(out.blocks.get(k, []), flat.shape[1])
+        union = torch.cat(covered) if covered else torch.zeros(0, dtype=torch.long)
+        assert union.numel() == union.unique().numel()  # no cell in two blocks
+        assert torch.equal(torch.sort(union).values, flat.reshape(-1).nonzero().reshape(-1))
+
+
+def constant_fan_in_mask(shape, g):
+    """An SRigL-style mask: every active row keeps the same k inputs count, some rows ablated."""
+    rows, cols = shape
+    k = int(torch.randint(1, max(2, cols // 3), (1,), generator=g))
+    m = torch.zeros(rows, cols, dtype=torch.bool)
+    for r in range(rows):
+        if r == 0 or torch.rand(1, generator=g) > 0.3:  # never ablate every neuron
+            m[r, torch.randperm(cols, generator=g)[:k]] = True
+    return m
+
+
+@SETTINGS
+@given(spec=specs, seed=st.integers(0, 10_000), sparsity=st.floats(0.5, 0.95),
+       granularity=st.sampled_from(["element", "channel"]))
+def test_compact_keeps_the_function_with_random_block_and_fan_in_masks(spec, seed, sparsity, granularity):
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = RandomNet(spec)
+    randomize_bn(model, g)
+    x = torch.randn(4, 3, 8, 8, generator=g)
+    convs = [k for k in ts.Masks.ones(model).weight_names if k != "fc1.weight"]
+    blocked = ts.regroup(ts.prune.random_masks(model, sparsity, seed=seed), t2=1, b1=1, b2=1,
+                         granularity=granularity, layers=convs)
+    fan_in = constant_fan_in_mask(model.fc1.weight.shape, g)
+    masks = blocked.updated({"fc1.weight": fan_in})
+    masked = RandomNet(spec)
+    masked.load_state_dict(model.state_dict())
+    masks.apply(masked)
+    masked.eval()
+    compact = ts.compact(model, masks, x)
+    with torch.no_grad():
+        xt = torch.randn(3, 3, 8, 8, generator=g)
+        ref, got = masked(xt), compact(xt)
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5 * max(1.0, ref.abs().max().item()))
