@@ -11,7 +11,8 @@ import ticketsmith as ts
 from ticketsmith import compact as C
 from ticketsmith.errors import ArtifactError, UsageError
 
-from test_compact import MLP, ResCat, ZOO, kill_rows, random_channel_masks, randomize, rel_err, zoo_model
+from test_compact import (MLP, ZOO, ResCat, kill_rows, masked, random_channel_masks, randomize, rel_err,
+                          zoo_model)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -127,3 +128,44 @@ def test_onnx_inline_models(tmp_path):
         assert rel_err(small(x), y) < 1e-4
     with pytest.raises(UsageError, match="takes 1 inputs"):
         C.run_onnx(tmp_path / "rescat.onnx", x, x)
+
+
+def structured_masks(model, seed=0):
+    """Channel-granular regroup blocks on the convs (a random 97%-sparse mask regrouped) and an
+    SRigL-style constant fan-in mask (some neurons ablated) on the linear layers but the head."""
+    g = torch.Generator().manual_seed(seed)
+    names = ts.prunable_names(model)
+    convs = [k for k in names if isinstance(model.get_submodule(k[:-7]), nn.Conv2d)]
+    masks = ts.prune.random_masks(model, 0.97, seed=seed)
+    if convs:
+        masks = ts.regroup(masks, t2=1, b1=1, b2=1, granularity="channel", layers=convs)
+    fan_in = {}
+    for k in names:
+        if k not in convs:
+            rows, cols = model.get_submodule(k[:-7]).weight.shape
+            m = torch.zeros(rows, cols, dtype=torch.bool)
+            for r in range(rows):
+                if r % 5 != 1:  # every fifth neuron ablated
+                    m[r, torch.randperm(cols, generator=g)[: max(1, cols // 5)]] = True
+            fan_in[k] = m
+    return masks.updated(fan_in)
+
+
+@pytest.mark.parametrize("name,width,shape", [z for z in ZOO if z[0] in
+                                              ("resnet20", "vgg11", "lenet5", "mlp-300-100")],
+                         ids=["resnet20", "vgg11", "lenet5", "mlp-300-100"])
+def test_zoo_block_and_fan_in_tickets_match_save_load_and_onnx(name, width, shape, tmp_path):
+    model = zoo_model(name, width, shape)
+    masks = structured_masks(model)
+    x = torch.randn(shape)
+    small = C.compact(model, masks, x)
+    assert any(e != "dense" for e in small.ticketsmith_executors.values())
+    ref = masked(model, masks)
+    x2 = torch.randn((3,) + tuple(shape[1:]))
+    C.save(small, tmp_path / "t")
+    again = C.load(tmp_path / "t")
+    (y,) = C.run_onnx(C.export_onnx(small, x, tmp_path / "t.onnx"), x2)
+    with torch.no_grad():
+        assert rel_err(ref(x2), small(x2)) < 1e-4
+        assert torch.equal(again(x2), small(x2))
+        assert rel_err(small(x2), y) < 1e-4
