@@ -1,5 +1,6 @@
 """Crash safety: SIGKILL a run at many points, restart it with the same command each time,
-and get bit-for-bit the result of an uninterrupted run. No file is ever half written."""
+and get bit-for-bit the result of an uninterrupted run (IMP-Regroup, so kills also land between
+two layers' partitions). No file is ever half written."""
 import json
 import os
 import random
@@ -16,7 +17,7 @@ import ticketsmith as ts
 from ticketsmith.io import load_tensors, read_json
 
 ARGS = ["run", "--model", "lenet5", "--dataset", "digits", "--rounds", "2", "--epochs", "2",
-        "--batch-size", "64", "--rewind", "10%", "--no-progress"]
+        "--batch-size", "64", "--rewind", "10%", "--structure", "regroup", "--no-progress"]
 
 
 def run(out, fault=None, kill_after=None):
@@ -68,13 +69,16 @@ def test_sigkill_anywhere_then_restart_gives_the_uninterrupted_result(tmp_path):
     ref_summary, ref_tensors = snapshot(tmp_path / "ref")
 
     out = tmp_path / "cut"
-    faults = ["iteration:5", "write:2", "epoch:2", "mask:1", "write:4", "round:1", "iteration:30"]
+    # in order: each kill moves the run a little further (round 0 training, round 1's regroup,
+    # ..., between rounds, round 2's regroup)
+    faults = ["iteration:5", "write:2", "epoch:2", "regroup:3", "mask:1", "write:4", "round:1",
+              "regroup:2", "iteration:30"]
     rng = random.Random(1234)
-    kills = 0
+    killed = []
     for fault in faults:
         rc, err = run(out, fault=fault)
         if rc == -signal.SIGKILL:
-            kills += 1
+            killed.append(fault)
         else:
             assert rc == 0, err[-2000:]
         check_every_file(out)
@@ -82,7 +86,8 @@ def test_sigkill_anywhere_then_restart_gives_the_uninterrupted_result(tmp_path):
         rc, err = run(out, kill_after=rng.uniform(2.0, 6.0))
         assert rc in (0, -signal.SIGKILL), err[-2000:]
         check_every_file(out)
-    assert kills >= 5, "the fault points were not reached: the test would prove nothing"
+    assert len(killed) >= 6 and {"regroup:3", "regroup:2"} <= set(killed), \
+        f"the fault points were not reached (killed: {killed}): the test would prove nothing"
     rc, err = run(out)
     assert rc == 0, err[-2000:]
     summary, tensors = snapshot(out)

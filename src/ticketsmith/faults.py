@@ -4,7 +4,8 @@ With TICKETSMITH_FAULT="point:n" in the environment, the process kills itself wi
 n-th time it reaches `point` (no cleanup, no atexit: like a power cut). Without the variable,
 `reach()` costs one dictionary lookup. Points: "write" (an atomic write whose temporary file is
 written but not yet renamed), "iteration", "epoch" (an epoch finished, not yet checkpointed),
-"mask" (a round's mask decided, not yet saved), "round" (between rounds).
+"mask" (a round's mask decided, not yet saved), "round" (between rounds), "regroup" (before
+each layer's partitioning inside `ts.regroup`).
 """
 from __future__ import annotations
 

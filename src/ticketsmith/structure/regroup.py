@@ -66,6 +66,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from .. import faults
 from ..errors import UsageError
 from ..masks import Block, Masks
 from .partition import PARTITIONERS, one_thread, partition_rows
@@ -325,6 +326,7 @@ def regroup(masks: Masks, n_groups: int | None = None, partitioner: str = "metis
     new_masks, new_blocks = {}, {}
     with one_thread():
         for name in _layer_names(masks, layers):
+            faults.reach("regroup")  # crash tests: a kill between two layers' partitions
             m = masks[name]
             blocks, _ = _regroup_one(m, name, n_groups, partitioner, t1, t2, b1, b2, granularity,
                                      seed, imbalance, max_passes)
