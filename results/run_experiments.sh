@@ -34,6 +34,15 @@ case $1 in
     done ;;
   bench)   # every ticket at batch 1 and 64, against the fastest dense path (run alone!)
     export OMP_NUM_THREADS=2
-    for d in runs/$lane-*; do [ -f $d/summary.json ] && $TS bench $d --batch-sizes 1,64 --pairs 20; done ;;
+    for d in runs/$lane-*; do [ -f $d/summary.json ] && $TS bench $d --batch-sizes 1,64 --pairs 10; done ;;
+  report)  # plots + report.md/html per lane (IMP family) and for the DST runs; small files kept
+    imp=$(for r in imp refill refill+ regroup gaimp refill-random; do [ -d runs/$lane-$r ] && echo runs/$lane-$r; done)
+    $TS report $imp --out results/report-$lane --title "$lane: IMP, Refill, Refill+, Regroup, group-aware IMP, random control"
+    dst=$(ls -d runs/$lane-dense runs/$lane-rigl-* runs/$lane-srigl-* 2>/dev/null)
+    [ -n "$dst" ] && $TS report $dst --out results/report-$lane-dst --title "$lane: dense vs RigL vs SRigL"
+    for d in runs/$lane-*; do  # configs, summaries, per-round records and bench tables; no weights
+      (cd runs && find "$(basename $d)" \( -name config.json -o -name summary.json -o -name round.json \
+        -o -name bench.json -o -name bench.md \) -exec cp --parents {} ../results/runs/ \;)
+    done ;;
   *) echo "unknown phase $1"; exit 2 ;;
 esac

@@ -236,51 +236,57 @@ def plot_layerwise(runs: Sequence[RunView], out: Path, suffix: str = "",
     return _save(fig, out / f"layerwise_speedup{suffix}.png")
 
 
-def block_order(mask2d: torch.Tensor, blocks) -> tuple[torch.Tensor, torch.Tensor, list]:
-    """Row and column orders that make each block contiguous, and the rectangles
-    (row start, col start, rows, cols) in the reordered picture."""
-    rows_seen, cols_seen, rects = [], [], []
+def block_order(mask2d: torch.Tensor, blocks) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column orders that bring each block's rows and columns together (blocks in
+    order, first appearance wins); without blocks, rows by how many weights they keep."""
+    rows_seen: dict[int, None] = {}
+    cols_seen: dict[int, None] = {}
     for b in blocks or []:
-        r_new = [int(i) for i in b.rows.tolist() if int(i) not in rows_seen]
-        c_new = [int(i) for i in b.cols.tolist() if int(i) not in cols_seen]
-        r0, c0 = len(rows_seen), len(cols_seen)
-        rows_seen += r_new
-        cols_seen += c_new
-        if len(r_new) == len(b.rows) and len(c_new) == len(b.cols):
-            rects.append((r0, c0, len(r_new), len(c_new)))
-    rest_r = [i for i in range(mask2d.shape[0]) if i not in set(rows_seen)]
-    rest_c = [i for i in range(mask2d.shape[1]) if i not in set(cols_seen)]
-    if not blocks:  # order rows by how many weights they keep
+        rows_seen.update((int(i), None) for i in b.rows.tolist())
+        cols_seen.update((int(i), None) for i in b.cols.tolist())
+    rest_r = [i for i in range(mask2d.shape[0]) if i not in rows_seen]
+    rest_c = [i for i in range(mask2d.shape[1]) if i not in cols_seen]
+    if not blocks:
         rest_r = sorted(rest_r, key=lambda i: -int(mask2d[i].sum()))
-    return torch.tensor(rows_seen + rest_r), torch.tensor(cols_seen + rest_c), rects
+    return torch.tensor(list(rows_seen) + rest_r), torch.tensor(list(cols_seen) + rest_c)
 
 
 def plot_masks(panels: Sequence[tuple[str, Masks]], layer: str, out: Path, name: str) -> Path:
-    """Side-by-side pictures of one layer's mask from several runs (paper Fig. A9)."""
-    from matplotlib.patches import Rectangle
+    """Side-by-side pictures of one layer's mask from several runs (paper Fig. A9): kept
+    weights black, each regroup block in its own colour (blocks of later passes share rows
+    with earlier ones, so colours show them where outlines could not)."""
+    from matplotlib.colors import ListedColormap
+    palette = plt.get_cmap("tab20").colors
     fig, axes = plt.subplots(1, len(panels), figsize=(SIZE[0] * 1.3, SIZE[1]), squeeze=False)
     for ax, (title, masks) in zip(axes[0], panels):
         m = masks[layer].reshape(masks[layer].shape[0], -1)
-        rows, cols, rects = block_order(m, masks.blocks.get(layer))
-        ax.imshow(m[rows][:, cols].float().numpy(), cmap="Greys", aspect="auto", interpolation="nearest")
-        for r0, c0, nr, nc in rects:
-            ax.add_patch(Rectangle((c0 - 0.5, r0 - 0.5), nc, nr, fill=False, ec="tab:orange", lw=1.2))
+        blocks = masks.blocks.get(layer) or []
+        img = m.to(torch.int64)  # 0 pruned, 1 kept, 2 + i block i
+        for i, b in enumerate(blocks):
+            img[b.rows[:, None], b.cols[None, :]] = 2 + i % len(palette)
+        rows, cols = block_order(m, blocks)
+        n_colours = 2 + (min(len(blocks), len(palette)) if blocks else 0)
+        cmap = ListedColormap(["white", "black", *palette][:n_colours])
+        ax.imshow(img[rows][:, cols].numpy(), cmap=cmap, vmin=0, vmax=n_colours - 1,
+                  aspect="auto", interpolation="nearest")
         ax.set_title(f"{title}\n{100 * (1 - float(m.float().mean())):.1f}% sparse"
-                     + (f", {len(rects)} blocks" if rects else ""), fontsize=8)
-        ax.set_xlabel("columns (c_in x kh x kw); black = kept", fontsize=7)
-        ax.set_ylabel("output channels", fontsize=7)
+                     + (f", {len(blocks)} blocks (colours)" if blocks else ""), fontsize=8)
+        ax.set_xlabel("columns (c_in x kh x kw), reordered", fontsize=7)
+        ax.set_ylabel("output channels, reordered", fontsize=7)
         ax.tick_params(labelsize=6)
-    fig.suptitle(f"Mask of {layer}", fontsize=10)
+    fig.suptitle(f"Mask of {layer} (white = pruned, black or colour = kept)", fontsize=10)
     fig.tight_layout()
     return _save(fig, out / f"masks_{name}.png")
 
 
 def mask_sources(runs: Sequence[RunView]) -> list[tuple[str, Masks]]:
-    """Each run's mask at the round its pictures show."""
-    dense = dense_accuracy(runs)
+    """Each run's mask at one round for all (the last round every run finished), so the
+    pictures compare the same IMP step; a run without that round shows its last one."""
+    done = [{x["round"] for x in v.done if x["round"] > 0} for v in runs]
+    common = set.intersection(*done) if done else set()
     panels = []
-    for v in runs:
-        r = pick_round(v, dense) or max((x["round"] for x in v.done if x["round"] > 0), default=None)
+    for v, rounds in zip(runs, done):
+        r = max(common) if common else max(rounds, default=None)
         if r is None:
             continue
         f = v.path / f"round_{r:02d}" / "masks.safetensors"
