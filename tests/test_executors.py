@@ -185,6 +185,30 @@ def test_refresh_after_in_place_change():
         assert rel_err(mod(x), before) < 1e-6
 
 
+def test_executors_deep_copy_after_use():
+    """bench copies models (to channels_last); oneDNN packed weights in the caches are opaque
+    tensors that cannot be copied, so a copy starts with empty caches and rebuilds them."""
+    import copy
+    g = torch.Generator().manual_seed(0)
+    conv, lin = nn.Conv2d(8, 12, 3, padding=1), nn.Linear(30, 16)
+    mods = [(BlockConv2d.from_conv(conv, make_blocks("channel", 12, 8, 9, g)), torch.randn(64, 8, 6, 6)),
+            (BlockLinear.from_linear(lin, [Block(torch.arange(8), torch.arange(10))]), torch.randn(64, 30)),
+            (CondensedLinear.from_linear(lin, constant_fan_in_mask_for(lin, 5)), torch.randn(64, 30))]
+    for mod, x in mods:
+        for name in mod.candidates():
+            mod.use(name)
+            y = mod(x)
+            again = copy.deepcopy(mod)
+            assert again.executor == name and torch.equal(again(x), y)
+            assert again.to(memory_format=torch.channels_last)(x).shape == y.shape
+
+
+def constant_fan_in_mask_for(lin: nn.Linear, k: int) -> torch.Tensor:
+    m = torch.zeros_like(lin.weight, dtype=torch.bool)
+    m[:, :k] = True
+    return m
+
+
 def test_block_save_load_round_trip(tmp_path):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(2)

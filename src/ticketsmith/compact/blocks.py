@@ -132,6 +132,11 @@ class Executor(nn.Module):
         self._cache.clear()
         return super()._apply(fn, recurse)
 
+    def __getstate__(self):  # copy.deepcopy / pickle: derived tensors are rebuilt on use
+        state = self.__dict__.copy()  # (oneDNN packed weights are opaque: they cannot be copied)
+        state["_cache"] = {}
+        return state
+
     def refresh(self) -> None:
         """Drop the derived tensors (folded, packed, CSR copies of the weights); call it after
         changing the module's own tensors in place."""
