@@ -22,8 +22,8 @@ case $1 in
     $TS run $m $COMMON $IMP --structure regroup --chain runs/$lane-imp --out runs/$lane-regroup ;;
   gaimp)   # group-aware IMP: regroup inside every round; 3 rounds (to 74%) to fit the budget
     $TS run $m $COMMON $IMP --rounds 3 --structure regroup --structure-every-round --out runs/$lane-gaimp ;;
-  random)  # random-ticket control (Tables A3/A4): the refilled masks with a fresh random init
-    $TS run $m $COMMON $IMP --structure refill --chain runs/$lane-imp --reinit random --out runs/$lane-refill-random ;;
+  random)  # random-ticket control (Tables A3/A4): the refilled masks, fresh random init, 3 rounds
+    $TS run $m $COMMON $IMP --rounds 3 --structure refill --chain runs/$lane-imp --reinit random --out runs/$lane-refill-random ;;
   dst)     # dense vs RigL vs SRigL with/without ablation at 80/90/95%, 3 epochs each (budget)
     COMMON="${COMMON/--epochs 6/--epochs 3}"
     $TS run $m $COMMON --method dense --out runs/$lane-dense

@@ -263,13 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _passive_openmp_for_bench(argv: list[str] | None) -> None:
-    """`ticketsmith bench` from a shell: re-run with OMP_WAIT_POLICY=PASSIVE unless it is set.
+    """`ticketsmith bench` / `sweep` (which time things) from a shell: re-run with
+    OMP_WAIT_POLICY=PASSIVE unless it is set.
 
     With OpenMP's default spinning policy a 2-thread call on a loaded 2-core machine waits a
     scheduler slice for its descheduled partner thread (a 40 us product took 7-8 ms, see
     docs/benchmarks.md). libgomp reads the variable when torch loads it, so it must be in the
     environment before the process starts. Never done for in-process calls (`main([...])`)."""
-    if argv is not None or "OMP_WAIT_POLICY" in os.environ or sys.argv[1:2] != ["bench"]:
+    timing = sys.argv[1:2] in (["bench"], ["sweep"])
+    if argv is not None or "OMP_WAIT_POLICY" in os.environ or not timing:
         return
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     os.execv(sys.executable, [sys.executable, "-m", "ticketsmith", *sys.argv[1:]])
