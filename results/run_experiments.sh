@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The recorded experiments (issues 5 and 6), on Fashion-MNIST, 2-core CPU.
-# Budget: 6 epochs per training (LR x0.1 at epochs 3 and 4.5), batch 128, channels_last,
+# Budget: 6 epochs per training for VGG, 4 for ResNet (LR x0.1 at 50% and 75%), batch 128, channels_last,
 # rewind to 5% of training, 5 IMP rounds pruning 36% of the remaining weights each (two of
 # the paper's 20% steps per round: sparsity 36, 59, 74, 83, 89%), seed 0.
 # Usage: results/run_experiments.sh PHASE LANE   (two lanes run side by side, 1 thread each)
@@ -8,10 +8,11 @@ set -uo pipefail  # no -e: a run that fails is logged, the lane goes on
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
 TS=".venv/bin/ticketsmith"
-COMMON="--dataset fashion-mnist --epochs 6 --channels-last --rewind 5% --no-progress"
+declare -A EPOCHS=([resnet]=4 [vgg]=6)
 IMP="--method imp --rounds 5 --prune-fraction 0.36"
 declare -A MODEL=([resnet]="--model resnet20 --width 0.5" [vgg]="--model vgg16 --width 0.25")
 lane=$2; m=${MODEL[$lane]}
+COMMON="--dataset fashion-mnist --epochs ${EPOCHS[$lane]} --channels-last --rewind 5% --no-progress"
 case $1 in
   chain)   # unstructured IMP (the chain every IMP-structure run post-processes)
     $TS run $m $COMMON $IMP --out runs/$lane-imp ;;
@@ -25,7 +26,7 @@ case $1 in
   random)  # random-ticket control (Tables A3/A4): the refilled masks, fresh random init, 3 rounds
     $TS run $m $COMMON $IMP --rounds 3 --structure refill --chain runs/$lane-imp --reinit random --out runs/$lane-refill-random ;;
   dst)     # dense vs RigL vs SRigL with/without ablation at 80/90/95%, 3 epochs each (budget)
-    COMMON="${COMMON/--epochs 6/--epochs 3}"
+    COMMON="${COMMON/--epochs ${EPOCHS[$lane]}/--epochs 3}"
     $TS run $m $COMMON --method dense --out runs/$lane-dense
     for s in 0.8 0.9 0.95; do
       $TS run $m $COMMON --method rigl  --sparsity $s --out runs/$lane-rigl-$s
