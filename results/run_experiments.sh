@@ -8,7 +8,7 @@ set -uo pipefail  # no -e: a run that fails is logged, the lane goes on
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
 TS=".venv/bin/ticketsmith"
-declare -A EPOCHS=([resnet]=4 [vgg]=6)
+declare -A EPOCHS=([resnet]=4 [vgg]=6) GAIMP_ROUNDS=([resnet]=3 [vgg]=2)
 IMP="--method imp --rounds 5 --prune-fraction 0.36"
 declare -A MODEL=([resnet]="--model resnet20 --width 0.5" [vgg]="--model vgg16 --width 0.25")
 lane=$2; m=${MODEL[$lane]}
@@ -21,8 +21,8 @@ case $1 in
     $TS run $m $COMMON $IMP --structure refill+ --chain runs/$lane-imp --out runs/$lane-refill+ ;;
   regroup) # IMP-Regroup (element blocks, as in the paper)
     $TS run $m $COMMON $IMP --structure regroup --chain runs/$lane-imp --out runs/$lane-regroup ;;
-  gaimp)   # group-aware IMP: regroup inside every round; 3 rounds (to 74%) to fit the budget
-    $TS run $m $COMMON $IMP --rounds 3 --structure regroup --structure-every-round --out runs/$lane-gaimp ;;
+  gaimp)   # group-aware IMP: regroup inside every round; 3 rounds for ResNet (to 74%), 2 for VGG
+    $TS run $m $COMMON $IMP --rounds ${GAIMP_ROUNDS[$lane]} --structure regroup --structure-every-round --out runs/$lane-gaimp ;;
   random)  # random-ticket control (Tables A3/A4): the refilled masks, fresh random init, 3 rounds
     $TS run $m $COMMON $IMP --rounds 3 --structure refill --chain runs/$lane-imp --reinit random --out runs/$lane-refill-random ;;
   dst)     # dense vs RigL vs SRigL with/without ablation at 80/90/95%, 3 epochs each (budget)
@@ -33,6 +33,12 @@ case $1 in
       $TS run $m $COMMON --method srigl --sparsity $s --out runs/$lane-srigl-$s
       $TS run $m $COMMON --method srigl --sparsity $s --no-dst-ablation --out runs/$lane-srigl-noabl-$s
     done ;;
+  sweep)   # Regroup's hyper-parameters on IMP round 3 (74%): element blocks (the paper's) and
+           # channel blocks (the fast executor's), 1 retraining epoch each, speed at batch 64
+    $TS sweep runs/$lane-imp --round 3 --vary n_groups=2,8 --vary b1=4,32 --epochs 1 \
+      --batch-size 64 --pairs 10 --out results/sweep-$lane-element --no-progress
+    $TS sweep runs/$lane-imp --round 3 --vary n_groups=2,8 --granularity channel --epochs 1 \
+      --batch-size 64 --pairs 10 --out results/sweep-$lane-channel --no-progress ;;
   bench)   # every ticket at batch 1 and 64, against the fastest dense path (run alone!)
     export OMP_NUM_THREADS=2
     for d in runs/$lane-*; do [ -f $d/summary.json ] && $TS bench $d --batch-sizes 1,64 --pairs 10; done ;;
