@@ -34,6 +34,27 @@ def test_mac_count_of_executors_is_their_structure():
     assert per["0"] == (3 * 2 + 2 * 3) * 25 and per["3"] == 2 * 3 and per["4"] == 3 * 3
 
 
+def test_compare_switches_kernels_per_batch():
+    from ticketsmith.bench import compare
+    from ticketsmith.compact.condensed import EMBEDDING_BAG_FROM_BATCH, CondensedLinear
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    mask = torch.zeros(32, 64, dtype=torch.bool)
+    for r in range(32):
+        mask[r, torch.randperm(64)[:6]] = True  # constant fan-in 6 of 64
+    compact = nn.Sequential(CondensedLinear.from_linear(lin, mask))
+    dense = nn.Sequential(nn.Linear(64, 32))
+    big = EMBEDDING_BAG_FROM_BATCH + 8
+    out = compare(dense, compact, lambda b: torch.randn(b, 64), batch_sizes=(1, big), pairs=2,
+                  layerwise=True, burst_s=0.001)
+    kernels = {r["batch_size"]: r["executors"]["0"] for r in out["results"]}
+    assert kernels == {1: "csr", big: "embedding_bag"}
+    assert {r["batch_size"]: r["executor"] for r in out["layers"]} == kernels
+    fixed = compare(dense, compact, lambda b: torch.randn(b, 64), batch_sizes=(1, big), pairs=2,
+                    layerwise=False, burst_s=0.001, select_per_batch=False)
+    assert {r["executors"]["0"] for r in fixed["results"]} == {"embedding_bag"}  # left as it was
+
+
 def test_paired_ratio_sees_the_slower_side():
     slow = lambda: torch.randn(400, 400) @ torch.randn(400, 400)  # noqa: E731
     fast = lambda: torch.randn(40, 40) @ torch.randn(40, 40)  # noqa: E731

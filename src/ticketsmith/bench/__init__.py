@@ -157,9 +157,12 @@ def capture_inputs(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> d
 def compare(dense: nn.Module, compact: nn.Module, make_input: Callable[[int], torch.Tensor],
             batch_sizes: Sequence[int] = (1, 64), threads: Sequence[int] | None = None,
             pairs: int = 20, layerwise: bool = True, progress: Callable[[str], None] | None = None,
-            burst_s: float = 0.02) -> dict:
+            burst_s: float = 0.02, select_per_batch: bool = True) -> dict:
     """Time `dense` against `compact` for each batch size and thread count.
 
+    With `select_per_batch`, every executor of `compact` switches to the kernel its measured
+    rule picks for each batch size before that batch is timed (CSR at batch 1, embedding_bag at
+    256, ...); pass False to keep the kernels as they are (e.g. after autotuning).
     Returns a JSON-able dict: MACs and parameters of both, the ideal speedup, and per
     (batch, threads) the median / min / max of the paired time ratios, the memory format each
     model ran in, and (if `layerwise`) the same per layer (the paper's Figure 7)."""
@@ -182,6 +185,10 @@ def compare(dense: nn.Module, compact: nn.Module, make_input: Callable[[int], to
                 if progress:
                     progress(f"batch {b}, {t} threads")
                 x = make_input(b)
+                kernels = {}
+                for n, m in compact.named_modules():
+                    if hasattr(m, "executor") and hasattr(m, "select"):
+                        kernels[n] = m.select(b) if select_per_batch else m.executor
                 cl_d, _ = fastest_format(dense, x, burst_s=burst_s / 2)
                 cl_c, _ = fastest_format(compact, x, burst_s=burst_s / 2)
                 md, xd = to_format(dense, x, cl_d)
@@ -195,7 +202,8 @@ def compare(dense: nn.Module, compact: nn.Module, make_input: Callable[[int], to
                     "dense_ms": r["a_median_s"] * 1e3, "compact_ms": r["b_median_s"] * 1e3,
                     "speedup_median": r["ratio_median"], "speedup_min": r["ratio_min"],
                     "speedup_max": r["ratio_max"], "realized_over_ideal": r["ratio_median"] / ideal,
-                    "time_saving": 1 - 1 / r["ratio_median"], "pairs": pairs, "reps": reps})
+                    "time_saving": 1 - 1 / r["ratio_median"], "pairs": pairs, "reps": reps,
+                    "executors": kernels})
                 if layerwise:
                     out["layers"] += _layerwise(md, mc, xd, xc, b, t, pairs, layer_macs_d,
                                                 layer_macs_c, layer_params_d, layer_params_c,
@@ -293,8 +301,9 @@ def bench_ticket(dense: nn.Module, ticket: nn.Module, masks, input_shape: Sequen
                  progress: Callable[[str], None] | None = None) -> dict:
     """Compact `ticket` under `masks` and time it against `dense` (same architecture, dense).
 
-    The compact model is checked against the masked ticket on random inputs first. With
-    `autotune`, executors are tuned for each batch size (the result records the choices)."""
+    The compact model is checked against the masked ticket on random inputs first. Executors
+    follow their measured rule for each batch size timed; with `autotune` they are instead tuned
+    once, at the largest batch size (the result records the choices)."""
     from .. import compact as tscompact
     ticket = copy.deepcopy(ticket).eval()
     masks.apply(ticket)
@@ -306,7 +315,8 @@ def bench_ticket(dense: nn.Module, ticket: nn.Module, masks, input_shape: Sequen
         x = make(3)
         ref, got = ticket(x), compact(x)
         rel_err = float((ref - got).norm() / ref.norm().clamp_min(1e-12))
-    result = compare(dense, compact, make, batch_sizes, threads, pairs, layerwise, progress)
+    result = compare(dense, compact, make, batch_sizes, threads, pairs, layerwise, progress,
+                     select_per_batch=not autotune)
     result["check_rel_err"] = rel_err
     result["executors"] = dict(getattr(compact, "ticketsmith_executors", {}))
     result["sparsity"] = masks.sparsity()
