@@ -69,3 +69,20 @@ def test_partial_and_missing_rounds_are_reported_not_crashed(tiny_run, tmp_path)
 def test_report_refuses_a_non_run_directory(tmp_path):
     with pytest.raises(ts.UsageError, match="not a ticketsmith run"):
         make_report([tmp_path], tmp_path / "rep")
+
+
+def test_sparse_training_runs_form_one_curve_per_method(tmp_path):
+    """DST runs: one run per sparsity, each a single sparse round 0; the dense line comes from
+    the dense run only, and each method is one row and one curve."""
+    runs = []
+    for name, method, s in (("dense", "dense", (0.8,)), ("s5", "srigl", (0.5,)), ("s8", "srigl", (0.8,))):
+        cfg = RunConfig(model="mlp-300-100", width=0.25, dataset="digits", epochs=1, batch_size=64,
+                        method=method, sparsity=s, dst_delta_t=5)
+        Run(cfg, tmp_path / name, progress=False).execute()
+        runs.append(tmp_path / name)
+    dense_acc = json.loads((tmp_path / "dense" / "summary.json").read_text())["rounds"][0]["test_acc"]
+    text = make_report(runs, tmp_path / "rep").read_text()
+    assert f"Dense test accuracy: {100 * dense_acc:.2f}%" in text
+    rows = [line for line in text.splitlines() if line.startswith("| SRigL |")]
+    assert len(rows) == 1, text  # both sparsities in one method row
+    assert not any(line.startswith("| Dense |") for line in text.splitlines())

@@ -108,9 +108,10 @@ def group_name(key: tuple) -> str:
 
 
 def dense_accuracy(runs: Sequence[RunView]) -> float | None:
-    """Mean test accuracy of the dense round 0 over the runs (of one group) that have one."""
-    accs = [r["test_acc"] for v in runs for r in v.done if r["round"] == 0 and r.get("test_acc") is not None]
-    accs += [r["test_acc"] for v in runs if v.config.get("method") == "dense" for r in v.done]
+    """Mean test accuracy of the dense round 0 over the runs (of one group) that have one (a
+    sparse-training run's round 0 is sparse: it does not count)."""
+    accs = [r["test_acc"] for v in runs for r in v.done
+            if r["round"] == 0 and not r.get("sparsity") and r.get("test_acc") is not None]
     return sum(accs) / len(accs) if accs else None
 
 
@@ -120,12 +121,21 @@ def ticket_points(view: RunView) -> list[tuple[float, float, int]]:
                   if r.get("sparsity") and r["sparsity"] > 0 and r.get("test_acc") is not None)
 
 
-def extreme_sparsity(points, dense: float | None) -> tuple[float, float, int] | None:
+def method_points(runs: Sequence[RunView]) -> dict[str, list[tuple[float, float, int, RunView]]]:
+    """Each method's finished sparse tickets as (sparsity, test accuracy, round, run), over all
+    its runs: the runs of one sparse-training method at several sparsities form one curve."""
+    out: dict[str, list] = {}
+    for v in runs:
+        out.setdefault(v.label, []).extend((s, a, r, v) for s, a, r in ticket_points(v))
+    return {k: sorted(p, key=lambda t: t[:3]) for k, p in out.items()}
+
+
+def extreme_sparsity(points, dense: float | None) -> tuple | None:
     """The largest sparsity whose accuracy is still >= the dense accuracy."""
     if dense is None:
         return None
     ok = [p for p in points if p[1] >= dense]
-    return max(ok) if ok else None
+    return max(ok, key=lambda p: (p[0], p[1])) if ok else None
 
 
 def _save(fig, path: Path) -> Path:
@@ -137,12 +147,11 @@ def _save(fig, path: Path) -> Path:
 def plot_accuracy(runs: Sequence[RunView], out: Path, suffix: str = "") -> Path:
     fig, ax = plt.subplots(figsize=SIZE)
     dense = dense_accuracy(runs)
-    for v in runs:
-        pts = ticket_points(v)
+    for label, pts in method_points(runs).items():
         if not pts:
             continue
         xs, ys = [100 * p[0] for p in pts], [100 * p[1] for p in pts]
-        line, = ax.plot(xs, ys, "o-", label=v.label, ms=4)
+        line, = ax.plot(xs, ys, "o-", label=label, ms=4)
         ext = extreme_sparsity(pts, dense)
         if ext:
             ax.plot(100 * ext[0], 100 * ext[1], "*", ms=15, color=line.get_color(), mec="k")
@@ -171,14 +180,18 @@ def bench_points(view: RunView, backend: str = "torch") -> dict[int, list[tuple[
 
 
 def plot_time_saving(runs: Sequence[RunView], out: Path, suffix: str = "") -> Path:
-    per_run = [(v, bench_points(v)) for v in runs]
+    per_method: dict[str, dict[int, list]] = {}  # a method's runs merged, as for accuracy
+    for v in runs:
+        for b, pts in bench_points(v).items():
+            per_method.setdefault(v.label, {}).setdefault(b, []).extend(pts)
+    per_run = [(label, {b: sorted(p) for b, p in d.items()}) for label, d in per_method.items()]
     batches = sorted({b for _, p in per_run for b in p})
     n = max(1, len(batches))
     fig, axes = plt.subplots(1, n, figsize=(SIZE[0], SIZE[1]), squeeze=False, sharey=True)
     for ax, b in zip(axes[0], batches or [None]):
-        for v, pts in per_run:
+        for label, pts in per_run:
             if b in pts:
-                ax.plot([100 * s for s, _ in pts[b]], [100 * t for _, t in pts[b]], "o-", ms=4, label=v.label)
+                ax.plot([100 * s for s, _ in pts[b]], [100 * t for _, t in pts[b]], "o-", ms=4, label=label)
         ax.axhline(0, color="k", lw=0.8)
         ax.set_title(f"batch {b}" if b is not None else "no bench results yet")
         ax.set_xlabel("sparsity (%)")
@@ -197,7 +210,8 @@ def pick_round(view: RunView, dense: float | None) -> int | None:
     ext = extreme_sparsity(ticket_points(view), dense)
     if ext and ext[2] in view.bench:
         return ext[2]
-    benched = [r for r in view.bench if r > 0]
+    sparse = {x["round"] for x in view.done if x.get("sparsity")}  # DST: round 0 is sparse
+    benched = [r for r in view.bench if r in sparse]
     return max(benched) if benched else None
 
 
@@ -360,15 +374,21 @@ def make_report(run_dirs: Sequence[str | Path], out: str | Path, layers: Sequenc
                "Dense test accuracy: " + (f"{100 * dense:.2f}%" if dense is not None else "no dense round"), "",
                "| method | extreme sparsity % | test acc % | time saving at it (b=1 / b=64) |",
                "|---|---|---|---|"]
-        for v in members:
-            ext = extreme_sparsity(ticket_points(v), dense)
+        for label, pts in method_points(members).items():
+            if not pts:
+                if label != "Dense":
+                    md.append(f"| {label} | no finished sparse round | - | - |")
+                continue
+            ext = extreme_sparsity(pts, dense)
             if ext:
-                b = v.bench.get(ext[2], {})
+                b = ext[3].bench.get(ext[2], {})
                 s = {res["batch_size"]: res["time_saving"] for res in b.get("results", [])
                      if res.get("backend", "torch") == "torch"}
-                md.append(f"| {v.label} | {_pct(ext[0])} | {_pct(ext[1])} | {_pct(s.get(1))} / {_pct(s.get(64))} |")
+                md.append(f"| {label} | {_pct(ext[0])} | {_pct(ext[1])} | {_pct(s.get(1))} / {_pct(s.get(64))} |")
             else:
-                md.append(f"| {v.label} | none (no sparse round at or above dense) | - | - |")
+                best = max(pts, key=lambda p: p[1])
+                md.append(f"| {label} | none (no sparse ticket at or above dense; best "
+                          f"{_pct(best[1])}% at {_pct(best[0])}% sparsity) | - | - |")
         md.append("")
         for p in group_plots:
             md += [f"![{p.stem}]({p.name})", ""]
