@@ -8,9 +8,14 @@ set -uo pipefail  # no -e: a run that fails is logged, the lane goes on
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
 TS=".venv/bin/ticketsmith"
-declare -A EPOCHS=([resnet]=4 [vgg]=6) GAIMP_ROUNDS=([resnet]=3 [vgg]=2)
+declare -A EPOCHS=([resnet]=4 [vgg]=6 [mlp]=10) GAIMP_ROUNDS=([resnet]=3 [vgg]=2)
+declare -A BATCH_TICKETS=([resnet]="resnet-refill/round_02 resnet-refill+/round_03 resnet-gaimp/round_03"
+           [mlp]="mlp-srigl-0.9/round_00 mlp-srigl-0.99/round_00")
+declare -A DST_EPOCHS=([resnet]=3 [vgg]=3 [mlp]=10) DST_SPARSITIES=([resnet]="0.8 0.9 0.95"
+           [vgg]="0.8 0.9 0.95" [mlp]="0.8 0.9 0.95 0.98 0.99")
 IMP="--method imp --rounds 5 --prune-fraction 0.36"
-declare -A MODEL=([resnet]="--model resnet20 --width 0.5" [vgg]="--model vgg16 --width 0.25")
+declare -A MODEL=([resnet]="--model resnet20 --width 0.5" [vgg]="--model vgg16 --width 0.25"
+                 [mlp]="--model mlp-300-100")  # mlp: DST only (condensed linear layers)
 lane=$2; m=${MODEL[$lane]}
 COMMON="--dataset fashion-mnist --epochs ${EPOCHS[$lane]} --channels-last --rewind 5% --no-progress"
 case $1 in
@@ -25,10 +30,10 @@ case $1 in
     $TS run $m $COMMON $IMP --rounds ${GAIMP_ROUNDS[$lane]} --structure regroup --structure-every-round --out runs/$lane-gaimp ;;
   random)  # random-ticket control (Tables A3/A4): the refilled masks, fresh random init, 3 rounds
     $TS run $m $COMMON $IMP --rounds 3 --structure refill --chain runs/$lane-imp --reinit random --out runs/$lane-refill-random ;;
-  dst)     # dense vs RigL vs SRigL with/without ablation at 80/90/95%, 3 epochs each (budget)
-    COMMON="${COMMON/--epochs ${EPOCHS[$lane]}/--epochs 3}"
+  dst)     # dense vs RigL vs SRigL with/without ablation at 80/90/95% (3 epochs each for ResNet)
+    COMMON="${COMMON/--epochs ${EPOCHS[$lane]}/--epochs ${DST_EPOCHS[$lane]}}"
     $TS run $m $COMMON --method dense --out runs/$lane-dense
-    for s in 0.8 0.9 0.95; do
+    for s in ${DST_SPARSITIES[$lane]}; do
       $TS run $m $COMMON --method rigl  --sparsity $s --out runs/$lane-rigl-$s
       $TS run $m $COMMON --method srigl --sparsity $s --out runs/$lane-srigl-$s
       $TS run $m $COMMON --method srigl --sparsity $s --no-dst-ablation --out runs/$lane-srigl-noabl-$s
@@ -39,12 +44,24 @@ case $1 in
       --batch-size 64 --pairs 10 --out results/sweep-$lane-element --no-progress
     $TS sweep runs/$lane-imp --round 3 --vary n_groups=2,8 --granularity channel --epochs 1 \
       --batch-size 64 --pairs 10 --out results/sweep-$lane-channel --no-progress ;;
-  bench)   # every ticket at batch 1 and 64, against the fastest dense path (run alone!)
+  bench)   # every ticket at batch 1 and 64, against the fastest dense path (run alone!); the conv
+           # nets' DST tickets are skipped: constant fan-in convs compact to dense layers (~1x)
     export OMP_NUM_THREADS=2
-    for d in runs/$lane-*; do [ -f $d/summary.json ] && $TS bench $d --batch-sizes 1,64 --pairs 10; done ;;
+    for d in runs/$lane-*; do
+      case $lane:$d in mlp:*-dense|resnet:*rigl*|resnet:*-dense|vgg:*rigl*|vgg:*-dense) continue ;; esac
+      [ -f $d/summary.json ] && $TS bench $d --batch-sizes 1,64 --pairs 10
+    done ;;
+  batches) # speed across batch sizes (the reviewer's question) for the extreme tickets
+    export OMP_NUM_THREADS=2
+    for t in ${BATCH_TICKETS[$lane]}; do
+      $TS bench ${MODEL[$lane]} --masks runs/$t/masks.safetensors --input-shape 1,28,28 \
+        --batch-sizes 1,4,16,64,256 --pairs 10 --no-layerwise --out results/batches/$lane-${t//\//-}
+    done ;;
   report)  # plots + report.md/html per lane (IMP family) and for the DST runs; small files kept
-    imp=$(for r in imp refill refill+ regroup gaimp refill-random; do [ -d runs/$lane-$r ] && echo runs/$lane-$r; done)
-    $TS report $imp --out results/report-$lane --title "$lane: IMP, Refill, Refill+, Regroup, group-aware IMP, random control"
+    imp=$(for r in imp refill refill+ regroup gaimp refill-random; do  # else the kept records
+      if [ -d runs/$lane-$r ]; then echo runs/$lane-$r; elif [ -d results/runs/$lane-$r ]; then echo results/runs/$lane-$r; fi
+    done)
+    [ -n "$imp" ] && $TS report $imp --out results/report-$lane --title "$lane: IMP, Refill, Refill+, Regroup, group-aware IMP, random control"
     dst=$(ls -d runs/$lane-dense runs/$lane-rigl-* runs/$lane-srigl-* 2>/dev/null)
     [ -n "$dst" ] && $TS report $dst --out results/report-$lane-dst --title "$lane: dense vs RigL vs SRigL"
     for d in runs/$lane-*; do  # configs, summaries, per-round records and bench tables; no weights
