@@ -139,7 +139,17 @@ def test_block_conv_no_blocks_outputs_bias():
     assert torch.equal(y, conv.bias.view(1, -1, 1, 1).expand(2, 4, 5, 5))
 
 
-def test_block_conv_select_and_autotune_keep_the_function():
+def test_block_conv_rule_keeps_narrow_layers_dense():
+    g = torch.Generator().manual_seed(1)
+    for c, expected in ((16, "dense"), (128, "per-block")):  # block_conv_sizes.md
+        conv = nn.Conv2d(c, c, 3, padding=1)
+        chan = BlockConv2d.from_conv(conv, make_blocks("channel", c, c, 9, g))
+        assert chan.select(1) == expected and chan.select(64) == expected, c
+
+
+def test_block_conv_select_and_autotune_keep_the_function(monkeypatch):
+    import ticketsmith.compact.blocks as blocks_mod
+    monkeypatch.setattr(blocks_mod, "BLOCK_CONV_MIN_CHANNELS", 1)  # the rest of the rule, small
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 16, 3, padding=1)
     g = torch.Generator().manual_seed(1)

@@ -31,6 +31,11 @@ from ..masks import Block
 __all__ = ["BlockConv2d", "BlockLinear", "Executor"]
 
 
+# Smallest layer (input and output channels) whose channel-granular blocks beat the dense conv:
+# at batch 64, 16-32 channels ran 0.2-0.9x with 2-8 blocks, 64 channels 0.9-1.1x, 128 channels
+# 1.5-1.7x with 4-8 blocks (benchmarks/results/block_conv_sizes.md).
+BLOCK_CONV_MIN_CHANNELS = 128
+
 _PACKED_CONV = (hasattr(torch.ops.mkldnn, "_convolution_pointwise")
                 and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight"))
 
@@ -462,8 +467,10 @@ class BlockConv2d(Executor):
         Then "per-block": 2.3x over the best dense conv at a quarter of the work, at 1 and 2
         threads; "grouped" (oneDNN's grouped kernel on NCHW input) ran 1.5-2.4x. (With OpenMP's
         default spinning wait on a loaded machine, any multi-call kernel degrades; "grouped",
-        one call, degraded least: see the benchmark notes on OMP_WAIT_POLICY.)"""
-        if self.n_blocks == 0:
+        one call, degraded least: see the benchmark notes on OMP_WAIT_POLICY.) Below
+        BLOCK_CONV_MIN_CHANNELS channels the per-call cost of the gathers and small convs wins:
+        dense (benchmarks/results/block_conv_sizes.md)."""
+        if self.n_blocks == 0 or min(self.in_channels, self.out_channels) < BLOCK_CONV_MIN_CHANNELS:
             return "dense"
         dense = self.out_channels * self.in_channels
         work = sum(r.numel() * ch.numel() for r, ch in zip(self._rows, self._chans))
