@@ -7,6 +7,7 @@ import hashlib
 import pickle
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +147,13 @@ def setup(case: str, tmp: Path, finished: Path, monkeypatch) -> list[str]:
         shutil.rmtree(d / "round_01")  # round 1 not started: it prunes round 0's weights
         save_file({"conv1.weight": torch.zeros(6, 1, 5, 5)}, str(d / "round_00" / "weights.safetensors"))
         return run_args + ["--out", str(d)]
+    if case == "run-in-use":  # another process works in the run directory (holds its lock)
+        import fcntl
+        d = copy_run(finished, tmp)
+        held = open(d / ".lock", "a")
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        monkeypatch.setattr(sys.modules[__name__], "_HELD", held, raising=False)  # kept open
+        return ["run", *QUICK, "--rounds", "1", "--out", str(d)]
     if case == "disk-full":
         def no_space(fd):
             raise OSError(errno.ENOSPC, "No space left on device")

@@ -177,3 +177,21 @@ def test_cli_divergence_is_a_clean_message(tmp_path):
     p = cli("run", "--model", "lenet5", "--dataset", "digits", "--rounds", "1", "--epochs", "1",
             "--lr", "1e12", "--out", str(tmp_path / "r"), "--no-progress")
     assert p.returncode == 1 and "diverged" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_run_directory_in_use_is_refused_and_freed_after(tmp_path):
+    cfg = RunConfig(model="mlp-300-100", width=0.25, dataset="digits", epochs=1, rounds=1)
+    first = Run(cfg, tmp_path / "r", progress=False)
+    first.prepare()  # holds the directory as a running process would
+    with pytest.raises(ts.UsageError, match="in use by another ticketsmith process"):
+        Run(cfg, tmp_path / "r", progress=False).execute()
+    # from another process too (the CLI: one line, exit 2), and nothing written by it
+    cmd = [sys.executable, "-m", "ticketsmith", "run", "--model", "mlp-300-100", "--width", "0.25",
+           "--dataset", "digits", "--epochs", "1", "--rounds", "1", "--out", str(tmp_path / "r"),
+           "--no-progress"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "in use" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "r" / "round_00").exists()
+    first.release()
+    summary = Run(cfg, tmp_path / "r", progress=False).execute()  # free again: it runs
+    assert summary["rounds"][-1]["status"] == "done"

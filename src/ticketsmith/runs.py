@@ -46,6 +46,9 @@ def _help(text: str, **kw) -> dict:
     return {"help": text, **kw}
 
 
+LOCK_FILE = ".lock"  # held (flock) by the process working in a run directory
+
+
 @dataclass
 class RunConfig:
     """Everything that defines a run. Each field is a `ticketsmith run` flag."""
@@ -287,28 +290,64 @@ class Run:
             return b""
         self.on_main(check)
 
+    def _lock(self) -> None:
+        """Hold an exclusive lock on the run directory while this process works in it: two
+        processes writing one run would interleave rounds. The kernel drops the lock when the
+        process ends, however it ends, so a crash leaves nothing stale."""
+        if getattr(self, "_lock_file", None) is not None:
+            return
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no locking
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        f = open(self.out / LOCK_FILE, "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise UsageError(f"{self.out} is in use by another ticketsmith process; wait for it to "
+                             "finish (rerunning the same command then resumes) or choose another --out") from None
+        self._lock_file = f  # held until this process ends
+
     def _prepare(self) -> None:
         cfg_path = self.out / "config.json"
         if cfg_path.exists():
-            for tmp in self.out.rglob(".*.tmp"):  # left by a crash mid-write; never read
-                tmp.unlink(missing_ok=True)
             old = read_json(cfg_path)
             try:
                 old_cfg = RunConfig.from_json(old)
             except (TypeError, UsageError) as e:
                 raise UsageError(f"{self.out}: its config.json is not a ticketsmith run config ({e})") from None
             changed = [k for k, v in old_cfg.identity().items() if self.cfg.identity()[k] != v]
-            if changed == ["lr"] and (self.out / "diverged.json").exists() and self.cfg.lr < old_cfg.lr:
-                self._lower_lr(old_cfg.lr)  # resuming a diverged run with a lower learning rate
-            elif changed:
+            lower_lr = changed == ["lr"] and (self.out / "diverged.json").exists() and self.cfg.lr < old_cfg.lr
+            if changed and not lower_lr:
                 diff = [f"{k}: {getattr(old_cfg, k)!r} there, {getattr(self.cfg, k)!r} now" for k in changed]
                 raise UsageError(f"{self.out} holds a run made by a different config ("
                                  + "; ".join(diff) + "); choose another --out")
-        elif self.out.exists() and any(self.out.iterdir()):
+            self._lock()  # before anything is cleaned or changed: another process may be writing
+            if lower_lr:
+                self._lower_lr(old_cfg.lr)  # resuming a diverged run with a lower learning rate
+            for tmp in self.out.rglob(".*.tmp"):  # left by a crash mid-write; never read
+                tmp.unlink(missing_ok=True)
+        elif self.out.exists() and any(p.name != LOCK_FILE for p in self.out.iterdir()):
             raise UsageError(f"{self.out} exists, is not empty and is not a ticketsmith run; "
                              "choose another --out")
         else:
-            write_json(cfg_path, self.cfg.identity())
+            created = not self.out.exists()
+            self._lock()
+            if cfg_path.exists():  # another process made the run between our check and the lock
+                return self._prepare()
+            try:
+                write_json(cfg_path, self.cfg.identity())
+            except BaseException:  # e.g. a full disk: leave nothing behind
+                self.release()
+                (self.out / LOCK_FILE).unlink(missing_ok=True)
+                if created:
+                    try:
+                        self.out.rmdir()
+                    except OSError:
+                        pass
+                raise
 
     def _lower_lr(self, old_lr: float) -> None:
         """Record that the run continues with a lower learning rate after a divergence."""
@@ -413,19 +452,28 @@ class Run:
 
     # -- the methods -------------------------------------------------------------------------
     def execute(self) -> dict:
-        self.prepare()
-        cfg = self.cfg
-        if cfg.method in ("srigl", "rigl", "set"):
-            self._dynamic()
-        else:
-            if self.chain_dir is not None:  # round 0 and the rewind point come from the chain
-                self._adopt_chain()
-            self.train_round(round_dir(self.out, 0), None, "init", "round 0 ")
-            if cfg.method == "imp":
-                self._imp()
-            elif cfg.method == "oneshot":
-                self._oneshot()
-        return self.write_summary()
+        try:
+            self.prepare()
+            cfg = self.cfg
+            if cfg.method in ("srigl", "rigl", "set"):
+                self._dynamic()
+            else:
+                if self.chain_dir is not None:  # round 0 and the rewind point come from the chain
+                    self._adopt_chain()
+                self.train_round(round_dir(self.out, 0), None, "init", "round 0 ")
+                if cfg.method == "imp":
+                    self._imp()
+                elif cfg.method == "oneshot":
+                    self._oneshot()
+            return self.write_summary()
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Give up the run directory's lock (the end of execute does)."""
+        f, self._lock_file = getattr(self, "_lock_file", None), None
+        if f is not None:
+            f.close()  # closing the file drops the flock
 
     def _start(self) -> str:
         return "reinit" if self.cfg.reinit == "random" else "rewind"
