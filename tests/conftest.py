@@ -16,3 +16,13 @@ needs_fmnist = pytest.mark.skipif(
 def digits():
     import ticketsmith as ts
     return ts.data.load("digits")
+
+
+@pytest.fixture
+def small_executors(monkeypatch):
+    """Lift the layer-size limits under which the executors' rules keep layers dense (measured
+    there: dense wins), so tests can exercise the executors on small, fast models."""
+    import ticketsmith.compact.blocks as blocks
+    import ticketsmith.compact.condensed as condensed
+    monkeypatch.setattr(blocks, "BLOCK_CONV_MIN_CHANNELS", 1)
+    monkeypatch.setattr(condensed, "CONDENSED_MIN_WEIGHTS", 1)

@@ -34,7 +34,7 @@ def test_mac_count_of_executors_is_their_structure():
     assert per["0"] == (3 * 2 + 2 * 3) * 25 and per["3"] == 2 * 3 and per["4"] == 3 * 3
 
 
-def test_compare_switches_kernels_per_batch():
+def test_compare_switches_kernels_per_batch(small_executors):
     from ticketsmith.bench import compare
     from ticketsmith.compact.condensed import EMBEDDING_BAG_FROM_BATCH, CondensedLinear
     torch.manual_seed(0)

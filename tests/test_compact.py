@@ -635,9 +635,8 @@ def test_bad_inputs_raise_clear_errors():
 
 
 # -- the real executors (blocks.py / condensed.py), once they are installed ---------------------
-def test_real_block_executor_end_to_end(tmp_path, monkeypatch):
+def test_real_block_executor_end_to_end(tmp_path, small_executors):
     blocks_mod = pytest.importorskip("ticketsmith.compact.blocks")
-    monkeypatch.setattr(blocks_mod, "BLOCK_CONV_MIN_CHANNELS", 1)  # a narrow model: see the rule
     model = zoo_model("vgg11", 0.25, (2, 3, 16, 16))
     x = torch.randn(2, 3, 16, 16)
     masks: dict = {}
@@ -661,7 +660,7 @@ def test_real_block_executor_end_to_end(tmp_path, monkeypatch):
         assert rel_err(small(x), y) < 1e-4
 
 
-def test_real_condensed_executor_end_to_end(tmp_path):
+def test_real_condensed_executor_end_to_end(tmp_path, small_executors):
     condensed = pytest.importorskip("ticketsmith.compact.condensed")
     torch.manual_seed(0)
     model = randomize(MLP())

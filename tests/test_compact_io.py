@@ -155,10 +155,9 @@ def structured_masks(model, seed=0):
                                               ("resnet20", "vgg11", "lenet5", "mlp-300-100")],
                          ids=["resnet20", "vgg11", "lenet5", "mlp-300-100"])
 def test_zoo_block_and_fan_in_tickets_match_save_load_and_onnx(name, width, shape, tmp_path,
-                                                               monkeypatch):
-    # these narrow zoo layers are below the size where block kernels pay (the rule keeps them
-    # dense); lift that limit so the executors themselves go through compact, save and ONNX
-    monkeypatch.setattr("ticketsmith.compact.blocks.BLOCK_CONV_MIN_CHANNELS", 1)
+                                                               small_executors):
+    # these narrow zoo layers are below the size where the executors pay (the rules keep them
+    # dense); small_executors lifts that so the executors go through compact, save and ONNX
     model = zoo_model(name, width, shape)
     masks = structured_masks(model)
     x = torch.randn(shape)

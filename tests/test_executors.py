@@ -139,6 +139,16 @@ def test_block_conv_no_blocks_outputs_bias():
     assert torch.equal(y, conv.bias.view(1, -1, 1, 1).expand(2, 4, 5, 5))
 
 
+def test_condensed_rule_keeps_small_layers_dense():
+    g = torch.Generator().manual_seed(0)
+    for n_in, n_out, expected in ((784, 300, "dense"), (2048, 1024, "csr")):
+        mask = torch.zeros(n_out, n_in, dtype=torch.bool)
+        for r in range(n_out):
+            mask[r, torch.randperm(n_in, generator=g)[: n_in // 10]] = True
+        mod = CondensedLinear.from_linear(nn.Linear(n_in, n_out), mask)
+        assert mod.select(1) == expected, (n_in, n_out)
+
+
 def test_block_conv_rule_keeps_narrow_layers_dense():
     g = torch.Generator().manual_seed(1)
     for c, expected in ((16, "dense"), (128, "per-block")):  # block_conv_sizes.md
@@ -147,9 +157,7 @@ def test_block_conv_rule_keeps_narrow_layers_dense():
         assert chan.select(1) == expected and chan.select(64) == expected, c
 
 
-def test_block_conv_select_and_autotune_keep_the_function(monkeypatch):
-    import ticketsmith.compact.blocks as blocks_mod
-    monkeypatch.setattr(blocks_mod, "BLOCK_CONV_MIN_CHANNELS", 1)  # the rest of the rule, small
+def test_block_conv_select_and_autotune_keep_the_function(small_executors):  # rule minus size
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 16, 3, padding=1)
     g = torch.Generator().manual_seed(1)
@@ -294,7 +302,7 @@ def test_condensed_every_kernel_matches_masked_linear(zero_rows, bias):
         assert torch.equal(y[:, dead], expect.expand(4, -1))
 
 
-def test_condensed_select_autotune_and_round_trip(tmp_path):
+def test_condensed_select_autotune_and_round_trip(tmp_path, small_executors):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     lin = nn.Linear(64, 32)

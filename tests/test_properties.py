@@ -102,11 +102,13 @@ def test_compact_keeps_the_function_of_random_nets_with_random_channel_masks(spe
     masks.apply(masked)
     masked.eval()
     import ticketsmith.compact.blocks as blocks_mod
-    limit, blocks_mod.BLOCK_CONV_MIN_CHANNELS = blocks_mod.BLOCK_CONV_MIN_CHANNELS, 1
-    try:  # these narrow convs would stay dense by the size rule: let the block executors run
+    import ticketsmith.compact.condensed as cond_mod
+    limits = blocks_mod.BLOCK_CONV_MIN_CHANNELS, cond_mod.CONDENSED_MIN_WEIGHTS
+    blocks_mod.BLOCK_CONV_MIN_CHANNELS = cond_mod.CONDENSED_MIN_WEIGHTS = 1
+    try:  # these small layers would stay dense by the size rules: let the executors run
         compact = ts.compact(model, masks, x)
     finally:
-        blocks_mod.BLOCK_CONV_MIN_CHANNELS = limit
+        blocks_mod.BLOCK_CONV_MIN_CHANNELS, cond_mod.CONDENSED_MIN_WEIGHTS = limits
     with torch.no_grad():
         xt = torch.randn(3, 3, 8, 8, generator=g)
         ref, got = masked(xt), compact(xt)

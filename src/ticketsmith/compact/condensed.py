@@ -28,6 +28,11 @@ __all__ = ["CondensedLinear", "constant_fan_in"]
 EMBEDDING_BAG_FROM_BATCH = 24
 # Density above which the folded dense layer is the default.
 DENSE_ABOVE_DENSITY = 0.2
+# Smallest dense weight (in x out entries) whose condensed form beats the dense layer: 3072x768
+# (2.4M) ran 1.4-2x faster condensed at 90%, while MLP-300-100's 784x300 (235k) at 90-99% ran
+# 0.74-0.98x at 2 threads (results/runs/mlp-srigl-*/round_00/bench.md): a dense product that
+# small takes ~0.1 ms, less than the condensed kernels' fixed cost.
+CONDENSED_MIN_WEIGHTS = 1 << 20
 # Batch tile of the embedding_bag kernel, and the most bytes of x^T one call may read from
 # (see `CondensedLinear._embedding_bag`).
 BAG_TILE = 64
@@ -136,10 +141,12 @@ class CondensedLinear(Executor):
         """CSR below EMBEDDING_BAG_FROM_BATCH rows of input, embedding_bag from there on (both
         measured against the dense paths at 10% density); the folded dense layer when the
         weight keeps more than DENSE_ABOVE_DENSITY of its entries (768->3072: CSR broke even with
-        oneDNN at about 25% density at batch 1, embedding_bag at about 18% at batch 256)."""
+        oneDNN at about 25% density at batch 1, embedding_bag at about 18% at batch 256). Layers
+        under CONDENSED_MIN_WEIGHTS stay dense whatever their density."""
         if self.n_active == 0:
             return "dense"
-        if self.n_active * self.fan_in > DENSE_ABOVE_DENSITY * self.out_features * self.in_features:
+        small = self.out_features * self.in_features < CONDENSED_MIN_WEIGHTS
+        if small or self.n_active * self.fan_in > DENSE_ABOVE_DENSITY * self.out_features * self.in_features:
             return "dense-mkldnn" if batch_size >= 32 and "dense-mkldnn" in self._kernels() else "dense"
         return "csr" if batch_size < EMBEDDING_BAG_FROM_BATCH else "embedding_bag"
 
