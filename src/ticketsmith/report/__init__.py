@@ -271,7 +271,9 @@ def plot_masks(panels: Sequence[tuple[str, Masks]], layer: str, out: Path, name:
     with earlier ones, so colours show them where outlines could not)."""
     from matplotlib.colors import ListedColormap
     palette = plt.get_cmap("tab20").colors
-    fig, axes = plt.subplots(1, len(panels), figsize=(SIZE[0] * 1.3, SIZE[1]), squeeze=False)
+    import textwrap
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(SIZE[0] * 1.3, 2.3 * len(panels)), SIZE[1]),
+                             squeeze=False)
     for ax, (title, masks) in zip(axes[0], panels):
         m = masks[layer].reshape(masks[layer].shape[0], -1)
         blocks = masks.blocks.get(layer) or []
@@ -283,12 +285,13 @@ def plot_masks(panels: Sequence[tuple[str, Masks]], layer: str, out: Path, name:
         cmap = ListedColormap(["white", "black", *palette][:n_colours])
         ax.imshow(img[rows][:, cols].numpy(), cmap=cmap, vmin=0, vmax=n_colours - 1,
                   aspect="auto", interpolation="nearest")
-        ax.set_title(f"{title}\n{100 * (1 - float(m.float().mean())):.1f}% sparse"
-                     + (f", {len(blocks)} blocks (colours)" if blocks else ""), fontsize=8)
-        ax.set_xlabel("columns (c_in x kh x kw), reordered", fontsize=7)
+        ax.set_title(textwrap.fill(title, 24) + f"\n{100 * (1 - float(m.float().mean())):.1f}% sparse"
+                     + (f", {len(blocks)} blocks" if blocks else ""), fontsize=8)
+        ax.set_xlabel("columns, reordered", fontsize=7)
         ax.set_ylabel("output channels, reordered", fontsize=7)
         ax.tick_params(labelsize=6)
-    fig.suptitle(f"Mask of {layer} (white = pruned, black or colour = kept)", fontsize=10)
+    fig.suptitle(f"Mask of {layer} (white = pruned, black = kept, colours = regroup blocks; "
+                 "columns = c_in x kh x kw)", fontsize=10)
     fig.tight_layout()
     return _save(fig, out / f"masks_{name}.png")
 
