@@ -2,7 +2,9 @@
 fan-in masks, compaction keeps the function (block and condensed executors included); regroup
 blocks never overlap and cover exactly the kept weights; refill keeps exactly k rows; masks stay
 binary at the stated sparsity."""
+import contextlib
 import math
+from unittest import mock
 
 import torch
 from hypothesis import HealthCheck, assume, given, settings
@@ -11,6 +13,18 @@ from torch import nn
 from torch.nn import functional as F
 
 import ticketsmith as ts
+import ticketsmith.compact.blocks as blocks_mod
+import ticketsmith.compact.condensed as condensed_mod
+
+
+def executors_on_small_layers():
+    """The size limits of the executors' rules lifted (what the `small_executors` fixture does;
+    hypothesis tests cannot take function-scoped fixtures)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch.object(blocks_mod, "BLOCK_CONV_MIN_CHANNELS", 1))
+    stack.enter_context(mock.patch.object(condensed_mod, "CONDENSED_MIN_WEIGHTS", 1))
+    return stack
+
 
 SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow],
                     derandomize=True)
@@ -101,14 +115,7 @@ def test_compact_keeps_the_function_of_random_nets_with_random_channel_masks(spe
     masked.load_state_dict(model.state_dict())
     masks.apply(masked)
     masked.eval()
-    import ticketsmith.compact.blocks as blocks_mod
-    import ticketsmith.compact.condensed as cond_mod
-    limits = blocks_mod.BLOCK_CONV_MIN_CHANNELS, cond_mod.CONDENSED_MIN_WEIGHTS
-    blocks_mod.BLOCK_CONV_MIN_CHANNELS = cond_mod.CONDENSED_MIN_WEIGHTS = 1
-    try:  # these small layers would stay dense by the size rules: let the executors run
-        compact = ts.compact(model, masks, x)
-    finally:
-        blocks_mod.BLOCK_CONV_MIN_CHANNELS, cond_mod.CONDENSED_MIN_WEIGHTS = limits
+    compact = ts.compact(model, masks, x)
     with torch.no_grad():
         xt = torch.randn(3, 3, 8, 8, generator=g)
         ref, got = masked(xt), compact(xt)
@@ -206,12 +213,8 @@ def test_compact_keeps_the_function_with_random_block_and_fan_in_masks(spec, see
     masked.load_state_dict(model.state_dict())
     masks.apply(masked)
     masked.eval()
-    import ticketsmith.compact.blocks as blocks_mod
-    limit, blocks_mod.BLOCK_CONV_MIN_CHANNELS = blocks_mod.BLOCK_CONV_MIN_CHANNELS, 1
-    try:  # these narrow convs would stay dense by the size rule: let the block executors run
+    with executors_on_small_layers():  # else the size rules keep these small layers dense
         compact = ts.compact(model, masks, x)
-    finally:
-        blocks_mod.BLOCK_CONV_MIN_CHANNELS = limit
     with torch.no_grad():
         xt = torch.randn(3, 3, 8, 8, generator=g)
         ref, got = masked(xt), compact(xt)

@@ -17,6 +17,7 @@ Every file is written atomically; only rank 0 writes.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -233,6 +234,7 @@ class Run:
                  progress: bool = True, dist: Dist | None = None):
         cfg.validate()
         self.cfg, self.out = cfg, Path(out)
+        self._lock_file = None  # the run directory's lock, while this process holds it
         self.dist = dist or Dist()
         self.progress = progress
         self.ds = tsdata.load(cfg.dataset, data_dir, None if cfg.val_size < 0 else cfg.val_size)
@@ -294,7 +296,7 @@ class Run:
         """Hold an exclusive lock on the run directory while this process works in it: two
         processes writing one run would interleave rounds. The kernel drops the lock when the
         process ends, however it ends, so a crash leaves nothing stale."""
-        if getattr(self, "_lock_file", None) is not None:
+        if self._lock_file is not None:
             return
         try:
             import fcntl
@@ -343,10 +345,8 @@ class Run:
                 self.release()
                 (self.out / LOCK_FILE).unlink(missing_ok=True)
                 if created:
-                    try:
+                    with contextlib.suppress(OSError):  # not empty: someone else's now
                         self.out.rmdir()
-                    except OSError:
-                        pass
                 raise
 
     def _lower_lr(self, old_lr: float) -> None:
@@ -471,7 +471,7 @@ class Run:
 
     def release(self) -> None:
         """Give up the run directory's lock (the end of execute does)."""
-        f, self._lock_file = getattr(self, "_lock_file", None), None
+        f, self._lock_file = self._lock_file, None
         if f is not None:
             f.close()  # closing the file drops the flock
 

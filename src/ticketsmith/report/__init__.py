@@ -15,6 +15,7 @@ import base64
 import html
 import math
 import re
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -184,12 +185,12 @@ def plot_time_saving(runs: Sequence[RunView], out: Path, suffix: str = "") -> Pa
     for v in runs:
         for b, pts in bench_points(v).items():
             per_method.setdefault(v.label, {}).setdefault(b, []).extend(pts)
-    per_run = [(label, {b: sorted(p) for b, p in d.items()}) for label, d in per_method.items()]
-    batches = sorted({b for _, p in per_run for b in p})
+    curves = [(label, {b: sorted(p) for b, p in d.items()}) for label, d in per_method.items()]
+    batches = sorted({b for _, p in curves for b in p})
     n = max(1, len(batches))
     fig, axes = plt.subplots(1, n, figsize=(SIZE[0], SIZE[1]), squeeze=False, sharey=True)
     for ax, b in zip(axes[0], batches or [None]):
-        for label, pts in per_run:
+        for label, pts in curves:
             if b in pts:
                 ax.plot([100 * s for s, _ in pts[b]], [100 * t for _, t in pts[b]], "o-", ms=4, label=label)
         ax.axhline(0, color="k", lw=0.8)
@@ -271,7 +272,6 @@ def plot_masks(panels: Sequence[tuple[str, Masks]], layer: str, out: Path, name:
     with earlier ones, so colours show them where outlines could not)."""
     from matplotlib.colors import ListedColormap
     palette = plt.get_cmap("tab20").colors
-    import textwrap
     fig, axes = plt.subplots(1, len(panels), figsize=(max(SIZE[0] * 1.3, 2.3 * len(panels)), SIZE[1]),
                              squeeze=False)
     for ax, (title, masks) in zip(axes[0], panels):
