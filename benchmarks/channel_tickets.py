@@ -39,7 +39,7 @@ def channel_ticket(name: str, width: float, sparsity: float):
     model = ts.models.create(name, in_channels=SHAPE[0], num_classes=10, image_size=SHAPE[1:],
                              width=width).eval()
     x = torch.randn(1, *SHAPE)
-    masks = ts.refill(model, ts.prune.random_masks(model, sparsity), coupled=True, example_inputs=x)
+    masks = ts.refill(model, ts.prune.random_masks(model, sparsity), coupling="shared", example_inputs=x)
     return model, ts.compact(model, masks, x), masks
 
 

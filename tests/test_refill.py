@@ -46,7 +46,7 @@ def resnet20():
     return ts.models.create("resnet20", width=0.25, image_size=(8, 8))  # widths 4-8-16
 
 
-def check_structure(model, masks, out, coupled=True, x=X8):
+def check_structure(model, masks, out, coupling="shared", x=X8):
     """Refilled layers are whole rows, coupled layers share one set, companions match."""
     groups = channel_groups(model, x)
     for g in groups:
@@ -66,7 +66,7 @@ def check_structure(model, masks, out, coupled=True, x=X8):
             ch = torch.zeros(g.channels, dtype=torch.bool)
             ch[g.index[n][rows]] = True
             sets[n] = ch
-        if coupled and len(names) > 1:
+        if coupling == "shared" and len(names) > 1:
             first = sets[names[0]]
             for n in names[1:]:
                 # one shared set over the channels both cover
@@ -77,7 +77,7 @@ def check_structure(model, masks, out, coupled=True, x=X8):
                 common = both & both_first
                 assert torch.equal(sets[n][common], first[common]), f"{n} vs {names[0]}"
     # companions: with one shared set per fully masked group, zero exactly on dropped channels
-    if coupled:
+    if coupling == "shared":
         for g in groups:
             if g.output or not all(n in masks for n in g.layers):
                 continue
@@ -244,7 +244,7 @@ def test_every_zoo_model(name):
     assert bns <= {c for g in groups for c in g.companions}
     assert [g.output for g in groups].count(True) == 1
     masks = ts.prune.random_masks(model, 0.6, seed=1)
-    out = refill(model, masks, example_inputs=x)
+    out = refill(model, masks, coupling="shared", example_inputs=x)
     check_structure(model, masks, out, x=x)
     assert out.sparsity() > 0
 
@@ -255,13 +255,13 @@ def test_uncoupled_keeps_exactly_k_rows_and_refill_plus_adds_extra():
     masks = ts.prune.random_masks(model, 0.7, seed=3)
     kept_rows = {}
     for extra in (0.0, 0.25, 1.0):
-        out = refill(model, masks, coupled=False, extra=extra, example_inputs=X8)
+        out = refill(model, masks, coupling="none", extra=extra, example_inputs=X8)
         for n in masks.weight_names:
             m, c = masks[n], masks[n].shape[0]
             assert int(alive(out[n]).sum()) == ceil_k(int(m.sum()), m.numel(), c, extra), n
         kept_rows[extra] = sum(int(alive(out[n]).sum()) for n in masks.weight_names)
         if extra == 0.25:
-            check_structure(model, masks, out, coupled=False)
+            check_structure(model, masks, out, coupling="none")
     assert kept_rows[0.0] < kept_rows[0.25] < kept_rows[1.0]
     assert out.sparsity() == 0.0  # extra = 1 keeps every channel
 
@@ -271,15 +271,15 @@ def test_k_uses_exact_arithmetic():
     lin = nn.Sequential(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 2))
     m = torch.zeros(10, 10, dtype=torch.bool)
     m[:, :3] = True
-    out = refill(lin, Masks({"0.weight": m}), coupled=False, example_inputs=torch.randn(1, 10))
+    out = refill(lin, Masks({"0.weight": m}), coupling="none", example_inputs=torch.randn(1, 10))
     assert int(alive(out["0.weight"]).sum()) == 3
 
 
 def test_coupled_groups_share_one_channel_set():
     model = resnet20()
     masks = ts.prune.random_masks(model, 0.6, seed=4)
-    out = refill(model, masks, example_inputs=X8)
-    check_structure(model, masks, out, coupled=True)
+    out = refill(model, masks, coupling="shared", example_inputs=X8)
+    check_structure(model, masks, out, coupling="shared")
     for g in channel_groups(model, X8):
         names = [n for n in g.layers if n in masks]
         if not names or g.output:
@@ -292,9 +292,54 @@ def test_coupled_groups_share_one_channel_set():
             assert int(s.sum()) == k
             assert torch.equal(s, sets[0])
     # uncoupled refill of the same masks does not align the stage (seed chosen so it differs)
-    loose = refill(model, masks, coupled=False, example_inputs=X8)
+    loose = refill(model, masks, coupling="none", example_inputs=X8)
     stage = ["conv1.weight", "layers.0.conv2.weight", "layers.1.conv2.weight", "layers.2.conv2.weight"]
     assert len({tuple(alive(loose[n]).tolist()) for n in stage}) > 1
+
+
+@pytest.mark.parametrize("seed", [4, 7, 11])
+def test_union_never_keeps_fewer_channels_than_shared_and_aligns_the_stage(seed):
+    model = resnet20()
+    masks = ts.prune.random_masks(model, 0.7, seed=seed)
+    shared = refill(model, masks, coupling="shared", example_inputs=X8)
+    union = refill(model, masks, coupling="union", example_inputs=X8)
+    own = refill(model, masks, coupling="none", example_inputs=X8)
+    for n in masks.weight_names:
+        assert int(alive(union[n]).sum()) >= int(alive(shared[n]).sum()), n
+        assert bool((alive(own[n]) <= alive(union[n])).all()), n  # every layer's own choice stays
+    for g in channel_groups(model, X8):
+        names = [n for n in g.layers if n in masks]
+        if len(names) > 1 and not g.output:  # one channel set per group: the union of the own sets
+            want = torch.zeros(g.channels, dtype=torch.bool)
+            for n in names:
+                want[g.index[n][alive(own[n])]] = True
+            for n in names:
+                assert torch.equal(alive(union[n]), want[g.index[n]]), n
+    check_structure(model, masks, union, coupling="shared")  # groups share one set, as `shared`
+
+
+def test_per_layer_refill_leaves_channels_compaction_cannot_remove():
+    """`none` (the paper's Alg. 2): a channel conv2 of a block drops is zero in its output but
+    the residual stream still carries the partners' value, so the stage keeps its width."""
+    model = resnet20()
+    randomize_norms(model)
+    masks = ts.prune.random_masks(model, 0.7, seed=3)
+    out = refill(model, masks, coupling="none", example_inputs=X8)
+    small = ts.compact(model, out, torch.randn(2, 3, 8, 8))
+    rows = {r["layer"]: r for r in ts.compact.describe(small)}
+    stage = ["conv1", "layers.0.conv2", "layers.1.conv2", "layers.2.conv2"]
+    kept_rows = {n: int(alive(out[f"{n}.weight"]).sum()) for n in stage}
+    union_rows = torch.zeros(out["conv1.weight"].shape[0], dtype=torch.bool)
+    for n in stage:
+        union_rows |= alive(out[f"{n}.weight"])
+    for n in stage:  # the compact layer writes every channel any stage member keeps
+        assert rows[n]["shape_after"][0] == int(union_rows.sum())
+    assert any(rows[n]["shape_after"][0] > kept_rows[n] for n in stage)  # not removable
+
+
+def test_unknown_coupling_is_refused():
+    with pytest.raises(UsageError, match="coupling"):
+        refill(resnet20(), ts.prune.random_masks(resnet20(), 0.5), coupling="tied", example_inputs=X8)
 
 
 def test_coupled_concat_model():
@@ -302,7 +347,7 @@ def test_coupled_concat_model():
     model = CatAddNet()
     x = torch.randn(2, 3, 8, 8)
     masks = ts.prune.random_masks(model, 0.5, seed=2)
-    out = refill(model, masks, example_inputs=x)
+    out = refill(model, masks, coupling="shared", example_inputs=x)
     g = next(g for g in channel_groups(model, x) if "d.weight" in g.layers)
     d_rows = alive(out["d.weight"])
     assert torch.equal(alive(out["a.weight"]), d_rows[:4])
@@ -324,12 +369,12 @@ def test_coupled_concat_model():
     assert torch.equal(out["bn.weight"], rows) and torch.equal(out["bn.bias"], rows)
 
 
-@pytest.mark.parametrize("coupled", [True, False])
-def test_dropped_channels_output_exactly_zero(coupled):
+@pytest.mark.parametrize("coupling", ["shared", "none", "union"])
+def test_dropped_channels_output_exactly_zero(coupling):
     model = resnet20()
     randomize_norms(model)
     masks = ts.prune.random_masks(model, 0.7, seed=5)
-    out = refill(model, masks, coupled=coupled, example_inputs=X8)
+    out = refill(model, masks, coupling=coupling, example_inputs=X8)
     groups = channel_groups(model, X8)
     by_layer = {n: g for g in groups for n in g.layers}
     # companions are zero exactly on the dropped rows of the layer feeding them
@@ -357,14 +402,14 @@ def test_dropped_channels_output_exactly_zero(coupled):
         ticket = copy.deepcopy(model)
         out.apply(ticket)
         seen = outputs(ticket, train)
+        assert sum(int((~alive(out[n])).sum()) for n in masks.weight_names) > 0
         for n in masks.weight_names:
             mod = n[:-len(".weight")]
             dropped = ~alive(out[n])
-            assert bool(dropped.any())
             assert not bool(seen[mod][:, dropped].any()), f"{mod} {train}"
             bn = mod.replace("conv", "bn") if "conv" in mod else mod[:-1] + "1"
             assert not bool(seen[bn][:, dropped].any()), f"{bn} in train={train}"
-        if coupled:
+        if coupling != "none":
             # the residual stream itself: a stage's dropped channels are zero after every block
             for stage, blocks in ((by_layer["conv1.weight"], range(3)),
                                   (by_layer["layers.3.conv2.weight"], range(3, 6)),
@@ -376,14 +421,16 @@ def test_dropped_channels_output_exactly_zero(coupled):
     ticket = copy.deepcopy(model)
     Masks({n: out[n] for n in out.weight_names}).apply(ticket)
     seen = outputs(ticket, False)
-    assert bool(seen["layers.0.bn2"][:, ~alive(out["layers.0.conv2.weight"])].any())
+    conv, bn = next((f"layers.{i}.conv{j}.weight", f"layers.{i}.bn{j}") for i in range(9) for j in (2, 1)
+                    if bool((~alive(out[f"layers.{i}.conv{j}.weight"])).any()))
+    assert bool(seen[bn][:, ~alive(out[conv])].any())
 
 
 def test_unmasked_first_layer_and_masked_head():
     model = resnet20()
     masks = ts.prune.random_masks(model, 0.6, seed=6,
                                   masks=Masks.ones(model, include_head=True, include_first=False))
-    out = refill(model, masks, example_inputs=X8)
+    out = refill(model, masks, coupling="shared", example_inputs=X8)
     assert "conv1.weight" not in out
     assert torch.equal(out["fc.weight"], masks["fc.weight"])  # the head is not channel-refilled
     assert "fc.bias" not in out or bool(out["fc.bias"].all())
@@ -472,7 +519,7 @@ def test_every_criterion_leaves_model_and_masks_alone(criterion):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
     out = refill(model, masks, criterion, data=(x, y))
-    check_structure(model, masks, out)
+    check_structure(model, masks, out, coupling="none")  # the default: the paper's per layer
     again = refill(model, masks, criterion, data=(x, y))
     assert out == again  # deterministic
     assert all(torch.equal(before[k], masks[k]) for k in masks) and set(before) == set(masks)

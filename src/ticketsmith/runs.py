@@ -59,7 +59,9 @@ class RunConfig:
     method: str = field(default="imp", metadata=_help(
         "dense: train once; imp: iterative magnitude pruning with rewinding; oneshot: one "
         "mask per --sparsity from --source; srigl/rigl/set: dynamic sparse training", choices=METHODS))
-    rounds: int = field(default=5, metadata=_help("IMP pruning rounds after the dense round 0"))
+    rounds: int = field(default=5, metadata=_help(
+        "IMP pruning rounds after the dense round 0 (0: the dense round only); a finished IMP "
+        "run can be extended by rerunning it with more rounds"))
     prune_fraction: float = field(default=0.2, metadata=_help("IMP: fraction of the remaining weights pruned per round"))
     rewind: str = field(default="5%", metadata=_help(
         "rewind point: a percentage of training ('5%%') or an iteration ('0' = original init)"))
@@ -77,9 +79,10 @@ class RunConfig:
         "refill: how channels are scored", choices=("l1", "count", "feature-l1", "feature-l2", "saliency")))
     refill_extra: float = field(default=0.2, metadata=_help(
         "refill+: extra fraction of the dropped channels kept (k + round(extra * (c_out - k)))"))
-    refill_coupled: bool = field(default=True, metadata=_help(
-        "refill: layers whose channels meet at a residual addition keep one shared channel set "
-        "(--no-refill-coupled: per layer, as the authors' code)"))
+    refill_coupling: str = field(default="none", metadata=_help(
+        "refill: layers whose channels meet at a residual addition: none (each layer on its own, "
+        "the paper's Alg. 2), shared (one channel set for the group), union (a channel stays if "
+        "any layer of the group keeps it)", choices=("none", "shared", "union")))
     regroup_groups: int = field(default=0, metadata=_help(
         "regroup: row groups per layer, the paper's t1 (0: min(8, rows // b1) per layer)"))
     regroup_partitioner: str = field(default="metis", metadata=_help(
@@ -137,13 +140,13 @@ class RunConfig:
 
     def validate(self) -> None:
         for name in ("model", "dataset", "method", "source", "structure", "reinit", "refill_criterion",
-                     "dst_distribution", "regroup_partitioner", "regroup_granularity"):
+                     "refill_coupling", "dst_distribution", "regroup_partitioner", "regroup_granularity"):
             choices = RunConfig.__dataclass_fields__[name].metadata.get("choices")
             if getattr(self, name) not in choices:
                 raise UsageError(f"unknown {name} {getattr(self, name)!r}; choose one of: "
                                  f"{', '.join(choices)}")
-        if self.rounds < 1:
-            raise UsageError(f"rounds must be at least 1, got {self.rounds}")
+        if self.rounds < (0 if self.method == "imp" else 1):
+            raise UsageError(f"rounds must be at least {0 if self.method == 'imp' else 1}, got {self.rounds}")
         if not 0 < self.prune_fraction < 1:
             raise UsageError(f"prune fraction must be in (0, 1), got {self.prune_fraction}")
         if not self.sparsity:
@@ -181,6 +184,9 @@ class RunConfig:
         if unknown:
             raise UsageError(f"unknown config keys: {', '.join(sorted(unknown))}")
         obj = dict(obj)
+        if "refill_coupled" in obj:  # written before refill_coupling existed (a bool, default True)
+            coupled = obj.pop("refill_coupled")
+            obj.setdefault("refill_coupling", "shared" if coupled else "none")
         for k in ("sparsity", "milestones"):
             if k in obj:
                 obj[k] = tuple(obj[k])
@@ -322,13 +328,18 @@ class Run:
                 raise UsageError(f"{self.out}: its config.json is not a ticketsmith run config ({e})") from None
             changed = [k for k, v in old_cfg.identity().items() if self.cfg.identity()[k] != v]
             lower_lr = changed == ["lr"] and (self.out / "diverged.json").exists() and self.cfg.lr < old_cfg.lr
-            if changed and not lower_lr:
+            # an IMP run grows by more rounds: the rounds it has are those of the longer run
+            extend = changed == ["rounds"] and self.cfg.method == "imp" and self.cfg.rounds > old_cfg.rounds
+            if changed and not (lower_lr or extend):
                 diff = [f"{k}: {getattr(old_cfg, k)!r} there, {getattr(self.cfg, k)!r} now" for k in changed]
                 raise UsageError(f"{self.out} holds a run made by a different config ("
                                  + "; ".join(diff) + "); choose another --out")
             self._lock()  # before anything is cleaned or changed: another process may be writing
             if lower_lr:
                 self._lower_lr(old_cfg.lr)  # resuming a diverged run with a lower learning rate
+            if extend:
+                self._record_change({"event": "rounds extended", "from": old_cfg.rounds,
+                                     "to": self.cfg.rounds})
             for tmp in self.out.rglob(".*.tmp"):  # left by a crash mid-write; never read
                 tmp.unlink(missing_ok=True)
         elif self.out.exists() and any(p.name != LOCK_FILE for p in self.out.iterdir()):
@@ -351,12 +362,16 @@ class Run:
 
     def _lower_lr(self, old_lr: float) -> None:
         """Record that the run continues with a lower learning rate after a divergence."""
-        event = {"event": "learning rate lowered after divergence", "from": old_lr,
-                 "to": self.cfg.lr, "divergence": read_json(self.out / "diverged.json")}
+        self._record_change({"event": "learning rate lowered after divergence", "from": old_lr,
+                             "to": self.cfg.lr, "divergence": read_json(self.out / "diverged.json")})
+        (self.out / "diverged.json").unlink()
+
+    def _record_change(self, event: dict) -> None:
+        """An accepted change of config.json, kept in history.json (the event first: a crash
+        between the two writes leaves the event recorded and the rerun repeats the change)."""
         history = read_json(self.out / "history.json") if (self.out / "history.json").exists() else []
         write_json(self.out / "history.json", history + [event])
         write_json(self.out / "config.json", self.cfg.identity())
-        (self.out / "diverged.json").unlink()
 
     # -- one round of training ---------------------------------------------------------------
     def train_round(self, path: Path, masks: Masks | None, start: str, desc: str,
@@ -409,7 +424,10 @@ class Run:
         info = {"best_epoch": result.best_epoch, "best_val_acc": result.best_val_acc,
                 "test_acc": result.test_acc_at_best, "final_test_acc": result.final_test_acc,
                 "epochs": self.tcfg.epochs, "start_iteration": start_iter,
-                "train_seconds": time.perf_counter() - t0}
+                "train_seconds": time.perf_counter() - t0,
+                # median over the round's epochs (a resumed round's earlier ones may have run elsewhere)
+                "seconds_per_epoch": _seconds_per_epoch(result.history),
+                "machine": _machine()}
         if final_masks is not None:
             info.update(sparsity=final_masks.sparsity(), layer_sparsity=final_masks.layer_sparsity(),
                         channel_sparsity=final_masks.channel_sparsity(),
@@ -596,7 +614,7 @@ class Run:
         if cfg.structure in ("refill", "refill+"):
             return refill(trained, masks, criterion=cfg.refill_criterion,
                           extra=cfg.refill_extra if cfg.structure == "refill+" else 0.0,
-                          coupled=cfg.refill_coupled, data=(x, y), example_inputs=x[:1])
+                          coupling=cfg.refill_coupling, data=(x, y), example_inputs=x[:1])
         from .structure import channel_companions, regroup
         grouped = regroup(masks, cfg.regroup_groups or None, cfg.regroup_partitioner, t1=cfg.regroup_t1,
                           t2=cfg.regroup_t2 or None, b1=cfg.regroup_b1, b2=cfg.regroup_b2,
@@ -625,6 +643,23 @@ class Run:
         if self.writer:
             write_json(self.out / "summary.json", summary)
         return summary
+
+
+def _seconds_per_epoch(history: list[dict]) -> float | None:
+    """Median wall seconds of the recorded epochs (training and evaluation)."""
+    import statistics
+    secs = [h["seconds"] for h in history if isinstance(h.get("seconds"), (int, float))]
+    return statistics.median(secs) if secs else None
+
+
+def _machine() -> dict:
+    """Where a round was trained: CPU model, threads, torch version, host."""
+    import platform
+
+    from .bench import machine
+    info = {k: v for k, v in machine().items() if k != "command"}
+    info["host"] = platform.node()
+    return info
 
 
 def structure_counts(masks: Masks) -> dict:

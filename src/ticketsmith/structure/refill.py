@@ -21,11 +21,17 @@ from ..masks import Masks
 from .coupling import ChannelGroup, analyse
 
 CRITERIA = ("l1", "count", "feature-l1", "feature-l2", "saliency")
+# How refill treats layers whose output channels meet at a residual addition (a coupled group):
+#   none   each layer on its own, exactly the paper's Alg. 2 (and the authors' code);
+#   shared one channel set for the group, from the summed scores and the combined sparsity;
+#   union  each layer chooses as in `none`, then a channel stays in every layer of the group
+#          if any of them keeps it (the residual stream is never narrower than its widest member).
+COUPLINGS = ("none", "shared", "union")
 DATA_CRITERIA = ("feature-l1", "feature-l2", "saliency")
 
 
 def refill(model: nn.Module, masks: Masks, criterion: str = "l1", extra: float = 0.0,
-           coupled: bool = True, data: Sequence[torch.Tensor] | torch.Tensor | None = None,
+           coupling: str = "none", data: Sequence[torch.Tensor] | torch.Tensor | None = None,
            example_inputs=None) -> Masks:
     """Channel-wise structured masks from unstructured `masks` (Refill; Refill+ if `extra` > 0).
 
@@ -41,13 +47,18 @@ def refill(model: nn.Module, masks: Masks, criterion: str = "l1", extra: float =
       Refill+ keeps k + round(extra * (c_out - k)) (round half up), `extra` in [0, 1].
       Kept rows become fully dense, dropped rows fully zero. Ties go to the lower row index
       (coupled: the lower group channel id, which is the row index in a residual stage).
-    - `coupled=True`: the masked layers of a coupled group (see `channel_groups`: outputs added
-      together, depthwise convs) keep one shared channel set, chosen from their summed scores,
-      each layer's scores first divided by their sum so that every layer has the same say; k
-      comes from the group's combined sparsity (kept / total weights over its masked layers),
-      counted over the group channels its masked layers cover. Layers of the group without a
-      mask are left alone (and count as dense, so the channels they write are not removable).
-      `coupled=False`: every layer on its own (the authors' behaviour).
+    - `coupling` (see `COUPLINGS`) decides what happens in a coupled group (see
+      `channel_groups`: outputs added together, depthwise convs). `none`: every layer keeps its
+      own k best rows, as the paper's Alg. 2; a channel one layer drops but a coupled partner
+      keeps is zero in that layer's output yet still carried by the residual stream, so
+      compaction cannot remove it there. `shared`: the group's masked layers keep one channel
+      set, chosen from their summed scores (each layer's scores first divided by their sum, so
+      that every layer has the same say), k from the group's combined sparsity (kept / total
+      weights over its masked layers) counted over the group channels they cover; layers of the
+      group without a mask are left alone (and count as dense, so the channels they write are
+      not removable). `union`: each layer chooses as in `none`, then every masked layer of the
+      group keeps the union of those sets; where the layers cover the same channels (a
+      residual stage) this is at least the widest layer's k, hence never fewer than `shared`.
     - Layers whose outputs are the model's outputs (the classifier head, if masked) keep their
       mask unchanged: dropping a class is not a structure. Layers not in `masks` are untouched.
     - The result also holds the companions of the dropped channels (see `channel_companions`);
@@ -59,6 +70,8 @@ def refill(model: nn.Module, masks: Masks, criterion: str = "l1", extra: float =
         raise UsageError(f"unknown refill criterion {criterion!r}; choose one of: {', '.join(CRITERIA)}")
     if isinstance(extra, bool) or not isinstance(extra, (int, float)) or not 0.0 <= extra <= 1.0:
         raise UsageError(f"refill extra (the Refill+ rate) must be a number in [0, 1], got {extra!r}")
+    if coupling not in COUPLINGS:
+        raise UsageError(f"unknown refill coupling {coupling!r}; choose one of: {', '.join(COUPLINGS)}")
     x, y = _unpack(data, criterion)
     masks.check(model)
     for name in masks.weight_names:
@@ -67,22 +80,28 @@ def refill(model: nn.Module, masks: Masks, criterion: str = "l1", extra: float =
                              "to choose that layer's channels")
     if example_inputs is None and x is not None:
         example_inputs = x[:1]  # the graph does not depend on the batch size
-    coupling = analyse(model, example_inputs)
-    unknown = [n for n in masks.weight_names if n not in coupling.group_of]
+    graph = analyse(model, example_inputs)
+    unknown = [n for n in masks.weight_names if n not in graph.group_of]
     if unknown:
         raise UsageError(f"refill handles conv and linear weights; {unknown[0]!r} is not one")
 
     scores = channel_scores(model, masks, criterion, x, y)
     new = {}
-    for group in coupling.groups:
+    for group in graph.groups:
         names = [n for n in group.layers if n in masks]
         if not names or group.output:
             continue
-        units = [names] if coupled else [[n] for n in names]
-        for unit in units:
-            new.update(_refill_unit(group, unit, masks, scores, extra))
+        if coupling == "shared":
+            new.update(_refill_unit(group, names, masks, scores, extra))
+            continue
+        own = {}
+        for n in names:
+            own.update(_refill_unit(group, [n], masks, scores, extra))
+        if coupling == "union" and len(names) > 1:
+            own = _union(group, own)
+        new.update(own)
     result = masks.updated(new, drop_blocks=True)
-    return result.updated(coupling.companion_masks(result))
+    return result.updated(graph.companion_masks(result))
 
 
 def refill_counts(c: int, kept: int, total: int, extra: float = 0.0) -> int:
@@ -94,7 +113,7 @@ def refill_counts(c: int, kept: int, total: int, extra: float = 0.0) -> int:
 
 def _refill_unit(group: ChannelGroup, unit: list[str], masks: Masks,
                  scores: dict[str, torch.Tensor], extra: float) -> dict[str, torch.Tensor]:
-    """One shared channel set for the layers of `unit` (a single layer when uncoupled).
+    """One shared channel set for the layers of `unit` (a single layer: its own k rows).
 
     A single layer chooses among its own rows; several layers choose among the group channels
     they cover (ids in module order, then row order: in a residual stage, the row index)."""
@@ -127,6 +146,15 @@ def _refill_unit(group: ChannelGroup, unit: list[str], masks: Masks,
         m = masks[n]
         out[n] = rows.to(m.device).view(-1, *([1] * (m.dim() - 1))).expand_as(m).clone()
     return out
+
+
+def _union(group: ChannelGroup, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every layer of the group keeps each group channel that any of its layers keeps."""
+    keep = torch.zeros(group.channels, dtype=torch.bool)
+    for n, m in rows.items():
+        keep[group.index[n][m.reshape(m.shape[0], -1).any(dim=1)]] = True
+    return {n: keep[group.index[n]].to(m.device).view(-1, *([1] * (m.dim() - 1))).expand_as(m).clone()
+            for n, m in rows.items()}
 
 
 def _unpack(data, criterion: str):
@@ -217,4 +245,4 @@ def channel_scores(model: nn.Module, masks: Masks, criterion: str = "l1",
     return acc
 
 
-__all__ = ["refill", "refill_counts", "channel_scores", "CRITERIA", "DATA_CRITERIA"]
+__all__ = ["refill", "refill_counts", "channel_scores", "CRITERIA", "DATA_CRITERIA", "COUPLINGS"]
