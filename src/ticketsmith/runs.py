@@ -103,8 +103,12 @@ class RunConfig:
         "round's mask and weights) from this finished IMP run directory instead of training it "
         "again; its training settings must match"))
     reinit: str = field(default="none", metadata=_help(
-        "random: train tickets from a fresh random init instead of the rewind point (control)",
+        "random: train tickets from a fresh random init instead of the rewind point (control; "
+        "for group-aware IMP, with --chain naming the group-aware IMP run whose masks it trains)",
         choices=REINITS))
+    null_mask: bool = field(default=False, metadata=_help(
+        "control (IMP with --structure): structure a random mask with each chain round's "
+        "per-layer kept counts instead of the IMP mask (the structure-less null)"))
     dst_delta_t: int = field(default=100, metadata=_help("srigl/rigl/set: steps between mask updates"))
     dst_t_end: float = field(default=0.75, metadata=_help("srigl/rigl/set: mask updates stop at this fraction of training"))
     dst_alpha: float = field(default=0.3, metadata=_help("srigl/rigl/set: initial drop fraction (cosine decay)"))
@@ -171,22 +175,28 @@ class RunConfig:
         self.train_config().validate()
         if self.structure_every_round and (self.method != "imp" or self.structure == "none"):
             raise UsageError("--structure-every-round needs --method imp and a --structure")
-        if self.chain and (self.method != "imp" or self.structure == "none" or self.structure_every_round):
-            raise UsageError("--chain needs --method imp with a --structure (and no --structure-every-round)")
+        if self.chain and (self.method != "imp" or self.structure == "none"):
+            raise UsageError("--chain needs --method imp with a --structure")
+        if self.chain and self.structure_every_round and self.reinit != "random":
+            raise UsageError("--chain with --structure-every-round trains another group-aware IMP "
+                             "run's masks: it needs --reinit random (the random-ticket control)")
+        if self.null_mask and (self.method != "imp" or self.structure == "none" or self.structure_every_round):
+            raise UsageError("--null-mask needs --method imp with a --structure (and no "
+                             "--structure-every-round): it replaces each chain round's mask")
 
     def identity(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, obj: dict) -> "RunConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(obj) - names
-        if unknown:
-            raise UsageError(f"unknown config keys: {', '.join(sorted(unknown))}")
         obj = dict(obj)
         if "refill_coupled" in obj:  # written before refill_coupling existed (a bool, default True)
             coupled = obj.pop("refill_coupled")
             obj.setdefault("refill_coupling", "shared" if coupled else "none")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(obj) - names
+        if unknown:
+            raise UsageError(f"unknown config keys: {', '.join(sorted(unknown))}")
         for k in ("sparsity", "milestones"):
             if k in obj:
                 obj[k] = tuple(obj[k])
@@ -434,6 +444,8 @@ class Run:
                         channels_kept=structure_counts(final_masks)["channels"])
             if final_masks.blocks:
                 info["blocks"] = structure_counts(final_masks)["blocks"]
+            if self.writer:
+                info.update(self.effective(getattr(model, "module", model), final_masks))
         else:
             info.update(sparsity=0.0)
         info.update(extra or {})
@@ -446,6 +458,18 @@ class Run:
         self.dist.barrier()  # the other ranks read what rank 0 just wrote
         faults.reach("round")
         return info
+
+    def effective(self, model: nn.Module, masks: Masks) -> dict:
+        """Effective sparsity and compact parameter count of a trained ticket (see
+        `compact.effective`); a model channel surgery cannot handle records why instead."""
+        from .compact import effective
+        from .errors import TicketsmithError
+        x = self.structure_batch(2)[0].to(self.dist.device)
+        try:
+            eff = effective(model, masks, x)
+        except TicketsmithError as e:
+            return {"effective_sparsity": None, "effective_error": str(e)}
+        return {k: eff[k] for k in ("effective_sparsity", "params", "compact_params")}
 
     def round_masks(self, path: Path, decide) -> Masks:
         """The round's mask: read back if it was decided before (a resumed run must not
@@ -515,11 +539,22 @@ class Run:
                 if external is None:
                     cmasks = self.round_masks(cpath, lambda: prune.magnitude(
                         trained, prev_masks, cfg.prune_fraction))
-                masks = self.round_masks(path, lambda: self.structured(cmasks, trained))
+                if cfg.null_mask:  # the control: only the layer-wise counts of the IMP mask
+                    masks = self.round_masks(path, lambda: self.structured(
+                        prune.null_masks(cmasks, seed=cfg.seed * 1000 + r), trained))
+                else:
+                    masks = self.round_masks(path, lambda: self.structured(cmasks, trained))
                 if external is None and r < cfg.rounds:  # the last chain round is never pruned again
                     self.train_round(cpath, cmasks, "rewind", f"chain {r} ")
                 extra = {"unstructured_sparsity": cmasks.sparsity()}
                 prev, prev_masks = cpath, cmasks
+            elif external is not None:  # group-aware IMP's own masks, retrained (--reinit random)
+                cpath = external / f"round_{r:02d}"
+                if not (cpath / "round.json").exists():
+                    raise UsageError(f"chain run {external} has no finished round {r}; finish it "
+                                     "first (or use fewer --rounds)")
+                masks = self.round_masks(path, lambda: Masks.load(cpath / "masks.safetensors"))
+                extra = {}
             else:
                 def decide():
                     trained = self.trained(prev)
@@ -536,7 +571,13 @@ class Run:
         if not (ext / "config.json").exists():
             raise UsageError(f"--chain {ext}: not a ticketsmith run directory")
         other = RunConfig.from_json(read_json(ext / "config.json"))
-        if other.method != "imp" or other.structure != "none":
+        if self.cfg.structure_every_round:  # the masks of a group-aware IMP run, retrained
+            same = [f for f in dataclasses.fields(RunConfig) if f.name.startswith(("regroup_", "refill_"))
+                    or f.name in ("structure", "structure_every_round", "method")]
+            diff = [f.name for f in same if getattr(other, f.name) != getattr(self.cfg, f.name)]
+            if diff:
+                raise UsageError(f"--chain {ext}: not the same group-aware IMP (differs in {', '.join(diff)})")
+        elif other.method != "imp" or other.structure != "none":
             raise UsageError(f"--chain {ext}: not an unstructured IMP run "
                              f"(method {other.method}, structure {other.structure})")
         diff = [f for f in CHAIN_FIELDS if getattr(other, f) != getattr(self.cfg, f)]
@@ -704,8 +745,9 @@ def summarize_run(run: str | Path) -> dict:
         if (d / "round.json").exists():
             info = read_json(d / "round.json")
             rounds.append({"round": r, "status": "done", **{k: info.get(k) for k in (
-                "sparsity", "unstructured_sparsity", "best_val_acc", "test_acc", "best_epoch",
-                "final_test_acc", "train_seconds")}})
+                "sparsity", "effective_sparsity", "compact_params", "params", "unstructured_sparsity",
+                "best_val_acc", "test_acc", "best_epoch", "final_test_acc", "train_seconds",
+                "seconds_per_epoch")}})
         else:
             epochs_done = 0
             if (d / "metrics.jsonl").exists():
@@ -737,10 +779,12 @@ def format_summary(summary: dict) -> str:
     lines = [f"{summary['run']}: {c.get('method')} {c.get('model')} on {c.get('dataset')}"
              + (f", structure {c['structure']}" if c.get("structure", "none") != "none" else "")
              + ("" if summary["complete"] else "  [partial]"),
-             f"{'round':>5} {'sparsity':>9} {'best val':>9} {'test@best':>10} {'epoch':>6}  status"]
+             f"{'round':>5} {'sparsity':>9} {'effective':>9} {'best val':>9} {'test@best':>10} "
+             f"{'epoch':>6}  status"]
     for r in summary["rounds"]:
         def pct(v):
             return f"{v:9.2%}" if isinstance(v, (int, float)) and not math.isnan(v) else f"{'-':>9}"
-        lines.append(f"{r['round']:>5} {pct(r.get('sparsity'))} {pct(r.get('best_val_acc'))} "
+        lines.append(f"{r['round']:>5} {pct(r.get('sparsity'))} {pct(r.get('effective_sparsity'))} "
+                     f"{pct(r.get('best_val_acc'))} "
                      f"{pct(r.get('test_acc')):>10} {str(r.get('best_epoch', '-')):>6}  {r['status']}")
     return "\n".join(lines)

@@ -271,7 +271,9 @@ def to_markdown(result: dict, title: str = "Benchmark") -> str:
              f"Dense: {result['dense']['params']:,} parameters, {result['dense']['macs']:,} MACs "
              f"per example. Compact: {result['compact']['params']:,} parameters, "
              f"{result['compact']['macs']:,} MACs. Ideal speedup (MAC ratio): "
-             f"{result['ideal_speedup']:.2f}x.", "",
+             f"{result['ideal_speedup']:.2f}x."
+             + (f" Sparsity: {result['sparsity']:.2%} of the mask, {result['effective_sparsity']:.2%} "
+                "effective (what the compact model keeps)." if "effective_sparsity" in result else ""), "",
              "| backend | batch | threads | dense format | compact format | dense ms | compact ms "
              "| speedup median (min-max) | realized / ideal | time saving |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -320,6 +322,7 @@ def bench_ticket(dense: nn.Module, ticket: nn.Module, masks, input_shape: Sequen
     result["check_rel_err"] = rel_err
     result["executors"] = dict(getattr(compact, "ticketsmith_executors", {}))
     result["sparsity"] = masks.sparsity()
+    result["effective_sparsity"] = tscompact.effective(ticket, masks, example)["effective_sparsity"]
     if onnx:
         import tempfile
         with tempfile.TemporaryDirectory() as tmp:

@@ -62,7 +62,7 @@ _EXECUTORS = {  # class name -> module, the only classes save/load will instanti
     "CondensedLinear": "ticketsmith.compact.condensed",
 }
 
-__all__ = ["compact", "describe", "save", "load", "export_onnx", "onnx_session", "run_onnx",
+__all__ = ["compact", "describe", "effective", "save", "load", "export_onnx", "onnx_session", "run_onnx",
            "remove_dead_channels", "ChannelMap", "SurgeryReport", "BLOCK_MAX_DENSITY",
            "ELEMENT_BLOCK_MAX_DENSITY", "CONDENSED_MAX_DENSITY"]
 
@@ -401,6 +401,34 @@ def compact(model: nn.Module, masks: Masks | Mapping[str, torch.Tensor], example
         "verified_rel_err": err,
     }
     return work
+
+
+def effective(model: nn.Module, masks: Masks | Mapping[str, torch.Tensor], example_inputs: Any) -> dict:
+    """The sparsity that is true: what a ticket keeps once channel surgery has removed every
+    dead or unread channel (a refilled row is dense over inputs whose channels were dropped;
+    those weights multiply exact zeros and the compact model does not have them).
+
+    Returns `sparsity` (of the mask), `effective_sparsity` (1 - weights the mask keeps that
+    survive surgery / all masked weights), and the parameter counts `params` (the model) and
+    `compact_params` (the model after channel surgery: what a compact ticket stores, zeros of
+    unstructured masks included). `model` is not modified."""
+    if not isinstance(masks, Masks):
+        masks = Masks(masks)
+    masks.check(model)
+    inputs = as_inputs(example_inputs)
+    work = copy.deepcopy(model)
+    work.eval()
+    masks.apply(work)
+    surgery = remove_dead_channels(work, inputs)
+    kept = 0
+    for key in masks.weight_names:
+        name = key.rpartition(".")[0]
+        layer = work.get_submodule(name)
+        kept += int(_restrict(masks[key], surgery.kept[name], layer).sum())
+    total = masks.numel()
+    return {"sparsity": masks.sparsity(), "effective_sparsity": 1.0 - kept / total if total else 0.0,
+            "params": sum(p.numel() for p in model.parameters()),
+            "compact_params": sum(p.numel() for p in work.parameters())}
 
 
 def _source(model: nn.Module, inputs: tuple, outputs: list[torch.Tensor]) -> dict:

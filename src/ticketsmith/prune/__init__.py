@@ -4,6 +4,8 @@
   weights with the globally smallest magnitude.
 - `omp(model, sparsity)`: one-shot global magnitude pruning to a target sparsity.
 - `random_masks(model, sparsity)`: RP, layer-wise uniform random pruning.
+- `null_masks(masks)`: the structure-less null, a random mask with another mask's per-layer
+  kept counts (the control that tells whether a structure comes from *where* IMP kept weights).
 - `snip`, `grasp`, `synflow` (pruning at initialization, `pai.py`) and `admm` (`admm.py`).
 """
 from __future__ import annotations
@@ -78,6 +80,20 @@ def random_masks(model: nn.Module, sparsity: float, seed: int = 0,
         flat[order] = True
         out[n] = flat.view_as(m)
     return masks.updated(out, drop_blocks=True)
+
+
+def null_masks(masks: Masks, seed: int = 0) -> Masks:
+    """A random mask keeping exactly as many weights in each layer as `masks` does, placed
+    uniformly at random within the layer: what is left of a mask once everything but its
+    layer-wise counts is forgotten. Other entries (companions, blocks) are dropped."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for n in masks.weight_names:
+        m = masks[n]
+        flat = torch.zeros(m.numel(), dtype=torch.bool)
+        flat[torch.randperm(m.numel(), generator=g)[:int(m.sum())]] = True
+        out[n] = flat.view_as(m)
+    return Masks(out)
 
 
 from .admm import admm, admm_train  # noqa: E402  (they use keep_top / check_sparsity above)

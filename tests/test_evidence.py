@@ -1,0 +1,139 @@
+"""The instruments of evidence: effective sparsity, the structure-less null, random-ticket
+controls of every structured ticket, extending an IMP run."""
+import json
+
+import pytest
+import torch
+
+import ticketsmith as ts
+from ticketsmith.errors import UsageError
+from ticketsmith.runs import Run, RunConfig
+
+FAST = dict(model="lenet5", dataset="digits", epochs=1, batch_size=64, rounds=2)
+X8 = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def resnet20():
+    torch.manual_seed(0)
+    return ts.models.create("resnet20", width=0.25, image_size=(8, 8))  # widths 4-8-16
+
+
+@pytest.mark.parametrize("coupling", ["none", "shared", "union"])
+def test_effective_sparsity_is_what_the_compact_model_keeps(coupling):
+    model = resnet20()
+    masks = ts.refill(model, ts.prune.random_masks(model, 0.6, seed=2), coupling=coupling,
+                      example_inputs=X8[:1])
+    eff = ts.compact.effective(model, masks, X8)
+    small = ts.compact(model, masks, torch.randn(3, 3, 8, 8))
+    kept = 0
+    for key in masks.weight_names:  # refilled layers compact to dense layers (zeros folded in)
+        w = small.get_submodule(key.rpartition(".")[0]).weight
+        kept += int(torch.count_nonzero(w))
+        assert w.numel() <= masks[key].numel()
+    assert eff["effective_sparsity"] == pytest.approx(1 - kept / masks.numel(), abs=1e-12)
+    assert eff["effective_sparsity"] > masks.sparsity()  # dropped inputs of kept rows
+    assert eff["sparsity"] == masks.sparsity()
+    assert eff["compact_params"] == sum(p.numel() for p in small.parameters())
+    assert eff["params"] == sum(p.numel() for p in model.parameters()) > eff["compact_params"]
+
+
+def test_effective_sparsity_of_an_unstructured_mask_is_its_own():
+    model = resnet20()
+    masks = ts.prune.random_masks(model, 0.5, seed=1)
+    eff = ts.compact.effective(model, masks, X8)
+    assert eff["effective_sparsity"] == pytest.approx(masks.sparsity())
+    assert eff["compact_params"] == eff["params"]
+
+
+def test_null_masks_copy_layer_counts_and_are_otherwise_random():
+    model = resnet20()
+    source = ts.prune.omp(model, 0.7)
+    a, b = ts.prune.null_masks(source, seed=0), ts.prune.null_masks(source, seed=1)
+    assert a.weight_names == source.weight_names
+    overlap = []
+    for n in source.weight_names:
+        assert int(a[n].sum()) == int(source[n].sum()) == int(b[n].sum()), n
+        assert a[n].shape == source[n].shape and a[n].dtype == torch.bool
+        inter = int((a[n] & source[n]).sum())
+        overlap.append((inter, int(source[n].sum()), source[n].numel()))
+    assert not torch.equal(a[source.weight_names[-1]], b[source.weight_names[-1]])
+    assert ts.prune.null_masks(source, seed=0) == a  # deterministic per seed
+    # random placement: the overlap with the source is what chance gives (k^2 / n), not k
+    inter = sum(o[0] for o in overlap)
+    chance = sum(k * k / n for _, k, n in overlap)
+    assert abs(inter - chance) < 0.1 * sum(k for _, k, _ in overlap)
+
+
+def test_null_mask_run_regroups_a_random_mask_with_the_chain_counts(tmp_path):
+    Run(RunConfig(**FAST), tmp_path / "imp", progress=False).execute()
+    cfg = RunConfig(**FAST, structure="regroup", null_mask=True, chain=str(tmp_path / "imp"))
+    s = Run(cfg, tmp_path / "null", progress=False).execute()
+    assert s["complete"]
+    for r in (1, 2):
+        chain = ts.Masks.load(tmp_path / "imp" / f"round_{r:02d}" / "masks.safetensors")
+        got = ts.Masks.load(tmp_path / "null" / f"round_{r:02d}" / "masks.safetensors")
+        assert got.blocks  # regrouped
+        assert got != chain
+        info = json.loads((tmp_path / "null" / f"round_{r:02d}" / "round.json").read_text())
+        assert info["unstructured_sparsity"] == pytest.approx(chain.sparsity())
+    with pytest.raises(UsageError, match="null-mask"):
+        RunConfig(**FAST, null_mask=True).validate()
+
+
+def test_random_reinit_controls_of_regroup_and_group_aware_imp(tmp_path):
+    Run(RunConfig(**FAST), tmp_path / "imp", progress=False).execute()
+    chain = dict(FAST, structure="regroup", chain=str(tmp_path / "imp"))
+    Run(RunConfig(**chain), tmp_path / "rg", progress=False).execute()
+    Run(RunConfig(**chain, reinit="random"), tmp_path / "rg-random", progress=False).execute()
+    gaimp = dict(FAST, structure="regroup", structure_every_round=True)
+    Run(RunConfig(**gaimp), tmp_path / "ga", progress=False).execute()
+    s = Run(RunConfig(**gaimp, reinit="random", chain=str(tmp_path / "ga")), tmp_path / "ga-random",
+            progress=False).execute()
+    assert s["complete"]
+    for ticket, control in (("rg", "rg-random"), ("ga", "ga-random")):
+        for r in (1, 2):  # the same masks, another start
+            d = f"round_{r:02d}"
+            assert ts.Masks.load(tmp_path / ticket / d / "masks.safetensors") == \
+                ts.Masks.load(tmp_path / control / d / "masks.safetensors")
+            a = json.loads((tmp_path / ticket / d / "round.json").read_text())
+            b = json.loads((tmp_path / control / d / "round.json").read_text())
+            assert a["start_iteration"] == b["start_iteration"] > 0
+        w1 = ts.io.load_tensors(tmp_path / ticket / "round_01" / "weights.safetensors")[0]
+        w2 = ts.io.load_tensors(tmp_path / control / "round_01" / "weights.safetensors")[0]
+        assert any(not torch.equal(w1[k], w2[k]) for k in w1)
+    with pytest.raises(UsageError, match="reinit random"):
+        RunConfig(**gaimp, chain=str(tmp_path / "ga")).validate()
+    with pytest.raises(UsageError, match="not the same group-aware IMP"):
+        Run(RunConfig(**dict(gaimp, regroup_b1=4), reinit="random", chain=str(tmp_path / "ga")),
+            tmp_path / "other", progress=False)
+
+
+def test_rounds_record_effective_sparsity_seconds_and_machine(tmp_path):
+    cfg = RunConfig(model="resnet20", width=0.25, dataset="digits", epochs=1, batch_size=128,
+                    rounds=1, structure="refill", prune_fraction=0.5)
+    s = Run(cfg, tmp_path, progress=False).execute()
+    r1 = next(r for r in s["rounds"] if r["round"] == 1)
+    assert r1["effective_sparsity"] > r1["sparsity"] > 0
+    assert 0 < r1["compact_params"] < r1["params"]
+    info = json.loads((tmp_path / "round_01" / "round.json").read_text())
+    assert info["seconds_per_epoch"] > 0 and info["machine"]["threads"] >= 1
+    assert "effective" in ts.runs.format_summary(s)
+
+
+def test_an_imp_run_starts_with_its_dense_round_and_grows(tmp_path):
+    s = Run(RunConfig(**dict(FAST, rounds=0)), tmp_path, progress=False).execute()
+    assert s["complete"] and [r["round"] for r in s["rounds"]] == [0]
+    s = Run(RunConfig(**FAST), tmp_path, progress=False).execute()
+    assert s["complete"] and [r["round"] for r in s["rounds"]] == [0, 1, 2]
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert history[-1] == {"event": "rounds extended", "from": 0, "to": 2}
+    with pytest.raises(UsageError, match="different config"):  # fewer rounds: not an extension
+        Run(RunConfig(**dict(FAST, rounds=1)), tmp_path, progress=False).execute()
+    with pytest.raises(UsageError, match="rounds must be at least 1"):
+        RunConfig(**dict(FAST, method="oneshot", rounds=0)).validate()
+
+
+def test_old_configs_refill_coupled_reads_as_a_coupling():
+    assert RunConfig.from_json({"refill_coupled": True}).refill_coupling == "shared"
+    assert RunConfig.from_json({"refill_coupled": False}).refill_coupling == "none"
+    assert RunConfig().refill_coupling == "none"
