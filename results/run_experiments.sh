@@ -62,9 +62,10 @@ case $1 in
       if [ -d runs/$lane-$r ]; then echo runs/$lane-$r; elif [ -d results/runs/$lane-$r ]; then echo results/runs/$lane-$r; fi
     done)
     [ -n "$imp" ] && $TS report $imp --out results/report-$lane --title "$lane: IMP, Refill, Refill+, Regroup, group-aware IMP, random control"
-    dst=$(ls -d runs/$lane-dense runs/$lane-rigl-* runs/$lane-srigl-* 2>/dev/null)
+    base=runs; [ -d runs/$lane-dense ] || base=results/runs  # else the kept records
+    dst=$(ls -d $base/$lane-dense $base/$lane-rigl-* $base/$lane-srigl-* 2>/dev/null)
     [ -n "$dst" ] && $TS report $dst --out results/report-$lane-dst --title "$lane: dense vs RigL vs SRigL"
-    for d in runs/$lane-*; do  # configs, summaries, per-round records and bench tables; no weights
+    [ -d runs ] && for d in runs/$lane-*; do  # configs, summaries, per-round records and bench tables; no weights
       (cd runs && find "$(basename $d)" \( -name config.json -o -name summary.json -o -name round.json \
         -o -name bench.json -o -name bench.md \) -exec cp --parents {} ../results/runs/ \;)
     done ;;

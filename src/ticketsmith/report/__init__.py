@@ -30,6 +30,7 @@ from ..errors import ArtifactError, UsageError  # noqa: E402
 from ..io import read_json, write_json  # noqa: E402
 from ..masks import Masks  # noqa: E402
 from ..runs import summarize_run  # noqa: E402
+from . import evidence  # noqa: E402
 
 DPI = 110
 SIZE = (7.0, 4.5)  # inches: 770 x 495 pixels
@@ -63,6 +64,9 @@ def method_label(cfg: dict) -> str:
             name = {"refill": "IMP-Refill", "refill+": "IMP-Refill+", "regroup": "IMP-Regroup"}[s]
         if s == "regroup" and cfg.get("regroup_granularity", "element") == "channel":
             name += " (channel blocks)"
+        if s in ("refill", "refill+"):  # which coupling: old configs' refill_coupled (default on)
+            coupling = cfg.get("refill_coupling") or ("shared" if cfg.get("refill_coupled", True) else "none")
+            name += {"none": " (per layer)", "shared": " (shared)", "union": " (union)"}[coupling]
     elif method == "oneshot":
         name = cfg.get("source", "omp").upper()
         if cfg.get("structure", "none") != "none":
@@ -75,6 +79,8 @@ def method_label(cfg: dict) -> str:
             name += " (no ablation)"
     if cfg.get("reinit") == "random":
         name = f"Random ticket ({name})"
+    if cfg.get("null_mask"):
+        name = f"Null mask ({name})"
     return name
 
 
@@ -109,34 +115,10 @@ def group_name(key: tuple) -> str:
 
 
 def dense_accuracy(runs: Sequence[RunView]) -> float | None:
-    """Mean test accuracy of the dense round 0 over the runs (of one group) that have one (a
-    sparse-training run's round 0 is sparse: it does not count)."""
-    accs = [r["test_acc"] for v in runs for r in v.done
-            if r["round"] == 0 and not r.get("sparsity") and r.get("test_acc") is not None]
-    return sum(accs) / len(accs) if accs else None
-
-
-def ticket_points(view: RunView) -> list[tuple[float, float, int]]:
-    """(sparsity, test accuracy, round) of each finished sparse round."""
-    return sorted((r["sparsity"], r["test_acc"], r["round"]) for r in view.done
-                  if r.get("sparsity") and r["sparsity"] > 0 and r.get("test_acc") is not None)
-
-
-def method_points(runs: Sequence[RunView]) -> dict[str, list[tuple[float, float, int, RunView]]]:
-    """Each method's finished sparse tickets as (sparsity, test accuracy, round, run), over all
-    its runs: the runs of one sparse-training method at several sparsities form one curve."""
-    out: dict[str, list] = {}
-    for v in runs:
-        out.setdefault(v.label, []).extend((s, a, r, v) for s, a, r in ticket_points(v))
-    return {k: sorted(p, key=lambda t: t[:3]) for k, p in out.items()}
-
-
-def extreme_sparsity(points, dense: float | None) -> tuple | None:
-    """The largest sparsity whose accuracy is still >= the dense accuracy."""
-    if dense is None:
-        return None
-    ok = [p for p in points if p[1] >= dense]
-    return max(ok, key=lambda p: (p[0], p[1])) if ok else None
+    """Mean test accuracy of the dense network over the seeds (each distinct dense run once,
+    see `evidence.dense_by_seed`; a sparse-training run's round 0 is sparse: it does not count)."""
+    per_seed = evidence.dense_by_seed(runs)
+    return sum(per_seed.values()) / len(per_seed) if per_seed else None
 
 
 def _save(fig, path: Path) -> Path:
@@ -145,24 +127,46 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_accuracy(runs: Sequence[RunView], out: Path, suffix: str = "") -> Path:
+def x_axis(vs: Sequence[evidence.Verdict]) -> str:
+    """The sparsity the plots use: effective where every point has it recorded, else the mask's."""
+    return "effective" if vs and all(v.effective is not None for v in vs) else "mask"
+
+
+def plot_accuracy(vs: Sequence[evidence.Verdict], dense: dict[int, float], out: Path,
+                  suffix: str = "") -> Path:
+    """Mean test accuracy vs sparsity per arm, error bars = sd over seeds; the dense mean with a
+    band of its sd; stars where the decision rule says winner."""
     fig, ax = plt.subplots(figsize=SIZE)
-    dense = dense_accuracy(runs)
-    for label, pts in method_points(runs).items():
-        if not pts:
-            continue
-        xs, ys = [100 * p[0] for p in pts], [100 * p[1] for p in pts]
-        line, = ax.plot(xs, ys, "o-", label=label, ms=4)
-        ext = extreme_sparsity(pts, dense)
-        if ext:
-            ax.plot(100 * ext[0], 100 * ext[1], "*", ms=15, color=line.get_color(), mec="k")
-    if dense is not None:
-        ax.axhline(100 * dense, color="k", ls="--", lw=1, label=f"dense {100 * dense:.2f}%")
-    ax.set_xlabel("sparsity (%)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Test accuracy vs sparsity (star: extreme sparsity, accuracy >= dense)")
+    axis = x_axis(vs)
+    arms: dict[str, list[evidence.Verdict]] = {}
+    for v in vs:
+        if v.accuracy is not None:
+            arms.setdefault(v.arm, []).append(v)
+    for label, pts in arms.items():
+        pts = sorted(pts, key=lambda v: (v.effective if axis == "effective" else v.sparsity) or 0)
+        xs = [100 * ((v.effective if axis == "effective" else v.sparsity) or 0) for v in pts]
+        ys = [100 * v.accuracy for v in pts]
+        err = [100 * (v.accuracy_sd or 0) for v in pts]
+        n = max(v.n for v in pts)
+        cont = ax.errorbar(xs, ys, yerr=err, marker="o", ms=4, capsize=3, label=f"{label} (n<={n})",
+                           ls="--" if pts[0].verdict == "control" else "-")
+        colour = cont.lines[0].get_color()
+        for x, y, v in zip(xs, ys, pts):
+            if v.verdict == "winner":
+                ax.plot(x, y, "*", ms=15, color=colour, mec="k")
+    if dense:
+        accs = [100 * a for a in dense.values()]
+        m = sum(accs) / len(accs)
+        sd = (sum((a - m) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5 if len(accs) > 1 else 0.0
+        ax.axhline(m, color="k", ls="--", lw=1, label=f"dense {m:.2f}% (n={len(accs)} seeds)")
+        if sd:
+            ax.axhspan(m - sd, m + sd, color="k", alpha=0.1)
+    ax.set_xlabel(f"{axis} sparsity (%)" + (" (what the compact model keeps)" if axis == "effective" else
+                                             " (of the mask; effective sparsity not recorded)"))
+    ax.set_ylabel("test accuracy (%), mean ± sd over seeds")
+    ax.set_title("Test accuracy vs sparsity (star: winner by the decision rule)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, out / f"accuracy_vs_sparsity{suffix}.png")
 
@@ -206,11 +210,8 @@ def plot_time_saving(runs: Sequence[RunView], out: Path, suffix: str = "") -> Pa
     return _save(fig, out / f"time_saving{suffix}.png")
 
 
-def pick_round(view: RunView, dense: float | None) -> int | None:
-    """The round a per-ticket picture shows: the extreme ticket, else the sparsest benched one."""
-    ext = extreme_sparsity(ticket_points(view), dense)
-    if ext and ext[2] in view.bench:
-        return ext[2]
+def pick_round(view: RunView) -> int | None:
+    """The round a per-ticket picture shows: the sparsest benched sparse round."""
     sparse = {x["round"] for x in view.done if x.get("sparsity")}  # DST: round 0 is sparse
     benched = [r for r in view.bench if r in sparse]
     return max(benched) if benched else None
@@ -218,8 +219,7 @@ def pick_round(view: RunView, dense: float | None) -> int | None:
 
 def plot_layerwise(runs: Sequence[RunView], out: Path, suffix: str = "",
                    batch_size: int | None = None) -> Path:
-    dense = dense_accuracy(runs)
-    chosen = [(v, pick_round(v, dense)) for v in runs]
+    chosen = [(v, pick_round(v)) for v in runs]
     chosen = [(v, r) for v, r in chosen if r is not None and v.bench[r].get("layers")]
     fig, ax = plt.subplots(figsize=(max(SIZE[0], 0.35 * 30), SIZE[1]))
     if not chosen:
@@ -333,24 +333,54 @@ def choose_layers(panels: Sequence[tuple[str, Masks]], layers: Sequence[str] | N
 
 def run_table(v: RunView) -> list[str]:
     lines = [f"#### {v.label}: `{v.path}`" + ("" if v.summary["complete"] else " (partial)"), "",
-             "| round | sparsity % | unstructured % | val acc % | test acc % | compact MACs | "
-             "time saving b=1 | time saving b=64 | status |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| round | mask sparsity % | effective sparsity % | compact params | unstructured % | val acc % "
+             "| test acc % | best epoch | s / epoch | compact MACs | time saving b=1 | time saving b=64 | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in v.summary["rounds"]:
         b = v.bench.get(r["round"], {})
         saving = {res["batch_size"]: res["time_saving"] for res in b.get("results", [])
                   if res.get("backend", "torch") == "torch"}
         macs = b.get("compact", {}).get("macs")
-        lines.append(f"| {r['round']} | {_pct(r.get('sparsity'))} | {_pct(r.get('unstructured_sparsity'))} "
-                     f"| {_pct(r.get('best_val_acc'))} | {_pct(r.get('test_acc'))} | "
-                     f"{f'{macs:,}' if macs else '-'} | {_pct(saving.get(1))} | {_pct(saving.get(64))} "
+        # older rounds did not record the compact model's parameters; their bench did
+        params = r.get("compact_params") or b.get("compact", {}).get("params")
+        spe = r.get("seconds_per_epoch")
+        lines.append(f"| {r['round']} | {_pct(r.get('sparsity'))} | {_pct(r.get('effective_sparsity'))} "
+                     f"| {f'{params:,}' if params else '-'} | {_pct(r.get('unstructured_sparsity'))} "
+                     f"| {_pct(r.get('best_val_acc'))} | {_pct(r.get('test_acc'))} | {r.get('best_epoch', '-')} "
+                     f"| {f'{spe:.0f}' if spe else '-'} | {f'{macs:,}' if macs else '-'} "
+                     f"| {_pct(saving.get(1))} | {_pct(saving.get(64))} "
                      f"| {r['status']}{' (' + str(r.get('epochs_done')) + ' epochs)' if r['status'] == 'partial' else ''} |")
     return lines + [""]
 
 
+def winners_table(vs: Sequence[evidence.Verdict]) -> list[str]:
+    """Per arm: the largest sparsity at which the rule says winner (never decided by eye)."""
+    lines = ["| arm | largest winning effective sparsity % (mask %) | test acc % | n | points decided |",
+             "|---|---|---|---|---|"]
+    arms: dict[str, list[evidence.Verdict]] = {}
+    for v in vs:
+        arms.setdefault(v.arm, []).append(v)
+    for label, pts in arms.items():
+        if pts[0].verdict == "control":
+            continue
+        wins = [v for v in pts if v.verdict == "winner"]
+        counts = ", ".join(f"{k} {sum(v.verdict == k for v in pts)}" for k in ("winner", "refuted", "inconclusive"))
+        if wins:
+            w = max(wins, key=lambda v: (v.effective if v.effective is not None else v.sparsity) or 0)
+            lines.append(f"| {label} | {_pct(w.effective)} ({_pct(w.sparsity)}) | "
+                         f"{_pct(w.accuracy)} | {w.n} | {counts} |")
+        else:
+            lines.append(f"| {label} | none | - | {max(v.n for v in pts)} | {counts} |")
+    return lines
+
+
 def make_report(run_dirs: Sequence[str | Path], out: str | Path, layers: Sequence[str] | None = None,
                 title: str = "ticketsmith report") -> Path:
-    """Write the plots, report.md and report.html for the given runs into `out`."""
+    """Write the plots, report.md, verdicts.md and report.html for the given runs into `out`.
+
+    Runs of one method under the same settings but the seed are the seeds of one arm (mean ±
+    sd, n); each arm is compared with the dense network of the same seed and with its controls
+    by the pre-registered decision rule (`evidence`, docs/decision_rule.md)."""
     if not run_dirs:
         raise UsageError("give at least one run directory")
     runs = [load_run(d) for d in run_dirs]
@@ -358,41 +388,32 @@ def make_report(run_dirs: Sequence[str | Path], out: str | Path, layers: Sequenc
     groups: dict[tuple, list[RunView]] = {}
     for v in runs:
         groups.setdefault(group_key(v), []).append(v)
-    pictures = {}  # decided before anything is written: a bad --layers writes nothing
+    pictures, decided = {}, {}  # decided before anything is written: bad input writes nothing
     for key, members in groups.items():
         panels = mask_sources(members)
         pictures[key] = (panels, choose_layers(panels, layers))
+        decided[key] = evidence.verdicts(members)
     out.mkdir(parents=True, exist_ok=True)
     md = [f"# {title}", ""]
+    verdict_md = [f"# Verdicts: {title}", "",
+                  f"Generated by `ticketsmith report` from {len(runs)} run directories; regenerate "
+                  "with the same command, never edit by hand.", ""]
     plots: list[Path] = []
     for key, members in groups.items():
         suffix = "" if len(groups) == 1 else "_" + re.sub(r"[^A-Za-z0-9]+", "_", "_".join(map(str, key)))
         panels, chosen = pictures[key]
-        group_plots = [plot_accuracy(members, out, suffix), plot_time_saving(members, out, suffix),
+        vs, dense = decided[key]
+        group_plots = [plot_accuracy(vs, dense, out, suffix), plot_time_saving(members, out, suffix),
                        plot_layerwise(members, out, suffix)]
         group_plots += [plot_masks(panels, n, out, re.sub(r"[^A-Za-z0-9]+", "_", n) + suffix) for n in chosen]
         plots += group_plots
-        dense = dense_accuracy(members)
-        md += [f"## {group_name(key)}", "",
-               "Dense test accuracy: " + (f"{100 * dense:.2f}%" if dense is not None else "no dense round"), "",
-               "| method | extreme sparsity % | test acc % | time saving at it (b=1 / b=64) |",
-               "|---|---|---|---|"]
-        for label, pts in method_points(members).items():
-            if not pts:
-                if label != "Dense":
-                    md.append(f"| {label} | no finished sparse round | - | - |")
-                continue
-            ext = extreme_sparsity(pts, dense)
-            if ext:
-                b = ext[3].bench.get(ext[2], {})
-                s = {res["batch_size"]: res["time_saving"] for res in b.get("results", [])
-                     if res.get("backend", "torch") == "torch"}
-                md.append(f"| {label} | {_pct(ext[0])} | {_pct(ext[1])} | {_pct(s.get(1))} / {_pct(s.get(64))} |")
-            else:
-                best = max(pts, key=lambda p: p[1])
-                md.append(f"| {label} | none (no sparse ticket at or above dense; best "
-                          f"{_pct(best[1])}% at {_pct(best[0])}% sparsity) | - | - |")
-        md.append("")
+        table = evidence.verdict_table(vs, dense)
+        n_dense = evidence.dense_runs(members)
+        head = [f"## {group_name(key)}", "",
+                f"Dense: {n_dense} distinct dense run{'s' if n_dense != 1 else ''}. Plots use the "
+                f"{x_axis(vs)} sparsity.", ""]
+        md += head + winners_table(vs) + [""] + table + [""]
+        verdict_md += head + table + [""]
         for p in group_plots:
             md += [f"![{p.stem}]({p.name})", ""]
         md += ["### Runs", ""]
@@ -400,9 +421,12 @@ def make_report(run_dirs: Sequence[str | Path], out: str | Path, layers: Sequenc
             md += run_table(v)
     text = "\n".join(md) + "\n"
     (out / "report.md").write_text(text)
+    (out / "verdicts.md").write_text("\n".join(verdict_md) + "\n")
     (out / "report.html").write_text(_html(text, out, title))
     write_json(out / "report.json", {"runs": [str(v.path) for v in runs],
-                                     "plots": [p.name for p in plots]})
+                                     "plots": [p.name for p in plots],
+                                     "verdicts": [{**vars(v), "point": list(v.point)}
+                                                  for vs, _ in decided.values() for v in vs]})
     return out / "report.md"
 
 
