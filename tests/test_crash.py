@@ -54,6 +54,7 @@ def snapshot(out: Path):
     summary = json.loads((out / "summary.json").read_text())
     for r in summary["rounds"]:
         r.pop("train_seconds", None)
+        r.pop("seconds_per_epoch", None)  # wall time, like train_seconds
     summary.pop("run")
     tensors = {}
     for f in sorted(out.rglob("*.safetensors")):
