@@ -147,6 +147,8 @@ def test_report_applies_the_rule_per_arm_and_seed(tmp_path):
     # IMP without controls can win; its effective sparsity is what the table shows
     imp1 = next(line for line in md.splitlines() if line.startswith("| IMP | round 1 |"))
     assert "**winner**" in imp1 and "| 40.0 |" in imp1
+    assert "Plots use the effective sparsity." in md
+    assert "Plots use the mask sparsity." in make_report(runs, tmp_path / "rep3", axis="mask").read_text()
     # a missing seed is named, never averaged away silently
     shutil_rm = __import__("shutil").rmtree
     shutil_rm(tmp_path / "rg2" / "round_02")

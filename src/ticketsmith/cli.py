@@ -175,7 +175,7 @@ def cmd_sweep(args) -> int:
 def cmd_report(args) -> int:
     from .report import make_report
     path = make_report(args.run_dirs, args.out, layers=args.layers.split(",") if args.layers else None,
-                       title=args.title)
+                       title=args.title, axis=args.sparsity_axis)
     print(f"report: {path} (and report.html, PNG plots) in {args.out}")
     return 0
 
@@ -258,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--layers", help="comma-separated layer names for the mask pictures "
                      "(default: the largest layer and one from the middle)")
     rep.add_argument("--title", default="ticketsmith report")
+    rep.add_argument("--sparsity-axis", choices=("auto", "effective", "mask"), default="auto",
+                     help="x-axis of the plots: the effective sparsity (what the compact model keeps), "
+                     "the mask's, or auto: effective where every point has it recorded (default)")
     rep.set_defaults(func=cmd_report)
     return p
 

@@ -127,17 +127,20 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def x_axis(vs: Sequence[evidence.Verdict]) -> str:
-    """The sparsity the plots use: effective where every point has it recorded, else the mask's."""
+def x_axis(vs: Sequence[evidence.Verdict], asked: str = "auto") -> str:
+    """The sparsity the plots use: effective where every point has it recorded (asked 'auto' or
+    'effective'), else the mask's."""
+    if asked == "mask":
+        return "mask"
     return "effective" if vs and all(v.effective is not None for v in vs) else "mask"
 
 
 def plot_accuracy(vs: Sequence[evidence.Verdict], dense: dict[int, float], out: Path,
-                  suffix: str = "") -> Path:
+                  suffix: str = "", axis: str = "auto") -> Path:
     """Mean test accuracy vs sparsity per arm, error bars = sd over seeds; the dense mean with a
     band of its sd; stars where the decision rule says winner."""
     fig, ax = plt.subplots(figsize=SIZE)
-    axis = x_axis(vs)
+    axis = x_axis(vs, axis)
     arms: dict[str, list[evidence.Verdict]] = {}
     for v in vs:
         if v.accuracy is not None:
@@ -162,7 +165,7 @@ def plot_accuracy(vs: Sequence[evidence.Verdict], dense: dict[int, float], out: 
         if sd:
             ax.axhspan(m - sd, m + sd, color="k", alpha=0.1)
     ax.set_xlabel(f"{axis} sparsity (%)" + (" (what the compact model keeps)" if axis == "effective" else
-                                             " (of the mask; effective sparsity not recorded)"))
+                                             " (of the mask)"))
     ax.set_ylabel("test accuracy (%), mean ± sd over seeds")
     ax.set_title("Test accuracy vs sparsity (star: winner by the decision rule)")
     ax.grid(alpha=0.3)
@@ -171,9 +174,14 @@ def plot_accuracy(vs: Sequence[evidence.Verdict], dense: dict[int, float], out: 
     return _save(fig, out / f"accuracy_vs_sparsity{suffix}.png")
 
 
-def bench_points(view: RunView, backend: str = "torch") -> dict[int, list[tuple[float, float]]]:
-    """batch size -> [(sparsity, time saving)] from the run's bench results."""
-    sparsity = {r["round"]: r.get("sparsity") for r in view.done}
+def bench_points(view: RunView, backend: str = "torch", axis: str = "mask") -> dict[int, list[tuple[float, float]]]:
+    """batch size -> [(sparsity, time saving)] from the run's bench results; the sparsity is
+    the mask's or (axis 'effective') the effective one, from the round or its bench record."""
+    if axis == "effective":
+        sparsity = {r["round"]: r.get("effective_sparsity") if r.get("effective_sparsity") is not None
+                    else view.bench.get(r["round"], {}).get("effective_sparsity") for r in view.done}
+    else:
+        sparsity = {r["round"]: r.get("sparsity") for r in view.done}
     out: dict[int, list[tuple[float, float]]] = {}
     for rnd, b in sorted(view.bench.items()):
         if sparsity.get(rnd) is None:
@@ -184,10 +192,10 @@ def bench_points(view: RunView, backend: str = "torch") -> dict[int, list[tuple[
     return {k: sorted(v) for k, v in out.items()}
 
 
-def plot_time_saving(runs: Sequence[RunView], out: Path, suffix: str = "") -> Path:
+def plot_time_saving(runs: Sequence[RunView], out: Path, suffix: str = "", axis: str = "mask") -> Path:
     per_method: dict[str, dict[int, list]] = {}  # a method's runs merged, as for accuracy
     for v in runs:
-        for b, pts in bench_points(v).items():
+        for b, pts in bench_points(v, axis=axis).items():
             per_method.setdefault(v.label, {}).setdefault(b, []).extend(pts)
     curves = [(label, {b: sorted(p) for b, p in d.items()}) for label, d in per_method.items()]
     batches = sorted({b for _, p in curves for b in p})
@@ -199,7 +207,7 @@ def plot_time_saving(runs: Sequence[RunView], out: Path, suffix: str = "") -> Pa
                 ax.plot([100 * s for s, _ in pts[b]], [100 * t for _, t in pts[b]], "o-", ms=4, label=label)
         ax.axhline(0, color="k", lw=0.8)
         ax.set_title(f"batch {b}" if b is not None else "no bench results yet")
-        ax.set_xlabel("sparsity (%)")
+        ax.set_xlabel(f"{axis} sparsity (%)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("end-to-end time saving vs dense (%)")
     handles, labels = axes[0][0].get_legend_handles_labels()
@@ -375,7 +383,7 @@ def winners_table(vs: Sequence[evidence.Verdict]) -> list[str]:
 
 
 def make_report(run_dirs: Sequence[str | Path], out: str | Path, layers: Sequence[str] | None = None,
-                title: str = "ticketsmith report") -> Path:
+                title: str = "ticketsmith report", axis: str = "auto") -> Path:
     """Write the plots, report.md, verdicts.md and report.html for the given runs into `out`.
 
     Runs of one method under the same settings but the seed are the seeds of one arm (mean ±
@@ -383,6 +391,8 @@ def make_report(run_dirs: Sequence[str | Path], out: str | Path, layers: Sequenc
     by the pre-registered decision rule (`evidence`, docs/decision_rule.md)."""
     if not run_dirs:
         raise UsageError("give at least one run directory")
+    if axis not in ("auto", "effective", "mask"):
+        raise UsageError(f"sparsity axis must be auto, effective or mask, got {axis!r}")
     runs = [load_run(d) for d in run_dirs]
     out = Path(out)
     groups: dict[tuple, list[RunView]] = {}
@@ -403,7 +413,8 @@ def make_report(run_dirs: Sequence[str | Path], out: str | Path, layers: Sequenc
         suffix = "" if len(groups) == 1 else "_" + re.sub(r"[^A-Za-z0-9]+", "_", "_".join(map(str, key)))
         panels, chosen = pictures[key]
         vs, dense = decided[key]
-        group_plots = [plot_accuracy(vs, dense, out, suffix), plot_time_saving(members, out, suffix),
+        x = x_axis(vs, axis)
+        group_plots = [plot_accuracy(vs, dense, out, suffix, x), plot_time_saving(members, out, suffix, x),
                        plot_layerwise(members, out, suffix)]
         group_plots += [plot_masks(panels, n, out, re.sub(r"[^A-Za-z0-9]+", "_", n) + suffix) for n in chosen]
         plots += group_plots
@@ -411,7 +422,8 @@ def make_report(run_dirs: Sequence[str | Path], out: str | Path, layers: Sequenc
         n_dense = evidence.dense_runs(members)
         head = [f"## {group_name(key)}", "",
                 f"Dense: {n_dense} distinct dense run{'s' if n_dense != 1 else ''}. Plots use the "
-                f"{x_axis(vs)} sparsity.", ""]
+                f"{x} sparsity" + (" (effective sparsity is not recorded for every round)"
+                                    if axis == "effective" and x == "mask" else "") + ".", ""]
         md += head + winners_table(vs) + [""] + table + [""]
         verdict_md += head + table + [""]
         for p in group_plots:
