@@ -54,6 +54,8 @@ def copy_run(finished, tmp):
 
 def setup(case: str, tmp: Path, finished: Path, monkeypatch) -> list[str]:
     out = ["--out", str(tmp / "out")]
+    if case == "cuda-without-gpu":  # also on a machine that has one
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     simple = {
         "unknown-model": ["run", *QUICK, "--model", "resnet21"],
         "unknown-dataset": ["run", *QUICK, "--dataset", "mnist3d"],
@@ -67,6 +69,10 @@ def setup(case: str, tmp: Path, finished: Path, monkeypatch) -> list[str]:
         "rounds-negative": ["run", *QUICK, "--rounds", "-1"],
         "oneshot-rounds-zero": ["run", *QUICK, "--method", "dense", "--rounds", "0"],
         "null-mask-no-structure": ["run", *QUICK, "--null-mask"],
+        "dense-with-structure": ["run", *QUICK, "--method", "dense", "--structure", "refill"],
+        "imp-with-sparsity": ["run", *QUICK, "--sparsity", "0.5"],
+        "cuda-without-gpu": ["run", *QUICK, "--device", "cuda"],
+        "threads-zero": ["run", *QUICK, "--threads", "0"],
         "unknown-coupling": ["run", *QUICK, "--structure", "refill", "--refill-coupling", "tied"],
         "gaimp-chain-no-reinit": ["run", *QUICK, "--structure", "regroup", "--structure-every-round",
                                   "--chain", "elsewhere"],

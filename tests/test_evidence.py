@@ -137,3 +137,51 @@ def test_old_configs_refill_coupled_reads_as_a_coupling():
     assert RunConfig.from_json({"refill_coupled": True}).refill_coupling == "shared"
     assert RunConfig.from_json({"refill_coupled": False}).refill_coupling == "none"
     assert RunConfig().refill_coupling == "none"
+
+
+# -- the first hour of a new user (threads, files, names) ---------------------------------------
+def test_version_and_lazy_submodules(capsys):
+    from ticketsmith.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"ticketsmith {ts.__version__}"
+    assert callable(ts.bench.compare) and callable(ts.report.make_report)  # the README's flow table
+
+
+def test_files_are_written_with_the_umask_mode(tmp_path):
+    import os
+    old = os.umask(0o022)
+    try:
+        ts.io.write_json(tmp_path / "a.json", {"x": 1})
+        ts.io.save_tensors(tmp_path / "t.safetensors", {"w": torch.zeros(2)})
+        assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+        assert (tmp_path / "t.safetensors").stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        ts.io.write_json(tmp_path / "b.json", {"x": 1})
+        assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_a_starved_training_process_warns_once(tmp_path, monkeypatch):
+    from ticketsmith import runs
+    monkeypatch.setattr(runs, "OVERSUBSCRIBED", 1.01)  # no process gets more than all its CPU time
+    with pytest.warns(RuntimeWarning, match="oversubscribed") as got:
+        Run(RunConfig(**dict(FAST, rounds=0, epochs=2)), tmp_path / "a", progress=False).execute()
+    assert len([w for w in got if "oversubscribed" in str(w.message)]) == 1  # once per round
+    monkeypatch.setattr(runs, "OVERSUBSCRIBED", 0.0)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        Run(RunConfig(**dict(FAST, rounds=0)), tmp_path / "b", progress=False).execute()
+
+
+def test_settings_that_do_not_apply_are_refused():
+    for kw, name in ((dict(method="dense", structure="refill"), "--structure"),
+                     (dict(sparsity=(0.5,)), "--sparsity"),
+                     (dict(method="rigl", sparsity=(0.9,), dst_gamma_sal=0.5), "--dst-gamma-sal"),
+                     (dict(structure="regroup", refill_coupling="union"), "--refill-coupling"),
+                     (dict(method="dense", rounds=3), "--rounds")):
+        with pytest.raises(UsageError, match=f"{name} does not apply"):
+            RunConfig(**kw).validate()
+    RunConfig(method="srigl", sparsity=(0.9,), dst_gamma_sal=0.5).validate()  # applies: accepted

@@ -76,8 +76,9 @@ def test_sparse_training_runs_form_one_curve_per_method(tmp_path):
     the dense run only, and each method is one row and one curve."""
     runs = []
     for name, method, s in (("dense", "dense", (0.8,)), ("s5", "srigl", (0.5,)), ("s8", "srigl", (0.8,))):
+        # (0.8 is the default sparsity: a dense run takes none)
         cfg = RunConfig(model="mlp-300-100", width=0.25, dataset="digits", epochs=1, batch_size=64,
-                        method=method, sparsity=s, dst_delta_t=5)
+                        method=method, sparsity=s, **({} if method == "dense" else {"dst_delta_t": 5}))
         Run(cfg, tmp_path / name, progress=False).execute()
         runs.append(tmp_path / name)
     dense_acc = json.loads((tmp_path / "dense" / "summary.json").read_text())["rounds"][0]["test_acc"]

@@ -107,8 +107,9 @@ def test_dynamic_sparse_bad_input(tmp_path):
 
 @pytest.mark.parametrize("source", ["snip", "grasp", "synflow", "admm"])
 def test_oneshot_sources_in_runs(tmp_path, source):
-    cfg = RunConfig(**{**FAST, "epochs": 1, "rounds": 1}, method="oneshot", source=source,
-                    sparsity=(0.7,), synflow_iterations=5, admm_epochs=1)
+    extra = {"synflow": dict(synflow_iterations=5), "admm": dict(admm_epochs=1)}.get(source, {})
+    cfg = RunConfig(**{**{k: v for k, v in FAST.items() if k != "rounds"}, "epochs": 1}, method="oneshot",
+                    source=source, sparsity=(0.7,), **extra)
     s = Run(cfg, tmp_path, progress=False).execute()
     assert s["complete"] and s["rounds"][1]["sparsity"] == pytest.approx(0.7, abs=1e-3)
 

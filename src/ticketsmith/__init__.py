@@ -14,6 +14,16 @@ from .train import Dist, Trainer, TrainConfig, evaluate
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """`ts.bench`, `ts.report`, `ts.sweep` on first use: they load matplotlib / timing code
+    that `import ticketsmith` should not pay for."""
+    if name in ("bench", "report", "sweep"):
+        import importlib
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'ticketsmith' has no attribute {name!r}")
+
+
 __all__ = ["compact", "data", "dst", "models", "prune", "structure", "refill", "regroup", "channel_groups", "channel_companions", "Masks", "MaskHold", "Block", "prunable_names", "Run",
            "RunConfig", "summarize_run", "Trainer", "TrainConfig", "Dist", "evaluate",
            "TicketsmithError", "UsageError", "DataNotFoundError", "ArtifactError", "DivergenceError"]

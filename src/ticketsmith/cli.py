@@ -68,7 +68,21 @@ def cmd_run(args) -> int:
     from .train import Dist
     cfg = RunConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)})
     cfg.validate()  # before joining a process group: bad input fails fast on every rank
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {args.threads}")
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA device is available here (torch "
+                             f"{torch.__version__}); use --device cpu or auto")
     out = Path(args.out) if args.out else default_out(cfg)
+    if args.threads is not None:
+        import torch
+        torch.set_num_threads(args.threads)
+    if args.progress:
+        import torch
+        print(f"{PROG} run: {torch.get_num_threads()} CPU thread(s), OpenMP waiting "
+              f"{os.environ.get('OMP_WAIT_POLICY', 'default').lower()}", file=sys.stderr)
     dist = Dist.from_env(None if args.backend == "auto" else args.backend, args.device)
     try:
         summary = Run(cfg, out, data_dir=args.data_dir, progress=args.progress, dist=dist).execute()
@@ -182,7 +196,9 @@ def cmd_report(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .runs import RunConfig
+    from . import __version__
     p = Parser(prog=PROG, description="Find structural lottery tickets and make them fast.")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     run = sub.add_parser("run", help="train a ticket (IMP, one-shot sources, dynamic sparse training)",
@@ -201,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="torch.distributed backend under torchrun (auto: nccl on GPUs, gloo on CPUs)")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                      help="where to train (auto: the GPU of this process's LOCAL_RANK if any)")
+    run.add_argument("--threads", type=int, default=None, help="CPU threads of this process "
+                     "(default: torch's, usually the number of cores; on a shared or busy machine "
+                     "use 1 per job: oversubscribed threads train several times slower)")
     run.set_defaults(func=cmd_run)
 
     s = sub.add_parser("summary", help="print the per-round table of run directories")
@@ -265,23 +284,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _passive_openmp_for_bench(argv: list[str] | None) -> None:
-    """`ticketsmith bench` / `sweep` (which time things) from a shell: re-run with
-    OMP_WAIT_POLICY=PASSIVE unless it is set.
+def _passive_openmp(argv: list[str] | None) -> None:
+    """`ticketsmith run` / `bench` / `sweep` from a shell: re-run with OMP_WAIT_POLICY=PASSIVE
+    unless it is set (training on a busy 2-core machine was measured 6x faster with it).
 
     With OpenMP's default spinning policy a 2-thread call on a loaded 2-core machine waits a
     scheduler slice for its descheduled partner thread (a 40 us product took 7-8 ms, see
     docs/benchmarks.md). libgomp reads the variable when torch loads it, so it must be in the
     environment before the process starts. Never done for in-process calls (`main([...])`)."""
-    timing = sys.argv[1:2] in (["bench"], ["sweep"])
+    timing = sys.argv[1:2] in (["bench"], ["sweep"], ["run"])  # run: training on a busy machine too
     if argv is not None or "OMP_WAIT_POLICY" in os.environ or not timing:
         return
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    # what the user typed, for the records (after the exec sys.argv names __main__.py)
+    os.environ.setdefault("TICKETSMITH_COMMAND", " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
     os.execv(sys.executable, [sys.executable, "-m", "ticketsmith", *sys.argv[1:]])
 
 
 def main(argv: list[str] | None = None) -> int:
-    _passive_openmp_for_bench(argv)
+    _passive_openmp(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

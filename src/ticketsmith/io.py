@@ -22,11 +22,28 @@ from .errors import ArtifactError
 _DIGEST = "ticketsmith.sha256"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def file_mode(fd_or_path) -> None:
+    """The mode an ordinary file gets (0666 less the umask: 0644 by default). mkstemp creates
+    0600 files, which colleagues on a shared machine could not read."""
+    mode = 0o666 & ~_umask()
+    if isinstance(fd_or_path, int):
+        os.fchmod(fd_or_path, mode)
+    else:
+        os.chmod(fd_or_path, mode)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        file_mode(fd)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -48,6 +48,8 @@ def _help(text: str, **kw) -> dict:
 
 
 LOCK_FILE = ".lock"  # held (flock) by the process working in a run directory
+# below this share of its threads' CPU time per epoch, a training process is starved by others
+OVERSUBSCRIBED = 0.35
 
 
 @dataclass
@@ -173,6 +175,7 @@ class RunConfig:
             raise UsageError(f"width must be > 0, got {self.width}")
         parse_rewind(self.rewind, 1)
         self.train_config().validate()
+        self._check_applicable()
         if self.structure_every_round and (self.method != "imp" or self.structure == "none"):
             raise UsageError("--structure-every-round needs --method imp and a --structure")
         if self.chain and (self.method != "imp" or self.structure == "none"):
@@ -183,6 +186,39 @@ class RunConfig:
         if self.null_mask and (self.method != "imp" or self.structure == "none" or self.structure_every_round):
             raise UsageError("--null-mask needs --method imp with a --structure (and no "
                              "--structure-every-round): it replaces each chain round's mask")
+
+    def _check_applicable(self) -> None:
+        """A setting changed from its default that this run would ignore is refused, naming it:
+        silently training something else than asked is worse than an error."""
+        dst, sparse = self.method in ("srigl", "rigl", "set"), self.method in ("imp", "oneshot")
+        refill = self.structure in ("refill", "refill+")
+        applies = {
+            "sparsity": (self.method in ("oneshot", "srigl", "rigl", "set"),
+                         "IMP's sparsity follows from --rounds and --prune-fraction"),
+            "rounds": (self.method == "imp", "only IMP has pruning rounds"),
+            "prune_fraction": (self.method == "imp", "only IMP prunes per round"),
+            "source": (self.method == "oneshot", "only --method oneshot takes a mask source"),
+            "synflow_iterations": (self.method == "oneshot" and self.source == "synflow", "it is SynFlow's"),
+            "admm_epochs": (self.method == "oneshot" and self.source == "admm", "it is ADMM's"),
+            "admm_rho": (self.method == "oneshot" and self.source == "admm", "it is ADMM's"),
+            "structure": (sparse, f"--method {self.method} has no IMP / one-shot mask to structure"),
+            "refill_criterion": (refill, "it is refill's"), "refill_coupling": (refill, "it is refill's"),
+            "refill_extra": (self.structure == "refill+", "it is refill+'s"),
+            "reinit": (sparse, "only tickets (IMP / one-shot rounds) are reinitialised"),
+            "include_head": (sparse or dst, "a dense run prunes nothing"),
+            "exclude_first": (sparse or dst, "a dense run prunes nothing"),
+        }
+        for f in dataclasses.fields(self):
+            if f.name.startswith("regroup_"):
+                applies[f.name] = (self.structure == "regroup", "it is regroup's")
+            elif f.name.startswith("dst_"):
+                applies[f.name] = (dst, "it is dynamic sparse training's (--method srigl / rigl / set)")
+        applies["dst_gamma_sal"] = (self.method == "srigl", "it is SRigL's")
+        applies["dst_ablation"] = (self.method == "srigl", "it is SRigL's")
+        for name, (ok, why) in applies.items():
+            if not ok and getattr(self, name) != RunConfig.__dataclass_fields__[name].default:
+                raise UsageError(f"--{name.replace('_', '-')} does not apply to this run "
+                                 f"(--method {self.method}, --structure {self.structure}): {why}")
 
     def identity(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -416,7 +452,10 @@ class Run:
                 save_tensors(self.out / "rewind.safetensors", state_tensors(model),
                              {"iteration": it})
 
+        clock = [time.perf_counter(), time.process_time(), False]  # wall, CPU, warned
+
         def on_epoch_end(next_epoch: int, history: list[dict]) -> None:
+            self._check_oversubscription(clock, desc)
             if self.writer:
                 save_tensors(ckpt, *trainer.state(next_epoch, history, sparsifier))
                 write_metrics(path / "metrics.jsonl", history)
@@ -470,6 +509,19 @@ class Run:
         except TicketsmithError as e:
             return {"effective_sparsity": None, "effective_error": str(e)}
         return {k: eff[k] for k in ("effective_sparsity", "params", "compact_params")}
+
+    def _check_oversubscription(self, clock: list, desc: str) -> None:
+        """Warn once per round when this process got far less CPU time than its threads could
+        use: other processes compete for the cores (training was measured 7-10x slower so)."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        used = (cpu - clock[1]) / max(wall - clock[0], 1e-9) / max(torch.get_num_threads(), 1)
+        clock[0], clock[1] = wall, cpu
+        if used < OVERSUBSCRIBED and not clock[2] and self.dist.device == "cpu" and self.dist.is_main:
+            clock[2] = True
+            import warnings
+            warnings.warn(f"{desc.strip() or 'training'}: this process used {used:.0%} of its "
+                          f"{torch.get_num_threads()} thread(s)' CPU time in the last epoch: the machine "
+                          "is oversubscribed; run fewer jobs or fewer --threads", RuntimeWarning, stacklevel=2)
 
     def round_masks(self, path: Path, decide) -> Masks:
         """The round's mask: read back if it was decided before (a resumed run must not

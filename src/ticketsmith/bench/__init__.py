@@ -36,7 +36,8 @@ def machine() -> dict:
     except OSError:
         pass
     return {"cpu": cpu, "torch": torch.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads(), "command": " ".join(sys.argv),
+            "threads": torch.get_num_threads(),
+            "command": os.environ.get("TICKETSMITH_COMMAND") or " ".join(sys.argv),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
 
 

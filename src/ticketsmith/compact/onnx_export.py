@@ -53,6 +53,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
                 torch.onnx.export(model, inputs, tmp, dynamo=False, input_names=in_names,
                                   output_names=out_names, dynamic_axes=axes,
                                   opset_version=opset_version)
+        from ..io import file_mode
+        file_mode(tmp)  # torch.onnx.export may have recreated the file
         os.replace(tmp, path)
     except Exception as e:
         raise UsageError(f"ONNX export of {type(model).__name__} failed: "
