@@ -171,9 +171,15 @@ def test_a_starved_training_process_warns_once(tmp_path, monkeypatch):
     assert len([w for w in got if "oversubscribed" in str(w.message)]) == 1  # once per round
     monkeypatch.setattr(runs, "OVERSUBSCRIBED", 0.0)
     import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
         Run(RunConfig(**dict(FAST, rounds=0)), tmp_path / "b", progress=False).execute()
+    assert not [w for w in got if "oversubscribed" in str(w.message)]
+
+
+def test_a_round_at_chance_accuracy_warns(tmp_path):
+    with pytest.warns(RuntimeWarning, match="at chance"):  # LeNet-5 at lr 10 learns nothing
+        Run(RunConfig(**dict(FAST, rounds=0, lr=10.0)), tmp_path, progress=False).execute()
 
 
 def test_settings_that_do_not_apply_are_refused():

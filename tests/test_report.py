@@ -64,6 +64,13 @@ def test_partial_and_missing_rounds_are_reported_not_crashed(tiny_run, tmp_path)
     shutil.rmtree(part / "round_01")  # a missing round
     md = make_report([part], tmp_path / "rep2").read_text()
     assert "| 1 |" not in md and "(partial)" in md
+    # a finished round whose masks are corrupt is marked; a corrupt round.json aborts nothing
+    shutil.copytree(tiny_run, tmp_path / "bad")
+    (tmp_path / "bad" / "round_01" / "masks.safetensors").write_bytes(b"garbage")
+    (tmp_path / "bad" / "round_02" / "round.json").write_text("{not json")
+    md = make_report([tmp_path / "bad"], tmp_path / "rep3").read_text()
+    assert "done (corrupt: masks.safetensors)" in md
+    assert "| 2 |" in md and "corrupt (corrupt: round.json)" in md
 
 
 def test_report_refuses_a_non_run_directory(tmp_path):

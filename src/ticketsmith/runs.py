@@ -469,6 +469,12 @@ class Run:
                 write_json(self.out / "diverged.json", {"round": path.name, "lr": self.cfg.lr,
                                                          "message": str(e)})
             raise
+        chance = 1.0 / self.ds.num_classes
+        if self.dist.is_main and result.best_val_acc <= chance + 0.02:
+            import warnings
+            warnings.warn(f"{desc.strip() or path.name}: validation accuracy {result.best_val_acc:.1%} is at "
+                          f"chance ({chance:.0%}): the network did not learn; try a lower --lr "
+                          f"(now {self.cfg.lr})", RuntimeWarning, stacklevel=2)
         final_masks = sparsifier.masks if sparsifier is not None else masks
         info = {"best_epoch": result.best_epoch, "best_val_acc": result.best_val_acc,
                 "test_acc": result.test_acc_at_best, "final_test_acc": result.final_test_acc,
@@ -795,8 +801,17 @@ def summarize_run(run: str | Path) -> dict:
     for d in sorted(run.glob("round_[0-9][0-9]")):
         r = int(d.name.split("_")[1])
         if (d / "round.json").exists():
-            info = read_json(d / "round.json")
-            rounds.append({"round": r, "status": "done", **{k: info.get(k) for k in (
+            try:
+                info = read_json(d / "round.json")
+                if not isinstance(info, dict):
+                    raise ArtifactError(f"{d / 'round.json'}: not a JSON object")
+            except ArtifactError:  # reported, and the other rounds still are
+                rounds.append({"round": r, "status": "corrupt", "corrupt": ["round.json"]})
+                continue
+            bad = [f.name for f in (d / "masks.safetensors", d / "weights.safetensors")
+                   if f.exists() and not _intact(f)]
+            rounds.append({"round": r, "status": "done", **({"corrupt": bad} if bad else {}),
+                           **{k: info.get(k) for k in (
                 "sparsity", "effective_sparsity", "compact_params", "params", "unstructured_sparsity",
                 "best_val_acc", "test_acc", "best_epoch", "final_test_acc", "train_seconds",
                 "seconds_per_epoch")}})
@@ -814,6 +829,15 @@ def summarize_run(run: str | Path) -> dict:
     expected = _expected_rounds(cfg)
     complete = len([x for x in rounds if x["status"] == "done"]) == expected
     return {"run": str(run), "config": cfg, "complete": complete, "rounds": rounds}
+
+
+def _intact(path: Path) -> bool:
+    """True if a tensor file loads and its checksum matches."""
+    try:
+        load_tensors(path)
+        return True
+    except ArtifactError:
+        return False
 
 
 def _expected_rounds(cfg: dict) -> int:
@@ -838,5 +862,6 @@ def format_summary(summary: dict) -> str:
             return f"{v:9.2%}" if isinstance(v, (int, float)) and not math.isnan(v) else f"{'-':>9}"
         lines.append(f"{r['round']:>5} {pct(r.get('sparsity'))} {pct(r.get('effective_sparsity'))} "
                      f"{pct(r.get('best_val_acc'))} "
-                     f"{pct(r.get('test_acc')):>10} {str(r.get('best_epoch', '-')):>6}  {r['status']}")
+                     f"{pct(r.get('test_acc')):>10} {str(r.get('best_epoch', '-')):>6}  {r['status']}"
+                     + (f" (corrupt: {', '.join(r['corrupt'])})" if r.get("corrupt") else ""))
     return "\n".join(lines)

@@ -357,7 +357,8 @@ def run_table(v: RunView) -> list[str]:
                      f"| {_pct(r.get('best_val_acc'))} | {_pct(r.get('test_acc'))} | {r.get('best_epoch', '-')} "
                      f"| {f'{spe:.0f}' if spe else '-'} | {f'{macs:,}' if macs else '-'} "
                      f"| {_pct(saving.get(1))} | {_pct(saving.get(64))} "
-                     f"| {r['status']}{' (' + str(r.get('epochs_done')) + ' epochs)' if r['status'] == 'partial' else ''} |")
+                     f"| {r['status']}{' (' + str(r.get('epochs_done')) + ' epochs)' if r['status'] == 'partial' else ''}"
+                     f"{' (corrupt: ' + ', '.join(r['corrupt']) + ')' if r.get('corrupt') else ''} |")
     return lines + [""]
 
 
