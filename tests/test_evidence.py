@@ -191,3 +191,25 @@ def test_settings_that_do_not_apply_are_refused():
         with pytest.raises(UsageError, match=f"{name} does not apply"):
             RunConfig(**kw).validate()
     RunConfig(method="srigl", sparsity=(0.9,), dst_gamma_sal=0.5).validate()  # applies: accepted
+
+
+def test_each_training_says_how_much_of_the_run_is_left(tmp_path, capsys):
+    run = Run(RunConfig(**FAST), tmp_path, progress=False)
+    run.execute()
+    total, finished = run._trainings()
+    assert total == 3 and len(finished) == 3
+    run._say_eta("round 2 ")
+    err = capsys.readouterr().err
+    assert "min left for the run" in err and "s per epoch so far" in err
+    chained = Run(RunConfig(**FAST, structure="refill"), tmp_path / "c", progress=False)
+    assert chained._trainings()[0] == 3 + 1  # the internal chain trains rounds 1..R-1 too
+
+
+def test_interrupted_bench_says_it_starts_over(monkeypatch, capsys):
+    from ticketsmith import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "cmd_summary", interrupted)
+    assert cli.main(["summary", "somewhere"]) == 130
+    assert "does not resume: rerunning it starts over" in capsys.readouterr().err

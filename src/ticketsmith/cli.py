@@ -320,7 +320,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; run the same command again to resume", file=sys.stderr)
+        if args.command == "run":
+            print(f"{PROG}: interrupted; run the same command again to resume", file=sys.stderr)
+        else:  # bench, sweep and report do not resume: say so instead of promising it
+            print(f"{PROG}: interrupted; {args.command} does not resume: rerunning it starts over "
+                  "(files it already wrote stay)", file=sys.stderr)
         return 130
 
 

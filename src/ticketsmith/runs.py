@@ -430,6 +430,8 @@ class Run:
         done = path / "round.json"
         if done.exists():
             return read_json(done)
+        if self.progress and self.dist.is_main:
+            self._say_eta(desc)
         model = self.new_model()
         start_iter = 0
         if start == "rewind":
@@ -515,6 +517,38 @@ class Run:
         except TicketsmithError as e:
             return {"effective_sparsity": None, "effective_error": str(e)}
         return {k: eff[k] for k in ("effective_sparsity", "params", "compact_params")}
+
+    def _trainings(self) -> tuple[int, list[Path]]:
+        """How many trainings the whole run has, and the round.json files of those finished."""
+        cfg = self.cfg
+        if cfg.method in ("srigl", "rigl", "set", "dense"):
+            total = 1
+        elif cfg.method == "oneshot":
+            total = len(cfg.sparsity) + 1
+        else:
+            internal_chain = cfg.structure != "none" and not cfg.structure_every_round and not cfg.chain
+            total = cfg.rounds + 1 + (max(cfg.rounds - 1, 0) if internal_chain else 0)
+        finished = list(self.out.glob("round_[0-9]*/round.json")) + list(self.out.glob("chain/round_[0-9]*/round.json"))
+        return total, finished
+
+    def _say_eta(self, desc: str) -> None:
+        """One line before each training: how much of the run is left, from the measured pace."""
+        total, finished = self._trainings()
+        paces = []
+        for f in finished:
+            try:
+                spe = read_json(f).get("seconds_per_epoch")
+            except (ArtifactError, AttributeError):
+                continue
+            if isinstance(spe, (int, float)):
+                paces.append(spe)
+        left = max(total - len(finished), 1)
+        line = f"{desc.strip() or 'training'}: training {len(finished) + 1} of {total}"
+        if paces:
+            minutes = paces[-1] * self.tcfg.epochs * left / 60
+            line += f"; about {minutes:.0f} min left for the run ({paces[-1]:.0f} s per epoch so far)"
+        import sys
+        print(line, file=sys.stderr)
 
     def _check_oversubscription(self, clock: list, desc: str) -> None:
         """Warn once per round when this process got far less CPU time than its threads could
