@@ -174,37 +174,56 @@ def plot_accuracy(vs: Sequence[evidence.Verdict], dense: dict[int, float], out: 
     return _save(fig, out / f"accuracy_vs_sparsity{suffix}.png")
 
 
-def bench_points(view: RunView, backend: str = "torch", axis: str = "mask") -> dict[int, list[tuple[float, float]]]:
-    """batch size -> [(sparsity, time saving)] from the run's bench results; the sparsity is
-    the mask's or (axis 'effective') the effective one, from the round or its bench record."""
+def _saving_range(res: dict) -> tuple[float, float, float]:
+    """Time saving at the median, lowest and highest paired ratio of one bench result."""
+    def saving(ratio):
+        return 1 - 1 / ratio if ratio else float("nan")
+    med = res["time_saving"]
+    return med, saving(res.get("speedup_min", res.get("speedup_median"))), \
+        saving(res.get("speedup_max", res.get("speedup_median")))
+
+
+def bench_points(view: RunView, backend: str = "torch", axis: str = "mask"
+                 ) -> dict[tuple[int, int], list[tuple[float, float, float, float]]]:
+    """(batch size, threads) -> [(sparsity, time saving at the median, min and max paired ratio)]
+    from the run's bench results; the sparsity is the mask's or (axis 'effective') the effective
+    one, from the round or its bench record."""
     if axis == "effective":
         sparsity = {r["round"]: r.get("effective_sparsity") if r.get("effective_sparsity") is not None
                     else view.bench.get(r["round"], {}).get("effective_sparsity") for r in view.done}
     else:
         sparsity = {r["round"]: r.get("sparsity") for r in view.done}
-    out: dict[int, list[tuple[float, float]]] = {}
+    out: dict[tuple[int, int], list] = {}
     for rnd, b in sorted(view.bench.items()):
         if sparsity.get(rnd) is None:
             continue
         for res in b.get("results", []):
             if res.get("backend", "torch") == backend:
-                out.setdefault(res["batch_size"], []).append((sparsity[rnd], res["time_saving"]))
+                key = (res["batch_size"], res.get("threads", 0))
+                out.setdefault(key, []).append((sparsity[rnd], *_saving_range(res)))
     return {k: sorted(v) for k, v in out.items()}
 
 
 def plot_time_saving(runs: Sequence[RunView], out: Path, suffix: str = "", axis: str = "mask") -> Path:
-    per_method: dict[str, dict[int, list]] = {}  # a method's runs merged, as for accuracy
+    """One panel per batch size, one line per method and thread count; error bars span the
+    lowest to the highest paired ratio (the machine drifts: a single ratio means little)."""
+    per_method: dict[tuple[str, int], dict[int, list]] = {}  # a method's runs merged, per thread count
     for v in runs:
-        for b, pts in bench_points(v, axis=axis).items():
-            per_method.setdefault(v.label, {}).setdefault(b, []).extend(pts)
-    curves = [(label, {b: sorted(p) for b, p in d.items()}) for label, d in per_method.items()]
+        for (b, t), pts in bench_points(v, axis=axis).items():
+            per_method.setdefault((v.label, t), {}).setdefault(b, []).extend(pts)
+    curves = [(key, {b: sorted(p) for b, p in d.items()}) for key, d in per_method.items()]
+    threads = {t for (_, t), _ in curves}
     batches = sorted({b for _, p in curves for b in p})
     n = max(1, len(batches))
     fig, axes = plt.subplots(1, n, figsize=(SIZE[0], SIZE[1]), squeeze=False, sharey=True)
     for ax, b in zip(axes[0], batches or [None]):
-        for label, pts in curves:
+        for (label, t), pts in curves:
             if b in pts:
-                ax.plot([100 * s for s, _ in pts[b]], [100 * t for _, t in pts[b]], "o-", ms=4, label=label)
+                p = pts[b]
+                ys = [100 * m for _, m, _, _ in p]
+                err = [[100 * (m - lo) for _, m, lo, _ in p], [100 * (hi - m) for _, m, _, hi in p]]
+                ax.errorbar([100 * x[0] for x in p], ys, yerr=err, marker="o", ms=4, capsize=3,
+                            label=label + (f", {t} thread{'s' if t != 1 else ''}" if len(threads) > 1 or t else ""))
         ax.axhline(0, color="k", lw=0.8)
         ax.set_title(f"batch {b}" if b is not None else "no bench results yet")
         ax.set_xlabel(f"{axis} sparsity (%)")
@@ -213,7 +232,7 @@ def plot_time_saving(runs: Sequence[RunView], out: Path, suffix: str = "", axis:
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
         axes[0][-1].legend(fontsize=7)
-    fig.suptitle("Time saving vs sparsity (CPU, median of paired ratios)", fontsize=10)
+    fig.suptitle("Time saving vs sparsity (CPU; median, bars: min-max of paired ratios)", fontsize=10)
     fig.tight_layout()
     return _save(fig, out / f"time_saving{suffix}.png")
 
@@ -342,13 +361,19 @@ def choose_layers(panels: Sequence[tuple[str, Masks]], layers: Sequence[str] | N
 def run_table(v: RunView) -> list[str]:
     lines = [f"#### {v.label}: `{v.path}`" + ("" if v.summary["complete"] else " (partial)"), "",
              "| round | mask sparsity % | effective sparsity % | compact params | unstructured % | val acc % "
-             "| test acc % | best epoch | s / epoch | compact MACs | time saving b=1 | time saving b=64 | status |",
+             "| test acc % | best epoch | s / epoch | compact MACs | time saving % b=1 (min to max) | time saving % b=64 | status |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in v.summary["rounds"]:
         b = v.bench.get(r["round"], {})
-        saving = {res["batch_size"]: res["time_saving"] for res in b.get("results", [])
+        saving = {res["batch_size"]: _saving_range(res) for res in b.get("results", [])
                   if res.get("backend", "torch") == "torch"}
         macs = b.get("compact", {}).get("macs")
+
+        def cell(batch):
+            if batch not in saving:
+                return "-"
+            med, lo, hi = saving[batch]
+            return f"{_pct(med)} ({_pct(lo)} to {_pct(hi)})"
         # older rounds did not record the compact model's parameters; their bench did
         params = r.get("compact_params") or b.get("compact", {}).get("params")
         spe = r.get("seconds_per_epoch")
@@ -356,7 +381,7 @@ def run_table(v: RunView) -> list[str]:
                      f"| {f'{params:,}' if params else '-'} | {_pct(r.get('unstructured_sparsity'))} "
                      f"| {_pct(r.get('best_val_acc'))} | {_pct(r.get('test_acc'))} | {r.get('best_epoch', '-')} "
                      f"| {f'{spe:.0f}' if spe else '-'} | {f'{macs:,}' if macs else '-'} "
-                     f"| {_pct(saving.get(1))} | {_pct(saving.get(64))} "
+                     f"| {cell(1)} | {cell(64)} "
                      f"| {r['status']}{' (' + str(r.get('epochs_done')) + ' epochs)' if r['status'] == 'partial' else ''}"
                      f"{' (corrupt: ' + ', '.join(r['corrupt']) + ')' if r.get('corrupt') else ''} |")
     return lines + [""]
