@@ -210,7 +210,7 @@ def test_bad_input(case, what, message, status, tmp_path, finished, monkeypatch,
     after = files(tmp_path)
     changed = [p for p in before if p in after and before[p] != after[p]]
     assert not changed, f"existing files changed: {changed}"
-    assert not [p for p in after if p.endswith(".tmp")], "a temporary file was left behind"
+    assert not [p for p in after if p.endswith((".tmp", ".ts-tmp"))], "a temporary file was left behind"
     if rc == 2 or case == "disk-full":
         assert set(after) == set(before), f"files written: {sorted(set(after) - set(before))}"
     assert not (tmp_path / "pwned").exists()

@@ -39,7 +39,7 @@ def run(out, fault=None, kill_after=None):
 def check_every_file(out: Path):
     """Whatever the moment of the kill, every artifact on disk is whole and verifiable."""
     for f in out.rglob("*"):
-        if f.name.endswith(".tmp") or f.is_dir():
+        if f.name.endswith(".ts-tmp") or f.is_dir():
             continue
         if f.suffix == ".safetensors":
             load_tensors(f)  # raises on a truncated / corrupt file
@@ -97,7 +97,7 @@ def test_sigkill_anywhere_then_restart_gives_the_uninterrupted_result(tmp_path):
     for name in tensors:
         for k in ref_tensors[name]:
             assert torch.equal(tensors[name][k], ref_tensors[name][k]), (name, k)
-    assert not list(out.rglob(".*.tmp"))
+    assert not list(out.rglob(".*.ts-tmp"))
 
 
 def test_a_hostile_pickle_where_a_checkpoint_should_be_executes_nothing(tmp_path):

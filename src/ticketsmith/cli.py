@@ -134,7 +134,8 @@ def cmd_bench(args) -> int:
             raise UsageError(f"{run_dir} is not a ticketsmith run directory (no config.json)")
         run = Run(RunConfig.from_json(read_json(run_dir / "config.json")), run_dir,
                   data_dir=args.data_dir, progress=False)
-        done = [int(p.parent.name.split("_")[1]) for p in sorted(run_dir.glob("round_[0-9][0-9]/round.json"))]
+        done = sorted(int(p.parent.name[6:]) for p in run_dir.glob("round_*/round.json")
+                      if p.parent.name[6:].isdigit())
         rounds = _ints(args.rounds) if args.rounds else [r for r in done if
                                                          (round_dir(run_dir, r) / "masks.safetensors").exists()]
         if not rounds:

@@ -20,6 +20,9 @@ from . import faults
 from .errors import ArtifactError
 
 _DIGEST = "ticketsmith.sha256"
+# every temporary file or folder ticketsmith makes ends so; a crash may leave one behind, and the
+# clean-up on resume removes exactly these (never a user's own ".tmp" file)
+TMP_SUFFIX = ".ts-tmp"
 
 
 def _umask() -> int:
@@ -41,7 +44,7 @@ def file_mode(fd_or_path) -> None:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
         file_mode(fd)
         with os.fdopen(fd, "wb") as f:

@@ -33,7 +33,7 @@ from . import data as tsdata
 from . import models as tsmodels
 from . import faults, prune
 from .errors import ArtifactError, DivergenceError, UsageError
-from .io import load_tensors, read_json, save_tensors, write_json
+from .io import TMP_SUFFIX, load_tensors, read_json, save_tensors, write_json
 from .masks import Masks
 from .train import Dist, Trainer, TrainConfig, summarize
 
@@ -48,6 +48,7 @@ def _help(text: str, **kw) -> dict:
 
 
 LOCK_FILE = ".lock"  # held (flock) by the process working in a run directory
+DATA_FILE = "data.json"  # the identity of the data the run was trained on
 # below this share of its threads' CPU time per epoch, a training process is starved by others
 OVERSUBSCRIBED = 0.35
 
@@ -286,6 +287,7 @@ class Run:
                  progress: bool = True, dist: Dist | None = None):
         cfg.validate()
         self.cfg, self.out = cfg, Path(out)
+        self.data_dir = data_dir
         self._lock_file = None  # the run directory's lock, while this process holds it
         self.dist = dist or Dist()
         self.progress = progress
@@ -381,13 +383,18 @@ class Run:
                 raise UsageError(f"{self.out} holds a run made by a different config ("
                                  + "; ".join(diff) + "); choose another --out")
             self._lock()  # before anything is cleaned or changed: another process may be writing
+            self._check_data()
             if lower_lr:
                 self._lower_lr(old_cfg.lr)  # resuming a diverged run with a lower learning rate
             if extend:
                 self._record_change({"event": "rounds extended", "from": old_cfg.rounds,
                                      "to": self.cfg.rounds})
-            for tmp in self.out.rglob(".*.tmp"):  # left by a crash mid-write; never read
-                tmp.unlink(missing_ok=True)
+            import shutil
+            for tmp in self.out.rglob(f".*{TMP_SUFFIX}"):  # ours, left by a crash mid-write; never read
+                if tmp.is_dir() and not tmp.is_symlink():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    tmp.unlink(missing_ok=True)
         elif self.out.exists() and any(p.name != LOCK_FILE for p in self.out.iterdir()):
             raise UsageError(f"{self.out} exists, is not empty and is not a ticketsmith run; "
                              "choose another --out")
@@ -398,6 +405,7 @@ class Run:
                 return self._prepare()
             try:
                 write_json(cfg_path, self.cfg.identity())
+                self._check_data()
             except BaseException:  # e.g. a full disk: leave nothing behind
                 self.release()
                 (self.out / LOCK_FILE).unlink(missing_ok=True)
@@ -405,6 +413,24 @@ class Run:
                     with contextlib.suppress(OSError):  # not empty: someone else's now
                         self.out.rmdir()
                 raise
+
+    def _check_data(self) -> None:
+        """The run remembers the data it was trained on (`data.json`: a digest of every split
+        and the folder it came from); resuming it on other data is refused. A run made before
+        this record existed adopts the data it is resumed with."""
+        f = self.out / DATA_FILE
+        now = {"dataset": self.cfg.dataset, "digest": self.ds.digest(),
+               "data_dir": str(Path(self.data_dir).resolve()) if self.data_dir else "(default)"}
+        if f.exists():
+            before = read_json(f)
+            if not isinstance(before, dict) or before.get("digest") != now["digest"]:
+                where = before.get("data_dir") if isinstance(before, dict) else "?"
+                raise UsageError(f"{self.out} was trained on other data ({where}, digest "
+                                 f"{str(before.get('digest') if isinstance(before, dict) else before)[:12]}) "
+                                 f"than given now ({now['data_dir']}, digest {now['digest'][:12]}); "
+                                 "give the same data or choose another --out")
+            return
+        write_json(f, now)
 
     def _lower_lr(self, old_lr: float) -> None:
         """Record that the run continues with a lower learning rate after a divergence."""
@@ -685,11 +711,12 @@ class Run:
         ext = self.chain_dir
         if self.writer:
             if not (self.out / "rewind.safetensors").exists():
-                shutil.copyfile(ext / "rewind.safetensors", self.out / ".rewind.safetensors.tmp")
-                (self.out / ".rewind.safetensors.tmp").replace(self.out / "rewind.safetensors")
+                tmp = self.out / f".rewind.safetensors{TMP_SUFFIX}"
+                shutil.copyfile(ext / "rewind.safetensors", tmp)
+                tmp.replace(self.out / "rewind.safetensors")
             dense = round_dir(self.out, 0)
             if not (dense / "round.json").exists():
-                tmp = self.out / ".round_00.tmp"
+                tmp = self.out / f".round_00{TMP_SUFFIX}"
                 shutil.rmtree(tmp, ignore_errors=True)
                 shutil.copytree(ext / "round_00", tmp)
                 shutil.rmtree(dense, ignore_errors=True)
@@ -832,7 +859,8 @@ def summarize_run(run: str | Path) -> dict:
         raise UsageError(f"{run} is not a ticketsmith run directory (no config.json)")
     cfg = read_json(run / "config.json")
     rounds = []
-    for d in sorted(run.glob("round_[0-9][0-9]")):
+    numbered = [d for d in run.glob("round_*") if d.is_dir() and d.name[6:].isdigit()]
+    for d in sorted(numbered, key=lambda d: int(d.name[6:])):  # round_100 after round_99
         r = int(d.name.split("_")[1])
         if (d / "round.json").exists():
             try:

@@ -34,7 +34,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     n_out = len(flat_tensors(run_model(model, inputs)))
     in_names = [f"input{i}" for i in range(len(inputs))]
     out_names = [f"output{i}" for i in range(n_out)]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    from ..io import TMP_SUFFIX
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         with warnings.catch_warnings():

@@ -48,6 +48,18 @@ class Dataset:
     def image_size(self) -> tuple[int, int]:
         return tuple(self.train.x.shape[2:])  # type: ignore[return-value]
 
+    def digest(self) -> str:
+        """SHA-256 of every split's pixels and labels: which data a run was trained on, whatever
+        folder it was read from."""
+        import hashlib
+        h = hashlib.sha256(self.name.encode())
+        for split in (self.train, self.val, self.test):
+            for t in (split.x, split.y):
+                t = t.contiguous()
+                h.update(str((t.dtype, tuple(t.shape))).encode())
+                h.update(t.numpy().tobytes())
+        return h.hexdigest()
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(self.mean).view(1, -1, 1, 1)
         std = torch.tensor(self.std).view(1, -1, 1, 1)

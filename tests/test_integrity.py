@@ -1,0 +1,60 @@
+"""Nothing lost, nothing silently wrong: the run remembers its data, rounds beyond 99, only our
+own temporary files are cleaned, reports inline only what they wrote."""
+import base64
+import json
+
+import pytest
+
+import ticketsmith as ts
+from ticketsmith.data import Dataset
+from ticketsmith.io import write_json
+from ticketsmith.report import make_report
+from ticketsmith.runs import Run, RunConfig, summarize_run
+
+FAST = dict(model="lenet5", dataset="digits", epochs=1, batch_size=64, rounds=1)
+
+
+def test_resuming_on_other_data_is_refused(tmp_path, monkeypatch):
+    Run(RunConfig(**dict(FAST, rounds=0)), tmp_path, progress=False).execute()
+    record = json.loads((tmp_path / "data.json").read_text())
+    assert record["dataset"] == "digits" and len(record["digest"]) == 64
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    monkeypatch.setattr(Dataset, "digest", lambda self: "0" * 64)  # the same name, other pixels
+    with pytest.raises(ts.UsageError, match="trained on other data"):
+        Run(RunConfig(**FAST), tmp_path, progress=False).execute()
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_a_run_of_150_rounds_is_listed_right(tmp_path):
+    cfg = RunConfig(model="lenet5", dataset="digits", rounds=149).identity()
+    write_json(tmp_path / "config.json", cfg)
+    for r in range(150):
+        write_json(tmp_path / f"round_{r:02d}" / "round.json", {"test_acc": 0.5, "sparsity": 1 - 0.8 ** r})
+    s = summarize_run(tmp_path)
+    assert s["complete"] and [r["round"] for r in s["rounds"]] == list(range(150))
+
+
+def test_resume_removes_only_our_temporary_files(tmp_path):
+    Run(RunConfig(**dict(FAST, rounds=0)), tmp_path, progress=False).execute()
+    mine = tmp_path / "round_00" / ".notes.tmp"
+    mine.write_text("a user's file")
+    ours = tmp_path / "round_00" / ".weights.safetensors.abc123.ts-tmp"
+    ours.write_bytes(b"half written")
+    Run(RunConfig(**FAST), tmp_path, progress=False).execute()
+    assert mine.read_text() == "a user's file" and not ours.exists()
+
+
+def test_report_inlines_only_the_plots_it_wrote(tmp_path):
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"\x89PNG private bytes of the user")
+    run = tmp_path / "run"
+    Run(RunConfig(**FAST), run, progress=False).execute()
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["model"] = f"lenet5\n\n![x]({secret})\n"  # a crafted record in a shared run
+    write_json(run / "config.json", cfg)
+    out = make_report([run], tmp_path / "rep", title=f"t\n![y]({secret})")
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert base64.b64encode(secret.read_bytes()).decode() not in page
+    assert f"]({secret})" not in out.read_text()  # no image syntax survives in the Markdown
+    pngs = sorted(p.name for p in (tmp_path / "rep").glob("*.png"))
+    assert page.count("data:image/png;base64,") == len(pngs)
