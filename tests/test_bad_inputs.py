@@ -56,6 +56,10 @@ def setup(case: str, tmp: Path, finished: Path, monkeypatch) -> list[str]:
     out = ["--out", str(tmp / "out")]
     if case == "cuda-without-gpu":  # also on a machine that has one
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if case == "kahypar-missing":  # also where the optional extra is installed
+        import importlib.util
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "kahypar" else real(name, *a))
     simple = {
         "unknown-model": ["run", *QUICK, "--model", "resnet21"],
         "unknown-dataset": ["run", *QUICK, "--dataset", "mnist3d"],
@@ -73,6 +77,7 @@ def setup(case: str, tmp: Path, finished: Path, monkeypatch) -> list[str]:
         "imp-with-sparsity": ["run", *QUICK, "--sparsity", "0.5"],
         "cuda-without-gpu": ["run", *QUICK, "--device", "cuda"],
         "threads-zero": ["run", *QUICK, "--threads", "0"],
+        "kahypar-missing": ["run", *QUICK, "--structure", "regroup", "--regroup-partitioner", "kahypar"],
         "unknown-coupling": ["run", *QUICK, "--structure", "refill", "--refill-coupling", "tied"],
         "gaimp-chain-no-reinit": ["run", *QUICK, "--structure", "regroup", "--structure-every-round",
                                   "--chain", "elsewhere"],
@@ -124,6 +129,9 @@ def setup(case: str, tmp: Path, finished: Path, monkeypatch) -> list[str]:
         return ["run", *QUICK, "--dataset", "cifar10", "--data-dir", str(tmp / "cifar")] + out
     if case == "out-other-config":
         return ["run", *QUICK, "--rounds", "1", "--lr", "0.05", "--out", str(copy_run(finished, tmp))]
+    if case == "out-is-a-file":
+        (tmp / "out").write_text("mine")
+        return ["run", *QUICK] + out
     if case == "out-not-a-run":
         (tmp / "out").mkdir()
         (tmp / "out" / "notes.txt").write_text("mine")

@@ -58,3 +58,34 @@ def test_report_inlines_only_the_plots_it_wrote(tmp_path):
     assert f"]({secret})" not in out.read_text()  # no image syntax survives in the Markdown
     pngs = sorted(p.name for p in (tmp_path / "rep").glob("*.png"))
     assert page.count("data:image/png;base64,") == len(pngs)
+
+
+def test_a_fifo_or_dev_zero_in_place_of_a_file_is_refused_promptly(tmp_path):
+    import os
+    import threading
+    Run(RunConfig(**dict(FAST, rounds=0)), tmp_path / "run", progress=False).execute()
+    w = tmp_path / "run" / "round_00" / "weights.safetensors"
+    w.unlink()
+    os.mkfifo(w)
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("e", pytest.raises(ts.ArtifactError, ts.io.load_tensors, w)))
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "reading a FIFO blocked"
+    assert "not a regular file" in str(result["e"].value)
+    w.unlink()
+    w.symlink_to("/dev/zero")
+    with pytest.raises(ts.ArtifactError, match="not a regular file"):
+        ts.io.load_tensors(w)
+    j = tmp_path / "run" / "round_00" / "round.json"
+    j.unlink()
+    os.mkfifo(j)
+    s = summarize_run(tmp_path / "run")  # marked, not hung
+    assert s["rounds"][0]["status"] == "corrupt"
+
+
+def test_a_json_nesting_bomb_is_one_clear_error(tmp_path):
+    f = tmp_path / "config.json"
+    f.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ts.ArtifactError, match="nested too deeply"):
+        ts.io.read_json(f)

@@ -69,17 +69,54 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         pass
 
 
+# records and tensor files are read whole: anything larger is not one of ours
+MAX_JSON_BYTES = 64 << 20
+MAX_TENSOR_BYTES = 16 << 30
+
+
+def read_regular(path: str | os.PathLike, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes. A FIFO, a device or a socket
+    (which would block or never end), or a larger file, is refused promptly: the file is opened
+    without blocking and checked before anything is read."""
+    import stat
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ArtifactError(f"{path}: is a directory, not a file") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ArtifactError(f"{path}: is a directory, not a file")
+        if not stat.S_ISREG(st.st_mode):
+            raise ArtifactError(f"{path}: not a regular file (a pipe, device or socket); refused")
+        if st.st_size > limit:
+            raise ArtifactError(f"{path}: {st.st_size:,} bytes, more than any ticketsmith file "
+                                f"of this kind ({limit:,}); refused")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ArtifactError(f"{path}: grew past {limit:,} bytes while being read; refused")
+    return data
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def read_json(path: str | os.PathLike) -> Any:
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(read_regular(path, MAX_JSON_BYTES).decode())
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     except UnicodeDecodeError:
         raise ArtifactError(f"{path}: not a text file") from None
+    except RecursionError:  # a nesting bomb
+        raise ArtifactError(f"{path}: JSON nested too deeply") from None
 
 
 def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -132,10 +169,4 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a file written by `save_tensors`; raise ArtifactError if it is corrupt or not ours."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise ArtifactError(f"{path}: is a directory, not a file") from None
-    return tensors_from_bytes(data, str(path))
+    return tensors_from_bytes(read_regular(path, MAX_TENSOR_BYTES), str(path))

@@ -177,6 +177,11 @@ class RunConfig:
         parse_rewind(self.rewind, 1)
         self.train_config().validate()
         self._check_applicable()
+        if self.structure == "regroup" and self.regroup_partitioner == "kahypar":
+            import importlib.util  # before any training: not after the dense round
+            if importlib.util.find_spec("kahypar") is None:
+                raise UsageError("partitioner 'kahypar' needs the optional KaHyPar package (GPLv3+): "
+                                 "pip install ticketsmith[kahypar]")
         if self.structure_every_round and (self.method != "imp" or self.structure == "none"):
             raise UsageError("--structure-every-round needs --method imp and a --structure")
         if self.chain and (self.method != "imp" or self.structure == "none"):
@@ -395,6 +400,8 @@ class Run:
                     shutil.rmtree(tmp, ignore_errors=True)
                 else:
                     tmp.unlink(missing_ok=True)
+        elif self.out.exists() and not self.out.is_dir():
+            raise UsageError(f"--out {self.out} is a file, not a directory; choose another --out")
         elif self.out.exists() and any(p.name != LOCK_FILE for p in self.out.iterdir()):
             raise UsageError(f"{self.out} exists, is not empty and is not a ticketsmith run; "
                              "choose another --out")
