@@ -89,3 +89,22 @@ def test_a_json_nesting_bomb_is_one_clear_error(tmp_path):
     f.write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(ts.ArtifactError, match="nested too deeply"):
         ts.io.read_json(f)
+
+
+def test_a_full_disk_leaves_the_previous_report_in_place(tmp_path, monkeypatch):
+    import errno
+    import os
+    run = tmp_path / "run"
+    Run(RunConfig(**FAST), run, progress=False).execute()
+    make_report([run], tmp_path / "rep")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "rep").iterdir()}
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(ts.io.os, "fsync", full)
+    with pytest.raises(OSError):
+        make_report([run], tmp_path / "rep", title="another")
+    after = {p.name: p.read_bytes() for p in (tmp_path / "rep").iterdir()}
+    assert after == before  # every previous file intact, no partial or temporary one
+    monkeypatch.undo()
+    assert os.listdir(tmp_path / "rep")

@@ -167,7 +167,8 @@ def cmd_bench(args) -> int:
         result = bench.bench_ticket(dense, ticket, masks, shape, **kw)
         result["label"] = label
         write_json(folder / "bench.json", result)
-        (folder / "bench.md").write_text(bench.to_markdown(result, f"Bench: {label}"))
+        from .io import write_text
+        write_text(folder / "bench.md", bench.to_markdown(result, f"Bench: {label}"))
         for r in result["results"]:
             print(f"{label}: {r['backend']} batch {r['batch_size']} threads {r['threads']}: "
                   f"{r['speedup_median']:.2f}x ({r['speedup_min']:.2f}-{r['speedup_max']:.2f}), "

@@ -104,6 +104,18 @@ def read_regular(path: str | os.PathLike, limit: int) -> bytes:
     return data
 
 
+def write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int) -> None:
+    """A matplotlib figure as PNG, atomically (a full disk leaves the previous picture)."""
+    import io as _io
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 

@@ -100,7 +100,8 @@ def sweep(imp_run: str | Path, round_: int, values: Mapping[str, Sequence], out:
         rows.append(row)
     write_json(out / "sweep.json", {"run": str(imp_run), "round": round_, "epochs": epochs,
                                     "granularity": granularity, "rows": rows})
-    (out / "sweep.md").write_text(to_markdown(rows, imp_run, round_, epochs, granularity, batch_size))
+    from .io import write_text
+    write_text(out / "sweep.md", to_markdown(rows, imp_run, round_, epochs, granularity, batch_size))
     plot(rows, out / "sweep.png")
     return rows
 
@@ -163,7 +164,8 @@ def plot(rows, path: Path) -> None:
             ax.grid(alpha=0.3)
     fig.suptitle("Regroup hyper-parameters, one at a time (dashed: defaults)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    from .io import save_figure
+    save_figure(fig, path, 110)
     plt.close(fig)
 
 

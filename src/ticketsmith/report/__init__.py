@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from ..errors import ArtifactError, UsageError  # noqa: E402
-from ..io import read_json, write_json  # noqa: E402
+from ..io import read_json, save_figure, write_json, write_text  # noqa: E402
 from ..masks import Masks  # noqa: E402
 from ..runs import summarize_run  # noqa: E402
 from . import evidence  # noqa: E402
@@ -131,7 +131,7 @@ def dense_accuracy(runs: Sequence[RunView]) -> float | None:
 
 
 def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI)
+    save_figure(fig, path, DPI)
     plt.close(fig)
     return path
 
@@ -467,9 +467,9 @@ def make_report(run_dirs: Sequence[str | Path], out: str | Path, layers: Sequenc
         for v in members:
             md += run_table(v)
     text = "\n".join(md) + "\n"
-    (out / "report.md").write_text(text)
-    (out / "verdicts.md").write_text("\n".join(verdict_md) + "\n")
-    (out / "report.html").write_text(_html(text, out, title, {p.name for p in plots}))
+    write_text(out / "report.md", text)
+    write_text(out / "verdicts.md", "\n".join(verdict_md) + "\n")
+    write_text(out / "report.html", _html(text, out, title, {p.name for p in plots}))
     write_json(out / "report.json", {"runs": [str(v.path) for v in runs],
                                      "plots": [p.name for p in plots],
                                      "verdicts": [{**vars(v), "point": list(v.point)}
