@@ -150,8 +150,8 @@ def write_md(info: dict, records: list[dict]) -> None:
              "model (i.i.d. weights: an unstructured random mask, the hard case); `planted` = "
              "dense row groups on random columns + 1% noise (the structured case). Block density "
              "= source nonzeros inside the blocks / block area (before refill); retained = "
-             "fraction of the source nonzeros inside blocks. Defaults: n_groups=None (<= 8), "
-             "t1=1.5, t2 auto, b1=16, b2=16.", "",
+             "fraction of the source nonzeros inside blocks. Defaults: t1=None (<= 8), "
+             "width_ratio=1.5, t2 auto, b1=16, b2=16.", "",
              "| model | mask | partitioner | granularity | time (s), median [min] | blocks | "
              "sparsity in -> out | block density | retained |",
              "|---|---|---|---|---|---|---|---|---|"]

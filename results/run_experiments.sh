@@ -40,9 +40,9 @@ case $1 in
     done ;;
   sweep)   # Regroup's hyper-parameters on IMP round 3 (74%): element blocks (the paper's) and
            # channel blocks (the fast executor's), 1 retraining epoch each, speed at batch 64
-    $TS sweep runs/$lane-imp --round 3 --vary n_groups=2,8 --vary b1=4,32 --epochs 1 \
+    $TS sweep runs/$lane-imp --round 3 --vary t1=2,8 --vary b1=4,32 --epochs 1 \
       --batch-size 64 --pairs 10 --out results/sweep-$lane-element --no-progress
-    $TS sweep runs/$lane-imp --round 3 --vary n_groups=2,8 --granularity channel --epochs 1 \
+    $TS sweep runs/$lane-imp --round 3 --vary t1=2,8 --granularity channel --epochs 1 \
       --batch-size 64 --pairs 10 --out results/sweep-$lane-channel --no-progress ;;
   bench)   # every ticket at batch 1 and 64, against the fastest dense path (run alone!); the conv
            # nets' DST tickets are skipped: constant fan-in convs compact to dense layers (~1x)

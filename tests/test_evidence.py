@@ -137,6 +137,9 @@ def test_old_configs_refill_coupled_reads_as_a_coupling():
     assert RunConfig.from_json({"refill_coupled": True}).refill_coupling == "shared"
     assert RunConfig.from_json({"refill_coupled": False}).refill_coupling == "none"
     assert RunConfig().refill_coupling == "none"
+    old = RunConfig.from_json({"regroup_groups": 4, "regroup_t1": 2.0})  # before t1 meant groups
+    assert (old.regroup_t1, old.regroup_width_ratio) == (4, 2.0)
+    assert RunConfig.from_json({"regroup_t1": 3}).regroup_t1 == 3  # today's spelling
 
 
 # -- the first hour of a new user (threads, files, names) ---------------------------------------

@@ -164,15 +164,15 @@ def cells(blocks, n_cols):
 
 @SETTINGS
 @given(spec=specs, seed=st.integers(0, 10_000), sparsity=st.floats(0.3, 0.95),
-       granularity=st.sampled_from(["element", "channel"]), n_groups=st.sampled_from([None, 1]),
+       granularity=st.sampled_from(["element", "channel"]), t1=st.sampled_from([None, 1]),
        b=st.integers(1, 3))  # None: up to 8 groups per layer (rows // b1)
 def test_regroup_blocks_never_overlap_and_cover_exactly_the_kept_weights(
-        spec, seed, sparsity, granularity, n_groups, b):
+        spec, seed, sparsity, granularity, t1, b):
     torch.manual_seed(seed)
     model = RandomNet(spec)
     unstructured = ts.prune.random_masks(model, sparsity, seed=seed)
     # t2=1: a column with one kept weight in a group's rows qualifies, so every layer has a block
-    out = ts.regroup(unstructured, n_groups=n_groups, t2=1, b1=b, b2=b, granularity=granularity,
+    out = ts.regroup(unstructured, t1=t1, t2=1, b1=b, b2=b, granularity=granularity,
                      seed=seed)
     for k in unstructured.weight_names:
         m = out[k]

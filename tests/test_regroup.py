@@ -178,7 +178,7 @@ def test_deterministic_and_input_untouched():
     # every layer got blocks; the small-layer policy did not wipe an 8-row layer
     assert set(a.blocks) == set(prunable_names(model))
     settings = regroup_settings(masks)
-    assert settings["conv1.weight"]["n_groups"] == 1 and settings["conv1.weight"]["b1"] == 4
+    assert settings["conv1.weight"]["t1"] == 1 and settings["conv1.weight"]["b1"] == 4
     stats = regroup_stats(a, masks)
     assert all(s["blocks"] >= 1 for s in stats.values())
 
@@ -208,9 +208,9 @@ def test_layers_argument_regroups_only_those():
 
 # -- bad input -------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, words", [
-    ({"n_groups": 0}, "n_groups"), ({"n_groups": 2.5}, "n_groups"),
+    ({"t1": 0}, "t1"), ({"t1": 2.5}, "t1"),
     ({"partitioner": "hmetis"}, "partitioner"), ({"granularity": "kernel"}, "granularity"),
-    ({"t1": 0}, "t1"), ({"t1": -1.0}, "t1"), ({"t1": float("nan")}, "t1"),
+    ({"width_ratio": 0}, "width_ratio"), ({"width_ratio": -1.0}, "width_ratio"), ({"width_ratio": float("nan")}, "width_ratio"),
     ({"t2": 0}, "t2"), ({"b1": 0}, "b1"), ({"b2": -3}, "b2"), ({"imbalance": 1.5}, "imbalance"),
     ({"max_passes": 0}, "max_passes"), ({"layers": ["nope.weight"]}, "nope.weight"),
 ])
@@ -225,8 +225,8 @@ def test_bad_layers_name_the_layer():
     with pytest.raises(UsageError, match=r"'zero.weight'.*all zeros"):
         regroup(Masks({"ok.weight": m, "zero.weight": torch.zeros(32, 10, dtype=torch.bool)}))
     small = torch.rand(8, 72, generator=torch.Generator().manual_seed(0)) < 0.5
-    with pytest.raises(UsageError, match=r"'small.weight'.*n_groups=16.*8 non-empty rows"):
-        regroup(Masks({"small.weight": small}), n_groups=16)
+    with pytest.raises(UsageError, match=r"'small.weight'.*t1=16.*8 non-empty rows"):
+        regroup(Masks({"small.weight": small}), t1=16)
     with pytest.raises(UsageError, match="not binary"):
         regroup(Masks({"w": torch.full((4, 4), 2.0)}))
     with pytest.raises(UsageError, match="not binary"):

@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("run_dir", metavar="IMP_RUN")
     sw.add_argument("--round", type=int, required=True, help="which IMP round's mask")
     sw.add_argument("--vary", action="append", default=[], metavar="NAME=V1,V2",
-                    help="n_groups, t1, t2, b1 or b2 and its values; repeatable")
+                    help="t1 (groups), width_ratio, t2, b1 or b2 and its values; repeatable")
     sw.add_argument("--epochs", type=int, default=0, help="retraining budget per setting (default 0)")
     sw.add_argument("--granularity", choices=("element", "channel"), default="element")
     sw.add_argument("--batch-size", type=int, default=64, help="batch size of the speed measurement")

@@ -86,14 +86,15 @@ class RunConfig:
         "refill: layers whose channels meet at a residual addition: none (each layer on its own, "
         "the paper's Alg. 2), shared (one channel set for the group), union (a channel stays if "
         "any layer of the group keeps it)", choices=("none", "shared", "union")))
-    regroup_groups: int = field(default=0, metadata=_help(
-        "regroup: row groups per layer, the paper's t1 (0: min(8, rows // b1) per layer)"))
+    regroup_t1: int = field(default=0, metadata=_help(
+        "regroup: the paper's t1, the number of row groups per layer (0: min(8, rows // b1) per layer)"))
     regroup_partitioner: str = field(default="metis", metadata=_help(
         "regroup: hypergraph partitioner (kahypar is GPLv3+, an optional extra)", choices=("metis", "kahypar")))
     regroup_granularity: str = field(default="element", metadata=_help(
         "regroup: block columns are single (c_in, kh, kw) positions (element, the paper) or whole "
         "input channels (channel: runs as dense convolutions)", choices=("element", "channel")))
-    regroup_t1: float = field(default=1.5, metadata=_help("regroup: block density ratio (authors: 1.5)"))
+    regroup_width_ratio: float = field(default=1.5, metadata=_help(
+        "regroup: the authors' block width rule, w > ratio x a row's nonzeros outside the block (1.5)"))
     regroup_t2: int = field(default=0, metadata=_help(
         "regroup: minimum kept weights of a column in a group (0: from the layer's density)"))
     regroup_b1: int = field(default=16, metadata=_help("regroup: minimum rows of a block"))
@@ -167,9 +168,9 @@ class RunConfig:
                 raise UsageError(f"sparsity must be in (0, 1) for {self.method}, got {self.sparsity[0]}")
         if self.synflow_iterations < 1 or self.admm_epochs < 1 or not self.admm_rho > 0:
             raise UsageError("synflow iterations and admm epochs must be >= 1, admm rho > 0")
-        if self.regroup_groups < 0 or self.regroup_t2 < 0 or self.regroup_b1 < 1 or self.regroup_b2 < 1 \
-                or not self.regroup_t1 > 0:
-            raise UsageError("regroup settings: groups >= 0, t1 > 0, t2 >= 0, b1 >= 1, b2 >= 1")
+        if self.regroup_t1 < 0 or self.regroup_t2 < 0 or self.regroup_b1 < 1 or self.regroup_b2 < 1 \
+                or not self.regroup_width_ratio > 0:
+            raise UsageError("regroup settings: t1 (groups) >= 0, width ratio > 0, t2 >= 0, b1 >= 1, b2 >= 1")
         if not 0 <= self.refill_extra <= 1:
             raise UsageError(f"refill extra must be in [0, 1], got {self.refill_extra}")
         if self.width <= 0:
@@ -232,6 +233,9 @@ class RunConfig:
     @classmethod
     def from_json(cls, obj: dict) -> "RunConfig":
         obj = dict(obj)
+        if "regroup_groups" in obj:  # written before t1 named the number of groups, as in the paper
+            obj["regroup_width_ratio"] = obj.pop("regroup_t1", 1.5)
+            obj["regroup_t1"] = obj.pop("regroup_groups")
         if "refill_coupled" in obj:  # written before refill_coupling existed (a bool, default True)
             coupled = obj.pop("refill_coupled")
             obj.setdefault("refill_coupling", "shared" if coupled else "none")
@@ -783,7 +787,7 @@ class Run:
                           extra=cfg.refill_extra if cfg.structure == "refill+" else 0.0,
                           coupling=cfg.refill_coupling, data=(x, y), example_inputs=x[:1])
         from .structure import channel_companions, regroup
-        grouped = regroup(masks, cfg.regroup_groups or None, cfg.regroup_partitioner, t1=cfg.regroup_t1,
+        grouped = regroup(masks, cfg.regroup_t1 or None, cfg.regroup_partitioner, width_ratio=cfg.regroup_width_ratio,
                           t2=cfg.regroup_t2 or None, b1=cfg.regroup_b1, b2=cfg.regroup_b2,
                           granularity=cfg.regroup_granularity, seed=cfg.seed)
         # rows no block covers are dead channels: mask their bias / BatchNorm too

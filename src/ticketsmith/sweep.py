@@ -21,12 +21,12 @@ from .masks import Masks
 from .runs import Run, RunConfig, load_state, round_dir
 from .train import Trainer, TrainConfig
 
-PARAMS = {"n_groups": int, "t1": float, "t2": int, "b1": int, "b2": int}
-DEFAULTS = {"n_groups": None, "t1": 1.5, "t2": None, "b1": 16, "b2": 16}
+PARAMS = {"t1": int, "width_ratio": float, "t2": int, "b1": int, "b2": int}
+DEFAULTS = {"t1": None, "width_ratio": 1.5, "t2": None, "b1": 16, "b2": 16}
 
 
 def parse_values(specs: Sequence[str]) -> dict[str, list]:
-    """'t1=1,1.5,2' -> {'t1': [1.0, 1.5, 2.0]}."""
+    """'width_ratio=1,1.5,2' -> {'width_ratio': [1.0, 1.5, 2.0]}."""
     out: dict[str, list] = {}
     for spec in specs:
         name, _, vals = spec.partition("=")
@@ -78,7 +78,7 @@ def sweep(imp_run: str | Path, round_: int, values: Mapping[str, Sequence], out:
         log(f"sweep {key}: regroup")
         from .structure import channel_companions, regroup
         try:
-            masks = regroup(unstructured, kw["n_groups"], "metis", t1=kw["t1"], t2=kw["t2"], b1=kw["b1"],
+            masks = regroup(unstructured, kw["t1"], "metis", width_ratio=kw["width_ratio"], t2=kw["t2"], b1=kw["b1"],
                             b2=kw["b2"], granularity=granularity, seed=cfg.seed)
         except UsageError as e:  # a setting that leaves a layer without any block
             row = {"setting": key, "param": name, "value": value, "error": str(e)}

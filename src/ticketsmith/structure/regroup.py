@@ -8,10 +8,11 @@ while a block can still be found. The new mask is the union of the blocks: prune
 a block grow back (refill), everything outside every block is dropped.
 
 Hyper-parameters (names from the paper and the authors' code):
-- `n_groups`: the paper's t1, number of row groups per pass (authors: 8).
-- `t1` (float, 1.5): the authors' width rule. A group's columns are ordered by how many of the
+- `t1`: the paper's t1, the number of row groups per pass (authors: 8).
+- `width_ratio` (float, 1.5): the authors' width rule (their code calls it t1; it is not the
+  paper's t1). A group's columns are ordered by how many of the
   group's rows use them (ties: lower column first) and the block width w grows 1, 2, ... until
-  every row of the group has w > t1 * (its nonzeros outside the top-w columns), i.e. the block
+  every row of the group has w > width_ratio * (its nonzeros outside the top-w columns), i.e. the block
   holds most of every row. (Unlike the authors' code, each row's outside count is updated with
   the column that was actually added, in sorted order, and for every row.)
 - `t2` (int or None): the paper's column threshold: only a column with at least t2 nonzeros
@@ -24,7 +25,7 @@ Hyper-parameters (names from the paper and the authors' code):
   paper's Figure 2 example uses 2). With a fixed count instead, the later
   passes of the while loop turn scattered leftovers into sparse "blocks" (measured: 1% noise
   around 8 planted blocks of a 512 x 4608 mask gave 24 extra blocks at ~5% density with t2=2;
-  with the default none), since the t1 rule alone can always be met by widening.
+  with the default none), since the width_ratio rule alone can always be met by widening.
 - `b1` (int, 16): minimum rows of a block (authors: 16).
 - `b2` (int, 16): minimum width of a block in *element* columns (for both granularities).
   The authors have none; 16 fp32 = one 512-bit vector, the narrowest width that fills a SIMD
@@ -33,13 +34,13 @@ Hyper-parameters (names from the paper and the authors' code):
 Two additions to the authors' rule, both to keep a block exactly what the mask supports:
 - once w stops, the block still takes every further candidate column that *every* row of the
   group uses (at element granularity such a column costs no refill): without it a fully dense
-  group would be cut at w = 0.6 n (the t1 rule) and the rest fragmented over later passes;
+  group would be cut at w = 0.6 n (the width_ratio rule) and the rest fragmented over later passes;
 - a group row that has no nonzero inside the block's columns is left out of the block (its block
   row would be pure refill); it stays available for the next pass.
 
 Small layers: the authors' defaults target 64-512-channel layers; ours go down to 8 rows and 9
-columns. With `n_groups=None` (the default) a layer with R non-empty rows gets
-n = clamp(R // b1, 1, 8) groups, so groups hold about b1 rows or more; an explicit `n_groups` is
+columns. With `t1=None` (the default) a layer with R non-empty rows gets
+n = clamp(R // b1, 1, 8) groups, so groups hold about b1 rows or more; an explicit `t1` is
 used as given (more groups than non-empty rows is an error). Then, per layer:
 - b1' = min(b1, max(1, R // (2 n))): a block may lose up to half of an equal share of rows (to the
   partitioner's imbalance, and to rows with nothing in the block's columns) and still count
@@ -54,7 +55,7 @@ fully dense layer is one block covering it; an all-zero layer is an error.
 
 `granularity="element"`: columns are single (c_in, kh, kw) positions (the paper).
 `granularity="channel"`: columns are whole input channels (a channel is used by a row if any of
-its kh*kw positions is nonzero: that is what the partition, the column order and the t1 rule
+its kh*kw positions is nonzero: that is what the partition, the column order and the width_ratio rule
 count; t2 counts kept positions, so block columns stay as dense as the layer in weights; a
 selected channel brings all its kh*kw columns), which runs as a dense (grouped) convolution.
 For linear layers both are the same.
@@ -76,19 +77,19 @@ GRANULARITIES = ("element", "channel")
 
 
 # -- checks and effective settings -------------------------------------------------------------
-def _check_args(n_groups, partitioner, t1, t2, b1, b2, granularity, imbalance, seed,
+def _check_args(t1, partitioner, width_ratio, t2, b1, b2, granularity, imbalance, seed,
                 max_passes) -> None:
     def is_int(v):
         return isinstance(v, int) and not isinstance(v, bool)
 
-    if n_groups is not None and (not is_int(n_groups) or n_groups < 1):
-        raise UsageError(f"n_groups must be an integer >= 1 (or None), got {n_groups!r}")
+    if t1 is not None and (not is_int(t1) or t1 < 1):
+        raise UsageError(f"t1 (the number of groups) must be an integer >= 1 (or None), got {t1!r}")
     if partitioner not in PARTITIONERS:
         raise UsageError(f"unknown partitioner {partitioner!r}; choose one of: {', '.join(PARTITIONERS)}")
     if granularity not in GRANULARITIES:
         raise UsageError(f"unknown granularity {granularity!r}; choose one of: {', '.join(GRANULARITIES)}")
-    if isinstance(t1, bool) or not isinstance(t1, (int, float)) or not (math.isfinite(t1) and t1 > 0):
-        raise UsageError(f"t1 (width ratio) must be a finite number > 0, got {t1!r}")
+    if isinstance(width_ratio, bool) or not isinstance(width_ratio, (int, float)) or not (math.isfinite(width_ratio) and width_ratio > 0):
+        raise UsageError(f"width_ratio must be a finite number > 0, got {width_ratio!r}")
     if t2 is not None and (not is_int(t2) or t2 < 1):
         raise UsageError(f"t2 (column threshold) must be an integer >= 1 (or None), got {t2!r}")
     for label, v in (("b1 (minimum block rows)", b1), ("b2 (minimum block columns)", b2)):
@@ -117,38 +118,38 @@ def _units(mask: torch.Tensor, granularity: str, kernel_numel: int) -> tuple[tor
 
 
 def _plan(mask: torch.Tensor, name: str, granularity: str, kernel_numel: int,
-          n_groups: int | None, t2: int | None, b1: int, b2: int
+          t1: int | None, t2: int | None, b1: int, b2: int
           ) -> tuple[torch.Tensor, int, dict]:
     """The unit matrix of a layer, the unit width, and the effective hyper-parameters."""
     mat, unit = _units(mask, granularity, kernel_numel)
     rows = int((mat.amax(dim=1) > 0).sum())
     if rows == 0:
         raise UsageError(f"layer {name!r}: the mask is all zeros; nothing to regroup")
-    if n_groups is None:
+    if t1 is None:
         n = max(1, min(DEFAULT_GROUPS, rows // b1))
     else:
-        if n_groups > rows:
-            raise UsageError(f"layer {name!r}: n_groups={n_groups} is larger than its {rows} "
-                             "non-empty rows; use n_groups <= rows (or None to choose per layer)")
-        n = n_groups
+        if t1 > rows:
+            raise UsageError(f"layer {name!r}: t1={t1} is larger than its {rows} "
+                             "non-empty rows; use t1 <= rows (or None to choose per layer)")
+        n = t1
     b1e = min(b1, max(1, rows // (2 * n)))
     row_nnz = float(mask.sum()) / mask.shape[0]          # average kept weights per row
-    eff = {"n_groups": n, "b1": b1e, "t2": None if t2 is None else min(t2, b1e * unit),
+    eff = {"t1": n, "b1": b1e, "t2": None if t2 is None else min(t2, b1e * unit),
            "b2": min(b2, max(1, int(row_nnz / 2))), "rows": rows,
            "density": float(mask.sum()) / mask.numel()}
     return mat, unit, eff
 
 
-def regroup_settings(masks: Masks, n_groups: int | None = None, *, t2: int | None = None,
+def regroup_settings(masks: Masks, t1: int | None = None, *, t2: int | None = None,
                      b1: int = 16, b2: int = 16, granularity: str = "element",
                      layers: Sequence[str] | None = None) -> dict[str, dict]:
     """Per layer, the effective hyper-parameters `regroup` uses with these arguments:
-    ``{"n_groups", "b1", "t2", "b2", "rows", "density"}``: rows = non-empty rows, density = the
+    ``{"t1", "b1", "t2", "b2", "rows", "density"}``: rows = non-empty rows, density = the
     layer's density (kept weights / weights), t2 None = per group
     max(2, ceil(min(density, 1/2) * group rows * kh*kw))."""
-    _check_args(n_groups, "metis", 1.0, t2, b1, b2, granularity, 0.1, 0, None)
+    _check_args(t1, "metis", 1.0, t2, b1, b2, granularity, 0.1, 0, None)
     masks = _as_masks(masks)
-    return {name: _plan(masks[name], name, granularity, 1, n_groups, t2, b1, b2)[2]
+    return {name: _plan(masks[name], name, granularity, 1, t1, t2, b1, b2)[2]
             for name in _layer_names(masks, layers)}
 
 
@@ -176,7 +177,7 @@ def _layer_names(masks: Masks, layers: Sequence[str] | None) -> list[str]:
 
 # -- the block search ----------------------------------------------------------------------------
 def _block_in_group(remaining: torch.Tensor, earlier_rows: torch.Tensor,
-                    earlier_cols: list[torch.Tensor], group: torch.Tensor, t1: float,
+                    earlier_cols: list[torch.Tensor], group: torch.Tensor, width_ratio: float,
                     t2: int | None, density: float, b1: int, b2: int, unit: int
                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The dense block of one row group, or None. `remaining` holds the kept weights per (row,
@@ -205,7 +206,7 @@ def _block_in_group(remaining: torch.Tensor, earlier_rows: torch.Tensor,
     # every row; the rule holds at w when the row with the most left outside satisfies it
     outside = used.sum(dim=1, keepdim=True) - torch.cumsum(used[:, order], dim=1)
     width = torch.arange(1, order.numel() + 1, dtype=torch.float32)
-    done = width > t1 * outside.amax(dim=0)
+    done = width > width_ratio * outside.amax(dim=0)
     w = int(torch.nonzero(done)[0]) + 1 if bool(done.any()) else order.numel()
     w = max(w, int((users == size).sum()))   # columns every row uses (elements: no refill)
     cols = order[:w]
@@ -215,7 +216,7 @@ def _block_in_group(remaining: torch.Tensor, earlier_rows: torch.Tensor,
     return rows, torch.sort(cols).values
 
 
-def _regroup_units(mat: torch.Tensor, name: str, eff: dict, t1: float, unit: int, partitioner: str,
+def _regroup_units(mat: torch.Tensor, name: str, eff: dict, width_ratio: float, unit: int, partitioner: str,
                    seed: int, imbalance: float, max_passes: int | None
                    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
     """Blocks (rows, unit columns) of a `rows x units` matrix of kept weights, and the number
@@ -228,7 +229,7 @@ def _regroup_units(mat: torch.Tensor, name: str, eff: dict, t1: float, unit: int
         live = int((remaining.amax(dim=1) > 0).sum())
         if live < b1:
             break
-        k = min(eff["n_groups"], max(1, live // b1))
+        k = min(eff["t1"], max(1, live // b1))
         parts = partition_rows(remaining, k, partitioner, seed=seed, imbalance=imbalance)
         groups = [torch.nonzero(parts == p).flatten() for p in range(k)]
         groups = sorted((g for g in groups if g.numel() >= b1),
@@ -240,7 +241,7 @@ def _regroup_units(mat: torch.Tensor, name: str, eff: dict, t1: float, unit: int
         earlier_cols = [cols for _, cols in found]
         new = []
         for g in groups:
-            blk = _block_in_group(remaining, earlier_rows, earlier_cols, g, t1, eff["t2"],
+            blk = _block_in_group(remaining, earlier_rows, earlier_cols, g, width_ratio, eff["t2"],
                                   eff["density"], b1, eff["b2"], unit)
             if blk is None:
                 continue
@@ -256,24 +257,24 @@ def _regroup_units(mat: torch.Tensor, name: str, eff: dict, t1: float, unit: int
     return found, passes
 
 
-def _regroup_one(mask: torch.Tensor, name: str, n_groups, partitioner, t1, t2, b1, b2, granularity,
+def _regroup_one(mask: torch.Tensor, name: str, t1, partitioner, width_ratio, t2, b1, b2, granularity,
                  seed, imbalance, max_passes, kernel_numel=1) -> tuple[list[Block], dict]:
     mask = mask.detach().to("cpu") != 0
     if mask.dim() < 2:
         raise UsageError(f"layer {name!r}: a 1-D mask has no rows and columns to regroup")
-    mat, unit, eff = _plan(mask, name, granularity, kernel_numel, n_groups, t2, b1, b2)
+    mat, unit, eff = _plan(mask, name, granularity, kernel_numel, t1, t2, b1, b2)
     n_elem = mat.shape[1] * unit
     rows = eff["rows"]
     if bool(mask.all()):   # nothing pruned: the layer is one block
         everything = torch.arange(mask.shape[0], dtype=torch.int64)
         return [Block(everything, torch.arange(n_elem, dtype=torch.int64))], {**eff, "passes": 0}
-    found, passes = _regroup_units(mat, name, eff, t1, unit, partitioner, seed, imbalance, max_passes)
+    found, passes = _regroup_units(mat, name, eff, width_ratio, unit, partitioner, seed, imbalance, max_passes)
     if not found:
         raise UsageError(
             f"layer {name!r}: regroup found no dense block (rows={rows}, kept weights="
-            f"{int(mask.sum())} of {mask.numel()}, effective n_groups="
-            f"{eff['n_groups']}, b1={eff['b1']}, b2={eff['b2']}, t2={eff['t2'] or 'auto'}); lower b1, b2, "
-            "t2 or n_groups, or leave this layer out (layers=...)")
+            f"{int(mask.sum())} of {mask.numel()}, effective t1="
+            f"{eff['t1']}, b1={eff['b1']}, b2={eff['b2']}, t2={eff['t2'] or 'auto'}); lower b1, b2, "
+            "t2 or t1, or leave this layer out (layers=...)")
     blocks = []
     for r, c in found:
         if unit > 1:   # channel units -> their kh*kw element columns
@@ -283,8 +284,8 @@ def _regroup_one(mask: torch.Tensor, name: str, n_groups, partitioner, t1, t2, b
 
 
 # -- public API ----------------------------------------------------------------------------------
-def regroup_layer(mask: torch.Tensor, n_groups: int | None = None, partitioner: str = "metis", *,
-                  t1: float = 1.5, t2: int | None = None, b1: int = 16, b2: int = 16,
+def regroup_layer(mask: torch.Tensor, t1: int | None = None, partitioner: str = "metis", *,
+                  width_ratio: float = 1.5, t2: int | None = None, b1: int = 16, b2: int = 16,
                   granularity: str = "element", seed: int = 0, imbalance: float = 0.1,
                   max_passes: int | None = None, kernel_numel: int = 1,
                   name: str = "layer") -> list[Block]:
@@ -295,19 +296,19 @@ def regroup_layer(mask: torch.Tensor, n_groups: int | None = None, partitioner: 
     disjoint; rows are sorted int64 row indices, cols sorted int64 indices into the flattened n
     axis (element indices for both granularities). `name` is used in error messages.
     """
-    _check_args(n_groups, partitioner, t1, t2, b1, b2, granularity, imbalance, seed, max_passes)
+    _check_args(t1, partitioner, width_ratio, t2, b1, b2, granularity, imbalance, seed, max_passes)
     if isinstance(kernel_numel, bool) or not isinstance(kernel_numel, int) or kernel_numel < 1:
         raise UsageError(f"kernel_numel must be an integer >= 1, got {kernel_numel!r}")
     if not isinstance(mask, torch.Tensor):
         raise UsageError(f"layer {name!r}: expected a mask tensor, got {type(mask).__name__}")
     mask = Masks({name: mask})[name]   # same binary check as every other mask
     with one_thread():
-        return _regroup_one(mask, name, n_groups, partitioner, t1, t2, b1, b2, granularity, seed,
+        return _regroup_one(mask, name, t1, partitioner, width_ratio, t2, b1, b2, granularity, seed,
                             imbalance, max_passes, kernel_numel)[0]
 
 
-def regroup(masks: Masks, n_groups: int | None = None, partitioner: str = "metis", *,
-            t1: float = 1.5, t2: int | None = None, b1: int = 16, b2: int = 16,
+def regroup(masks: Masks, t1: int | None = None, partitioner: str = "metis", *,
+            width_ratio: float = 1.5, t2: int | None = None, b1: int = 16, b2: int = 16,
             granularity: str = "element", seed: int = 0, layers: Sequence[str] | None = None,
             imbalance: float = 0.1, max_passes: int | None = None) -> Masks:
     """Regroup every weight mask (or those named in `layers`) into dense blocks.
@@ -315,20 +316,20 @@ def regroup(masks: Masks, n_groups: int | None = None, partitioner: str = "metis
     Returns new Masks: each regrouped layer's mask is the union of its blocks (refilled inside,
     empty outside) and ``result.blocks[layer]`` lists the blocks. Other entries (1-D companion
     masks, layers not named) are passed through unchanged. Deterministic for a fixed `seed`;
-    the input is never modified. `n_groups=None` picks min(8, rows // b1) groups per layer
+    the input is never modified. `t1=None` picks min(8, rows // b1) groups per layer
     (at least 1); `max_passes=None` repeats until no block is found. The (small) tensor ops run
     on one thread; the caller's `torch.get_num_threads()` is restored afterwards. Defaults and the
     small-layer policy are described in the module docstring; `regroup_settings` reports the
     effective values per layer and `regroup_stats` the outcome.
     """
-    _check_args(n_groups, partitioner, t1, t2, b1, b2, granularity, imbalance, seed, max_passes)
+    _check_args(t1, partitioner, width_ratio, t2, b1, b2, granularity, imbalance, seed, max_passes)
     masks = _as_masks(masks)
     new_masks, new_blocks = {}, {}
     with one_thread():
         for name in _layer_names(masks, layers):
             faults.reach("regroup")  # crash tests: a kill between two layers' partitions
             m = masks[name]
-            blocks, _ = _regroup_one(m, name, n_groups, partitioner, t1, t2, b1, b2, granularity,
+            blocks, _ = _regroup_one(m, name, t1, partitioner, width_ratio, t2, b1, b2, granularity,
                                      seed, imbalance, max_passes)
             out = torch.zeros(m.shape[0], m[0].numel(), dtype=torch.bool)
             for blk in blocks:
