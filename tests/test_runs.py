@@ -145,7 +145,7 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, needle):
 
 
 def test_divergence_stops_keeps_checkpoint_and_resumes_with_lower_lr(tmp_path, monkeypatch):
-    cfg = RunConfig(**QUICK)
+    cfg = RunConfig(**QUICK, lr=0.1)
     real_ce = ts.train.F.cross_entropy
     calls = {"n": 0}
 

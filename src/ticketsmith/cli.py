@@ -41,6 +41,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
         flag = "--" + f.name.replace("_", "-")
         kw = {"help": f.metadata.get("help", ""), "dest": f.name, "default": f.default}
         hint = hints[f.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if type(None) in typing.get_args(hint) and len(args) == 1:  # "X | None": a default decided later
+            hint = args[0]
         if hint is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(hint) is tuple:

@@ -128,7 +128,8 @@ class RunConfig:
     exclude_first: bool = field(default=False, metadata=_help("do not prune the first layer"))
     epochs: int = field(default=30, metadata=_help("training epochs per round"))
     batch_size: int = field(default=128, metadata=_help("global batch size (split across processes)"))
-    lr: float = field(default=0.1, metadata=_help("initial learning rate"))
+    lr: float | None = field(default=None, metadata=_help(
+        "initial learning rate (default: the model's, recorded in config.json: 0.1, LeNet-5 0.02)"))
     momentum: float = field(default=0.9, metadata=_help("SGD momentum"))
     weight_decay: float = field(default=5e-4, metadata=_help("weight decay"))
     milestones: tuple[float, ...] = field(default=(0.5, 0.75), metadata=_help(
@@ -139,6 +140,10 @@ class RunConfig:
         "examples held out of the training set for validation (-1: the dataset's default)"))
     # Settings of later stages (structure, DST) extend this class; a config.json written before
     # a field existed reads as that field's default.
+
+    def __post_init__(self):
+        if self.lr is None:  # the model's default, written into config.json as a number
+            self.lr = tsmodels.default_lr(self.model)
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
