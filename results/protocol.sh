@@ -15,7 +15,7 @@ IMP="--method imp --prune-fraction 0.36"
 VGG="--model vgg16 --width 0.25"
 RESNET="--model resnet20 --width 0.5"
 # the budget chosen by the pilot (PROTOCOL.md, "Budget pilot"); empty until it is decided
-VGG_EPOCHS=${VGG_EPOCHS:-}
+VGG_EPOCHS=${VGG_EPOCHS:-30}  # results/protocol/pilot.md (results/pilot.py)
 RESNET_EPOCHS=${RESNET_EPOCHS:-}
 
 need() { [ -n "$2" ] || { echo "$1: the pilot has not chosen the budget yet (set it in $0)"; exit 2; }; }
