@@ -2,7 +2,7 @@
 # The pre-registered protocol (results/PROTOCOL.md): every command of every arm.
 # Usage: results/protocol.sh ARM [ARM ...]   one lane; start at most two lanes side by side.
 # Arms: pilot-vgg pilot-resnet mlp-SEED vgg-imp-SEED vgg-refill-SEED vgg-regroup-SEED
-#       vgg-controls-SEED vgg-gaimp-SEED resnet-SEED gpu
+#       vgg-controls-SEED vgg-gaimp-SEED resnet-SEED gpu report
 # Each run resumes where it stopped (rerun the same arm). Logs: results/protocol/logs/.
 set -uo pipefail  # no -e: a failed run is logged, the lane goes on
 cd "$(dirname "$0")/.."
@@ -65,6 +65,14 @@ arm() {
       run $G --rounds 5 --out $R/gpu-vgg-x1-imp-s0
       run $G --rounds 2 --structure refill --refill-coupling none --chain $R/gpu-vgg-x1-imp-s0 --out $R/gpu-vgg-x1-refill-s0
       run $G --rounds 5 --structure regroup --chain $R/gpu-vgg-x1-imp-s0 --out $R/gpu-vgg-x1-regroup-s0 ;;
+    report)        # the verdicts so far, per network (finished rounds only; n and missing seeds shown)
+      .venv/bin/python results/pilot.py > /dev/null
+      for net in mlp vgg resnet; do
+        dirs=$(ls -d $R/$net-* 2>/dev/null | grep -v -- "-e15-" )  # the pilot's rejected budgets apart
+        [ "$net" = vgg ] && dirs=$(ls -d $R/vgg-e$VGG_EPOCHS-* 2>/dev/null)
+        [ "$net" = resnet ] && { [ -n "$RESNET_EPOCHS" ] && dirs=$(ls -d $R/resnet-e$RESNET_EPOCHS-* 2>/dev/null) || dirs=""; }
+        [ -n "$dirs" ] && $TS report $dirs --out results/protocol/report-$net --title "protocol: $net"
+      done ;;
     *) echo "unknown arm $a"; exit 2 ;;
   esac
 }

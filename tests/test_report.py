@@ -190,3 +190,13 @@ def test_runs_of_other_settings_are_not_seeds_of_one_arm(tmp_path):
     c = fake_run(tmp_path / "c", [0.90, 0.91], seed=0)
     with pytest.raises(ts.UsageError, match="two 'IMP' runs of seed 0"):
         make_report([a, c], tmp_path / "rep")
+
+
+def test_arms_that_differ_in_one_setting_are_compared_seed_by_seed(tmp_path):
+    runs = []
+    for s, (rigl, srigl) in enumerate(((0.90, 0.95), (0.91, 0.96))):
+        runs.append(fake_run(tmp_path / f"r{s}", [rigl], seed=s, method="rigl", sparsity=(0.9,)))
+        runs.append(fake_run(tmp_path / f"s{s}", [srigl], seed=s, method="srigl", sparsity=(0.9,)))
+    md = make_report(runs, tmp_path / "rep").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| RigL | SRigL | 90% |"))
+    assert "| 2 |" in row and "-5.00, -5.00" in row and "**SRigL better**" in row

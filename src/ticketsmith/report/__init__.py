@@ -454,6 +454,9 @@ def make_report(run_dirs: Sequence[str | Path], out: str | Path, layers: Sequenc
         group_plots += [plot_masks(panels, n, out, re.sub(r"[^A-Za-z0-9]+", "_", n) + suffix) for n in chosen]
         plots += group_plots
         table = evidence.verdict_table(vs, dense)
+        compared = evidence.comparison_table(evidence.comparisons(members))
+        if compared:
+            table += [""] + compared
         n_dense = evidence.dense_runs(members)
         head = [f"## {group_name(key)}", "",
                 f"Dense: {n_dense} distinct dense run{'s' if n_dense != 1 else ''}. Plots use the "

@@ -283,6 +283,47 @@ def paired(a: dict[int, float], b: dict[int, float]) -> tuple[str, list[float]]:
     return "inconclusive", gaps
 
 
+# arms that differ in exactly one of these settings are compared with each other, seed by seed
+COMPARED = ("method", "dst_ablation", "refill_coupling")
+
+
+def comparisons(views: Sequence) -> list[dict]:
+    """Paired comparisons of arms that differ in one compared setting only (e.g. SRigL vs RigL,
+    SRigL with vs without ablation, refill couplings), at every point both have."""
+    arms = [a for a in build_arms(views) if a.label != "Dense" and not a.is_control]
+    out = []
+    for i, a in enumerate(arms):
+        for b in arms[i + 1:]:
+            diff = [k for k in set(a.settings) | set(b.settings) if a.settings.get(k) != b.settings.get(k)]
+            if len(diff) != 1 or diff[0] not in COMPARED:
+                continue
+            ra, rb = a.results(), b.results()
+            for point in sorted(set(ra) & set(rb)):
+                acc_a = {s: r["test_acc"] for s, r in ra[point].items()}
+                acc_b = {s: r["test_acc"] for s, r in rb[point].items()}
+                verdict, gaps = paired(acc_a, acc_b)
+                out.append({"a": a.label, "b": b.label, "setting": diff[0], "point": point,
+                            "n": len(gaps), "gaps": gaps,
+                            "mean": statistics.fmean(gaps) if gaps else None, "sd": _sd(gaps),
+                            "verdict": {"A better": f"{a.label} better", "B better": f"{b.label} better"}
+                            .get(verdict, verdict)})
+    return out
+
+
+def comparison_table(rows: Sequence[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["Paired comparisons (arms that differ in one setting; gap = A - B per shared seed, points; "
+             f"'better': mean gap >= {CONTROL_MARGIN} with every seed on that side, 'equal': |mean| <= "
+             f"{EQUAL_WITHIN}):", "",
+             "| A | B | point | n | mean gap ± sd | per seed | verdict |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['a']} | {r['b']} | {point_name(r['point'])} | {r['n']} | "
+                     f"{fmt(r['mean'], signed=True)} ± {fmt(r['sd'])} | "
+                     f"{', '.join(f'{g:+.2f}' for g in r['gaps']) or '-'} | **{r['verdict']}** |")
+    return lines
+
+
 def fmt(v: float | None, digits: int = 2, signed: bool = False) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
