@@ -75,7 +75,7 @@ def test_partial_and_missing_rounds_are_reported_not_crashed(tiny_run, tmp_path)
     (tmp_path / "bad" / "round_02" / "round.json").write_text("{not json")
     md = make_report([tmp_path / "bad"], tmp_path / "rep3").read_text()
     assert "done (corrupt: masks.safetensors)" in md
-    assert any(line.startswith("| 2 |") for line in md.splitlines()) and "corrupt (corrupt: round.json)" in md
+    assert any(line.startswith("| 2 |") for line in md.splitlines()) and "| corrupt: round.json |" in md
 
 
 def test_report_refuses_a_non_run_directory(tmp_path):

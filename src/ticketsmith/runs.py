@@ -941,5 +941,6 @@ def format_summary(summary: dict) -> str:
         lines.append(f"{r['round']:>5} {pct(r.get('sparsity'))} {pct(r.get('effective_sparsity'))} "
                      f"{pct(r.get('best_val_acc'))} "
                      f"{pct(r.get('test_acc')):>10} {str(r.get('best_epoch', '-')):>6}  {r['status']}"
-                     + (f" (corrupt: {', '.join(r['corrupt'])})" if r.get("corrupt") else ""))
+                     + ((f": {', '.join(r['corrupt'])}" if r["status"] == "corrupt" else
+                         f" (corrupt: {', '.join(r['corrupt'])})") if r.get("corrupt") else ""))
     return "\n".join(lines)

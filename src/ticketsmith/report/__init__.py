@@ -392,7 +392,7 @@ def run_table(v: RunView) -> list[str]:
                      f"| {f'{spe:.0f}' if spe else '-'} | {f'{macs:,}' if macs else '-'} "
                      f"| {cell(1)} | {cell(64)} "
                      f"| {r['status']}{' (' + str(r.get('epochs_done')) + ' epochs)' if r['status'] == 'partial' else ''}"
-                     f"{' (corrupt: ' + ', '.join(r['corrupt']) + ')' if r.get('corrupt') else ''} |")
+                     f"{(': ' if r['status'] == 'corrupt' else ' (corrupt: ') + ', '.join(r['corrupt']) + ('' if r['status'] == 'corrupt' else ')') if r.get('corrupt') else ''} |")
     return lines + [""]
 
 
