@@ -108,3 +108,17 @@ def test_a_full_disk_leaves_the_previous_report_in_place(tmp_path, monkeypatch):
     assert after == before  # every previous file intact, no partial or temporary one
     monkeypatch.undo()
     assert os.listdir(tmp_path / "rep")
+
+
+def test_a_kill_while_the_chain_is_copied_leaves_a_run_that_resumes(tmp_path):
+    Run(RunConfig(**FAST), tmp_path / "imp", progress=False).execute()
+    cfg = RunConfig(**FAST, structure="refill", chain=str(tmp_path / "imp"))
+    out = tmp_path / "rf"
+    out.mkdir()
+    write_json(out / "config.json", cfg.identity())
+    half = out / ".round_00.ts-tmp"  # what a kill in the middle of copying round 0 leaves
+    half.mkdir()
+    (half / "weights.safetensors").write_bytes(b"half")
+    s = Run(cfg, out, progress=False).execute()
+    assert s["complete"] and not half.exists()
+    assert (out / "round_00" / "round.json").read_bytes() == (tmp_path / "imp" / "round_00" / "round.json").read_bytes()
