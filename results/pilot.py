@@ -24,7 +24,12 @@ def main() -> None:
              "|---|---|---|---|---|---|---|"]
     for net in ("vgg", "resnet"):
         r15, r30 = record(net, 15), record(net, 30)
-        if r15 is None or r30 is None:
+        if r15 is not None and r15["best_epoch"] >= 15:  # decided without the 30-epoch run
+            conv = "30's convergence: pending" if r30 is None else (
+                "30 converged (best epoch before its last)" if r30["best_epoch"] < 30 else
+                "30 also peaks at its last epoch: not shown converged")
+            decision = f"**30 epochs** (15 peaks at its last epoch; {conv})"
+        elif r15 is None or r30 is None:
             decision = "pending (pilot runs not finished)"
         elif r15["best_epoch"] < 15 and abs(100 * (r15["test_acc"] - r30["test_acc"])) <= WITHIN:
             decision = "**15 epochs**"

@@ -16,7 +16,7 @@ VGG="--model vgg16 --width 0.25"
 RESNET="--model resnet20 --width 0.5"
 # the budget chosen by the pilot (PROTOCOL.md, "Budget pilot"); empty until it is decided
 VGG_EPOCHS=${VGG_EPOCHS:-30}  # results/protocol/pilot.md (results/pilot.py)
-RESNET_EPOCHS=${RESNET_EPOCHS:-}
+RESNET_EPOCHS=${RESNET_EPOCHS:-30}  # results/protocol/pilot.md (results/pilot.py)
 
 need() { [ -n "$2" ] || { echo "$1: the pilot has not chosen the budget yet (set it in $0)"; exit 2; }; }
 run() { echo "$(date -u +%FT%TZ) start $*"; $TS run "$@"; echo "$(date -u +%FT%TZ) exit $? $*"; }
