@@ -5,5 +5,6 @@ cd "$(dirname "$0")/.."
 for item in "$@"; do
   phase=${item%%:*}; lane=${item##*:}
   results/run_experiments.sh "$phase" "$lane" > "runs/log-$phase-$lane.txt" 2>&1
-  echo "$(date -u +%FT%TZ) $lane $phase exit $?" >> runs/lanes.txt
+  rc=$?  # before the command substitution below, which would reset $?
+  echo "$(date -u +%FT%TZ) $lane $phase exit $rc" >> runs/lanes.txt
 done

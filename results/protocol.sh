@@ -19,7 +19,7 @@ VGG_EPOCHS=${VGG_EPOCHS:-30}  # results/protocol/pilot.md (results/pilot.py)
 RESNET_EPOCHS=${RESNET_EPOCHS:-30}  # results/protocol/pilot.md (results/pilot.py)
 
 need() { [ -n "$2" ] || { echo "$1: the pilot has not chosen the budget yet (set it in $0)"; exit 2; }; }
-run() { echo "$(date -u +%FT%TZ) start $*"; $TS run "$@"; echo "$(date -u +%FT%TZ) exit $? $*"; }
+run() { echo "$(date -u +%FT%TZ) start $*"; $TS run "$@"; local rc=$?; echo "$(date -u +%FT%TZ) exit $rc $*"; }
 
 arm() {
   local a=$1 seed=${1##*-}
