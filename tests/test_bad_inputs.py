@@ -77,6 +77,8 @@ def setup(case: str, tmp: Path, finished: Path, monkeypatch) -> list[str]:
         "imp-with-sparsity": ["run", *QUICK, "--sparsity", "0.5"],
         "cuda-without-gpu": ["run", *QUICK, "--device", "cuda"],
         "threads-zero": ["run", *QUICK, "--threads", "0"],
+        "sweep-threads-zero": ["sweep", str(finished), "--round", "1", "--threads", "0",
+                               "--out", str(tmp / "sw")],
         "kahypar-missing": ["run", *QUICK, "--structure", "regroup", "--regroup-partitioner", "kahypar"],
         "unknown-coupling": ["run", *QUICK, "--structure", "refill", "--refill-coupling", "tied"],
         "gaimp-chain-no-reinit": ["run", *QUICK, "--structure", "regroup", "--structure-every-round",

@@ -182,6 +182,11 @@ def cmd_bench(args) -> int:
 
 def cmd_sweep(args) -> int:
     from .sweep import parse_values, sweep
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be at least 1, got {args.threads}")
+        import torch
+        torch.set_num_threads(args.threads)
     values = parse_values(args.vary)
     rows = sweep(args.run_dir, args.round, values, args.out, epochs=args.epochs,
                  granularity=args.granularity, batch_size=args.batch_size, pairs=args.pairs,
@@ -271,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--granularity", choices=("element", "channel"), default="element")
     sw.add_argument("--batch-size", type=int, default=64, help="batch size of the speed measurement")
     sw.add_argument("--pairs", type=int, default=10)
+    sw.add_argument("--threads", type=int, default=None, help="CPU threads for retraining and "
+                    "timing (default: torch's default, the cores)")
     sw.add_argument("--out", required=True)
     sw.add_argument("--data-dir")
     sw.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
