@@ -4,6 +4,7 @@ errors)."""
 import errno
 import gzip
 import hashlib
+import importlib.util
 import pickle
 import re
 import shutil
@@ -57,7 +58,6 @@ def setup(case: str, tmp: Path, finished: Path, monkeypatch) -> list[str]:
     if case == "cuda-without-gpu":  # also on a machine that has one
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     if case == "kahypar-missing":  # also where the optional extra is installed
-        import importlib.util
         real = importlib.util.find_spec
         monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "kahypar" else real(name, *a))
     simple = {
@@ -187,6 +187,16 @@ def setup(case: str, tmp: Path, finished: Path, monkeypatch) -> list[str]:
                 "--input-shape", "1,28,28"]
     if case == "bench-batch-zero":
         return ["bench", str(copy_run(finished, tmp)), "--batch-sizes", "0"]
+    if case in ("export-runtime-missing", "bench-runtime-missing"):
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+        if case == "bench-runtime-missing":
+            return ["bench", str(copy_run(finished, tmp)), "--runtimes", "torch,openvino"]
+        return ["export", str(copy_run(finished, tmp)), "--round", "1", "--runtime", "openvino"] + out
+    if case == "bench-unknown-runtime":
+        return ["bench", str(copy_run(finished, tmp)), "--runtimes", "torch,tensorrt"]
+    if case == "export-unfinished-round":
+        return ["export", str(copy_run(finished, tmp)), "--round", "5", "--runtime", "ort"] + out
     if case == "report-unknown-layer":
         return ["report", str(copy_run(finished, tmp)), "--out", str(tmp / "rep"), "--layers", "nope"]
     raise AssertionError(f"docs/bad_inputs.md row {case!r} has no setup in this test")

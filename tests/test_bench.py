@@ -46,12 +46,12 @@ def test_compare_switches_kernels_per_batch(small_executors):
     dense = nn.Sequential(nn.Linear(64, 32))
     big = EMBEDDING_BAG_FROM_BATCH + 8
     out = compare(dense, compact, lambda b: torch.randn(b, 64), batch_sizes=(1, big), pairs=2,
-                  layerwise=True, burst_s=0.001)
+                  layerwise=True, burst_s=0.001, runtimes=("torch",))
     kernels = {r["batch_size"]: r["executors"]["0"] for r in out["results"]}
     assert kernels == {1: "csr", big: "embedding_bag"}
     assert {r["batch_size"]: r["executor"] for r in out["layers"]} == kernels
     fixed = compare(dense, compact, lambda b: torch.randn(b, 64), batch_sizes=(1, big), pairs=2,
-                    layerwise=False, burst_s=0.001, select_per_batch=False)
+                    layerwise=False, burst_s=0.001, select_per_batch=False, runtimes=("torch",))
     assert {r["executors"]["0"] for r in fixed["results"]} == {"embedding_bag"}  # left as it was
 
 
@@ -72,15 +72,25 @@ def refill_run(tmp_path_factory):
 
 
 def test_bench_cli_on_a_run_directory(refill_run, capsys):
-    assert main(["bench", str(refill_run), "--batch-sizes", "1,4", "--pairs", "3"]) == 0
+    assert main(["bench", str(refill_run), "--batch-sizes", "1,4", "--pairs", "3",
+                 "--runtimes", "torch,onnxruntime,openvino"]) == 0
     res = json.loads((refill_run / "round_01" / "bench.json").read_text())
     assert res["check_rel_err"] < 1e-4
     assert res["compact"]["params"] < res["dense"]["params"]
     assert res["ideal_speedup"] > 1.2  # half the channels gone in many layers
-    assert [r["batch_size"] for r in res["results"]] == [1, 4]
-    for r in res["results"]:
+    rows = res["results"]
+    assert sorted({r["batch_size"] for r in rows}) == [1, 4]
+    for b in (1, 4):  # a row per runtime and one fastest-vs-fastest row, per batch size
+        assert {r["backend"] for r in rows if r["batch_size"] == b} == {"torch", "onnxruntime", "openvino", "fastest"}
+    for r in rows:
         assert r["speedup_min"] <= r["speedup_median"] <= r["speedup_max"]
-        assert r["dense_format"] in ("nchw", "channels_last")
+        if r["backend"] == "torch":
+            assert r["dense_format"] in ("nchw", "channels_last")
+        if r["backend"] == "fastest":
+            # the baseline is the fastest dense of the candidates timed together
+            dense_ms = {k.split(" ", 1)[1]: v for k, v in r["candidates_ms"].items() if k.startswith("dense ")}
+            assert r["dense_runtime"] == min(dense_ms, key=dense_ms.get)
+            assert r["compact_runtime"] in ("torch", "onnxruntime", "openvino")
     layers = {row["layer"] for row in res["layers"]}
     assert "layers.0.conv1" in layers and "fc" in layers
     assert "speedup median" in (refill_run / "round_01" / "bench.md").read_text()
@@ -93,9 +103,11 @@ def test_bench_cli_model_and_masks_file(tmp_path, capsys):
     masks = ts.refill(m, ts.prune.omp(m, 0.6), example_inputs=torch.randn(1, 1, 28, 28))
     masks.save(tmp_path / "m.safetensors")
     assert main(["bench", "--model", "lenet5", "--masks", str(tmp_path / "m.safetensors"),
-                 "--input-shape", "1,28,28", "--batch-sizes", "2", "--pairs", "3", "--no-layerwise"]) == 0
+                 "--input-shape", "1,28,28", "--batch-sizes", "2", "--pairs", "3", "--no-layerwise",
+                 "--runtimes", "torch"]) == 0
     res = json.loads((tmp_path / "bench.json").read_text())
     assert res["layers"] == [] and res["compact"]["macs"] < res["dense"]["macs"]
+    assert [r["backend"] for r in res["results"]] == ["torch"]  # one runtime: no fastest row
 
 
 def test_bench_bad_input(tmp_path, capsys):

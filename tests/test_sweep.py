@@ -12,7 +12,7 @@ def test_sweep_regroup_settings_on_an_imp_run(tmp_path, capsys):
                   prune_fraction=0.6), run, progress=False).execute()
     argv = ["sweep", str(run), "--round", "1", "--vary", "b1=2,4", "--vary", "width_ratio=1.0,3.0",
             "--epochs", "1", "--pairs", "3", "--batch-size", "4", "--out", str(tmp_path / "sw"),
-            "--no-progress"]
+            "--no-progress", "--runtimes", "torch"]
     assert main(argv) == 0
     res = json.loads((tmp_path / "sw" / "sweep.json").read_text())
     rows = {r["setting"]: r for r in res["rows"]}

@@ -5,7 +5,7 @@
     model = ts.models.for_dataset("resnet20", ds)
     masks = ts.Masks.ones(model)
 """
-from . import compact, data, dst, models, prune, structure
+from . import compact, data, deploy, dst, models, prune, structure
 from .errors import ArtifactError, DataNotFoundError, DivergenceError, TicketsmithError, UsageError
 from .masks import Block, Masks, MaskHold, prunable_names
 from .runs import Run, RunConfig, summarize_run
@@ -24,6 +24,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'ticketsmith' has no attribute {name!r}")
 
 
-__all__ = ["compact", "data", "dst", "models", "prune", "structure", "refill", "regroup", "channel_groups", "channel_companions", "Masks", "MaskHold", "Block", "prunable_names", "Run",
+__all__ = ["compact", "data", "deploy", "dst", "models", "prune", "structure", "refill", "regroup", "channel_groups", "channel_companions", "Masks", "MaskHold", "Block", "prunable_names", "Run",
            "RunConfig", "summarize_run", "Trainer", "TrainConfig", "Dist", "evaluate",
            "TicketsmithError", "UsageError", "DataNotFoundError", "ArtifactError", "DivergenceError"]

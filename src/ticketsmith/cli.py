@@ -117,6 +117,22 @@ def _ints(text: str) -> list[int]:
     return vals
 
 
+def _runtimes(text: str) -> list[str] | None:
+    from .deploy import RUNTIMES, available
+    if text == "all":
+        return None
+    names = [{"ort": "onnxruntime"}.get(n.strip(), n.strip()) for n in text.split(",") if n.strip()]
+    for n in names:
+        if n not in RUNTIMES:
+            raise UsageError(f"--runtimes: unknown runtime {n!r}; choose from {', '.join(RUNTIMES)}")
+        reason = available(n)
+        if reason:
+            raise UsageError(reason)
+    if not names:
+        raise UsageError("--runtimes: give at least one runtime")
+    return names
+
+
 def cmd_bench(args) -> int:
     import torch
 
@@ -124,7 +140,8 @@ def cmd_bench(args) -> int:
     from .io import write_json
     from .masks import Masks
     kw = dict(batch_sizes=_ints(args.batch_sizes), threads=_ints(args.threads) if args.threads else None,
-              pairs=args.pairs, layerwise=args.layerwise, onnx=args.onnx, autotune=args.autotune,
+              pairs=args.pairs, layerwise=args.layerwise, autotune=args.autotune,
+              runtimes=_runtimes(args.runtimes),
               progress=lambda msg: print(f"  timing {msg}", file=sys.stderr))
     if args.pairs < 3:
         raise UsageError(f"--pairs must be at least 3, got {args.pairs}")
@@ -180,6 +197,57 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    import torch
+
+    from . import compact as tscompact
+    from .deploy import deploy
+    from .io import read_json, write_json
+    from .masks import Masks
+    from .runs import Run, RunConfig, round_dir
+    runtime = {"ort": "onnxruntime"}.get(args.runtime, args.runtime)
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {args.threads}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a directory")
+    if runtime != "auto":
+        from .deploy import available
+        reason = available(runtime)
+        if reason:
+            raise UsageError(reason)
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.json").exists():
+        raise UsageError(f"{run_dir} is not a ticketsmith run directory (no config.json)")
+    run = Run(RunConfig.from_json(read_json(run_dir / "config.json")), run_dir,
+              data_dir=args.data_dir, progress=False)
+    d = round_dir(run_dir, args.round)
+    if not (d / "round.json").exists() or not (d / "masks.safetensors").exists():
+        raise UsageError(f"{run_dir}: round {args.round} is not a finished sparse round")
+    masks = Masks.load(d / "masks.safetensors")
+    ticket = run.trained(d)
+    shape = (run.ds.in_channels, *run.ds.image_size)
+    example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+    small = tscompact.compact(ticket, masks, example)
+    dep = deploy(small, example, runtime, threads=args.threads, batch_size=args.batch_size, out=out)
+    if dep.runtime in ("torch", "torch.compile"):
+        tscompact.save(small, out / "ticket")  # eager / compiled: the compact model is the artifact
+        artifact = out / "ticket"
+    else:
+        artifact = dep.artifact
+    record = {"run": str(run_dir), "round": args.round, "runtime": dep.runtime, "threads": dep.threads,
+              "batch_size": args.batch_size, "artifact": str(artifact), "details": dep.details,
+              "why": dep.why, "check_rel_err": dep.check_rel_err, "input_shape": list(shape)}
+    from .bench import machine
+    record["machine"] = machine()
+    write_json(out / "deploy.json", record)
+    print(f"export: {dep.runtime} artifact {artifact} (checked against the masked ticket: max "
+          f"deviation {dep.check_rel_err:.1e} of the output scale); record {out / 'deploy.json'}")
+    return 0
+
+
 def cmd_sweep(args) -> int:
     from .sweep import parse_values, sweep
     if args.threads is not None:
@@ -190,7 +258,7 @@ def cmd_sweep(args) -> int:
     values = parse_values(args.vary)
     rows = sweep(args.run_dir, args.round, values, args.out, epochs=args.epochs,
                  granularity=args.granularity, batch_size=args.batch_size, pairs=args.pairs,
-                 data_dir=args.data_dir, progress=args.progress,
+                 data_dir=args.data_dir, progress=args.progress, runtimes=_runtimes(args.runtimes),
                  log=lambda m: print(m, file=sys.stderr))
     print(Path(args.out, "sweep.md").read_text())
     return 0 if rows else 1
@@ -256,10 +324,28 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--pairs", type=int, default=20, help="timed A/B pairs per setting (default: 20)")
     b.add_argument("--layerwise", action=argparse.BooleanOptionalAction, default=True,
                    help="also time every conv/linear layer (the paper's Figure 7)")
-    b.add_argument("--onnx", action="store_true", help="also time both models under ONNX Runtime")
+    b.add_argument("--runtimes", default="all", help="comma-separated runtimes both models are "
+                   "deployed in: torch, torch.compile, onnxruntime, openvino (default: all, every one "
+                   "installed here); the fastest dense of any of them is the baseline")
     b.add_argument("--autotune", action="store_true", help="time each executor's kernels and keep the fastest")
     b.add_argument("--data-dir", help="the dataset folder of RUN_DIR's dataset, if not the default")
     b.set_defaults(func=cmd_bench)
+
+    ex = sub.add_parser("export", help="a finished round's ticket, compacted, as an artifact of a runtime",
+                        description="Compact one finished sparse round and write it for a runtime: "
+                                    "ONNX (onnxruntime), OpenVINO IR (openvino) or the compact model "
+                                    "(torch); auto times the available runtimes at --batch-size and "
+                                    "keeps the fastest. Checked against the masked ticket on random "
+                                    "inputs; writes deploy.json with the choice and why.")
+    ex.add_argument("run_dir", metavar="RUN_DIR")
+    ex.add_argument("--round", type=int, required=True, help="which finished sparse round")
+    ex.add_argument("--runtime", choices=("auto", "torch", "torch.compile", "ort", "onnxruntime", "openvino"),
+                    default="auto", help="ort = onnxruntime (default: auto)")
+    ex.add_argument("--threads", type=int, default=None, help="the runtime's intra-op threads")
+    ex.add_argument("--batch-size", type=int, default=1, help="the batch size auto times (default: 1)")
+    ex.add_argument("--out", required=True, help="folder for the artifact and deploy.json")
+    ex.add_argument("--data-dir", help="the dataset folder of RUN_DIR's dataset, if not the default")
+    ex.set_defaults(func=cmd_export)
 
     sw = sub.add_parser("sweep", help="Regroup's hyper-parameters on a finished IMP run: sparsity, "
                         "accuracy after retraining and speed per setting",
@@ -276,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--granularity", choices=("element", "channel"), default="element")
     sw.add_argument("--batch-size", type=int, default=64, help="batch size of the speed measurement")
     sw.add_argument("--pairs", type=int, default=10)
+    sw.add_argument("--runtimes", default="all", help="runtimes the tickets and the dense model are "
+                    "timed in (as bench's --runtimes; default: all installed)")
     sw.add_argument("--threads", type=int, default=None, help="CPU threads for retraining and "
                     "timing (default: torch's default, the cores)")
     sw.add_argument("--out", required=True)
@@ -304,7 +392,7 @@ def _passive_openmp(argv: list[str] | None) -> None:
     scheduler slice for its descheduled partner thread (a 40 us product took 7-8 ms, see
     docs/benchmarks.md). libgomp reads the variable when torch loads it, so it must be in the
     environment before the process starts. Never done for in-process calls (`main([...])`)."""
-    timing = sys.argv[1:2] in (["bench"], ["sweep"], ["run"])  # run: training on a busy machine too
+    timing = sys.argv[1:2] in (["bench"], ["sweep"], ["run"], ["export"])  # run: training on a busy machine too
     if argv is not None or "OMP_WAIT_POLICY" in os.environ or not timing:
         return
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"

@@ -44,7 +44,7 @@ def parse_values(specs: Sequence[str]) -> dict[str, list]:
 
 def sweep(imp_run: str | Path, round_: int, values: Mapping[str, Sequence], out: str | Path, *,
           epochs: int = 0, granularity: str = "element", batch_size: int = 64, pairs: int = 10,
-          data_dir: str | None = None, progress: bool = True,
+          data_dir: str | None = None, progress: bool = True, runtimes: Sequence[str] | None = None,
           log: Callable[[str], None] = print) -> list[dict]:
     imp_run, out = Path(imp_run), Path(out)
     if not (imp_run / "config.json").exists():
@@ -92,10 +92,13 @@ def sweep(imp_run: str | Path, round_: int, values: Mapping[str, Sequence], out:
         ticket = run.trained(src) if epochs == 0 else _retrain(run, masks, epochs, key, progress, row)
         log(f"sweep {key}: bench at batch {batch_size}")
         res = bench.bench_ticket(dense, ticket, masks, shape, batch_sizes=(batch_size,), pairs=pairs,
-                                 layerwise=False)
-        row.update(ideal_speedup=res["ideal_speedup"], speedup=res["results"][0]["speedup_median"],
-                   speedup_min=res["results"][0]["speedup_min"],
-                   speedup_max=res["results"][0]["speedup_max"], batch_size=batch_size)
+                                 layerwise=False, runtimes=runtimes)
+        head = bench.headline(res)  # fastest dense of any runtime vs fastest compact
+        row.update(ideal_speedup=res["ideal_speedup"], speedup=head["speedup_median"],
+                   speedup_min=head["speedup_min"], speedup_max=head["speedup_max"],
+                   batch_size=batch_size, runtimes=res["runtimes"],
+                   dense_runtime=head.get("dense_runtime", head["backend"]),
+                   compact_runtime=head.get("compact_runtime", head["backend"]))
         write_json(f, row)
         rows.append(row)
     write_json(out / "sweep.json", {"run": str(imp_run), "round": round_, "epochs": epochs,
@@ -126,7 +129,8 @@ def to_markdown(rows, run, round_, epochs, granularity, batch_size) -> str:
     lines = [f"# Regroup sensitivity: {run}, round {round_}", "",
              f"Granularity {granularity}; retraining budget: "
              + (f"{epochs} epochs from the rewind point" if epochs else "none (speed and sparsity only)")
-             + f"; speedup at batch {batch_size}, median of paired ratios vs the fastest dense path.", "",
+             + f"; speedup at batch {batch_size}, median of paired ratios, the fastest dense of the runtimes "
+             "timed against the fastest compact.", "",
              "| setting | structured sparsity % | blocks | test acc % | speedup (min-max) | ideal |",
              "|---|---|---|---|---|---|"]
     for r in rows:

@@ -3,9 +3,12 @@
 This machine's speed drifts by 30-50% within an hour, so a single absolute time is not
 evidence. Every comparison alternates the two variants in short bursts (A B A B ...), takes
 the ratio of each pair, and reports the median ratio with its min-max. The dense baseline is
-the fastest dense path a user could pick (oneDNN convolution, channels_last when it is faster
-for that batch); the compact model gets the same choice. Ideal speedup = ratio of
-multiply-accumulates (MACs) actually needed; realized / ideal says how much of it we get.
+the fastest dense model a user could pick: both models are deployed (`ts.deploy`) in every
+runtime asked for (eager PyTorch in its faster memory format, torch.compile, ONNX Runtime,
+OpenVINO; BatchNorm folded), and the fastest dense of any runtime is timed against the fastest
+compact of any runtime (the "fastest" rows); each runtime's own dense / compact ratio is kept
+too. Ideal speedup = ratio of multiply-accumulates (MACs) actually needed; realized / ideal says
+how much of it we get.
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+
+from ..errors import TicketsmithError, UsageError
 
 LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -158,16 +163,31 @@ def capture_inputs(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> d
 def compare(dense: nn.Module, compact: nn.Module, make_input: Callable[[int], torch.Tensor],
             batch_sizes: Sequence[int] = (1, 64), threads: Sequence[int] | None = None,
             pairs: int = 20, layerwise: bool = True, progress: Callable[[str], None] | None = None,
-            burst_s: float = 0.02, select_per_batch: bool = True) -> dict:
-    """Time `dense` against `compact` for each batch size and thread count.
+            burst_s: float = 0.02, select_per_batch: bool = True,
+            runtimes: Sequence[str] | None = None) -> dict:
+    """Time `dense` against `compact` for each batch size and thread count, in each runtime.
+
+    `runtimes`: the runtimes both models are deployed in (`ts.deploy.RUNTIMES`; None: every one
+    available here). Per (batch, threads) there is a row per runtime (backend = the runtime;
+    its speedup is the same-runtime ratio, dense / compact in that runtime) and, with more than
+    one runtime, a row with backend "fastest": the fastest dense of any runtime against the
+    fastest compact of any runtime, paired and interleaved -- the honest speedup a user gets,
+    never a ticket in a fast runtime against a dense model in a slow one. Every deployment folds
+    BatchNorm and picks its memory format (torch); a runtime that cannot take a model is listed
+    in the row's `unavailable` with the reason.
 
     With `select_per_batch`, every executor of `compact` switches to the kernel its measured
     rule picks for each batch size before that batch is timed (CSR at batch 1, embedding_bag at
     256, ...); pass False to keep the kernels as they are (e.g. after autotuning).
-    Returns a JSON-able dict: MACs and parameters of both, the ideal speedup, and per
-    (batch, threads) the median / min / max of the paired time ratios, the memory format each
-    model ran in, and (if `layerwise`) the same per layer (the paper's Figure 7)."""
+    Returns a JSON-able dict: MACs and parameters of both, the ideal speedup, the rows (median /
+    min / max of the paired time ratios) and (if `layerwise`, eager only) the same per layer
+    (the paper's Figure 7)."""
+    from .. import deploy as tsdeploy
     dense, compact = dense.eval(), compact.eval()
+    runtimes = list(runtimes) if runtimes is not None else tsdeploy.available_runtimes()
+    for rt in runtimes:
+        if rt not in tsdeploy.RUNTIMES:
+            raise UsageError(f"unknown runtime {rt!r}; choose from {', '.join(tsdeploy.RUNTIMES)}")
     x1 = make_input(1)
     macs_d, layer_macs_d, layer_params_d = count_macs(dense, x1)
     macs_c, layer_macs_c, layer_params_c = count_macs(compact, x1)
@@ -176,7 +196,7 @@ def compare(dense: nn.Module, compact: nn.Module, make_input: Callable[[int], to
     ideal = macs_d / max(macs_c, 1)
     out = {"machine": machine(), "dense": {"macs": macs_d, "params": params_d},
            "compact": {"macs": macs_c, "params": params_c}, "ideal_speedup": ideal,
-           "results": [], "layers": []}
+           "runtimes": runtimes, "results": [], "layers": []}
     threads = list(threads or [torch.get_num_threads()])
     old_threads = torch.get_num_threads()
     try:
@@ -190,28 +210,73 @@ def compare(dense: nn.Module, compact: nn.Module, make_input: Callable[[int], to
                 for n, m in compact.named_modules():
                     if hasattr(m, "executor") and hasattr(m, "select"):
                         kernels[n] = m.select(b) if select_per_batch else m.executor
-                cl_d, _ = fastest_format(dense, x, burst_s=burst_s / 2)
-                cl_c, _ = fastest_format(compact, x, burst_s=burst_s / 2)
-                md, xd = to_format(dense, x, cl_d)
-                mc, xc = to_format(compact, x, cl_c)
-                reps = max(calibrate(lambda: md(xd), burst_s), calibrate(lambda: mc(xc), burst_s))
-                r = paired(lambda: md(xd), lambda: mc(xc), pairs=pairs, reps=reps)
-                out["results"].append({
-                    "batch_size": b, "threads": t, "backend": "torch",
-                    "dense_format": "channels_last" if cl_d else "nchw",
-                    "compact_format": "channels_last" if cl_c else "nchw",
-                    "dense_ms": r["a_median_s"] * 1e3, "compact_ms": r["b_median_s"] * 1e3,
-                    "speedup_median": r["ratio_median"], "speedup_min": r["ratio_min"],
-                    "speedup_max": r["ratio_max"], "realized_over_ideal": r["ratio_median"] / ideal,
-                    "time_saving": 1 - 1 / r["ratio_median"], "pairs": pairs, "reps": reps,
-                    "executors": kernels})
+                out["results"] += _runtime_rows(dense, compact, x, b, t, runtimes, pairs, burst_s,
+                                                ideal, kernels, progress)
                 if layerwise:
+                    cl_d, _ = fastest_format(dense, x, burst_s=burst_s / 2)
+                    cl_c, _ = fastest_format(compact, x, burst_s=burst_s / 2)
+                    md, xd = to_format(dense, x, cl_d)
+                    mc, xc = to_format(compact, x, cl_c)
                     out["layers"] += _layerwise(md, mc, xd, xc, b, t, pairs, layer_macs_d,
                                                 layer_macs_c, layer_params_d, layer_params_c,
                                                 burst_s / 4)
     finally:
         torch.set_num_threads(old_threads)
     return out
+
+
+def _row(r: dict, b: int, t: int, ideal: float, pairs: int, **extra) -> dict:
+    return {"batch_size": b, "threads": t, "dense_ms": r["a_median_s"] * 1e3,
+            "compact_ms": r["b_median_s"] * 1e3, "speedup_median": r["ratio_median"],
+            "speedup_min": r["ratio_min"], "speedup_max": r["ratio_max"],
+            "realized_over_ideal": r["ratio_median"] / ideal, "time_saving": 1 - 1 / r["ratio_median"],
+            "pairs": pairs, "reps": r["reps"], **extra}
+
+
+def _runtime_rows(dense, compact, x, b, t, runtimes, pairs, burst_s, ideal, kernels, progress) -> list[dict]:
+    """The rows of one (batch, threads): one per runtime, then the fastest-vs-fastest row."""
+    from .. import deploy as tsdeploy
+    deps: dict[str, dict[str, tsdeploy.Deployment]] = {"dense": {}, "compact": {}}
+    unavailable: dict[str, str] = {}
+    for rt in runtimes:
+        for kind, model in (("dense", dense), ("compact", compact)):
+            try:
+                deps[kind][rt] = tsdeploy.deploy(model, x[:2], rt, threads=t, batch_size=b)
+            except (UsageError, TicketsmithError) as e:
+                unavailable[f"{kind} {rt}"] = str(e)
+    rows = []
+    both = [rt for rt in runtimes if rt in deps["dense"] and rt in deps["compact"]]
+    for rt in both:
+        dd, dc = deps["dense"][rt], deps["compact"][rt]
+        fa, fb = (lambda: dd.run(x)), (lambda: dc.run(x))
+        reps = max(calibrate(fa, burst_s), calibrate(fb, burst_s))
+        r = paired(fa, fb, pairs=pairs, reps=reps)
+        rows.append(_row(r, b, t, ideal, pairs, backend=rt,
+                         dense_format=dd.details.get("memory_format", "-"),
+                         compact_format=dc.details.get("memory_format", "-"),
+                         executors=kernels if rt == "torch" else {}))
+    if len(deps["dense"]) > 1 or len(deps["compact"]) > 1:
+        if progress:
+            progress(f"batch {b}, {t} threads: fastest of {', '.join(runtimes)}")
+        calls = {(kind, rt): (lambda d=d: d.run(x)) for kind in deps for rt, d in deps[kind].items()}
+        med = tsdeploy.time_interleaved(calls, rounds=max(5, pairs // 2), burst_s=burst_s)
+        best_d = min(deps["dense"], key=lambda rt: med[("dense", rt)])
+        best_c = min(deps["compact"], key=lambda rt: med[("compact", rt)])
+        dd, dc = deps["dense"][best_d], deps["compact"][best_c]
+        fa, fb = (lambda: dd.run(x)), (lambda: dc.run(x))
+        reps = max(calibrate(fa, burst_s), calibrate(fb, burst_s))
+        r = paired(fa, fb, pairs=pairs, reps=reps)
+        same = next((row["speedup_median"] for row in rows if row["backend"] == best_c), None)
+        rows.append(_row(r, b, t, ideal, pairs, backend="fastest", dense_runtime=best_d,
+                         compact_runtime=best_c, same_runtime_speedup=same,
+                         candidates_ms={f"{k} {rt}": s * 1e3 for (k, rt), s in med.items()},
+                         unavailable=unavailable))
+    elif unavailable:
+        for row in rows:
+            row["unavailable"] = unavailable
+    if not rows:
+        raise UsageError(f"no runtime could run both models: {unavailable}")
+    return rows
 
 
 def _layerwise(md, mc, xd, xc, b, t, pairs, macs_d, macs_c, params_d, params_c,
@@ -238,32 +303,6 @@ def _layerwise(md, mc, xd, xc, b, t, pairs, macs_d, macs_c, params_d, params_c,
     return rows
 
 
-def compare_onnx(dense_path: str, compact_path: str, make_input: Callable[[int], torch.Tensor],
-                 batch_sizes: Sequence[int], threads: Sequence[int], pairs: int = 20) -> list[dict]:
-    """The same paired comparison of two exported models under ONNX Runtime."""
-    import onnxruntime as ort
-    rows = []
-    for t in threads:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = t
-        opts.inter_op_num_threads = 1
-        sd = ort.InferenceSession(dense_path, opts, providers=["CPUExecutionProvider"])
-        sc = ort.InferenceSession(compact_path, opts, providers=["CPUExecutionProvider"])
-        nd, nc = sd.get_inputs()[0].name, sc.get_inputs()[0].name
-        for b in batch_sizes:
-            x = make_input(b).numpy()
-            fa = lambda: sd.run(None, {nd: x})  # noqa: E731
-            fb = lambda: sc.run(None, {nc: x})  # noqa: E731
-            reps = max(calibrate(fa), calibrate(fb))
-            r = paired(fa, fb, pairs=pairs, reps=reps)
-            rows.append({"batch_size": b, "threads": t, "backend": "onnxruntime",
-                         "dense_ms": r["a_median_s"] * 1e3, "compact_ms": r["b_median_s"] * 1e3,
-                         "speedup_median": r["ratio_median"], "speedup_min": r["ratio_min"],
-                         "speedup_max": r["ratio_max"], "time_saving": 1 - 1 / r["ratio_median"],
-                         "pairs": pairs, "reps": reps})
-    return rows
-
-
 def to_markdown(result: dict, title: str = "Benchmark") -> str:
     """A readable report of a `compare` result."""
     m = result["machine"]
@@ -275,15 +314,23 @@ def to_markdown(result: dict, title: str = "Benchmark") -> str:
              f"{result['ideal_speedup']:.2f}x."
              + (f" Sparsity: {result['sparsity']:.2%} of the mask, {result['effective_sparsity']:.2%} "
                 "effective (what the compact model keeps)." if "effective_sparsity" in result else ""), "",
-             "| backend | batch | threads | dense format | compact format | dense ms | compact ms "
-             "| speedup median (min-max) | realized / ideal | time saving |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| backend | batch | threads | dense runs in | compact runs in | dense ms | compact ms "
+             "| speedup median (min-max) | realized / ideal | time saving | same-runtime speedup |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["results"]:
+        fastest = r["backend"] == "fastest"
+        same = r.get("same_runtime_speedup")
         lines.append(
-            f"| {r['backend']} | {r['batch_size']} | {r['threads']} | {r.get('dense_format', '-')} "
-            f"| {r.get('compact_format', '-')} | {r['dense_ms']:.3f} | {r['compact_ms']:.3f} | "
+            f"| {'**fastest vs fastest**' if fastest else r['backend']} | {r['batch_size']} | {r['threads']} "
+            f"| {r['dense_runtime'] if fastest else r.get('dense_format', '-')} "
+            f"| {r['compact_runtime'] if fastest else r.get('compact_format', '-')} "
+            f"| {r['dense_ms']:.3f} | {r['compact_ms']:.3f} | "
             f"{r['speedup_median']:.2f}x ({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) | "
-            f"{r['speedup_median'] / result['ideal_speedup']:.2f} | {r['time_saving']:.1%} |")
+            f"{r['speedup_median'] / result['ideal_speedup']:.2f} | {r['time_saving']:.1%} | "
+            f"{f'{same:.2f}x' if same else '-'} |")
+    gone = {k: v for r in result["results"] for k, v in r.get("unavailable", {}).items()}
+    if gone:
+        lines += [""] + [f"- not timed: {k}: {v}" for k, v in sorted(gone.items())]
     if result.get("layers"):
         lines += ["", "## Layer-wise (convolution and linear layers only)", "",
                   "| layer | batch | executor | ideal | speedup median (min-max) | dense ms | compact ms |",
@@ -294,17 +341,22 @@ def to_markdown(result: dict, title: str = "Benchmark") -> str:
                          f"({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) | {r['dense_ms']:.3f} | "
                          f"{r['compact_ms']:.3f} |")
     lines += ["", "Speedups are medians of paired, interleaved time ratios (dense / compact); the "
-              "machine's absolute speed drifts, the ratios hold to about +-10%."]
+              "machine's absolute speed drifts, the ratios hold to about +-10%. A runtime's row "
+              "compares both models in that runtime; the fastest-vs-fastest row compares the "
+              "fastest dense of any runtime with the fastest compact of any runtime (the honest "
+              "figure), its last column the same-runtime speedup in the compact model's runtime."]
     return "\n".join(lines) + "\n"
 
 
 def bench_ticket(dense: nn.Module, ticket: nn.Module, masks, input_shape: Sequence[int], *,
                  batch_sizes: Sequence[int] = (1, 64), threads: Sequence[int] | None = None,
-                 pairs: int = 20, layerwise: bool = True, onnx: bool = False, autotune: bool = False,
+                 pairs: int = 20, layerwise: bool = True, autotune: bool = False,
+                 runtimes: Sequence[str] | None = None,
                  progress: Callable[[str], None] | None = None) -> dict:
     """Compact `ticket` under `masks` and time it against `dense` (same architecture, dense).
 
-    The compact model is checked against the masked ticket on random inputs first. Executors
+    `runtimes` as in `compare` (None: every runtime available here). The compact model is
+    checked against the masked ticket on random inputs first. Executors
     follow their measured rule for each batch size timed; with `autotune` they are instead tuned
     once, at the largest batch size (the result records the choices)."""
     from .. import compact as tscompact
@@ -319,18 +371,19 @@ def bench_ticket(dense: nn.Module, ticket: nn.Module, masks, input_shape: Sequen
         ref, got = ticket(x), compact(x)
         rel_err = float((ref - got).norm() / ref.norm().clamp_min(1e-12))
     result = compare(dense, compact, make, batch_sizes, threads, pairs, layerwise, progress,
-                     select_per_batch=not autotune)
+                     select_per_batch=not autotune, runtimes=runtimes)
     result["check_rel_err"] = rel_err
     result["executors"] = dict(getattr(compact, "ticketsmith_executors", {}))
     result["sparsity"] = masks.sparsity()
     result["effective_sparsity"] = tscompact.effective(ticket, masks, example)["effective_sparsity"]
-    if onnx:
-        import tempfile
-        with tempfile.TemporaryDirectory() as tmp:
-            d = tscompact.export_onnx(dense, example, f"{tmp}/dense.onnx")
-            c = tscompact.export_onnx(compact, example, f"{tmp}/compact.onnx")
-            result["results"] += compare_onnx(str(d), str(c), make, batch_sizes,
-                                              threads or [torch.get_num_threads()], pairs)
     for r in result["results"]:
         r["realized_over_ideal"] = r["speedup_median"] / result["ideal_speedup"]
     return result
+
+
+def headline(result: dict, batch_size: int | None = None, threads: int | None = None) -> dict | None:
+    """The row a single figure should quote: the fastest-vs-fastest row where there is one,
+    else the only runtime's row (first match of `batch_size` / `threads` when given)."""
+    rows = [r for r in result.get("results", [])
+            if (batch_size is None or r["batch_size"] == batch_size) and (threads is None or r.get("threads") == threads)]
+    return next((r for r in rows if r.get("backend") == "fastest"), rows[0] if rows else None)

@@ -1,0 +1,197 @@
+"""ts.deploy: every runtime's artifact equals the masked model on inputs it was not built from;
+BatchNorm folding is exact; auto keeps the fastest and says why; a missing runtime is one
+clear line."""
+import importlib.util
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import ticketsmith as ts
+from ticketsmith import compact as C
+from ticketsmith import deploy as D
+from ticketsmith.cli import main
+from test_compact import (MLP, block_masks, constant_fan_in_mask, kill_rows, masked, randomize, rel_err,
+                          zoo_model)
+
+FAST = ("torch", "onnxruntime", "openvino")  # torch.compile costs a compile per shape: one test below
+needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
+                                    reason="openvino extra not installed")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def channel_ticket():
+    model = zoo_model("resnet20", 0.5, (2, 1, 16, 16))
+    x = torch.randn(2, 1, 16, 16)
+    masks = ts.refill(model, ts.prune.omp(model, 0.7), example_inputs=x[:1])
+    return model, masks, x
+
+
+def block_ticket():
+    model = zoo_model("vgg11", 0.25, (2, 3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    masks: dict = {}
+    kill_rows(model, masks, "features.4", torch.tensor([0, 5, 9]))
+    masks, blocks = block_masks(model, "features.8", torch.tensor([1, 2, 3]), masks=masks)
+    return model, ts.Masks(masks, blocks), x
+
+
+def fan_in_ticket():
+    torch.manual_seed(0)
+    model = randomize(MLP())
+    masks = {"fc1.weight": constant_fan_in_mask(32, 20, 4, ablated=(3, 7)),
+             "fc2.weight": constant_fan_in_mask(16, 32, 6, ablated=(0,), seed=1)}
+    return model, ts.Masks(masks), torch.randn(4, 20)
+
+
+TICKETS = {"channel": channel_ticket, "block": block_ticket, "fan-in": fan_in_ticket}
+
+
+def reference(model, masks):
+    return masked(model, {k: masks[k] for k in masks}).eval()
+
+
+@pytest.mark.parametrize("kind", sorted(TICKETS))
+@pytest.mark.parametrize("runtime", FAST)
+def test_every_runtime_matches_the_masked_model(kind, runtime, small_executors, tmp_path):
+    if D.available(runtime):
+        pytest.skip(D.available(runtime))
+    model, masks, x = TICKETS[kind]()
+    small = C.compact(model, masks, x)
+    if kind == "block":
+        assert small.ticketsmith_executors["features.8"] != "dense"
+    if kind == "fan-in":
+        assert small.ticketsmith_executors["fc2"] != "dense"
+    d = D.deploy(small, x, runtime, threads=1, out=tmp_path)
+    assert d.runtime == runtime and d.check_rel_err < 1e-4
+    ref = reference(model, masks)
+    for b in (1, 5):  # neither the example's batch nor its values
+        other = torch.randn(b, *x.shape[1:], generator=torch.Generator().manual_seed(100 + b))
+        with torch.no_grad():
+            assert rel_err(ref(other), d(other)) < 1e-4
+    if runtime == "onnxruntime":
+        assert (tmp_path / "model.onnx").is_file() and d.artifact == tmp_path / "model.onnx"
+    if runtime == "openvino":
+        assert (tmp_path / "model.xml").is_file() and (tmp_path / "model.bin").is_file()
+
+
+def test_torch_compile_matches_the_masked_model(small_executors):
+    if D.available("torch.compile"):
+        pytest.skip(D.available("torch.compile"))
+    model, masks, x = fan_in_ticket()
+    small = C.compact(model, masks, x)
+    d = D.deploy(small, x, "torch.compile", threads=1, batch_size=4)
+    other = torch.randn(4, 20, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert rel_err(reference(model, masks)(other), d(other)) < 1e-4
+
+
+def test_batchnorm_folding_is_exact_and_leaves_no_batchnorm_behind_a_conv():
+    model, masks, x = channel_ticket()
+    small = C.compact(model, masks, x)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in small.modules())
+    folded, n = D.fold_batchnorm(small)
+    assert n == n_bn > 0  # in a ResNet every BatchNorm follows a conv
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    other = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        assert rel_err(small(other), folded(other)) < 1e-5
+    # a linear layer followed by BatchNorm1d, and a BN whose input is read twice (not folded)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bn = nn.Linear(6, 4), nn.BatchNorm1d(4)
+            self.fc2, self.bn2 = nn.Linear(4, 4), nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            h = self.bn(self.fc(x)).relu()
+            z = self.fc2(h)
+            return self.bn2(z) + z  # z has two readers: folding bn2 would change the sum
+    net = randomize(Net()).eval()
+    for bn in (net.bn, net.bn2):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    folded, n = D.fold_batchnorm(net)
+    assert n == 1
+    xx = torch.randn(5, 6)
+    with torch.no_grad():
+        assert rel_err(net(xx), folded(xx)) < 1e-5
+
+
+def test_auto_keeps_the_fastest_and_records_why(monkeypatch):
+    model, masks, x = channel_ticket()
+    small = C.compact(model, masks, x)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    d = D.deploy(small, x, "auto", threads=1, batch_size=1, candidates=FAST)
+    why = d.why
+    assert why["chosen"] == d.runtime and why["batch_size"] == 1 and why["threads"] == 1
+    timed = {k: v["median_ms"] for k, v in why.items() if isinstance(v, dict) and "median_ms" in v}
+    assert set(timed) == {"torch", "onnxruntime"} and d.runtime == min(timed, key=timed.get)
+    assert 'pip install "ticketsmith[openvino]"' in why["openvino"]["failed"]  # the fallback, with its reason
+    with torch.no_grad():
+        other = torch.randn(2, 1, 16, 16)
+        assert rel_err(reference(model, masks)(other), d(other)) < 1e-4
+
+
+def test_a_missing_runtime_is_one_clear_error(monkeypatch, tmp_path, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    with pytest.raises(D.RuntimeUnavailable, match=r'pip install "ticketsmith\[openvino\]"'):
+        D.deploy(nn.Linear(3, 2), torch.randn(2, 3), "openvino")
+    with pytest.raises(ts.UsageError, match="unknown runtime"):
+        D.deploy(nn.Linear(3, 2), torch.randn(2, 3), "tensorrt")
+    with pytest.raises(ts.UsageError, match="bf16"):
+        D.deploy(nn.Linear(3, 2), torch.randn(2, 3), "onnxruntime", precision="bf16")
+    assert main(["bench", "--model", "lenet5", "--masks", str(tmp_path / "m.safetensors"), "--input-shape",
+                 "1,28,28", "--runtimes", "torch,openvino"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ticketsmith[openvino]" in err[0]
+
+
+@needs_openvino
+def test_a_model_a_runtime_cannot_take_names_the_op():
+    # VGG-11 on 16 px: its last max-pool sees a 1x1 map (torch pools it with ceil_mode); OpenVINO's
+    # shape check refuses the op
+    model = zoo_model("vgg11", 0.25, (2, 3, 16, 16))
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(D.RuntimeUnavailable, match="runtime 'openvino'.*MaxPool"):
+        D.deploy(model, x, "openvino")
+    d = D.deploy(model, x, "auto", candidates=("openvino", "onnxruntime"))
+    assert d.runtime == "onnxruntime" and "MaxPool" in d.why["openvino"]["failed"]
+
+
+@needs_openvino
+def test_openvino_bf16_is_close():
+    model, masks, x = channel_ticket()
+    small = C.compact(model, masks, x)
+    d = D.deploy(small, x, "openvino", threads=1, precision="bf16")
+    other = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        assert rel_err(reference(model, masks)(other), d(other)) < D.CHECK_TOLERANCE["bf16"]
+    assert d.details["precision_hint"] == "bf16"
+
+
+def test_export_cli_writes_a_checked_artifact(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["run", "--model", "lenet5", "--dataset", "digits", "--epochs", "1", "--rounds", "1",
+                 "--batch-size", "64", "--structure", "refill", "--out", str(run), "--no-progress"]) == 0
+    out = tmp_path / "exp"
+    assert main(["export", str(run), "--round", "1", "--runtime", "ort", "--threads", "1", "--out", str(out)]) == 0
+    rec = json.loads((out / "deploy.json").read_text())
+    assert rec["runtime"] == "onnxruntime" and rec["check_rel_err"] < 1e-4
+    (y,) = C.run_onnx(out / "model.onnx", torch.randn(3, 1, 8, 8))
+    assert y.shape == (3, 10)
+    assert main(["export", str(run), "--round", "1", "--runtime", "torch", "--out", str(tmp_path / "t")]) == 0
+    assert (tmp_path / "t" / "ticket").is_dir()
+    assert main(["export", str(run), "--round", "7", "--runtime", "ort", "--out", str(tmp_path / "x")]) == 2
+    assert "not a finished sparse round" in capsys.readouterr().err
