@@ -3,16 +3,19 @@ and 75% channel sparsity, batch 1 and 64: the compact model (channel surgery) ag
 dense path, end to end and layer by layer.
 
     python benchmarks/channel_tickets.py [--models vgg16,resnet18] [--sparsities 0.5,0.75]
-        [--batch-sizes 1,64] [--pairs 15] [--threads 2] [--width 1.0]
+        [--batch-sizes 1,64] [--pairs 15] [--threads 1,2] [--width 1.0]
+        [--runtimes all|torch,torch.compile,onnxruntime,openvino] [--no-layerwise] [--out PATH]
 
 The channel masks are what Refill makes of a layer-wise uniform mask at sparsity s (random, seed 0;
 refill then keeps the channels with the largest L1 of He-initialised weights, coupled=True), so
 every prunable layer but the head keeps k = ceil((1 - s) * c_out) whole output channels and
 residual-coupled channels are chosen together. Channel surgery then also drops the matching
 input channels of the next layer: the ideal speedup is about 1 / (1 - s)^2.
-Timing: `ticketsmith.bench.compare` (paired, interleaved A B A B; medians of per-pair ratios; the
-dense side in its faster memory format). OMP_WAIT_POLICY defaults to PASSIVE (see
-docs/benchmarks.md). Writes benchmarks/results/channel_tickets.{json,md}.
+Timing: `ticketsmith.bench.compare` (paired, interleaved A B A B; medians of per-pair ratios):
+both models deployed in every runtime of --runtimes (BatchNorm folded; eager in its faster memory
+format), each runtime's same-runtime ratio, and the fastest dense of any runtime against the
+fastest compact of any runtime. OMP_WAIT_POLICY defaults to PASSIVE (see docs/benchmarks.md).
+Writes benchmarks/results/channel_tickets.{json,md} (or --out).
 """
 from __future__ import annotations
 
@@ -49,11 +52,14 @@ def main() -> None:
     p.add_argument("--sparsities", default="0.5,0.75")
     p.add_argument("--batch-sizes", default="1,64")
     p.add_argument("--pairs", type=int, default=15)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", default="2", help="comma-separated thread counts")
+    p.add_argument("--runtimes", default="all", help="comma-separated, or all (every one installed)")
+    p.add_argument("--layerwise", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--out", default=str(RESULTS / "channel_tickets"))
     a = p.parse_args()
-    torch.set_num_threads(a.threads)
+    threads = [int(t) for t in a.threads.split(",")]
+    runtimes = None if a.runtimes == "all" else a.runtimes.split(",")
     batches = [int(b) for b in a.batch_sizes.split(",")]
     runs = []
     for name in a.models.split(","):
@@ -61,11 +67,13 @@ def main() -> None:
             dense, small, masks = channel_ticket(name, a.width, s)
             print(f"{name} at {s:.0%} channel sparsity", flush=True)
             r = compare(dense, small, lambda b: torch.randn(b, *SHAPE), batch_sizes=batches,
-                        pairs=a.pairs, progress=lambda msg: print("  " + msg, flush=True))
+                        threads=threads, pairs=a.pairs, layerwise=a.layerwise, runtimes=runtimes,
+                        progress=lambda msg: print("  " + msg, flush=True))
             r.update(model=name, width=a.width, channel_sparsity=s,
                      weight_sparsity=1 - r["compact"]["params"] / r["dense"]["params"])
             for row in r["results"]:
-                print(f"  batch {row['batch_size']}: {row['speedup_median']:.2f}x "
+                print(f"  {row['backend']} batch {row['batch_size']} threads {row['threads']}: "
+                      f"{row['speedup_median']:.2f}x "
                       f"(ideal {r['ideal_speedup']:.2f}x, realized/ideal "
                       f"{row['realized_over_ideal']:.2f})", flush=True)
             runs.append(r)
@@ -77,21 +85,33 @@ def main() -> None:
 
 def render(runs: list[dict]) -> str:
     m = runs[0]["machine"]
-    lines = ["# Channel tickets: compact model vs the fastest dense path", "",
-             f"Machine: {m['cpu']}, torch {m['torch']}, {m['threads']} threads, OMP_WAIT_POLICY="
-             f"{m.get('omp_wait_policy')}. Command: `{m['command']}`", "",
-             "Goal (issue 4): realized / ideal >= 0.85 at batch 64 and >= 0.7 at batch 1.", "",
-             "| model | channel sparsity | parameters removed | batch | dense format | ideal | "
-             "speedup median (min-max) | realized / ideal | time saving |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["# Channel tickets: compact model vs the fastest dense model of any runtime", "",
+             f"Machine: {m['cpu']}, torch {m['torch']}, OMP_WAIT_POLICY="
+             f"{m.get('omp_wait_policy')}. Command: `{m['command']}`. Runtimes: "
+             f"{', '.join(runs[0].get('runtimes', ['torch']))}.", "",
+             "Goal (issue 15): realized / ideal against the fastest dense of any runtime >= 0.85 at "
+             "batch 1 and >= 0.75 at batch 64.", "",
+             "| model | channel sparsity | parameters removed | batch | threads | row | dense runs in "
+             "| compact runs in | dense ms | compact ms | ideal | speedup median (min-max) | realized / ideal "
+             "| same-runtime speedup |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         for row in r["results"]:
+            fastest = row["backend"] == "fastest"
+            same = row.get("same_runtime_speedup")
             lines.append(
                 f"| {r['model']} | {r['channel_sparsity']:.0%} | {r['weight_sparsity']:.1%} | "
-                f"{row['batch_size']} | {row['dense_format']} | {r['ideal_speedup']:.2f}x | "
+                f"{row['batch_size']} | {row['threads']} | {'**fastest vs fastest**' if fastest else row['backend']} "
+                f"| {row['dense_runtime'] if fastest else row.get('dense_format', '-')} "
+                f"| {row['compact_runtime'] if fastest else row.get('compact_format', '-')} "
+                f"| {row['dense_ms']:.3f} | {row['compact_ms']:.3f} | {r['ideal_speedup']:.2f}x | "
                 f"{row['speedup_median']:.2f}x ({row['speedup_min']:.2f}-{row['speedup_max']:.2f}) | "
-                f"{row['realized_over_ideal']:.2f} | {row['time_saving']:.1%} |")
-    lines += ["", "## Layer-wise (paper Fig. 7, for VGG-16 and ResNet-18)", "",
+                f"{row['realized_over_ideal']:.2f} | {f'{same:.2f}x' if same else '-'} |")
+    gone = {k: v for r in runs for row in r["results"] for k, v in row.get("unavailable", {}).items()}
+    lines += [f"- not timed: {k}: {v}" for k, v in sorted(gone.items())]
+    if not any(r["layers"] for r in runs):
+        return "\n".join(lines + ["", "Speedups are medians of paired, interleaved time ratios (dense / compact)."]) + "\n"
+    lines += ["", "## Layer-wise (paper Fig. 7, for VGG-16 and ResNet-18; eager)", "",
               "| model | channel sparsity | layer | batch | ideal | speedup median (min-max) |",
               "|---|---|---|---|---|---|"]
     for r in runs:
