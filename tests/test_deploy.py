@@ -1,6 +1,7 @@
 """ts.deploy: every runtime's artifact equals the masked model on inputs it was not built from;
 BatchNorm folding is exact; auto keeps the fastest and says why; a missing runtime is one
 clear line."""
+import os
 import importlib.util
 import json
 
@@ -195,3 +196,29 @@ def test_export_cli_writes_a_checked_artifact(tmp_path, capsys):
     assert (tmp_path / "t" / "ticket").is_dir()
     assert main(["export", str(run), "--round", "7", "--runtime", "ort", "--out", str(tmp_path / "x")]) == 2
     assert "not a finished sparse round" in capsys.readouterr().err
+
+
+@needs_openvino
+def test_ctrl_c_after_an_openvino_deployment_is_a_keyboard_interrupt(tmp_path):
+    """OpenVINO's CPU plugin installs an alternate signal stack on the compiling thread and frees
+    it with the plugin: without `_own_signal_stack` the next Ctrl-C in the same process (a
+    notebook, a test session) was delivered onto freed memory, a segmentation fault."""
+    import subprocess
+    import sys
+    script = (  # a bench across runtimes, as `ticketsmith bench` does it, then a Ctrl-C
+        "import os, signal, sys, torch, contextlib, ticketsmith as ts\n"
+        "import ticketsmith.deploy as D\n"
+        "if sys.argv[1] == 'unguarded': D._own_signal_stack = contextlib.nullcontext\n"
+        "from ticketsmith.cli import main\n"
+        "base = ['--model', 'lenet5', '--dataset', 'digits', '--epochs', '1', '--no-progress']\n"
+        "assert main(['run', *base, '--rounds', '1', '--structure', 'refill', '--out', 'r']) == 0\n"
+        "assert main(['bench', 'r', '--batch-sizes', '1', '--pairs', '3', '--no-layerwise',\n"
+        "             '--runtimes', 'torch,openvino']) == 0\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    import time; time.sleep(1)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted cleanly')\n")
+    p = subprocess.run([sys.executable, "-c", script, "guarded"], capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0 and "interrupted cleanly" in p.stdout, (p.returncode, p.stderr[-1500:])

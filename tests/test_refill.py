@@ -618,8 +618,15 @@ def test_bad_inputs_raise_clear_errors():
     model = resnet20()
     masks = ts.prune.random_masks(model, 0.5, seed=10)
     empty = masks.updated({"layers.1.conv1.weight": torch.zeros_like(masks["layers.1.conv1.weight"])})
+    # an empty layer (global magnitude pruning empties depthwise layers) is skipped with a
+    # warning, not a refusal of the whole model; naming it in layers= is an error
+    with pytest.warns(UserWarning, match="all-zero mask.*layers.1.conv1.weight"):
+        out = refill(model, empty, example_inputs=X8)
+    assert not bool(out["layers.1.conv1.weight"].any())
     with pytest.raises(UsageError, match="layers.1.conv1.weight.*all zeros"):
-        refill(model, empty, example_inputs=X8)
+        refill(model, empty, example_inputs=X8, layers=["layers.1.conv1.weight"])
+    with pytest.raises(UsageError, match="'nope.weight' has no weight mask"):
+        refill(model, masks, example_inputs=X8, layers=["nope.weight"])
     for criterion in ("feature-l1", "feature-l2", "saliency"):
         with pytest.raises(UsageError, match=f"{criterion}.*needs data"):
             refill(model, masks, criterion)

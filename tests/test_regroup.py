@@ -222,8 +222,12 @@ def test_bad_arguments(kwargs, words):
 
 def test_bad_layers_name_the_layer():
     m, _ = planted(0)
+    both = Masks({"ok.weight": m, "zero.weight": torch.zeros(32, 10, dtype=torch.bool)})
+    with pytest.warns(UserWarning, match="all-zero mask.*zero.weight"):
+        out = regroup(both)  # skipped, not a refusal of the whole model
+    assert "zero.weight" not in out.blocks and not bool(out["zero.weight"].any())
     with pytest.raises(UsageError, match=r"'zero.weight'.*all zeros"):
-        regroup(Masks({"ok.weight": m, "zero.weight": torch.zeros(32, 10, dtype=torch.bool)}))
+        regroup(both, layers=["zero.weight"])
     small = torch.rand(8, 72, generator=torch.Generator().manual_seed(0)) < 0.5
     with pytest.raises(UsageError, match=r"'small.weight'.*t1=16.*8 non-empty rows"):
         regroup(Masks({"small.weight": small}), t1=16)
@@ -232,8 +236,13 @@ def test_bad_layers_name_the_layer():
     with pytest.raises(UsageError, match="not binary"):
         regroup_layer(torch.full((4, 4), 0.5))
     # a permutation matrix: no column is shared by two rows, so no block can exist
+    perm = Masks({"perm.weight": torch.eye(32, dtype=torch.bool)})
     with pytest.raises(UsageError, match=r"'perm.weight'.*no dense block.*lower b1, b2"):
-        regroup(Masks({"perm.weight": torch.eye(32, dtype=torch.bool)}))
+        regroup(perm, layers=["perm.weight"])
+    # without layers=: the layer passes through unstructured, with a warning naming it
+    with pytest.warns(UserWarning, match="no dense block.*perm.weight"):
+        out = regroup(perm)
+    assert torch.equal(out["perm.weight"], perm["perm.weight"]) and "perm.weight" not in out.blocks
 
 
 # -- the partitioners ------------------------------------------------------------------------

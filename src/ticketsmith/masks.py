@@ -11,11 +11,13 @@ columns indexing the flattened `c_in * kh * kw` positions in PyTorch's OIHW orde
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .errors import ArtifactError, UsageError
 from .io import load_tensors, save_tensors, tensors_digest, tensors_from_bytes, tensors_to_bytes
@@ -41,6 +43,21 @@ def prunable_names(model: nn.Module, include_head: bool = False,
         raise UsageError(f"{type(model).__name__} has no prunable (conv or linear) layer")
     head, first = layers[-1], layers[0]
     keep = [n for n in layers if (include_head or n != head) and (include_first or n != first)]
+    # a parametrized weight (weight_norm: weight = g * v / |v|) is no parameter a mask can
+    # hold at zero: it is recomputed from `original0/original1` on every call, and an all-zero
+    # row of v would make it NaN. Those layers stay dense; removing the parametrization
+    # (torch.nn.utils.parametrize.remove_parametrizations(layer, "weight")) makes them prunable.
+    modules = dict(model.named_modules())
+    parametrized = [n for n in keep if parametrize.is_parametrized(modules[n], "weight")]
+    if parametrized:
+        warnings.warn(f"{len(parametrized)} layer(s) with a parametrized weight (weight_norm) are "
+                      f"not prunable and stay dense: {', '.join(parametrized)}; call torch.nn."
+                      "utils.parametrize.remove_parametrizations(layer, 'weight') to prune them",
+                      stacklevel=2)
+        keep = [n for n in keep if n not in parametrized]
+        if not keep:
+            raise UsageError(f"{type(model).__name__}: every prunable layer has a parametrized "
+                             "weight (weight_norm); remove the parametrizations to prune them")
     if not keep:
         raise UsageError(f"{type(model).__name__}: no prunable layer left once the head "
                          "and first layer are excluded")
@@ -50,6 +67,9 @@ def prunable_names(model: nn.Module, include_head: bool = False,
 def _as_bool(name: str, t: torch.Tensor) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise UsageError(f"mask {name!r}: expected a tensor, got {type(t).__name__}")
+    if t.is_meta:  # no values: every count and comparison below would fail far from here
+        raise UsageError(f"mask {name!r} is on the meta device (it has no values); build masks "
+                         "from a model with real weights")
     if t.dtype == torch.bool:
         return t
     if t.is_floating_point() or t.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64):
@@ -198,14 +218,31 @@ class Masks(Mapping[str, torch.Tensor]):
     def _from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict, source: str) -> "Masks":
         if meta.get("kind") != "ticketsmith.masks":
             raise ArtifactError(f"{source}: not a ticketsmith masks file")
-        masks = {k: tensors[f"mask/{k}"] for k in meta["order"]}
+        order = meta.get("order")
+        if not (isinstance(order, list) and all(isinstance(k, str) for k in order)):
+            raise ArtifactError(f"{source}: field 'order' must be a list of layer names")
+        missing = [k for k in order if f"mask/{k}" not in tensors]
+        if missing:
+            raise ArtifactError(f"{source}: no mask tensor for layer {missing[0]!r} named in 'order'")
+        masks = {k: tensors[f"mask/{k}"] for k in order}
         blocks: dict[str, list[Block]] = {}
-        for key in sorted((k for k in tensors if k.startswith("block/") and k.endswith("/rows")),
-                          key=lambda s: (s.rsplit("/", 3)[0], int(s.rsplit("/", 2)[1]))):
+        rows = [k for k in tensors if k.startswith("block/") and k.endswith("/rows")]
+        for key in rows:
+            i = key.rsplit("/", 2)[1]
+            if not i.isdigit() or f"{key[:-len('rows')]}cols" not in tensors:
+                raise ArtifactError(f"{source}: tensor {key!r}: a block index must be an integer "
+                                    "and every block needs its rows and cols")
+        for key in sorted(rows, key=lambda s: (s.rsplit("/", 3)[0], int(s.rsplit("/", 2)[1]))):
             layer, i = key[len("block/"):].rsplit("/", 2)[0], key.rsplit("/", 2)[1]
-            blocks.setdefault(layer, []).append(
-                Block(tensors[key], tensors[f"block/{layer}/{i}/cols"]))
-        return cls(masks, blocks)
+            try:
+                block = Block(tensors[key], tensors[f"block/{layer}/{i}/cols"])
+            except (UsageError, TypeError, ValueError, RuntimeError) as e:
+                raise ArtifactError(f"{source}: block {layer}/{i}: {e}") from None
+            blocks.setdefault(layer, []).append(block)
+        try:
+            return cls(masks, blocks)
+        except UsageError as e:  # not binary, blocks of a layer without a mask
+            raise ArtifactError(f"{source}: {e}") from None
 
     def save(self, path) -> None:
         save_tensors(path, *self._tensors())

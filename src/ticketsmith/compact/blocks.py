@@ -125,10 +125,23 @@ class Executor(nn.Module):
         self._check_input(x)
         if torch.onnx.is_in_onnx_export():
             return self._export_forward(x)
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return self._differentiable(x)
         fn = self._cache.get(("kernel", self.executor))
         if fn is None:
             fn = self._cache[("kernel", self.executor)] = self._kernels()[self.executor]
         return fn(x)
+
+    def _differentiable(self, x: torch.Tensor) -> torch.Tensor:
+        """Under autograd: the fast kernels write into preallocated outputs or call oneDNN ops
+        without a backward (which would drop the gradient silently), so a gradient to the input
+        goes through the "dense" kernel, the same function (its bias gets its gradient). The
+        executor's weights are fixed (a compact model is for inference): their dense form is
+        derived without a gradient, so asking for one is refused rather than silently ignored."""
+        if any(p.requires_grad for n, p in self.named_parameters() if not n.startswith("bias")):
+            raise UsageError(f"{self._where()}: a compact executor's weights are fixed; to train, "
+                             "train the masked dense model (ts.Masks.hold) and compact it again")
+        return self._kernels()["dense"](x)
 
     def extra_repr(self) -> str:
         return f"executor={self.executor!r}"
@@ -363,6 +376,7 @@ class BlockConv2d(Executor):
         self.register_parameter("bias", None if bias is None else
                                 nn.Parameter(bias.detach().clone(), requires_grad=False))
         self.channel_granular = all(c.numel() == ch.numel() * kk for c, ch in zip(cols, self._chans))
+        self._sizes = [(int(r.numel()), int(ch.numel())) for r, ch in zip(rows, self._chans)]
         self._plan = _RowPlan(out_channels, self._rows)
         t, b, l, r = padding
         self._sym_pad = (t == b and l == r)
@@ -586,10 +600,29 @@ class BlockConv2d(Executor):
         base = lambda: _base(self.bias, (n, self.out_channels, ho * wo), x)  # noqa: E731
         return _assemble(self._plan, ys, self._rows_now(), base).reshape(n, self.out_channels, ho, wo)
 
+    def equal_blocks(self) -> bool:
+        """True if the blocks partition the output channels and all have the same numbers of
+        rows and of touched input channels: the grouped form is then one grouped conv with no
+        padded rows or channels."""
+        if self.n_blocks < 1 or not self._plan.partition:
+            return False
+        return len(set(self._sizes)) == 1
+
     def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.executor == "dense" or self.n_blocks == 0:
             return self._dense(x)
         x, pad = self._conv_padding(x)
+        if self.n_blocks > 1 and self.equal_blocks():
+            # the grouped form: Gather, one grouped Conv (which a runtime fuses with its bias
+            # and activation), Gather; nothing padded, so no work beyond the blocks' own. Built
+            # with concatenations (not the cached padded tensors, written in place, which the
+            # tracer would record as mutations of the weights)
+            blocks = self._blocks()
+            w = torch.cat([wb for _, _, wb in blocks], 0)
+            b = None if self.bias is None else self.bias[torch.cat([r for r, _, _ in blocks])]
+            y = F.conv2d(x.index_select(1, torch.cat([ch for _, ch, _ in blocks])), w, b,
+                         self.stride, pad, self.dilation, self.n_blocks)
+            return y.index_select(1, self._plan.slot_of_row.to(y.device))
         ys = [F.conv2d(x.index_select(1, chans), wb, None, self.stride, pad, self.dilation)
               for _, chans, wb in self._blocks()]
         return _assemble_export(self._plan, ys, self.bias, self._base_fn_padded(x))

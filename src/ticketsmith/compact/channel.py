@@ -54,7 +54,38 @@ def _zero_preserving(op: str) -> bool:
     return op in ZERO_PRESERVING or op.startswith(ZERO_PRESERVING_FAMILIES)
 
 
-TRACKED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.PReLU)
+TRACKED = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.PReLU)
+_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+def opaque_reason(module: nn.Module) -> str | None:
+    """Why a conv / linear layer may not be rebuilt from its weight and constructor arguments,
+    or None if it may.
+
+    A subclass that overrides `forward` (timm's `Conv2dSame` pads from the input size,
+    `StdConv2d` standardises the weight first) computes something other than the torch layer
+    its weight and stride describe: a zero weight entry need not be a zero in what it applies,
+    and a kernel rebuilt from `weight/stride/padding` computes another function. A weight held
+    by a parametrization (`weight_norm`) is recomputed on every call from other tensors, so
+    neither surgery nor an executor may replace it. Such layers keep their own module."""
+    if not isinstance(module, _LAYERS):
+        return None
+    from torch.nn.utils import parametrize
+    if parametrize.is_parametrized(module):
+        return f"its weight is parametrized ({type(module).__name__})"
+    base = next((c for c in type(module).__mro__ if c.__module__.startswith("torch.nn.modules")
+                 and "forward" in c.__dict__), None)
+    if base is not None and type(module).forward is not base.forward:
+        return f"{type(module).__name__} overrides the forward of {base.__name__}"
+    return None
+
+
+def out_in_view(module: nn.Module, w: torch.Tensor) -> torch.Tensor:
+    """A conv / linear weight (or its mask) with output channels in dim 0 and input channels in
+    dim 1: a transposed convolution stores them the other way round."""
+    if isinstance(module, nn.modules.conv._ConvNd) and module.transposed:
+        return w.transpose(0, 1)
+    return w
 
 
 @dataclasses.dataclass
@@ -143,12 +174,26 @@ def _grad_name(node) -> str:
 
 
 def _is_param_leaf(node) -> bool:
-    """An op on parameters only (the weight transpose inside F.linear): no data flows in."""
-    if node.inputs or node.type not in (OPTYPE.ELEMENTWISE, OPTYPE.RESHAPE):
+    """An op on parameters only (the weight transpose inside F.linear, the weight
+    standardisation inside a StdConv2d's forward): no data flows in."""
+    if node.type not in (OPTYPE.ELEMENTWISE, OPTYPE.RESHAPE) or node.grad_fn is None:
         return False
-    g = node.grad_fn
-    fns = getattr(g, "next_functions", ()) if g is not None else ()
-    return all(f is None or "accumulategrad" in f.name().lower() for f, _ in fns)
+    return _params_only(node.grad_fn, {})
+
+
+def _params_only(fn, memo: dict) -> bool:
+    """True if every autograd leaf under `fn` is a parameter (AccumulateGrad): the traced
+    input does not require grad and shows as a missing (None) operand."""
+    key = id(fn)
+    if key not in memo:
+        memo[key] = False  # cycle guard (autograd graphs have none)
+        if "accumulategrad" in fn.name().lower():
+            memo[key] = True
+        else:
+            nexts = getattr(fn, "next_functions", ())
+            memo[key] = bool(nexts) and all(f is not None and _params_only(f, memo)
+                                            for f, _ in nexts)
+    return memo[key]
 
 
 def _untraced_operand(node) -> bool:
@@ -182,6 +227,35 @@ def _reshape_ok(graph, node) -> bool:
         if n is not None and n != features:
             return False
     return True
+
+
+def _keeps_last_dim(graph, node) -> bool:
+    """A view / reshape that merges or splits leading dimensions only: the features in the last
+    dimension reach what follows unchanged (F.linear on a >2-D tensor flattens its batch dims)."""
+    sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
+    if sizes is None or len(sizes) < 2 or not node.outputs:
+        return False
+    for out in node.outputs:
+        n = tp.dependency.shape_infer.infer_in_channels_recursively(graph, out, [0])
+        if n is None or n != int(sizes[-1]):
+            return False
+    return True
+
+
+def _feeds_linear(node) -> bool:
+    """An addmm / mm node that is the product of the linear layers it feeds (torch-pruning sees
+    F.linear on a >2-D tensor as view -> addmm -> view, the module node being the last view)."""
+    return bool(node.outputs) and all(o.type == OPTYPE.LINEAR for o in node.outputs)
+
+
+# The normalisation op inside a norm-act layer (a BatchNorm subclass whose forward calls
+# F.batch_norm and then an activation, like timm's BatchNormAct2d): the graph sees it as an
+# element-wise op feeding the module's own node (whose output is the activation's).
+NORM_INSIDE = {"nativebatchnorm", "cudnnbatchnorm", "miopenbatchnorm"}
+
+
+def _feeds_norm(node) -> bool:
+    return bool(node.outputs) and all(o.type == OPTYPE.BN for o in node.outputs)
 
 
 def _mul_scalar_ok(node) -> bool:
@@ -229,6 +303,15 @@ class _Group:
 
     def unsupported(self) -> str | None:
         types = {n.type for n in self.items}
+        for node in self.items:
+            if node.type in (OPTYPE.CONV, OPTYPE.LINEAR, OPTYPE.DEPTHWISE_CONV):
+                from torch.nn.utils import parametrize
+                if parametrize.is_parametrized(node.module):
+                    # the weight is recomputed from the parametrization's own tensors on
+                    # every call: there is no weight tensor to cut
+                    return f"{node.name}: {opaque_reason(node.module)}"
+        last_dim = [n for n in self.items if n.type == OPTYPE.LINEAR and not _is_param_leaf(n)
+                    and _grad_name(n) not in ("addmm", "mm")]
         if OPTYPE.CONCAT in types and OPTYPE.RESHAPE in types:
             # torch-pruning 1.6 ties channel i of every concatenated branch together on the way
             # back from a flatten, and drops the features of only one of them (found by the
@@ -240,12 +323,15 @@ class _Group:
                 continue
             m = node.module
             if t in (OPTYPE.CONV, OPTYPE.LINEAR):
-                if isinstance(m, nn.modules.conv._ConvNd) and (m.groups != 1 or m.transposed):
-                    return f"{node.name}: grouped or transposed convolution"
-                if t == OPTYPE.LINEAR and _grad_name(node) not in ("addmm", "mm"):
-                    # features in the last dimension of a >2-D tensor: the graph's index
-                    # mappings (flatten, concatenation) assume channels in dimension 1
-                    return f"{node.name}: linear layer on a tensor of more than 2 dimensions"
+                if isinstance(m, nn.modules.conv._ConvNd) and m.groups != 1:
+                    return f"{node.name}: grouped convolution"
+                continue
+            if t == OPTYPE.EXPAND:
+                # expand can only broadcast dimensions of size 1: with more than one channel in
+                # dimension 1 it repeats the channels' values over other axes (SE's expand_as)
+                sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
+                if sizes is None or len(sizes) < 2 or len(sizes) == 5 or int(sizes[1]) < 2:
+                    return f"{node.name}: an expand over the channel dimension"
                 continue
             if t in (OPTYPE.DEPTHWISE_CONV, OPTYPE.BN, OPTYPE.PRELU, OPTYPE.CONCAT,
                      OPTYPE.RESHAPE, OPTYPE.OUTPUT):
@@ -253,8 +339,11 @@ class _Group:
                     return f"{node.name}: depthwise convolution with a channel multiplier"
                 if t == OPTYPE.BN and node.grad_fn is None:
                     return f"{node.name}: batch norm not traced"
-                if t == OPTYPE.RESHAPE and not _reshape_ok(self.graph, node):
-                    return f"{node.name}: a reshape other than a flatten into the next layer"
+                if t == OPTYPE.RESHAPE and not (_reshape_ok(self.graph, node) or (
+                        last_dim and _keeps_last_dim(self.graph, node))):
+                    return (f"{node.name}: a reshape other than a flatten into the next layer"
+                            + (f", coupled with {last_dim[0].name}, a linear layer on a tensor "
+                               "of more than 2 dimensions" if last_dim else ""))
                 continue
             if t == OPTYPE.ELEMENTWISE:
                 op = _grad_name(node)
@@ -267,10 +356,30 @@ class _Group:
                 elif op in ("mean", "sum"):
                     if _reduces_channels(node):
                         return f"operation {op} over the channel dimension"
+                elif op in ("addmm", "mm") and last_dim and _feeds_linear(node):
+                    pass  # the product of a linear layer on a >2-D tensor (checked above)
+                elif op in NORM_INSIDE and _feeds_norm(node):
+                    pass  # the normalisation inside a norm-act layer's forward: per channel
                 elif not (_zero_preserving(op) or op in PER_CHANNEL):
                     return f"operation {op or 'unknown'} not known to be per-channel"
                 continue
             return f"{node.name}: {t.name.lower()} is not supported by channel surgery"
+        if last_dim:
+            # features in the last dimension of a >2-D tensor (a transformer's MLP; F.linear
+            # runs there as view -> addmm -> view): exact as long as every other member is a
+            # linear layer, its addmm, a reshape keeping the last dimension, or a per-feature
+            # element-wise op (the flatten / concatenation mappings and the BatchNorm / conv /
+            # channel-reduction checks assume channels in dimension 1)
+            for node in self.items:
+                if _is_param_leaf(node) or node.type in (OPTYPE.LINEAR, OPTYPE.RESHAPE):
+                    continue
+                op = _grad_name(node) if node.type == OPTYPE.ELEMENTWISE else ""
+                if op in ("addmm", "mm") and _feeds_linear(node):
+                    continue
+                if node.type != OPTYPE.ELEMENTWISE or op in ("mean", "sum") or not (
+                        _zero_preserving(op) or op in PER_CHANNEL or op in ("add", "sub", "mul")):
+                    return (f"{last_dim[0].name}: linear layer on a tensor of more than 2 "
+                            f"dimensions, coupled with {node.name}")
         return None
 
     def data_inputs(self, node) -> list:
@@ -310,7 +419,7 @@ class _Group:
             is_out = [(h, loc, r) for h, loc, r in self.items[node]
                       if h.__name__ == "prune_out_channels"]
             if is_out:
-                w = m.weight.detach()
+                w = out_in_view(m, m.weight.detach())
                 dead = (w.reshape(w.shape[0], -1) == 0).all(dim=1)
                 if m.bias is not None:
                     dead &= m.bias.detach() == 0
@@ -338,13 +447,18 @@ class _Group:
                     kills = torch.zeros(c, dtype=torch.bool)
             locs, roots = self._locals(node)
             zin = self.zero_in(node)
-            z = self._all_by_root(locs, roots, kills) | (zin & self._all_by_root(locs, roots, maps_zero))
+            # a zero affine makes the normalised value zero; a norm-act layer (timm's
+            # BatchNormAct2d) then applies its activation, which must map zero to zero too
+            z = self._all_by_root(locs, roots, kills & maps_zero) | (
+                zin & self._all_by_root(locs, roots, maps_zero))
             z &= self.covers(node)
-        elif t in (OPTYPE.PRELU, OPTYPE.RESHAPE, OPTYPE.CONCAT):
+        elif t in (OPTYPE.PRELU, OPTYPE.RESHAPE, OPTYPE.CONCAT, OPTYPE.EXPAND):
             z = self.zero_in(node)
         elif t == OPTYPE.ELEMENTWISE:
             op = _grad_name(node)
-            if _is_param_leaf(node) or op in PER_CHANNEL:
+            if _is_param_leaf(node) or op in PER_CHANNEL or op in NORM_INSIDE:
+                # (a norm-act layer's inner normalisation maps zero to its affine bias: the
+                # BatchNorm node after it decides whether the channel is dead)
                 z = torch.zeros(n, dtype=torch.bool)
             elif op == "mul":
                 z = torch.zeros(n, dtype=torch.bool)
@@ -387,7 +501,7 @@ class _Group:
                         if h.__name__ == "prune_in_channels"]
                 if not cons:
                     continue
-                w = node.module.weight.detach()
+                w = out_in_view(node.module, node.module.weight.detach())
                 col0 = (w == 0).all(dim=0).reshape(w.shape[1], -1).all(dim=1) if w.dim() > 2 \
                     else (w == 0).all(dim=0)
                 locs = torch.cat([loc for _, loc, _ in cons])
@@ -434,6 +548,10 @@ def remove_dead_channels(model: nn.Module, example_inputs: Sequence[torch.Tensor
                 continue
             # root local index == root index for the full group built above
             pruning = graph.get_pruning_group(module, handler, idxs)
+            why = _opaque_members_commute(pruning, names)
+            if why is not None:
+                skipped[root_name] = why
+                continue
             for it in pruning:
                 target = it.dep.target.module
                 name = names.get(target)
@@ -465,6 +583,59 @@ def remove_dead_channels(model: nn.Module, example_inputs: Sequence[torch.Tensor
                 raise AssertionError(f"channel bookkeeping of {name} is off: "
                                      f"{len(cm.out)}/{o}, {len(cm.inp)}/{i}")
     return SurgeryReport(kept, removed, skipped)
+
+
+def _opaque_members_commute(pruning, names: dict) -> str | None:
+    """None if every member of `pruning` whose class overrides forward (see `opaque_reason`)
+    computes, with its channels cut by the group's handler, exactly the kept channels of what
+    it computed before; else why not. Checked on a copy with random inputs of two odd sizes:
+    a TF-"same" padding conv passes (padding depends on the spatial size only), a
+    weight-standardised conv fails (cutting input channels changes each row's statistics)."""
+    for it in pruning:
+        m = it.dep.target.module
+        if not isinstance(m, _LAYERS) or opaque_reason(m) is None:
+            continue
+        idxs = sorted(set(int(i) for i in it.idxs))
+        if not _commutes(m, it.dep.handler, idxs):
+            return (f"{names.get(m, type(m).__name__)}: {opaque_reason(m)}, and its output "
+                    "changes when these channels are cut")
+    return None
+
+
+def _commutes(module: nn.Module, handler, idxs: list[int]) -> bool:
+    import copy
+
+    fn = handler.__name__
+    conv = isinstance(module, nn.modules.conv._ConvNd)
+    both = conv and module.groups > 1  # depthwise: input channel c makes output channel c
+    c_in = module.in_channels if conv else module.in_features
+    c_out = module.out_channels if conv else module.out_features
+    g = torch.Generator().manual_seed(0)
+    try:
+        cut = copy.deepcopy(module)
+        handler(cut, idxs)
+        with torch.no_grad():
+            for extra in (0, 3):
+                if conv:
+                    size = [(k - 1) * d + 2 * st + 5 + extra for k, d, st in
+                            zip(module.kernel_size, module.dilation, module.stride)]
+                    x = torch.randn([2, c_in] + size, generator=g)
+                else:
+                    x = torch.randn(2 + extra, c_in, generator=g)
+                x = x.to(module.weight)
+                keep_in = torch.tensor([i for i in range(c_in) if i not in set(idxs)])
+                keep_out = torch.tensor([i for i in range(c_out) if i not in set(idxs)])
+                if both or fn == "prune_out_channels":
+                    ref = module(x).index_select(1, keep_out)
+                    got = cut(x.index_select(1, keep_in) if both else x)
+                else:
+                    ref, got = module(x), cut(x.index_select(1, keep_in))
+                scale = float(ref.abs().max()) if ref.numel() else 0.0
+                if ref.shape != got.shape or float((ref - got).abs().max()) > 1e-5 * max(scale, 1e-12):
+                    return False
+    except Exception:  # the cut layer does not even run: it does not commute
+        return False
+    return True
 
 
 def _delete(ids: torch.Tensor, local: torch.Tensor) -> torch.Tensor:

@@ -300,5 +300,11 @@ class CondensedLinear(Executor):
         idx = mod.indices
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= mod.in_features):
             raise UsageError("CondensedLinear.from_config: indices out of range")
+        rows = mod.active_rows
+        # a negative or repeated row would index another neuron: another function, silently
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= mod.out_features
+                             or rows.unique().numel() != rows.numel()):
+            raise UsageError(f"CondensedLinear.from_config: active rows must be distinct and in "
+                             f"[0, {mod.out_features}), got {rows.tolist()[:8]}")
         mod.use(config.get("executor", mod.executor))
         return mod

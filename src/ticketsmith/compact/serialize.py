@@ -5,7 +5,9 @@ by `ticketsmith.io.save_tensors`: atomic, with a checksum) and `model.json` (how
 module structure). The JSON names the original architecture (a zoo model and its creation
 arguments; otherwise the caller's `build` callable rebuilds it), the module tree it had, and for
 every conv / linear / BatchNorm / PReLU its new constructor arguments, for every executor its
-class (from a fixed list: nothing named in the file is imported freely) and `to_config()`.
+class (from a fixed list: nothing named in the file is imported freely) and `to_config()`;
+a subclass of those layers (timm's BatchNormAct2d, Conv2dSame) keeps the class `build` gives it
+and is resized in place to the recorded widths and tensor shapes.
 `load` rebuilds the original architecture, swaps those modules in, and loads the state dict
 strictly, so the round trip computes bit-identical outputs.
 """
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import ArtifactError, UsageError
+from .. import records
 from ..io import load_tensors, read_json, save_tensors, write_json
 
 FORMAT = "ticketsmith.compact"
@@ -58,7 +61,44 @@ def _spec(module: nn.Module) -> dict | None:
                 "track_running_stats": module.track_running_stats}
     if type(module) is nn.PReLU:
         return {"type": name, "num_parameters": module.num_parameters}
+    if isinstance(module, _RESIZABLE):
+        # a subclass (timm's BatchNormAct2d, Conv2dSame, a parametrized layer): its own class is
+        # rebuilt by `build` and resized in place, so whatever else it holds (an activation,
+        # its own forward) stays; its widths and tensor shapes are recorded here
+        attrs = {a: getattr(module, a) for a in _WIDTHS if isinstance(getattr(module, a, None), int)}
+        return {"type": "resized", "class": name, "attrs": attrs}
     return None
+
+
+# Layers channel surgery may narrow, and the attributes holding their widths.
+_RESIZABLE = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.PReLU)
+_WIDTHS = ("in_channels", "out_channels", "in_features", "out_features", "num_features",
+           "num_parameters", "groups")
+
+
+def _resize(module: nn.Module, spec: dict, tensors: dict[str, torch.Tensor], name: str,
+            description: Path) -> nn.Module:
+    """Give a rebuilt layer of its own class the widths and tensor shapes it had when saved:
+    the widths from the description, each direct parameter / buffer the shape of its saved
+    tensor (the values come with load_state_dict)."""
+    if type(module).__name__ != spec.get("class"):
+        raise ArtifactError(f"{description}: layer {name!r} is a {type(module).__name__} in the "
+                            f"rebuilt model, a {spec.get('class')} in the saved one")
+    for attr, value in (spec.get("attrs") or {}).items():
+        if attr not in _WIDTHS or not isinstance(value, int):
+            raise ArtifactError(f"{description}: layer {name!r}: bad width {attr}={value!r}")
+        setattr(module, attr, value)
+    prefix = f"{name}." if name else ""
+    for pname, p in list(module.named_parameters(recurse=False)):
+        saved = tensors.get(prefix + pname)
+        if saved is not None and saved.shape != p.shape:
+            setattr(module, pname, nn.Parameter(torch.empty(saved.shape, dtype=p.dtype),
+                                                requires_grad=p.requires_grad))
+    for bname, b in list(module.named_buffers(recurse=False)):
+        saved = tensors.get(prefix + bname)
+        if b is not None and saved is not None and saved.shape != b.shape:
+            setattr(module, bname, torch.empty(saved.shape, dtype=b.dtype))
+    return module
 
 
 def _build_layer(spec: dict) -> nn.Module:
@@ -131,6 +171,7 @@ def load(path: str | os.PathLike, build: Callable[[], nn.Module] | None = None) 
     if desc.get("version") != VERSION:
         raise ArtifactError(f"{description}: format version {desc.get('version')} is not "
                             f"supported (expected {VERSION})")
+    records.read(description, "compact")  # every field load uses, of the type it expects
     tensors, meta = load_tensors(weights)
     if meta.get("kind") != FORMAT:
         raise ArtifactError(f"{weights}: not the weights of a ticketsmith compact model")
@@ -141,16 +182,23 @@ def load(path: str | os.PathLike, build: Callable[[], nn.Module] | None = None) 
             model.get_submodule(name)
         except AttributeError:
             raise ArtifactError(f"{description}: layer {name!r} is not in the rebuilt model") from None
-        if spec.get("type") == "executor":
-            cls = executor_class(spec.get("class", ""))
-            if cls is None:
-                raise ArtifactError(f"{description}: executor {spec.get('class')!r} of layer "
-                                    f"{name!r} is not available")
-            own = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
-            new = cls.from_config(spec["config"], own)
-            new.use(spec["executor"])
-        else:
-            new = _build_layer(spec)
+        try:  # a spec whose keys or values are not what save wrote: one error naming the layer
+            if spec.get("type") == "executor":
+                cls = executor_class(spec.get("class", ""))
+                if cls is None:
+                    raise ArtifactError(f"{description}: executor {spec.get('class')!r} of layer "
+                                        f"{name!r} is not available")
+                own = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+                new = cls.from_config(spec["config"], own)
+                new.use(spec["executor"])
+            elif spec.get("type") == "resized":
+                _resize(model.get_submodule(name), spec, tensors, name, description)
+                continue
+            else:
+                new = _build_layer(spec)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+            what = f"field {e.args[0]!r} is missing" if isinstance(e, KeyError) else str(e).splitlines()[0][:160]
+            raise ArtifactError(f"{description}: layer {name!r}: {what}") from None
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, new)
     dtypes = desc.get("float_dtypes") or []

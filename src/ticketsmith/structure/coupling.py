@@ -31,6 +31,10 @@ from ..masks import PRUNABLE_TYPES, Masks
 # channels (a removed channel would change the others' statistics), so they are never companions.
 CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
+# Layers whose output channels form groups: the prunable conv / linear layers and transposed
+# convolutions (UNet decoders), whose weight stores output channels in dim 1.
+LAYER_TYPES = PRUNABLE_TYPES + (nn.modules.conv._ConvTransposeNd,)
+
 # Graph nodes without parameters that carry channel indices through (possibly remapped by
 # torch-pruning's index mapping): the forward walk from a layer to its norms passes them.
 _PASS = {tpops.OPTYPE.ELEMENTWISE, tpops.OPTYPE.CONCAT, tpops.OPTYPE.SPLIT, tpops.OPTYPE.RESHAPE,
@@ -88,11 +92,14 @@ class Coupling:
     feeds: dict[str, list[Feed]]        # companion name -> the layer rows feeding its entries
     external: set[str]                  # companions that also see a non-layer input: never zeroed
     sizes: dict[str, int]               # companion name -> number of entries
+    transposed: frozenset = frozenset()  # weights stored in x out x k (transposed convs)
 
     def companion_masks(self, masks: Masks) -> dict[str, torch.Tensor]:
         """For every companion fed by a masked layer: True where some feeding row survives."""
-        alive_rows = {n: masks[n].reshape(masks[n].shape[0], -1).any(dim=1)
-                      for n in masks.weight_names}
+        alive_rows = {}
+        for n in masks.weight_names:
+            m = masks[n].transpose(0, 1) if n in self.transposed else masks[n]
+            alive_rows[n] = m.reshape(m.shape[0], -1).any(dim=1)
         out = {}
         for comp, feeds in self.feeds.items():
             if not any(f.layer in alive_rows for f in feeds) and comp not in masks:
@@ -187,7 +194,7 @@ def analyse(model: nn.Module, example_inputs=None) -> Coupling:
     p = next(model.parameters(), None)
     example_inputs = _as_leaves(example_inputs, p.device if p is not None else torch.device("cpu"))
     names = {m: n for n, m in model.named_modules()}
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)]
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
     if not layers:
         raise UsageError(f"{type(model).__name__} has no conv or linear layer")
     wname = {m: (f"{n}.weight" if n else "weight") for n, m in layers}
@@ -195,8 +202,16 @@ def analyse(model: nn.Module, example_inputs=None) -> Coupling:
     with _eval_mode(model), torch.enable_grad():
         # a tensor is one input (torch-pruning would first try `model(*x)`, i.e. unbatched rows)
         forward = (lambda mod, inputs: mod(inputs)) if isinstance(example_inputs, torch.Tensor) else None
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs, forward_fn=forward,
-                                                   verbose=False)
+        try:
+            dg = tp.DependencyGraph().build_dependency(model, example_inputs, forward_fn=forward,
+                                                       verbose=False)
+        except UsageError:
+            raise
+        except Exception as e:  # the tracer's own failures are of many kinds
+            msg = str(e).splitlines()[0][:200] if str(e) else ""
+            raise UsageError(f"the graph tracer cannot follow {type(model).__name__}: "
+                             f"{type(e).__name__}: {msg}; check that example_inputs is a batch "
+                             "the model accepts") from None
 
     # -- ties between output rows (union-find over (layer, row)) and consumers ---------------
     rows_uf, layers_uf = _UnionFind(), _UnionFind()
@@ -285,6 +300,11 @@ def analyse(model: nn.Module, example_inputs=None) -> Coupling:
         for consumer, in_idxs, layer, rows in consumed:
             if group_of[layer] != gi:
                 continue
+            if max(in_idxs, default=-1) >= _in_channels(model, consumer):
+                # the graph maps the channels past the consumer's inputs: it reads them along
+                # another axis (a linear layer over the transposed token axis of an MLP-Mixer),
+                # so it is no channel consumer of this group
+                continue
             if consumer not in index:
                 index[consumer] = torch.full((_in_channels(model, consumer),), -1,
                                              dtype=torch.int64)
@@ -294,8 +314,10 @@ def analyse(model: nn.Module, example_inputs=None) -> Coupling:
                                    companions=tuple(comps), consumers=tuple(cons),
                                    index=MappingProxyType(index),
                                    output=any(w in reaches_output for w in lnames)))
+    transposed = frozenset(wname[m] for _, m in layers
+                           if isinstance(m, nn.modules.conv._ConvNd) and m.transposed)
     return Coupling(groups, group_of, feeds, external,
-                    {c: int(params[c].shape[0]) for c in feeds})
+                    {c: int(params[c].shape[0]) for c in feeds}, transposed)
 
 
 def _out_channels(m: nn.Module) -> int:
@@ -358,11 +380,15 @@ def _as_leaves(inputs, device):
     return inputs
 
 
-def _leaf_operand(grad_fn) -> bool:
+def _leaf_operand(grad_fn, own: frozenset = frozenset()) -> bool:
     """An autograd input that is a leaf requiring grad: the model input (see `_as_leaves`) or a
     tensor used as is. Constants (scalars, buffers) have no node (None) and are harmless: an
-    all-zero channel plus a constant is a constant, which the masked norm turns into zero."""
-    return grad_fn is not None and hasattr(grad_fn, "variable")  # AccumulateGrad
+    all-zero channel plus a constant is a constant, which the masked norm turns into zero.
+    The norm's own parameters (ids in `own`) are no source: a norm-act layer (timm's
+    BatchNormAct2d) applies its affine inside its forward, where the graph sees it as an
+    operand of an element-wise node before the module's own node."""
+    return (grad_fn is not None and hasattr(grad_fn, "variable")  # AccumulateGrad
+            and id(grad_fn.variable) not in own)
 
 
 def _has_external_source(norm_node) -> bool:
@@ -371,18 +397,19 @@ def _has_external_source(norm_node) -> bool:
     norm channel carries information even when every feeding layer row is zero, so it is never
     zeroed."""
     stack, seen = list(norm_node.inputs), set()
-    if any(_leaf_operand(f[0]) for f in getattr(norm_node.grad_fn, "next_functions", ())[:1]):
+    own = frozenset(id(p) for p in norm_node.module.parameters(recurse=False))
+    if any(_leaf_operand(f[0], own) for f in getattr(norm_node.grad_fn, "next_functions", ())[:1]):
         return True
     while stack:
         node = stack.pop()
         if id(node) in seen:
             continue
         seen.add(id(node))
-        if isinstance(node.module, PRUNABLE_TYPES):
+        if isinstance(node.module, LAYER_TYPES):
             continue
         if node.type not in _PASS:
             return True
-        if any(_leaf_operand(f[0]) for f in getattr(node.grad_fn, "next_functions", ())):
+        if any(_leaf_operand(f[0], own) for f in getattr(node.grad_fn, "next_functions", ())):
             return True  # an operand that is no layer's output: the model input, a constant
         if not node.inputs:
             return True

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import faults
 from ..errors import UsageError
 from ..masks import Masks
 from .coupling import ChannelGroup, analyse
@@ -32,7 +34,7 @@ DATA_CRITERIA = ("feature-l1", "feature-l2", "saliency")
 
 def refill(model: nn.Module, masks: Masks, criterion: str = "l1", extra: float = 0.0,
            coupling: str = "none", data: Sequence[torch.Tensor] | torch.Tensor | None = None,
-           example_inputs=None) -> Masks:
+           example_inputs=None, layers: Sequence[str] | None = None) -> Masks:
     """Channel-wise structured masks from unstructured `masks` (Refill; Refill+ if `extra` > 0).
 
     - `criterion` scores each output channel (row) of a masked conv/linear layer, from the
@@ -63,6 +65,10 @@ def refill(model: nn.Module, masks: Masks, criterion: str = "l1", extra: float =
       mask unchanged: dropping a class is not a structure. Layers not in `masks` are untouched.
     - The result also holds the companions of the dropped channels (see `channel_companions`);
       blocks are dropped (a refilled layer is one block: its kept rows by all columns).
+    - `layers`: the weight names to refill (default: every weight mask); the other masks pass
+      through unchanged. With `layers=None` a layer whose mask is all zeros (global magnitude
+      pruning can empty a depthwise layer) is skipped with a warning: its mask already drops
+      every channel. Naming such a layer in `layers` is an error.
     `example_inputs`: a batch for tracing the graph (default: `data`'s inputs, else guessed).
     Neither `masks` nor the model (weights, BatchNorm statistics, training flags) changes.
     """
@@ -74,10 +80,21 @@ def refill(model: nn.Module, masks: Masks, criterion: str = "l1", extra: float =
         raise UsageError(f"unknown refill coupling {coupling!r}; choose one of: {', '.join(COUPLINGS)}")
     x, y = _unpack(data, criterion)
     masks.check(model)
-    for name in masks.weight_names:
-        if not bool(masks[name].any()):
-            raise UsageError(f"mask {name!r} is all zeros: refill needs surviving weights "
-                             "to choose that layer's channels")
+    if layers is None:
+        chosen = [n for n in masks.weight_names if bool(masks[n].any())]
+        empty = [n for n in masks.weight_names if n not in chosen]
+        if empty:
+            warnings.warn(f"refill: {len(empty)} layer(s) with an all-zero mask left as they are "
+                          f"(every channel dropped): {', '.join(empty)}", stacklevel=2)
+    else:
+        chosen = [layers] if isinstance(layers, str) else list(layers)
+        for name in chosen:
+            if name not in masks.weight_names:
+                raise UsageError(f"refill layers: {name!r} has no weight mask (masks hold: "
+                                 f"{', '.join(masks.weight_names)})")
+            if not bool(masks[name].any()):
+                raise UsageError(f"mask {name!r} is all zeros: refill needs surviving weights "
+                                 "to choose that layer's channels; leave it out of layers=")
     if example_inputs is None and x is not None:
         example_inputs = x[:1]  # the graph does not depend on the batch size
     graph = analyse(model, example_inputs)
@@ -85,23 +102,39 @@ def refill(model: nn.Module, masks: Masks, criterion: str = "l1", extra: float =
     if unknown:
         raise UsageError(f"refill handles conv and linear weights; {unknown[0]!r} is not one")
 
-    scores = channel_scores(model, masks, criterion, x, y)
+    # the layers to score and refill, output channels in dim 0 (a transposed conv stores them
+    # in dim 1: it is refilled in that view and turned back below)
+    transposed = _transposed(model)
+    work = Masks({n: _out_major(masks[n], n in transposed) for n in chosen})
+    scores = channel_scores(model, masks, criterion, x, y, layers=chosen)
     new = {}
     for group in graph.groups:
-        names = [n for n in group.layers if n in masks]
+        names = [n for n in group.layers if n in work]
         if not names or group.output:
             continue
+        faults.reach("refill")  # crash tests: an interruption between two groups' choices
         if coupling == "shared":
-            new.update(_refill_unit(group, names, masks, scores, extra))
+            new.update(_refill_unit(group, names, work, scores, extra))
             continue
         own = {}
         for n in names:
-            own.update(_refill_unit(group, [n], masks, scores, extra))
+            own.update(_refill_unit(group, [n], work, scores, extra))
         if coupling == "union" and len(names) > 1:
             own = _union(group, own)
         new.update(own)
+    new = {n: _out_major(m, n in transposed) for n, m in new.items()}
     result = masks.updated(new, drop_blocks=True)
     return result.updated(graph.companion_masks(result))
+
+
+def _transposed(model: nn.Module) -> set[str]:
+    """Weight names of the transposed convolutions (weight layout in x out x k...)."""
+    return {f"{n}.weight" if n else "weight" for n, m in model.named_modules()
+            if isinstance(m, nn.modules.conv._ConvNd) and m.transposed}
+
+
+def _out_major(t: torch.Tensor, transposed: bool) -> torch.Tensor:
+    return t.transpose(0, 1) if transposed else t
 
 
 def refill_counts(c: int, kept: int, total: int, extra: float = 0.0) -> int:
@@ -179,17 +212,21 @@ def _unpack(data, criterion: str):
 
 
 def channel_scores(model: nn.Module, masks: Masks, criterion: str = "l1",
-                   x: torch.Tensor | None = None, y: torch.Tensor | None = None
-                   ) -> dict[str, torch.Tensor]:
-    """Per masked layer, a float64 CPU score for each output channel (higher = more important),
-    computed on the unstructured ticket (weights times mask). See `refill` for the criteria."""
+                   x: torch.Tensor | None = None, y: torch.Tensor | None = None,
+                   layers: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """Per masked layer (or those in `layers`), a float64 CPU score for each output channel
+    (higher = more important), computed on the unstructured ticket (weights times mask). See
+    `refill` for the criteria."""
     params = dict(model.named_parameters())
-    names = masks.weight_names
+    names = masks.weight_names if layers is None else list(layers)
+    tr = _transposed(model)
     if criterion == "l1":
-        return {n: (params[n].detach() * masks[n].to(params[n].device)).abs()
-                .reshape(masks[n].shape[0], -1).sum(dim=1).double().cpu() for n in names}
+        return {n: _out_major((params[n].detach() * masks[n].to(params[n].device)).abs(), n in tr)
+                .reshape(_out_major(masks[n], n in tr).shape[0], -1).sum(dim=1).double().cpu()
+                for n in names}
     if criterion == "count":
-        return {n: masks[n].reshape(masks[n].shape[0], -1).sum(dim=1).double().cpu() for n in names}
+        return {n: (lambda m: m.reshape(m.shape[0], -1).sum(dim=1).double().cpu())(
+            _out_major(masks[n], n in tr)) for n in names}
     if criterion not in DATA_CRITERIA:
         raise UsageError(f"unknown refill criterion {criterion!r}; choose one of: {', '.join(CRITERIA)}")
     if x is None:
@@ -202,7 +239,8 @@ def channel_scores(model: nn.Module, masks: Masks, criterion: str = "l1",
     device = next(ticket.parameters()).device
     x = x.to(device)
     modules = {n: ticket.get_submodule(n.rsplit(".", 1)[0]) if "." in n else ticket for n in names}
-    acc = {n: torch.zeros(masks[n].shape[0], dtype=torch.float64) for n in names}
+    acc = {n: torch.zeros(_out_major(masks[n], n in tr).shape[0], dtype=torch.float64)
+           for n in names}
 
     def per_channel(n, t: torch.Tensor) -> torch.Tensor:
         # (batch, channels, positions): channels are dim 1 for convs, the last dim for linear

@@ -63,6 +63,7 @@ For linear layers both are the same.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -74,6 +75,10 @@ from .partition import PARTITIONERS, one_thread, partition_rows
 
 DEFAULT_GROUPS = 8
 GRANULARITIES = ("element", "channel")
+
+
+class NoBlockError(UsageError):
+    """Regroup found no dense block in a layer (the message names the layer and what to lower)."""
 
 
 # -- checks and effective settings -------------------------------------------------------------
@@ -270,7 +275,7 @@ def _regroup_one(mask: torch.Tensor, name: str, t1, partitioner, width_ratio, t2
         return [Block(everything, torch.arange(n_elem, dtype=torch.int64))], {**eff, "passes": 0}
     found, passes = _regroup_units(mat, name, eff, width_ratio, unit, partitioner, seed, imbalance, max_passes)
     if not found:
-        raise UsageError(
+        raise NoBlockError(
             f"layer {name!r}: regroup found no dense block (rows={rows}, kept weights="
             f"{int(mask.sum())} of {mask.numel()}, effective t1="
             f"{eff['t1']}, b1={eff['b1']}, b2={eff['b2']}, t2={eff['t2'] or 'auto'}); lower b1, b2, "
@@ -313,6 +318,11 @@ def regroup(masks: Masks, t1: int | None = None, partitioner: str = "metis", *,
             imbalance: float = 0.1, max_passes: int | None = None) -> Masks:
     """Regroup every weight mask (or those named in `layers`) into dense blocks.
 
+    With `layers=None` a layer whose mask is all zeros (global magnitude pruning can empty a
+    depthwise layer), or in which no dense block is found, is passed through unchanged (no
+    blocks) with a warning instead of refusing the whole model; naming it in `layers` is an
+    error.
+
     Returns new Masks: each regrouped layer's mask is the union of its blocks (refilled inside,
     empty outside) and ``result.blocks[layer]`` lists the blocks. Other entries (1-D companion
     masks, layers not named) are passed through unchanged. Deterministic for a fixed `seed`;
@@ -325,17 +335,35 @@ def regroup(masks: Masks, t1: int | None = None, partitioner: str = "metis", *,
     _check_args(t1, partitioner, width_ratio, t2, b1, b2, granularity, imbalance, seed, max_passes)
     masks = _as_masks(masks)
     new_masks, new_blocks = {}, {}
+    names = _layer_names(masks, layers)
+    if layers is None:
+        empty = [n for n in names if masks[n].dim() >= 2 and not bool(masks[n].any())]
+        if empty:
+            warnings.warn(f"regroup: {len(empty)} layer(s) with an all-zero mask left as they "
+                          f"are: {', '.join(empty)}", stacklevel=2)
+            names = [n for n in names if n not in empty]
+    unblocked: list[str] = []
     with one_thread():
-        for name in _layer_names(masks, layers):
+        for name in names:
             faults.reach("regroup")  # crash tests: a kill between two layers' partitions
             m = masks[name]
-            blocks, _ = _regroup_one(m, name, t1, partitioner, width_ratio, t2, b1, b2, granularity,
-                                     seed, imbalance, max_passes)
+            try:
+                blocks, _ = _regroup_one(m, name, t1, partitioner, width_ratio, t2, b1, b2,
+                                         granularity, seed, imbalance, max_passes)
+            except NoBlockError:
+                if layers is not None:
+                    raise
+                unblocked.append(name)  # its mask passes through: it compacts as a dense layer
+                continue
             out = torch.zeros(m.shape[0], m[0].numel(), dtype=torch.bool)
             for blk in blocks:
                 out[blk.rows[:, None], blk.cols[None, :]] = True
             new_masks[name] = out.view(m.shape)
             new_blocks[name] = blocks
+    if unblocked:
+        warnings.warn(f"regroup found no dense block in {len(unblocked)} layer(s), left "
+                      f"unstructured (lower b1, b2, t2 or t1 to find some): {', '.join(unblocked)}",
+                      stacklevel=2)
     return masks.updated(new_masks, blocks=new_blocks)
 
 
@@ -367,5 +395,5 @@ def regroup_stats(result: Masks, source: Masks | None = None) -> dict[str, dict]
     return out
 
 
-__all__ = ["regroup", "regroup_layer", "regroup_settings", "regroup_stats", "GRANULARITIES",
+__all__ = ["NoBlockError", "regroup", "regroup_layer", "regroup_settings", "regroup_stats", "GRANULARITIES",
            "DEFAULT_GROUPS"]

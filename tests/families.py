@@ -1,0 +1,354 @@
+"""Small hand-written replicas of the tricky operations of the model families users bring
+(torchvision / timm / user code), for tests/test_families.py. No downloads: each replica is a
+few modules that reproduce the op patterns that broke compaction or structuring (issue 18).
+
+Each family is `(build, example_shape, other_shapes)`: `build()` returns a fresh model (same seed,
+same weights), `example_shape` is the input compaction sees, `other_shapes` are inputs the check
+runs on besides it (another batch size, another spatial size where the model allows)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+# -- timm-style layer replicas ------------------------------------------------------------------
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: a BatchNorm2d subclass whose forward also applies an activation."""
+
+    def __init__(self, num_features: int, act_layer=nn.SiLU):
+        super().__init__(num_features)
+        self.act = act_layer()
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training, self.momentum, self.eps)
+        return self.act(x)
+
+
+def _same_pad(size: int, k: int, s: int, d: int) -> int:
+    return max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+
+
+class Conv2dSame(nn.Conv2d):
+    """timm's Conv2dSame: TensorFlow "same" padding computed from the input size in forward."""
+
+    def __init__(self, cin, cout, k, stride=1, groups=1, bias=False):
+        super().__init__(cin, cout, k, stride, 0, 1, groups, bias)
+
+    def forward(self, x):
+        ih, iw = x.shape[-2:]
+        ph = _same_pad(ih, self.kernel_size[0], self.stride[0], self.dilation[0])
+        pw = _same_pad(iw, self.kernel_size[1], self.stride[1], self.dilation[1])
+        x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class StdConv2d(nn.Conv2d):
+    """timm's StdConv2d: the weight is standardised per output channel in forward."""
+
+    def __init__(self, cin, cout, k, stride=1, padding=0, bias=False, eps=1e-6):
+        super().__init__(cin, cout, k, stride, padding, bias=bias)
+        self.eps = eps
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                         training=True, momentum=0.0, eps=self.eps).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+# -- MobileNet-v2 / v3: inverted residual, depthwise, SE with expand_as, hardswish ---------------
+class SE(nn.Module):
+    """Squeeze-excitation: pooled branch, two 1x1 convs, sigmoid gate multiplied by expand_as."""
+
+    def __init__(self, c, r=4):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(c, max(1, c // r), 1)
+        self.fc2 = nn.Conv2d(max(1, c // r), c, 1)
+
+    def forward(self, x):
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(self.pool(x)))))
+        return x * s.expand_as(x)
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, c, expand=4, se=True, act=nn.Hardswish):
+        super().__init__()
+        h = c * expand
+        self.expand = nn.Conv2d(c, h, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(h)
+        self.act1 = act()
+        self.dw = nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False)
+        self.bn2 = nn.BatchNorm2d(h)
+        self.act2 = act()
+        self.se = SE(h) if se else nn.Identity()
+        self.project = nn.Conv2d(h, c, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = self.act1(self.bn1(self.expand(x)))
+        y = self.se(self.act2(self.bn2(self.dw(y))))
+        return x + self.bn3(self.project(y))
+
+
+class MobileNetV2ish(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.block1 = InvertedResidual(8, act=nn.Hardswish)
+        self.block2 = InvertedResidual(8, act=nn.ReLU6, se=False)
+        self.head = nn.Conv2d(8, 32, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, classes)
+
+    def forward(self, x):
+        x = F.hardswish(self.bn(self.stem(x)))
+        x = self.block2(self.block1(x))
+        x = F.silu(self.head(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+# -- EfficientNet (timm tf_ variants): Conv2dSame, BatchNormAct2d, SE, SiLU, stochastic depth ----
+class EffBlock(nn.Module):
+    def __init__(self, c, expand=4):
+        super().__init__()
+        h = c * expand
+        self.conv_pw = nn.Conv2d(c, h, 1, bias=False)
+        self.bn1 = BatchNormAct2d(h)
+        self.conv_dw = Conv2dSame(h, h, 3, groups=h)
+        self.bn2 = BatchNormAct2d(h)
+        self.se = SE(h)
+        self.conv_pwl = nn.Conv2d(h, c, 1, bias=False)
+        self.bn3 = BatchNormAct2d(c, act_layer=nn.Identity)
+
+    def forward(self, x):
+        y = self.bn2(self.conv_dw(self.bn1(self.conv_pw(x))))
+        return x + self.bn3(self.conv_pwl(self.se(y)))  # drop path is the identity in eval
+
+
+class EfficientNetish(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.conv_stem = Conv2dSame(3, 8, 3, stride=2)
+        self.bn1 = BatchNormAct2d(8)
+        self.block = EffBlock(8)
+        self.conv_std = StdConv2d(8, 16, 3, padding=1)
+        self.bn_std = nn.BatchNorm2d(16)
+        self.conv_head = nn.Conv2d(16, 32, 1, bias=False)
+        self.bn2 = BatchNormAct2d(32)
+        self.classifier = nn.Linear(32, classes)
+
+    def forward(self, x):
+        x = self.block(self.bn1(self.conv_stem(x)))
+        x = F.relu(self.bn_std(self.conv_std(x)))
+        x = self.bn2(self.conv_head(x))
+        return self.classifier(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+# -- ShuffleNet-v2: channel split, channel shuffle (reshape-transpose-reshape) --------------------
+def channel_shuffle(x, groups):
+    b, c, h, w = x.shape
+    return x.reshape(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+
+class ShuffleUnit(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        h = c // 2
+        self.pw1 = nn.Conv2d(h, h, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(h)
+        self.dw = nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False)
+        self.bn2 = nn.BatchNorm2d(h)
+        self.pw2 = nn.Conv2d(h, h, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(h)
+
+    def forward(self, x):
+        a, b = x.chunk(2, dim=1)
+        b = F.relu(self.bn3(self.pw2(self.bn2(self.dw(F.relu(self.bn1(self.pw1(b))))))))
+        return channel_shuffle(torch.cat([a, b], 1), 2)
+
+
+class ShuffleNetish(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.unit = ShuffleUnit(16)
+        self.conv5 = nn.Conv2d(16, 32, 1, bias=False)
+        self.fc = nn.Linear(32, classes)
+
+    def forward(self, x):
+        x = self.unit(F.relu(self.bn(self.stem(x))))
+        return self.fc(F.relu(self.conv5(x)).mean([2, 3]))
+
+
+# -- UNet: ConvTranspose2d decoder, concatenation skips -----------------------------------------
+def _double(cin, cout):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(), nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class TinyUNet(nn.Module):
+    def __init__(self, cin=3, cout=2):
+        super().__init__()
+        self.enc1 = _double(cin, 8)
+        self.enc2 = _double(8, 16)
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.dec1 = _double(16, 8)
+        self.out = nn.Conv2d(8, cout, 1)
+
+    def forward(self, x):
+        e1 = self.enc1(x)
+        e2 = self.enc2(F.max_pool2d(e1, 2))
+        d = self.dec1(torch.cat([self.up(e2), e1], 1))
+        return self.out(d)
+
+
+# -- ViT block: nn.MultiheadAttention (reads out_proj.weight), LayerNorm, GELU MLP ---------------
+class ViTBlock(nn.Module):
+    def __init__(self, dim=32, heads=4, mlp=64):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, mlp)
+        self.fc2 = nn.Linear(mlp, dim)
+
+    def forward(self, x):
+        y = self.norm1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class TinyViT(nn.Module):
+    def __init__(self, classes=10, dim=32, patch=4):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, patch, stride=patch)
+        self.block = ViTBlock(dim)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = self.norm(self.block(x))
+        return self.head(x.mean(1))
+
+
+# -- MLP-Mixer: token mixing (Linear over the transposed token axis), channel mixing -------------
+class MixerBlock(nn.Module):
+    def __init__(self, tokens, dim, tok_hidden=32, ch_hidden=64):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.tok1 = nn.Linear(tokens, tok_hidden)
+        self.tok2 = nn.Linear(tok_hidden, tokens)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ch1 = nn.Linear(dim, ch_hidden)
+        self.ch2 = nn.Linear(ch_hidden, dim)
+
+    def forward(self, x):
+        y = self.norm1(x).transpose(1, 2)
+        x = x + self.tok2(F.gelu(self.tok1(y))).transpose(1, 2)
+        return x + self.ch2(F.gelu(self.ch1(self.norm2(x))))
+
+
+class TinyMixer(nn.Module):
+    def __init__(self, classes=10, dim=32, size=16, patch=4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, patch, stride=patch)
+        self.block = MixerBlock((size // patch) ** 2, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.stem(x).flatten(2).transpose(1, 2)
+        return self.head(self.norm(self.block(x)).mean(1))
+
+
+# -- ConvNeXt: depthwise 7x7, permute to channels-last, LayerNorm, Linear MLP, layer scale --------
+class ConvNeXtBlock(nn.Module):
+    def __init__(self, dim=16):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), 0.5))
+
+    def forward(self, x):
+        y = self.norm(self.dwconv(x).permute(0, 2, 3, 1))
+        y = self.gamma * self.pwconv2(F.gelu(self.pwconv1(y)))
+        return x + y.permute(0, 3, 1, 2)
+
+
+class TinyConvNeXt(nn.Module):
+    def __init__(self, classes=10, dim=16):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 2, stride=2)
+        self.block = ConvNeXtBlock(dim)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.block(self.stem(x))
+        return self.head(self.norm(x.mean([2, 3])))
+
+
+# -- weight_norm parametrized convs (audio / GAN style), Conv1d, SE with AdaptiveAvgPool1d --------
+class WeightNormNet(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        wn = nn.utils.parametrizations.weight_norm
+        self.conv1 = wn(nn.Conv1d(4, 16, 3, padding=1))
+        self.conv2 = nn.Conv1d(16, 32, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool1d(1)
+        self.se1 = nn.Conv1d(32, 8, 1)
+        self.se2 = nn.Conv1d(8, 32, 1)
+        self.conv3 = wn(nn.Conv1d(32, 32, 3, padding=1))
+        self.fc = nn.Linear(32, classes)
+
+    def forward(self, x):
+        x = F.leaky_relu(self.conv1(x), 0.1)
+        x = F.relu(self.conv2(x))
+        s = torch.sigmoid(self.se2(F.relu(self.se1(self.pool(x)))))
+        x = F.relu(self.conv3(x * s.expand_as(x)))
+        return self.fc(self.pool(x).flatten(1))
+
+
+def _randomize(model: nn.Module, seed: int) -> nn.Module:
+    """Non-trivial BatchNorm statistics and affine (as a trained model has), eval mode."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model.eval()
+
+
+def builder(cls, seed: int = 0, **kw):
+    """A callable returning the same randomised model every call (the `build=` for load)."""
+    def build():
+        torch.manual_seed(seed)
+        return _randomize(cls(**kw), seed)
+    build.__name__ = f"build_{cls.__name__}"
+    return build
+
+
+FAMILIES = {
+    # name: (build, example input shape, other input shapes)
+    "mobilenet_v2_se": (builder(MobileNetV2ish), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
+    "efficientnet_tf": (builder(EfficientNetish), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 19, 19)]),
+    "shufflenet_v2": (builder(ShuffleNetish), (2, 3, 8, 8), [(3, 3, 8, 8), (1, 3, 12, 12)]),
+    "unet": (builder(TinyUNet), (2, 3, 8, 8), [(3, 3, 8, 8), (1, 3, 16, 16)]),
+    "vit_mha": (builder(TinyViT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
+    "mlp_mixer": (builder(TinyMixer), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 16, 16)]),
+    "convnext": (builder(TinyConvNeXt), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 20, 20)]),
+    "weight_norm_1d": (builder(WeightNormNet), (2, 4, 16), [(3, 4, 16), (1, 4, 23)]),
+}

@@ -1,0 +1,369 @@
+"""The model families users bring, as small replicas of their tricky ops (tests/families.py),
+through every structure: refill channel tickets, regroup blocks (element and channel
+granularity), SRigL-style constant fan-in masks. Each (family, structure) is one test: the
+compact model is exact against the masked model on inputs other than the example, smaller where
+a channel or block could go, survives save/load (with `build=`) and ONNX export.
+
+The real torchvision / timm models run under the optional `zoo` marker when installed."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import ticketsmith as ts
+from ticketsmith import compact as C
+from ticketsmith.errors import UsageError
+
+from families import FAMILIES, BatchNormAct2d, Conv2dSame, StdConv2d
+
+STRUCTURES = ("refill", "regroup-element", "regroup-channel", "constant-fan-in")
+
+# (family, structure) pairs where no channel or block can go: every group the structure could
+# shrink is tied to a layer that must stay whole (the reason is asserted in the test).
+NOTHING_TO_REMOVE = {
+    # weight_norm layers are not prunable (no mask), and the channels of the plain convs reach a
+    # parametrized consumer: surgery leaves those groups whole
+    ("weight_norm_1d", "regroup-element"): "parametrized",
+    ("weight_norm_1d", "regroup-channel"): "parametrized",
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def magnitude(model: nn.Module, sparsity: float) -> ts.Masks:
+    """Global magnitude pruning over the prunable weights (it may empty a whole layer)."""
+    names = ts.prunable_names(model)
+    params = dict(model.named_parameters())
+    flat = torch.cat([params[n].detach().abs().flatten() for n in names])
+    threshold = flat.kthvalue(int(sparsity * flat.numel())).values
+    return ts.Masks({n: params[n].detach().abs() > threshold for n in names})
+
+
+def constant_fan_in(model: nn.Module, x: torch.Tensor, density: float = 0.2) -> ts.Masks:
+    """SRigL-style masks: every row keeps its k largest weights (k the same for the layer),
+    every fourth row ablated (SRigL's neuron ablation), with the companions that make an
+    ablated neuron output zero."""
+    params = dict(model.named_parameters())
+    out = {}
+    for n in ts.prunable_names(model):
+        rows = params[n].detach().reshape(params[n].shape[0], -1)
+        k = max(1, round(density * rows.shape[1]))
+        m = torch.zeros_like(rows, dtype=torch.bool)
+        m.scatter_(1, rows.abs().topk(k, dim=1).indices, True)
+        m[::4] = False
+        out[n] = m.view_as(params[n])
+    return ts.channel_companions(model, ts.Masks(out), x)
+
+
+def structured(kind: str, model: nn.Module, x: torch.Tensor) -> ts.Masks:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # empty / unblocked layers are reported by warnings
+        if kind == "refill":
+            return ts.refill(model, magnitude(model, 0.5), example_inputs=x)
+        if kind.startswith("regroup"):
+            return ts.regroup(magnitude(model, 0.8), granularity=kind.split("-")[1])
+        return constant_fan_in(model, x)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max()) / max(float(a.abs().max()), 1e-12)
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_through_structure(family, structure, small_executors, tmp_path):
+    build, shape, others = FAMILIES[family]
+    model = build()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    masks = structured(structure, model, x)
+    masked = copy.deepcopy(model)
+    masks.apply(masked)
+    small = C.compact(model, masks, x)
+
+    # exact on inputs other than the example (another batch, another spatial size)
+    g = torch.Generator().manual_seed(2)
+    inputs = [torch.randn(s, generator=g) for s in others]
+    with torch.no_grad():
+        for xi in inputs:
+            assert rel_err(masked(xi), small(xi)) < 1e-4, (family, structure, tuple(xi.shape))
+
+    # smaller where a channel or block could go; otherwise the reason is on record
+    rows = C.describe(small)
+    if (family, structure) in NOTHING_TO_REMOVE:
+        assert n_params(small) == n_params(model)
+        reasons = " ".join(small.ticketsmith_compact["skipped_groups"].values())
+        assert NOTHING_TO_REMOVE[family, structure] in reasons
+    else:
+        assert n_params(small) < n_params(model), (family, structure)
+    for r in rows:  # every layer kept whole says why
+        assert r["reason"]
+
+    # save / load with the builder of the original architecture: bit-identical
+    C.save(small, tmp_path / "ticket")
+    again = C.load(tmp_path / "ticket", build=build)
+    # (by name: a parametrized layer's class is created per instance)
+    assert [type(m).__name__ for m in again.modules()] == [type(m).__name__ for m in small.modules()]
+    with torch.no_grad():
+        for xi in inputs:
+            assert torch.equal(small(xi), again(xi))
+
+    # ONNX (dynamic batch): run at another batch size under onnxruntime
+    pytest.importorskip("onnxruntime")
+    path = C.export_onnx(small, x, tmp_path / "ticket.onnx")
+    xb = inputs[0]
+    with torch.no_grad():
+        ref = small(xb)
+    assert rel_err(ref, C.run_onnx(path, xb)[0]) < 1e-4
+
+
+# -- layers that must not be rebuilt ----------------------------------------------------------
+@pytest.mark.parametrize("granularity", ["element", "channel"])
+def test_forward_overriding_convs_keep_their_class(granularity, small_executors):
+    """Conv2dSame pads from the input size, StdConv2d standardises its weight: rebuilt from
+    weight/stride/padding they compute another function (exact at no size, or only at the
+    example's). They keep their class, and describe() says why."""
+    build, shape, others = FAMILIES["efficientnet_tf"]
+    model = build()
+    x = torch.randn(shape)
+    masks = ts.regroup(ts.Masks({n: torch.rand(p.shape, generator=torch.Generator().manual_seed(3))
+                                 < 0.15 for n, p in model.named_parameters()
+                                 if n in ("conv_stem.weight", "conv_std.weight")}),
+                       granularity=granularity, b1=2, b2=1)
+    small = C.compact(model, masks, x)
+    rows = {r["layer"]: r for r in C.describe(small)}
+    assert type(small.conv_stem) is Conv2dSame and type(small.conv_std) is StdConv2d
+    assert "Conv2dSame overrides the forward" in rows["conv_stem"]["reason"]
+    assert "StdConv2d overrides the forward" in rows["conv_std"]["reason"]
+    masked = copy.deepcopy(model)
+    masks.apply(masked)
+    with torch.no_grad():
+        for s in others:  # 19 px: TF-"same" padding is asymmetric there
+            xi = torch.randn(s)
+            assert rel_err(masked(xi), small(xi)) < 1e-4
+
+
+def test_compact_checks_inputs_other_than_the_example():
+    """compact's self-check runs the masked and the compact model on another batch size and,
+    where the model takes it, another (odd) spatial size, at a tolerance that a wrong padding
+    (3e-4 at the example size in the issue) does not pass."""
+    assert C.VERIFY_TOLERANCE <= 1e-4
+    build, shape, _ = FAMILIES["efficientnet_tf"]
+    model = build()
+    checks = C._check_inputs(model, (torch.randn(shape),))
+    assert [tuple(x[0].shape) for _, x, _ in checks] == [(3, 3, 16, 16), (1, 3, 19, 19)]
+    fixed = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).eval()
+    checks = C._check_inputs(fixed, (torch.randn(2, 3, 8, 8),))
+    assert [tuple(x[0].shape) for _, x, _ in checks] == [(3, 3, 8, 8)]  # one size only
+
+
+def test_attention_reads_out_proj_weight(small_executors):
+    """nn.MultiheadAttention reads out_proj.weight itself: out_proj stays a Linear (with the
+    zeros folded in) while the MLP's layers get executors, and the model runs and matches."""
+    build, shape, others = FAMILIES["vit_mha"]
+    model = build()
+    x = torch.randn(shape)
+    masks = constant_fan_in(model, x)
+    small = C.compact(model, masks, x)
+    rows = {r["layer"]: r for r in C.describe(small)}
+    assert type(small.block.attn.out_proj) is type(model.block.attn.out_proj)
+    assert "its owner reads its parameters directly" in rows["block.attn.out_proj"]["reason"]
+    assert rows["block.fc1"]["module"] == "CondensedLinear"
+    masked = copy.deepcopy(model)
+    masks.apply(masked)
+    with torch.no_grad():
+        for s in others:
+            xi = torch.randn(s)
+            assert rel_err(masked(xi), small(xi)) < 1e-4
+    assert bool((small.block.attn.out_proj.weight[~masks["block.attn.out_proj.weight"]] == 0).all())
+
+
+def test_transformer_mlp_hidden_units_are_removed():
+    """Channel tickets of a ViT / Mixer / ConvNeXt block remove MLP hidden units: a Linear on a
+    >2-D tensor (features in the last dimension) couples with its consumer through per-feature
+    ops only."""
+    for family, (first, second) in {"vit_mha": ("block.fc1", "block.fc2"),
+                                    "mlp_mixer": ("block.ch1", "block.ch2"),
+                                    "convnext": ("block.pwconv1", "block.pwconv2")}.items():
+        build, shape, _ = FAMILIES[family]
+        model = build()
+        x = torch.randn(shape)
+        masks = structured("refill", model, x)
+        kept = int(masks[f"{first}.weight"].reshape(masks[f"{first}.weight"].shape[0], -1)
+                   .any(dim=1).sum())
+        small = C.compact(model, masks, x)
+        fc1, fc2 = small.get_submodule(first), small.get_submodule(second)
+        assert fc1.out_features == kept < model.get_submodule(first).out_features, family
+        assert fc2.in_features == kept, family
+
+
+# -- norm-act layers --------------------------------------------------------------------------
+def test_norm_act_dropped_channels_are_dead_and_removed(tmp_path):
+    """Refill masks a BatchNormAct2d's affine for the channels it drops (the norm-act layer
+    applies its affine inside its forward), so they output exactly zero; surgery removes them
+    from the norm-act layer, which keeps its class (and activation) through save/load."""
+    build, shape, others = FAMILIES["efficientnet_tf"]
+    model = build()
+    x = torch.randn(shape)
+    masks = structured("refill", model, x)
+    dropped = ~masks["block.conv_pw.weight"].reshape(32, -1).any(dim=1)
+    assert 0 < int(dropped.sum()) < 32
+    assert torch.equal(masks["block.bn1.weight"], ~dropped)
+    assert torch.equal(masks["block.bn1.bias"], ~dropped)
+    masked = copy.deepcopy(model)
+    masks.apply(masked)
+    seen = {}
+    masked.block.bn1.register_forward_hook(lambda m, a, out: seen.setdefault("out", out))
+    with torch.no_grad():
+        masked(torch.randn(others[0]))
+    assert bool((seen["out"][:, dropped] == 0).all())
+
+    small = C.compact(model, masks, x)
+    assert isinstance(small.block.bn1, BatchNormAct2d)
+    assert small.block.bn1.num_features <= int((~dropped).sum())  # (the dw conv may kill more)
+    C.save(small, tmp_path / "t")
+    again = C.load(tmp_path / "t", build=build)
+    assert isinstance(again.block.bn1, BatchNormAct2d) and isinstance(again.block.bn1.act, nn.SiLU)
+    assert again.block.bn1.num_features == small.block.bn1.num_features
+    with torch.no_grad():
+        xi = torch.randn(others[1])
+        assert torch.equal(again(xi), small(xi))
+
+
+# -- ConvTranspose2d ----------------------------------------------------------------------------
+def test_conv_transpose_compacts_and_refills_by_output_channel():
+    build, shape, others = FAMILIES["unet"]
+    model = build()
+    x = torch.randn(shape)
+    same = C.compact(model, ts.Masks.ones(model), x)  # all-ones masks: no crash, nothing removed
+    assert n_params(same) == n_params(model)
+    # a transposed conv is no default prunable layer: masked by hand, as a user may
+    unstructured = magnitude(model, 0.5)
+    up = model.up.weight.detach().abs()
+    unstructured = unstructured.updated({"up.weight": up > up.median()})
+    masks = ts.refill(model, unstructured, example_inputs=x)
+    w = masks["up.weight"]  # in x out x kh x kw: refill keeps whole *output* channels
+    per_out = w.transpose(0, 1).reshape(w.shape[1], -1)
+    assert bool((per_out.all(dim=1) | ~per_out.any(dim=1)).all())
+    assert torch.equal(masks["up.bias"], per_out.any(dim=1))
+    small = C.compact(model, masks, x)
+    assert small.up.out_channels == int(per_out.any(dim=1).sum()) < 8
+    masked = copy.deepcopy(model)
+    masks.apply(masked)
+    with torch.no_grad():
+        xi = torch.randn(others[1])
+        assert rel_err(masked(xi), small(xi)) < 1e-4
+
+
+# -- partial support: empty layers, weight_norm -------------------------------------------------
+def test_empty_layers_are_skipped_with_a_warning():
+    build, shape, _ = FAMILIES["mobilenet_v2_se"]
+    model = build()
+    x = torch.randn(shape)
+    masks = magnitude(model, 0.5)
+    masks = masks.updated({"block1.dw.weight": torch.zeros_like(masks["block1.dw.weight"])})
+    with pytest.warns(UserWarning, match="block1.dw.weight"):
+        refilled = ts.refill(model, masks, example_inputs=x)
+    assert not bool(refilled["block1.dw.weight"].any())
+    assert not bool(refilled["block1.bn2.weight"].any())  # its channels are dead
+    with pytest.raises(UsageError, match="block1.dw.weight.*all zeros"):
+        ts.refill(model, masks, example_inputs=x, layers=["block1.dw.weight"])
+    only = ts.refill(model, masks, example_inputs=x, layers=["block1.expand.weight"])
+    assert torch.equal(only["block2.expand.weight"], masks["block2.expand.weight"])
+    with pytest.warns(UserWarning, match="block1.dw.weight"):
+        grouped = ts.regroup(masks, granularity="channel", b1=2, b2=1)
+    assert "block1.dw.weight" not in grouped.blocks
+    with pytest.raises(UsageError, match="block1.dw.weight.*all zeros"):
+        ts.regroup(masks, layers=["block1.dw.weight"])
+    small = C.compact(model, refilled, x)
+    assert n_params(small) < n_params(model)
+
+
+def test_weight_norm_layers_stay_dense_with_a_warning():
+    build, shape, _ = FAMILIES["weight_norm_1d"]
+    model = build()
+    with pytest.warns(UserWarning, match="parametrized.*conv1, conv3"):
+        masks = ts.Masks.ones(model)
+    assert "conv1.weight" not in masks and "conv3.weight" not in masks
+    assert "conv2.weight" in masks
+
+
+# -- the real models, when installed -------------------------------------------------------------
+def _zoo_models():
+    out = []
+    if importlib.util.find_spec("timm") is not None:
+        out += [("timm", n) for n in ("resnet18", "mobilenetv3_small_050", "tf_efficientnet_b0",
+                                      "convnext_atto", "vit_tiny_patch16_224")]
+    if importlib.util.find_spec("torchvision") is not None:
+        out += [("torchvision", n) for n in ("resnet18", "mobilenet_v2", "shufflenet_v2_x0_5",
+                                             "vit_b_16")]
+    return out or [pytest.param(None, None, marks=pytest.mark.skip(
+        reason="neither timm nor torchvision is installed (PyPI's torchvision does not import "
+               "beside the CPU torch wheel used here); install the `zoo` extra to run these"))]
+
+
+def _zoo_model(lib: str, name: str) -> nn.Module:
+    try:
+        if lib == "timm":
+            import timm
+            return timm.create_model(name, pretrained=False, num_classes=10)
+        import torchvision
+        return torchvision.models.get_model(name, weights=None, num_classes=10)
+    except Exception as e:  # an install that does not import: skip with the reason
+        pytest.skip(f"{lib} {name} cannot be built here: {type(e).__name__}: {e}")
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("lib,name", _zoo_models())
+def test_zoo_model_refill_compacts_exactly(lib, name):
+    torch.manual_seed(0)
+    model = _zoo_model(lib, name).eval()
+    size = 224 if "vit" in name else 64
+    x = torch.randn(1, 3, size, size)
+    masks = ts.refill(model, magnitude(model, 0.5), example_inputs=x)
+    masked = copy.deepcopy(model)
+    masks.apply(masked)
+    small = C.compact(model, masks, x)
+    with torch.no_grad():
+        xi = torch.randn(2, 3, size, size)
+        assert rel_err(masked(xi), small(xi)) < 1e-4
+    assert n_params(small) <= n_params(model)
+    assert math.isfinite(small.ticketsmith_compact["verified_rel_err"])
+
+
+def test_a_deviating_executor_is_replaced_by_the_dense_layer(small_executors, monkeypatch):
+    """An executor that does not compute its layer (a bug) costs the speed-up, not the model:
+    the dense layers go back with the reason on record, and the result is exact."""
+    from ticketsmith.compact.blocks import Executor
+    from ticketsmith.compact.condensed import CondensedLinear
+
+    monkeypatch.setattr(CondensedLinear, "forward", lambda self, x: Executor.forward(self, x) + 1.0)
+    build, shape, others = FAMILIES["vit_mha"]
+    model = build()
+    x = torch.randn(shape)
+    masks = constant_fan_in(model, x)
+    with pytest.warns(UserWarning, match="deviates.*replaced by dense"):
+        small = C.compact(model, masks, x)
+    rows = {r["layer"]: r for r in C.describe(small)}
+    assert type(small.block.fc1) is nn.Linear
+    assert "with executors, compact model deviates" in rows["block.fc1"]["reason"]
+    masked = copy.deepcopy(model)
+    masks.apply(masked)
+    with torch.no_grad():
+        xi = torch.randn(others[0])
+        assert rel_err(masked(xi), small(xi)) < 1e-4
