@@ -14,7 +14,7 @@ OUT = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 # the flow, in order: sources -> structure -> compact -> deploy -> bench -> report
 MODULES = ["ticketsmith", "ticketsmith.data", "ticketsmith.models", "ticketsmith.masks",
            "ticketsmith.train", "ticketsmith.prune", "ticketsmith.structure", "ticketsmith.dst",
-           "ticketsmith.compact", "ticketsmith.deploy", "ticketsmith.bench", "ticketsmith.runs", "ticketsmith.report",
+           "ticketsmith.compact", "ticketsmith.deploy", "ticketsmith.bench", "ticketsmith.runs", "ticketsmith.search", "ticketsmith.report",
            "ticketsmith.report.evidence", "ticketsmith.sweep", "ticketsmith.io"]
 
 

@@ -17,7 +17,6 @@ import torch
 
 import ticketsmith as ts
 from ticketsmith.cli import main
-from ticketsmith.runs import Run, RunConfig
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad_inputs.md"
 ROWS = [r for r in re.findall(r"^\| ([a-z0-9-]+) \| (.+?) \| (.+?) \| (\d) \|$", DOC.read_text(), re.M)]
@@ -118,6 +117,19 @@ def setup(case: str, tmp: Path, finished: Path, monkeypatch) -> list[str]:
                        "data-file-wrong": gzip.compress(b"hello, these are not images\n" * 50),
                        "data-file-not-gzip": b"plain text, not gzip\n"}[case])
         return fm + ["--data-dir", str(folder)] + out
+    if case in ("data-file-gzip-bomb", "data-file-fifo"):
+        import os
+        import zlib
+        folder = fake_fmnist(tmp / "fm")
+        f = folder / "t10k-images-idx3-ubyte.gz"
+        f.unlink()
+        if case == "data-file-fifo":
+            os.mkfifo(f)
+        else:
+            z = zlib.compressobj(9, zlib.DEFLATED, 31)
+            chunk = bytes(1 << 20)
+            f.write_bytes(b"".join([z.compress(chunk) for _ in range(300)] + [z.flush()]))
+        return fm + ["--data-dir", str(folder)] + out
     if case == "cifar-hostile-pickle":
         import os
 
@@ -199,6 +211,95 @@ def setup(case: str, tmp: Path, finished: Path, monkeypatch) -> list[str]:
         return ["export", str(copy_run(finished, tmp)), "--round", "5", "--runtime", "ort"] + out
     if case == "report-unknown-layer":
         return ["report", str(copy_run(finished, tmp)), "--out", str(tmp / "rep"), "--layers", "nope"]
+    # -- issue 16: tampered records (validated on load, file and field named) ----------------
+    def tamper(rel: str, change) -> Path:
+        d = copy_run(finished, tmp)
+        f = d / rel
+        if callable(change):
+            import json
+            change = json.dumps(change(json.loads(f.read_text())) if f.exists() else change(None))
+        f.write_text(change)
+        return d
+
+    def drop(key):
+        return lambda obj: {k: v for k, v in obj.items() if k != key}
+
+    records = {  # case: (file, change, command)
+        "config-a-list": ("config.json", "[1, 2]", "run"),
+        "config-missing-model": ("config.json", drop("model"), "run"),
+        "config-string-for-number": ("config.json", lambda c: {**c, "epochs": "many"}, "run"),
+        "config-nesting-bomb": ("config.json", "[" * 100_000 + "]" * 100_000, "summary"),
+        "config-tampered-summary": ("config.json", lambda c: {**c, "seed": "zero"}, "summary"),
+        "config-tampered-report": ("config.json", lambda c: {**c, "channels_last": "yes"}, "report"),
+        "round-a-list": ("round_01/round.json", "[1, 2]", "run"),
+        "round-missing-key": ("round_01/round.json", drop("test_acc"), "run"),
+        "round-string-for-number": ("round_01/round.json", lambda r: {**r, "best_val_acc": "high"}, "run"),
+        "data-record-no-digest": ("data.json", drop("digest"), "run"),
+        "data-record-a-list": ("data.json", "[]", "run"),
+        "history-not-a-list": ("history.json", '{"event": 1}', "extend"),
+    }
+    if case in records:
+        rel, change, command = records[case]
+        d = tamper(rel, change)
+        return {"run": run_args + ["--out", str(d)], "summary": ["summary", str(d)],
+                "report": ["report", str(d), "--out", str(tmp / "rep")],
+                "extend": ["run", *QUICK, "--rounds", "2", "--out", str(d)]}[command]
+    if case == "round-fifo":
+        import os
+        d = copy_run(finished, tmp)
+        (d / "round_01" / "round.json").unlink()
+        os.mkfifo(d / "round_01" / "round.json")
+        return run_args + ["--out", str(d)]
+    if case == "weights-dev-zero":
+        d = copy_run(finished, tmp)
+        shutil.rmtree(d / "round_01")  # round 1 not started: it reads round 0's weights
+        (d / "round_00" / "weights.safetensors").unlink()
+        (d / "round_00" / "weights.safetensors").symlink_to("/dev/zero")
+        return run_args + ["--out", str(d)]
+    more = {
+        "momentum-negative": ["run", *QUICK, "--momentum", "-0.5"],
+        "momentum-one": ["run", *QUICK, "--momentum", "1"],
+        "weight-decay-negative": ["run", *QUICK, "--weight-decay", "-1"],
+        "seed-beyond-64-bits": ["run", *QUICK, "--seed", "99999999999999999999999"],
+        "seed-negative": ["run", *QUICK, "--seed", "-1"],
+        "dst-delta-t-zero": ["run", *QUICK, "--method", "srigl", "--dst-delta-t", "0"],
+        "export-batch-zero": ["export", str(copy_run(finished, tmp)), "--round", "1", "--runtime", "torch",
+                              "--batch-size", "0"],
+    }
+    if case in more:
+        return more[case] + (out if more[case][0] in ("run", "export") else [])
+    sweep = ["sweep", str(finished), "--round", "1", "--vary", "t1=2", "--out", str(tmp / "sw")]
+    if case == "sweep-batch-zero":
+        return sweep + ["--batch-size", "0"]
+    if case in ("sweep-other-settings", "sweep-row-tampered"):
+        (tmp / "sw").mkdir()
+        (tmp / "sw" / "setting_default.json").write_text(
+            '{"setting": "default", "param": "default", "settings": {"batch_size": 32}}'
+            if case == "sweep-other-settings" else "[]")
+        return sweep
+    if case.startswith("bench-") and case in ("bench-input-rank", "bench-zero-classes", "bench-input-too-small"):
+        torch.manual_seed(0)
+        ts.Masks.ones(ts.models.create("lenet5", 1, 10, (28, 28))).save(tmp / "m.safetensors")
+        tail = {"bench-input-rank": ["--input-shape", "28,28"],
+                "bench-zero-classes": ["--input-shape", "1,28,28", "--num-classes", "0"],
+                "bench-input-too-small": ["--input-shape", "1,4,4"]}[case]
+        return ["bench", "--model", "lenet5", "--masks", str(tmp / "m.safetensors"), *tail]
+    if case.startswith("cifar-"):
+        import os
+        d = tmp / "cifar" / "cifar-10-batches-py"
+        d.mkdir(parents=True)
+        rng = np.random.default_rng(0)
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            labels = [12] * 20 if (case == "cifar-labels-out-of-range" and name == "test_batch") else \
+                [int(v) for v in rng.integers(0, 10, 20)]
+            data = "not pixels" if case == "cifar-text-pixels" else rng.integers(0, 255, (20, 3072), dtype=np.uint8)
+            (d / name).write_bytes(pickle.dumps({b"data": data, b"labels": labels}))
+        if case == "cifar-huge-length":  # BINBYTES8 with a length of 2^60, then nothing
+            (d / "data_batch_1").write_bytes(b"\x80\x04\x8e" + (1 << 60).to_bytes(8, "little") + b"x")
+        if case == "cifar-fifo":
+            (d / "data_batch_1").unlink()
+            os.mkfifo(d / "data_batch_1")
+        return ["run", *QUICK, "--dataset", "cifar10", "--data-dir", str(tmp / "cifar")] + out
     raise AssertionError(f"docs/bad_inputs.md row {case!r} has no setup in this test")
 
 

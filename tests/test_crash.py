@@ -7,13 +7,11 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-import ticketsmith as ts
 from ticketsmith.io import load_tensors, read_json
 
 ARGS = ["run", "--model", "lenet5", "--dataset", "digits", "--rounds", "2", "--epochs", "2",

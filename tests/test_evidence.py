@@ -134,12 +134,13 @@ def test_an_imp_run_starts_with_its_dense_round_and_grows(tmp_path):
 
 
 def test_old_configs_refill_coupled_reads_as_a_coupling():
-    assert RunConfig.from_json({"refill_coupled": True}).refill_coupling == "shared"
-    assert RunConfig.from_json({"refill_coupled": False}).refill_coupling == "none"
+    base = {"model": "resnet20", "dataset": "digits", "method": "imp", "epochs": 1, "seed": 0}
+    assert RunConfig.from_json({**base, "refill_coupled": True}).refill_coupling == "shared"
+    assert RunConfig.from_json({**base, "refill_coupled": False}).refill_coupling == "none"
     assert RunConfig().refill_coupling == "none"
-    old = RunConfig.from_json({"regroup_groups": 4, "regroup_t1": 2.0})  # before t1 meant groups
+    old = RunConfig.from_json({**base, "regroup_groups": 4, "regroup_t1": 2.0})  # before t1 meant groups
     assert (old.regroup_t1, old.regroup_width_ratio) == (4, 2.0)
-    assert RunConfig.from_json({"regroup_t1": 3}).regroup_t1 == 3  # today's spelling
+    assert RunConfig.from_json({**base, "regroup_t1": 3}).regroup_t1 == 3  # today's spelling
 
 
 # -- the first hour of a new user (threads, files, names) ---------------------------------------

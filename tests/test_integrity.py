@@ -29,7 +29,8 @@ def test_a_run_of_150_rounds_is_listed_right(tmp_path):
     cfg = RunConfig(model="lenet5", dataset="digits", rounds=149).identity()
     write_json(tmp_path / "config.json", cfg)
     for r in range(150):
-        write_json(tmp_path / f"round_{r:02d}" / "round.json", {"test_acc": 0.5, "sparsity": 1 - 0.8 ** r})
+        write_json(tmp_path / f"round_{r:02d}" / "round.json", {"best_epoch": 1, "best_val_acc": 0.5, "test_acc": 0.5,
+                                                                           "sparsity": 1 - 0.8 ** r})
     s = summarize_run(tmp_path)
     assert s["complete"] and [r["round"] for r in s["rounds"]] == list(range(150))
 

@@ -1,6 +1,5 @@
 import json
 
-import pytest
 
 from ticketsmith.cli import main
 from ticketsmith.runs import Run, RunConfig

@@ -11,7 +11,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import signal
 import sys
+import threading
 import typing
 from pathlib import Path
 
@@ -62,8 +64,12 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def default_out(cfg) -> Path:
-    digest = hashlib.sha256(json.dumps(cfg.identity(), sort_keys=True).encode()).hexdigest()[:8]
-    return Path("runs") / f"{cfg.model}_{cfg.dataset}_{cfg.method}_{digest}"
+    identity = cfg.identity()
+    if not identity.get("model_kwargs"):  # the name runs had before the field existed: they resume
+        identity.pop("model_kwargs", None)
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    model = cfg.model.replace(":", "-").replace("/", "-")  # a builder path, as a folder name
+    return Path("runs") / f"{model}_{cfg.dataset}_{cfg.method}_{digest}"
 
 
 def cmd_run(args) -> int:
@@ -148,11 +154,10 @@ def cmd_bench(args) -> int:
     jobs = []  # (label, dense, ticket, masks, input shape, output folder)
     if args.run_dir:
         from .runs import Run, RunConfig, round_dir
-        from .io import read_json
         run_dir = Path(args.run_dir)
         if not (run_dir / "config.json").exists():
             raise UsageError(f"{run_dir} is not a ticketsmith run directory (no config.json)")
-        run = Run(RunConfig.from_json(read_json(run_dir / "config.json")), run_dir,
+        run = Run(RunConfig.read(run_dir), run_dir,
                   data_dir=args.data_dir, progress=False)
         done = sorted(int(p.parent.name[6:]) for p in run_dir.glob("round_*/round.json")
                       if p.parent.name[6:].isdigit())
@@ -174,11 +179,21 @@ def cmd_bench(args) -> int:
         if not (args.model and args.masks and args.input_shape):
             raise UsageError("give a RUN_DIR, or --model, --masks and --input-shape")
         shape = tuple(_ints(args.input_shape))
+        if len(shape) != 3:
+            raise UsageError(f"--input-shape is C,H,W of one input (3 numbers), got {args.input_shape!r}")
+        if args.num_classes < 1:
+            raise UsageError(f"--num-classes must be at least 1, got {args.num_classes}")
         if not Path(args.masks).is_file():
             raise UsageError(f"--masks {args.masks}: no such file")
         masks = Masks.load(args.masks)
         torch.manual_seed(0)
         model = models.create(args.model, shape[0], args.num_classes, tuple(shape[1:]), args.width)
+        try:
+            with torch.no_grad():
+                model.eval()(torch.zeros(1, *shape))
+        except RuntimeError as e:
+            raise UsageError(f"--model {args.model} does not take inputs of shape {shape} "
+                             f"({str(e).splitlines()[0][:120]})") from None
         masks.check(model)
         jobs.append((f"{args.model} with {args.masks}", model, model, masks, shape,
                      Path(args.out) if args.out else Path(args.masks).parent))
@@ -202,7 +217,7 @@ def cmd_export(args) -> int:
 
     from . import compact as tscompact
     from .deploy import deploy
-    from .io import read_json, write_json
+    from .io import write_json
     from .masks import Masks
     from .runs import Run, RunConfig, round_dir
     runtime = {"ort": "onnxruntime"}.get(args.runtime, args.runtime)
@@ -213,15 +228,18 @@ def cmd_export(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a directory")
+    if args.precision == "int8" and args.calibration_size < 1:
+        raise UsageError(f"--calibration-size must be at least 1, got {args.calibration_size}")
     if runtime != "auto":
-        from .deploy import available
+        from .deploy import available, check_precision
         reason = available(runtime)
         if reason:
             raise UsageError(reason)
+        check_precision(runtime, args.precision)
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.json").exists():
         raise UsageError(f"{run_dir} is not a ticketsmith run directory (no config.json)")
-    run = Run(RunConfig.from_json(read_json(run_dir / "config.json")), run_dir,
+    run = Run(RunConfig.read(run_dir), run_dir,
               data_dir=args.data_dir, progress=False)
     d = round_dir(run_dir, args.round)
     if not (d / "round.json").exists() or not (d / "masks.safetensors").exists():
@@ -231,7 +249,12 @@ def cmd_export(args) -> int:
     shape = (run.ds.in_channels, *run.ds.image_size)
     example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
     small = tscompact.compact(ticket, masks, example)
-    dep = deploy(small, example, runtime, threads=args.threads, batch_size=args.batch_size, out=out)
+    calibration = None
+    if args.precision == "int8":  # real training images, normalized as training does
+        from .deploy import calibration_images
+        calibration = calibration_images(run.ds, args.calibration_size)
+    dep = deploy(small, example, runtime, threads=args.threads, batch_size=args.batch_size, out=out,
+                 precision=args.precision, calibration=calibration)
     if dep.runtime in ("torch", "torch.compile"):
         tscompact.save(small, out / "ticket")  # eager / compiled: the compact model is the artifact
         artifact = out / "ticket"
@@ -239,12 +262,24 @@ def cmd_export(args) -> int:
         artifact = dep.artifact
     record = {"run": str(run_dir), "round": args.round, "runtime": dep.runtime, "threads": dep.threads,
               "batch_size": args.batch_size, "artifact": str(artifact), "details": dep.details,
-              "why": dep.why, "check_rel_err": dep.check_rel_err, "input_shape": list(shape)}
+              "why": dep.why, "check_rel_err": dep.check_rel_err, "input_shape": list(shape),
+              "precision": dep.precision}
+    if dep.precision != "fp32":  # what the lower precision costs in accuracy, next to what it gains
+        from .deploy import precision_cost
+        record.update(precision_cost(dep, small, example, run.ds, batch_size=args.batch_size,
+                                     threads=args.threads))
     from .bench import machine
     record["machine"] = machine()
     write_json(out / "deploy.json", record)
-    print(f"export: {dep.runtime} artifact {artifact} (checked against the masked ticket: max "
-          f"deviation {dep.check_rel_err:.1e} of the output scale); record {out / 'deploy.json'}")
+    print(f"export: {dep.runtime} {dep.precision} artifact {artifact} (checked against the masked ticket: "
+          f"max deviation {dep.check_rel_err:.1e} of the output scale); record {out / 'deploy.json'}")
+    if dep.precision != "fp32":
+        acc, speed = record["accuracy"], record["speed"]
+        print(f"export: {run.ds.name} {acc['split']} accuracy ({acc['examples']} examples): fp32 "
+              f"{100 * acc['fp32']:.2f}%, {dep.precision} {100 * acc[dep.precision]:.2f}% "
+              f"(drop {acc['drop_points']:.2f} points); batch {speed['batch_size']}: fp32 "
+              f"{speed['fp32_ms']:.3g} ms, {dep.precision} {speed[dep.precision + '_ms']:.3g} ms "
+              f"({speed['speedup']:.2f}x, median of {speed['pairs']} paired ratios)")
     return 0
 
 
@@ -342,7 +377,14 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--runtime", choices=("auto", "torch", "torch.compile", "ort", "onnxruntime", "openvino"),
                     default="auto", help="ort = onnxruntime (default: auto)")
     ex.add_argument("--threads", type=int, default=None, help="the runtime's intra-op threads")
-    ex.add_argument("--batch-size", type=int, default=1, help="the batch size auto times (default: 1)")
+    ex.add_argument("--batch-size", type=int, default=1, help="the batch size auto times, and "
+                    "the speed of a reduced precision is measured at (default: 1)")
+    ex.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
+                    help="bf16: openvino only; int8: static quantization (onnxruntime or openvino), "
+                    "calibrated on --calibration-size training images; both also report test "
+                    "accuracy and speed next to fp32 (default: fp32)")
+    ex.add_argument("--calibration-size", type=int, default=256,
+                    help="int8: training images to calibrate on (default: 256)")
     ex.add_argument("--out", required=True, help="folder for the artifact and deploy.json")
     ex.add_argument("--data-dir", help="the dataset folder of RUN_DIR's dataset, if not the default")
     ex.set_defaults(func=cmd_export)
@@ -401,10 +443,29 @@ def _passive_openmp(argv: list[str] | None) -> None:
     os.execv(sys.executable, [sys.executable, "-m", "ticketsmith", *sys.argv[1:]])
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler or `kill` stopping the job), raised where the program is, so that it
+    stops as on Ctrl-C: clean-up runs, the lock is released, the run resumes on the same command."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     _passive_openmp(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    try:
+        return _dispatch(args)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _dispatch(args) -> int:
     try:
         return args.func(args)
     except UsageError as e:
@@ -419,13 +480,14 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a full disk, a read-only folder: nothing was left half-written
         print(f"{PROG}: error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         if args.command == "run":
-            print(f"{PROG}: interrupted; run the same command again to resume", file=sys.stderr)
+            print(f"{PROG}: {how}; run the same command again to resume", file=sys.stderr)
         else:  # bench, sweep and report do not resume: say so instead of promising it
-            print(f"{PROG}: interrupted; {args.command} does not resume: rerunning it starts over "
+            print(f"{PROG}: {how}; {args.command} does not resume: rerunning it starts over "
                   "(files it already wrote stay)", file=sys.stderr)
-        return 130
+        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -19,23 +19,25 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from pydantic import ConfigDict, TypeAdapter
 from torch import nn
 
 from . import data as tsdata
 from . import models as tsmodels
-from . import faults, prune
+from . import faults, prune, records
 from .errors import ArtifactError, DivergenceError, UsageError
 from .io import TMP_SUFFIX, load_tensors, read_json, save_tensors, write_json
 from .masks import Masks
-from .train import Dist, Trainer, TrainConfig, summarize
+from .train import Dist, Trainer, TrainConfig
 
 METHODS = ("dense", "imp", "oneshot", "srigl", "rigl", "set")
 SOURCES = ("omp", "rp", "snip", "grasp", "synflow", "admm")
@@ -49,6 +51,9 @@ def _help(text: str, **kw) -> dict:
 
 LOCK_FILE = ".lock"  # held (flock) by the process working in a run directory
 DATA_FILE = "data.json"  # the identity of the data the run was trained on
+# record fields that measure wall-clock time: the only ones an interrupted and resumed run may
+# have different from an uninterrupted one (the crash tests compare everything else)
+WALL_CLOCK_FIELDS = frozenset({"train_seconds", "seconds_per_epoch", "seconds"})
 # below this share of its threads' CPU time per epoch, a training process is starved by others
 OVERSUBSCRIBED = 0.35
 
@@ -56,7 +61,12 @@ OVERSUBSCRIBED = 0.35
 @dataclass
 class RunConfig:
     """Everything that defines a run. Each field is a `ticketsmith run` flag."""
-    model: str = field(default="resnet20", metadata=_help("model name", choices=tsmodels.names()))
+    model: str = field(default="resnet20", metadata=_help(
+        f"a zoo model ({', '.join(tsmodels.names())}) or your own: package.module:function (a "
+        "builder; it gets the dataset's in_channels, num_classes, image_size if it names them), "
+        "timm:NAME or torchvision:NAME (when installed)"))
+    model_kwargs: str = field(default="", metadata=_help(
+        "keyword arguments of a --model builder, as a JSON object, e.g. '{\"width\": 2}'"))
     dataset: str = field(default="fashion-mnist", metadata=_help("dataset name", choices=tsdata.names()))
     width: float = field(default=1.0, metadata=_help("width multiplier of every hidden layer"))
     method: str = field(default="imp", metadata=_help(
@@ -144,6 +154,9 @@ class RunConfig:
     def __post_init__(self):
         if self.lr is None:  # the model's default, written into config.json as a number
             self.lr = tsmodels.default_lr(self.model)
+        with contextlib.suppress(UsageError):  # one spelling per value: the run's identity
+            kwargs = tsmodels.parse_kwargs(self.model_kwargs)
+            self.model_kwargs = json.dumps(kwargs, sort_keys=True) if kwargs else ""
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
@@ -152,7 +165,9 @@ class RunConfig:
                            channels_last=self.channels_last)
 
     def validate(self) -> None:
-        for name in ("model", "dataset", "method", "source", "structure", "reinit", "refill_criterion",
+        tsmodels.check_spec(self.model)
+        tsmodels.parse_kwargs(self.model_kwargs)
+        for name in ("dataset", "method", "source", "structure", "reinit", "refill_criterion",
                      "refill_coupling", "dst_distribution", "regroup_partitioner", "regroup_granularity"):
             choices = RunConfig.__dataclass_fields__[name].metadata.get("choices")
             if getattr(self, name) not in choices:
@@ -204,7 +219,10 @@ class RunConfig:
         silently training something else than asked is worse than an error."""
         dst, sparse = self.method in ("srigl", "rigl", "set"), self.method in ("imp", "oneshot")
         refill = self.structure in ("refill", "refill+")
+        builder = tsmodels.is_builder(self.model)
         applies = {
+            "width": (not builder, "a builder takes its own settings: give them in --model-kwargs"),
+            "model_kwargs": (builder, "only a builder (--model package.module:function) takes kwargs"),
             "sparsity": (self.method in ("oneshot", "srigl", "rigl", "set"),
                          "IMP's sparsity follows from --rounds and --prune-fraction"),
             "rounds": (self.method == "imp", "only IMP has pruning rounds"),
@@ -229,14 +247,19 @@ class RunConfig:
         applies["dst_ablation"] = (self.method == "srigl", "it is SRigL's")
         for name, (ok, why) in applies.items():
             if not ok and getattr(self, name) != RunConfig.__dataclass_fields__[name].default:
-                raise UsageError(f"--{name.replace('_', '-')} does not apply to this run "
-                                 f"(--method {self.method}, --structure {self.structure}): {why}")
+                what = (f"--model {self.model}" if name in ("width", "model_kwargs")
+                        else f"--method {self.method}, --structure {self.structure}")
+                raise UsageError(f"--{name.replace('_', '-')} does not apply to this run ({what}): {why}")
 
     def identity(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, obj: dict) -> "RunConfig":
+    def from_json(cls, obj: Any, source: str | Path = "config.json") -> "RunConfig":
+        """A config record (as `identity()` wrote it, old spellings read as today's), validated:
+        a tampered or foreign one is an ArtifactError naming `source` and the field."""
+        if not isinstance(obj, dict):
+            raise ArtifactError(f"{source}: not a run config (a JSON object), got {type(obj).__name__}")
         obj = dict(obj)
         if "regroup_groups" in obj:  # written before t1 named the number of groups, as in the paper
             obj["regroup_width_ratio"] = obj.pop("regroup_t1", 1.5)
@@ -244,14 +267,26 @@ class RunConfig:
         if "refill_coupled" in obj:  # written before refill_coupling existed (a bool, default True)
             coupled = obj.pop("refill_coupled")
             obj.setdefault("refill_coupling", "shared" if coupled else "none")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(obj) - names
-        if unknown:
-            raise UsageError(f"unknown config keys: {', '.join(sorted(unknown))}")
-        for k in ("sparsity", "milestones"):
-            if k in obj:
-                obj[k] = tuple(obj[k])
-        return cls(**obj)
+        # fields every config ever written has; a later field missing reads as its default
+        missing = [k for k in ("model", "dataset", "method", "epochs", "seed") if k not in obj]
+        if missing:
+            raise ArtifactError(f"{source}: field '{missing[0]}' is missing")
+        return records.validate(_config_schema(), json.dumps(obj), source)
+
+    @classmethod
+    def read(cls, path: str | Path) -> "RunConfig":
+        """A run directory's config.json (or the file itself), validated."""
+        path = Path(path)
+        path = path / "config.json" if path.is_dir() else path
+        return cls.from_json(read_json(path), path)
+
+
+RunConfig.__pydantic_config__ = ConfigDict(extra="forbid")  # an unknown key is refused, named
+
+
+@functools.cache
+def _config_schema() -> TypeAdapter:
+    return TypeAdapter(RunConfig)
 
 
 # what an IMP chain taken from another run must share with the run that uses it
@@ -294,6 +329,90 @@ def load_state(model: nn.Module, path: Path) -> None:
         raise ArtifactError(f"{path}: does not fit the model ({str(e).splitlines()[0]})") from None
 
 
+def lock_directory(out: Path, advice: str):
+    """An exclusive lock (flock) on `out`, held until the returned file is closed: two processes
+    writing one run would interleave rounds. The kernel drops the lock when the process ends,
+    however it ends, so a crash leaves nothing stale. A directory in use raises UsageError ending
+    in `advice`; returns None where there is no flock (not POSIX: no locking)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / LOCK_FILE, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise UsageError(f"{out} is in use by another ticketsmith process; {advice}") from None
+    return f
+
+
+def clean_temporaries(out: Path) -> None:
+    """Remove the temporary files and folders a crash mid-write left in `out` (ours: named
+    `.*` + TMP_SUFFIX; never read, never a user's file)."""
+    import shutil
+    for tmp in out.rglob(f".*{TMP_SUFFIX}"):
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def masks_once(path: Path, decide: Callable[[], Masks]) -> Masks:
+    """A round's mask in `path` (its masks.safetensors): read back if it was decided before (a
+    resumed run must not re-draw a random or data-dependent mask), else `decide()`d now and
+    written before anything trains under it."""
+    f = path / "masks.safetensors"
+    if f.exists():
+        return Masks.load(f)
+    masks = decide()
+    faults.reach("mask")
+    masks.save(f)
+    return masks
+
+
+def imp_step(trained: nn.Module, masks: Masks, fraction: float,
+             structured: Callable[[Masks, nn.Module], Masks] | None = None) -> Masks:
+    """One IMP round's mask: prune `fraction` of the weights `masks` keeps by global magnitude
+    of `trained` (the previous round's trained weights), then `structured(mask, trained)`
+    (e.g. `structure_masks`) when given."""
+    unstructured = prune.magnitude(trained, masks, fraction)
+    return structured(unstructured, trained) if structured is not None else unstructured
+
+
+def structure_masks(masks: Masks, trained: nn.Module, structure: str,
+                    data: tuple[torch.Tensor, torch.Tensor] | None = None, example_inputs=None,
+                    **settings: Any) -> Masks:
+    """Post-process an unstructured mask into `structure`: 'none' (unchanged), 'refill' /
+    'refill+' (`ticketsmith.structure.refill`: whole channels) or 'regroup'
+    (`ticketsmith.structure.regroup`: dense blocks; the rows no block covers are dead channels,
+    so their bias / BatchNorm are masked too). `trained` holds the weights `masks` was pruned
+    from; `data` = (x, y) is a fixed batch for refill's data criteria, `example_inputs` a batch
+    for tracing the graph (default: data's first input); `settings` are the keyword settings
+    of refill or regroup (e.g. criterion, extra, coupling; t1, partitioner, b1, seed)."""
+    if structure == "none":
+        return masks
+    from .structure import channel_companions, refill, regroup
+    if example_inputs is None and data is not None:
+        example_inputs = data[0][:1]
+    if structure in ("refill", "refill+"):
+        return refill(trained, masks, data=data, example_inputs=example_inputs, **settings)
+    if structure == "regroup":
+        return channel_companions(trained, regroup(masks, **settings), example_inputs)
+    raise UsageError(f"unknown structure {structure!r}; choose one of: {', '.join(STRUCTURES)}")
+
+
+def mask_record(masks: Masks) -> dict[str, Any]:
+    """What a round records of its mask: sparsity overall, per layer, of output channels, the
+    channels kept per layer and, for regrouped masks, the blocks per layer."""
+    info = dict(sparsity=masks.sparsity(), layer_sparsity=masks.layer_sparsity(),
+                channel_sparsity=masks.channel_sparsity(), channels_kept=structure_counts(masks)["channels"])
+    if masks.blocks:
+        info["blocks"] = structure_counts(masks)["blocks"]
+    return info
+
+
 class Run:
     """Executes (or resumes) a run in `out`. Call `execute()`."""
 
@@ -307,8 +426,11 @@ class Run:
         self.progress = progress
         self.ds = tsdata.load(cfg.dataset, data_dir, None if cfg.val_size < 0 else cfg.val_size)
         self.tcfg = cfg.train_config()
-        probe = Trainer(self.new_model(), self.ds, self.tcfg, self.dist, progress=False)
+        probe_model = self.new_model()
+        probe = Trainer(probe_model, self.ds, self.tcfg, self.dist, progress=False)
         self.total_iters = probe.total_iters
+        if cfg.method in ("srigl", "rigl", "set"):  # its settings refused now, before anything is written
+            self.sparsifier(probe_model, probe)
         self.rewind_iter = parse_rewind(cfg.rewind, self.total_iters)
         if self.rewind_iter >= self.total_iters:
             raise UsageError(f"rewind point {self.rewind_iter} is not before the end of training "
@@ -318,7 +440,8 @@ class Run:
     # -- helpers -----------------------------------------------------------------------------
     def new_model(self, seed: int | None = None) -> nn.Module:
         torch.manual_seed(self.cfg.seed if seed is None else seed)
-        return tsmodels.for_dataset(self.cfg.model, self.ds, self.cfg.width)
+        return tsmodels.for_dataset(self.cfg.model, self.ds, self.cfg.width,
+                                    tsmodels.parse_kwargs(self.cfg.model_kwargs))
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """The model as trained: DistributedDataParallel when there are several processes."""
@@ -361,33 +484,16 @@ class Run:
         self.on_main(check)
 
     def _lock(self) -> None:
-        """Hold an exclusive lock on the run directory while this process works in it: two
-        processes writing one run would interleave rounds. The kernel drops the lock when the
-        process ends, however it ends, so a crash leaves nothing stale."""
+        """Hold the run directory's lock while this process works in it (see `lock_directory`)."""
         if self._lock_file is not None:
             return
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no locking
-            return
-        self.out.mkdir(parents=True, exist_ok=True)
-        f = open(self.out / LOCK_FILE, "a")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.close()
-            raise UsageError(f"{self.out} is in use by another ticketsmith process; wait for it to "
-                             "finish (rerunning the same command then resumes) or choose another --out") from None
-        self._lock_file = f  # held until this process ends
+        self._lock_file = lock_directory(
+            self.out, "wait for it to finish (rerunning the same command then resumes) or choose another --out")
 
     def _prepare(self) -> None:
         cfg_path = self.out / "config.json"
         if cfg_path.exists():
-            old = read_json(cfg_path)
-            try:
-                old_cfg = RunConfig.from_json(old)
-            except (TypeError, UsageError) as e:
-                raise UsageError(f"{self.out}: its config.json is not a ticketsmith run config ({e})") from None
+            old_cfg = RunConfig.read(cfg_path)
             changed = [k for k, v in old_cfg.identity().items() if self.cfg.identity()[k] != v]
             lower_lr = changed == ["lr"] and (self.out / "diverged.json").exists() and self.cfg.lr < old_cfg.lr
             # an IMP run grows by more rounds: the rounds it has are those of the longer run
@@ -403,12 +509,7 @@ class Run:
             if extend:
                 self._record_change({"event": "rounds extended", "from": old_cfg.rounds,
                                      "to": self.cfg.rounds})
-            import shutil
-            for tmp in self.out.rglob(f".*{TMP_SUFFIX}"):  # ours, left by a crash mid-write; never read
-                if tmp.is_dir() and not tmp.is_symlink():
-                    shutil.rmtree(tmp, ignore_errors=True)
-                else:
-                    tmp.unlink(missing_ok=True)
+            clean_temporaries(self.out)
         elif self.out.exists() and not self.out.is_dir():
             raise UsageError(f"--out {self.out} is a file, not a directory; choose another --out")
         elif self.out.exists() and any(p.name != LOCK_FILE for p in self.out.iterdir()):
@@ -438,11 +539,10 @@ class Run:
         now = {"dataset": self.cfg.dataset, "digest": self.ds.digest(),
                "data_dir": str(Path(self.data_dir).resolve()) if self.data_dir else "(default)"}
         if f.exists():
-            before = read_json(f)
-            if not isinstance(before, dict) or before.get("digest") != now["digest"]:
-                where = before.get("data_dir") if isinstance(before, dict) else "?"
-                raise UsageError(f"{self.out} was trained on other data ({where}, digest "
-                                 f"{str(before.get('digest') if isinstance(before, dict) else before)[:12]}) "
+            before = records.read(f, "data")
+            if before["digest"] != now["digest"]:
+                raise UsageError(f"{self.out} was trained on other data ({before['data_dir']}, digest "
+                                 f"{before['digest'][:12]}) "
                                  f"than given now ({now['data_dir']}, digest {now['digest'][:12]}); "
                                  "give the same data or choose another --out")
             return
@@ -451,13 +551,14 @@ class Run:
     def _lower_lr(self, old_lr: float) -> None:
         """Record that the run continues with a lower learning rate after a divergence."""
         self._record_change({"event": "learning rate lowered after divergence", "from": old_lr,
-                             "to": self.cfg.lr, "divergence": read_json(self.out / "diverged.json")})
+                             "to": self.cfg.lr, "divergence": records.read(self.out / "diverged.json", "diverged")})
         (self.out / "diverged.json").unlink()
 
     def _record_change(self, event: dict) -> None:
         """An accepted change of config.json, kept in history.json (the event first: a crash
         between the two writes leaves the event recorded and the rerun repeats the change)."""
-        history = read_json(self.out / "history.json") if (self.out / "history.json").exists() else []
+        f = self.out / "history.json"
+        history = records.read(f, "history") if f.exists() else []
         write_json(self.out / "history.json", history + [event])
         write_json(self.out / "config.json", self.cfg.identity())
 
@@ -471,7 +572,7 @@ class Run:
         """
         done = path / "round.json"
         if done.exists():
-            return read_json(done)
+            return records.read(done, "round")
         if self.progress and self.dist.is_main:
             self._say_eta(desc)
         model = self.new_model()
@@ -500,9 +601,9 @@ class Run:
 
         def on_epoch_end(next_epoch: int, history: list[dict]) -> None:
             self._check_oversubscription(clock, desc)
-            if self.writer:
-                save_tensors(ckpt, *trainer.state(next_epoch, history, sparsifier))
+            if self.writer:  # metrics first: a kill between the two then only repeats the epoch
                 write_metrics(path / "metrics.jsonl", history)
+                save_tensors(ckpt, *trainer.state(next_epoch, history, sparsifier))
 
         t0 = time.perf_counter()
         try:
@@ -528,11 +629,7 @@ class Run:
                 "seconds_per_epoch": _seconds_per_epoch(result.history),
                 "machine": _machine()}
         if final_masks is not None:
-            info.update(sparsity=final_masks.sparsity(), layer_sparsity=final_masks.layer_sparsity(),
-                        channel_sparsity=final_masks.channel_sparsity(),
-                        channels_kept=structure_counts(final_masks)["channels"])
-            if final_masks.blocks:
-                info["blocks"] = structure_counts(final_masks)["blocks"]
+            info.update(mask_record(final_masks))
             if self.writer:
                 info.update(self.effective(getattr(model, "module", model), final_masks))
         else:
@@ -542,6 +639,7 @@ class Run:
             if final_masks is not None and sparsifier is not None:
                 final_masks.save(path / "masks.safetensors")
             save_tensors(path / "weights.safetensors", state_tensors(getattr(model, "module", model)))
+            write_metrics(path / "metrics.jsonl", result.history)  # whole, however often it resumed
             write_json(done, info)
             ckpt.unlink(missing_ok=True)
         self.dist.barrier()  # the other ranks read what rank 0 just wrote
@@ -579,7 +677,7 @@ class Run:
         paces = []
         for f in finished:
             try:
-                spe = read_json(f).get("seconds_per_epoch")
+                spe = records.read(f, "round").get("seconds_per_epoch")
             except (ArtifactError, AttributeError):
                 continue
             if isinstance(spe, (int, float)):
@@ -608,15 +706,8 @@ class Run:
     def round_masks(self, path: Path, decide) -> Masks:
         """The round's mask: read back if it was decided before (a resumed run must not
         re-draw a random or data-dependent mask), else decided now and written first."""
-        f = path / "masks.safetensors"
-
         def on_rank0() -> bytes:
-            if f.exists():
-                return Masks.load(f).to_bytes()
-            masks = decide()
-            faults.reach("mask")
-            masks.save(f)
-            return masks.to_bytes()
+            return masks_once(path, decide).to_bytes()
         masks = Masks.from_bytes(self.on_main(on_rank0))
         self.dist.check_same(masks.digest(), f"the mask of {path.name}")
         return masks
@@ -691,9 +782,7 @@ class Run:
                 extra = {}
             else:
                 def decide():
-                    trained = self.trained(prev)
-                    unstructured = prune.magnitude(trained, prev_masks, cfg.prune_fraction)
-                    return self.structured(unstructured, trained)
+                    return imp_step(self.trained(prev), prev_masks, cfg.prune_fraction, self.structured)
                 masks = self.round_masks(path, decide)
                 extra = {}
                 prev, prev_masks = path, masks
@@ -704,7 +793,7 @@ class Run:
         ext = Path(self.cfg.chain)
         if not (ext / "config.json").exists():
             raise UsageError(f"--chain {ext}: not a ticketsmith run directory")
-        other = RunConfig.from_json(read_json(ext / "config.json"))
+        other = RunConfig.read(ext / "config.json")
         if self.cfg.structure_every_round:  # the masks of a group-aware IMP run, retrained
             same = [f for f in dataclasses.fields(RunConfig) if f.name.startswith(("regroup_", "refill_"))
                     or f.name in ("structure", "structure_every_round", "method")]
@@ -785,33 +874,33 @@ class Run:
         cfg = self.cfg
         if cfg.structure == "none":
             return masks
-        from .structure import refill
         x, y = self.structure_batch()
         if cfg.structure in ("refill", "refill+"):
-            return refill(trained, masks, criterion=cfg.refill_criterion,
-                          extra=cfg.refill_extra if cfg.structure == "refill+" else 0.0,
-                          coupling=cfg.refill_coupling, data=(x, y), example_inputs=x[:1])
-        from .structure import channel_companions, regroup
-        grouped = regroup(masks, cfg.regroup_t1 or None, cfg.regroup_partitioner, width_ratio=cfg.regroup_width_ratio,
-                          t2=cfg.regroup_t2 or None, b1=cfg.regroup_b1, b2=cfg.regroup_b2,
-                          granularity=cfg.regroup_granularity, seed=cfg.seed)
-        # rows no block covers are dead channels: mask their bias / BatchNorm too
-        return channel_companions(trained, grouped, x[:1])
+            settings = dict(criterion=cfg.refill_criterion, coupling=cfg.refill_coupling,
+                            extra=cfg.refill_extra if cfg.structure == "refill+" else 0.0)
+        else:
+            settings = dict(t1=cfg.regroup_t1 or None, partitioner=cfg.regroup_partitioner,
+                            width_ratio=cfg.regroup_width_ratio, t2=cfg.regroup_t2 or None,
+                            b1=cfg.regroup_b1, b2=cfg.regroup_b2, granularity=cfg.regroup_granularity,
+                            seed=cfg.seed)
+        return structure_masks(masks, trained, cfg.structure, (x, y), x[:1], **settings)
 
     def _dynamic(self) -> None:
         """Sparse training from scratch: one round, round_00, its mask learned while training."""
+        self.train_round(round_dir(self.out, 0), None, "init", f"{self.cfg.method} ",
+                         sparsifier_factory=self.sparsifier)
+
+    def sparsifier(self, model: nn.Module, trainer: Trainer):
+        """The dynamic sparse training method of this run, stepping `trainer`'s optimizer."""
         from . import dst
         cfg = self.cfg
-
-        def factory(model: nn.Module, trainer: Trainer):
-            return dst.make_sparsifier(
-                cfg.method, model, trainer.optimizer, trainer.total_iters, cfg.sparsity[0],
-                delta_t=cfg.dst_delta_t, t_end=cfg.dst_t_end, alpha=cfg.dst_alpha,
-                gamma_sal=cfg.dst_gamma_sal, ablation=cfg.dst_ablation,
-                distribution=cfg.dst_distribution, grad_accumulation=cfg.dst_grad_accumulation,
-                dense_layers=tuple(n for n in cfg.dst_dense_layers.split(",") if n),
-                include_head=cfg.include_head, include_first=not cfg.exclude_first, seed=cfg.seed)
-        self.train_round(round_dir(self.out, 0), None, "init", f"{cfg.method} ", sparsifier_factory=factory)
+        return dst.make_sparsifier(
+            cfg.method, model, trainer.optimizer, trainer.total_iters, cfg.sparsity[0],
+            delta_t=cfg.dst_delta_t, t_end=cfg.dst_t_end, alpha=cfg.dst_alpha,
+            gamma_sal=cfg.dst_gamma_sal, ablation=cfg.dst_ablation,
+            distribution=cfg.dst_distribution, grad_accumulation=cfg.dst_grad_accumulation,
+            dense_layers=tuple(n for n in cfg.dst_dense_layers.split(",") if n),
+            include_head=cfg.include_head, include_first=not cfg.exclude_first, seed=cfg.seed)
 
     # -- summary: rebuilt from the round.json files, which are the source of truth -----------
     def write_summary(self) -> dict:
@@ -874,15 +963,14 @@ def summarize_run(run: str | Path) -> dict:
     if not (run / "config.json").exists():
         raise UsageError(f"{run} is not a ticketsmith run directory (no config.json)")
     cfg = read_json(run / "config.json")
+    RunConfig.from_json(cfg, run / "config.json")  # refused, naming the field, if tampered
     rounds = []
     numbered = [d for d in run.glob("round_*") if d.is_dir() and d.name[6:].isdigit()]
     for d in sorted(numbered, key=lambda d: int(d.name[6:])):  # round_100 after round_99
         r = int(d.name.split("_")[1])
         if (d / "round.json").exists():
             try:
-                info = read_json(d / "round.json")
-                if not isinstance(info, dict):
-                    raise ArtifactError(f"{d / 'round.json'}: not a JSON object")
+                info = records.read(d / "round.json", "round")
             except ArtifactError:  # reported, and the other rounds still are
                 rounds.append({"round": r, "status": "corrupt", "corrupt": ["round.json"]})
                 continue

@@ -14,9 +14,9 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from . import bench
+from . import bench, records
 from .errors import UsageError
-from .io import read_json, write_json
+from .io import write_json
 from .masks import Masks
 from .runs import Run, RunConfig, load_state, round_dir
 from .train import Trainer, TrainConfig
@@ -49,7 +49,7 @@ def sweep(imp_run: str | Path, round_: int, values: Mapping[str, Sequence], out:
     imp_run, out = Path(imp_run), Path(out)
     if not (imp_run / "config.json").exists():
         raise UsageError(f"{imp_run} is not a ticketsmith run directory (no config.json)")
-    cfg = RunConfig.from_json(read_json(imp_run / "config.json"))
+    cfg = RunConfig.read(imp_run)
     if cfg.method != "imp" or cfg.structure != "none":
         raise UsageError(f"{imp_run}: sweep needs an unstructured IMP run")
     src, prev = round_dir(imp_run, round_), round_dir(imp_run, round_ - 1)
@@ -57,6 +57,11 @@ def sweep(imp_run: str | Path, round_: int, values: Mapping[str, Sequence], out:
         raise UsageError(f"{imp_run}: round {round_} has no mask or round {round_ - 1} is not finished")
     if epochs < 0:
         raise UsageError(f"epochs must be >= 0, got {epochs}")
+    if batch_size < 1 or pairs < 3:
+        raise UsageError(f"batch size must be >= 1 and pairs >= 3, got {batch_size} and {pairs}")
+    # what every row depends on besides its own setting: a row made under others is not reused
+    common = {"run": str(imp_run.resolve()), "round": round_, "epochs": epochs, "granularity": granularity,
+              "batch_size": batch_size, "pairs": pairs, "runtimes": sorted(runtimes) if runtimes else None}
     run = Run(cfg, imp_run, data_dir=data_dir, progress=False)
     unstructured = Masks.load(src / "masks.safetensors")
     trained = run.trained(prev)
@@ -70,7 +75,13 @@ def sweep(imp_run: str | Path, round_: int, values: Mapping[str, Sequence], out:
         key = f"{name}={value}" if value is not None else "default"
         f = out / f"setting_{key.replace('=', '_')}.json"
         if f.exists():
-            rows.append(read_json(f))
+            row = records.read(f, "sweep-row")
+            if row.get("settings") != common:
+                before = row.get("settings") or {}
+                diff = [f"{k}: {before.get(k)!r} there, {v!r} now" for k, v in common.items() if before.get(k) != v]
+                raise UsageError(f"{out} holds sweep rows made with other settings ({'; '.join(diff)}); "
+                                 "choose another --out")
+            rows.append(row)
             continue
         kw = dict(DEFAULTS)
         if value is not None:
@@ -81,12 +92,12 @@ def sweep(imp_run: str | Path, round_: int, values: Mapping[str, Sequence], out:
             masks = regroup(unstructured, kw["t1"], "metis", width_ratio=kw["width_ratio"], t2=kw["t2"], b1=kw["b1"],
                             b2=kw["b2"], granularity=granularity, seed=cfg.seed)
         except UsageError as e:  # a setting that leaves a layer without any block
-            row = {"setting": key, "param": name, "value": value, "error": str(e)}
+            row = {"setting": key, "param": name, "value": value, "error": str(e), "settings": common}
             write_json(f, row)
             rows.append(row)
             continue
         masks = channel_companions(trained, masks, x[:1])
-        row = {"setting": key, "param": name, "value": value, "sparsity": masks.sparsity(),
+        row = {"setting": key, "param": name, "value": value, "settings": common, "sparsity": masks.sparsity(),
                "unstructured_sparsity": unstructured.sparsity(),
                "blocks": sum(len(b) for b in masks.blocks.values())}
         ticket = run.trained(src) if epochs == 0 else _retrain(run, masks, epochs, key, progress, row)

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DataNotFoundError, UsageError
+from ..errors import ArtifactError, DataNotFoundError, UsageError
+from ..io import read_regular
 from . import Dataset, Split, register, split_off_validation
 
 _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
@@ -26,12 +27,21 @@ class _SafeUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
+# the largest real batch (CIFAR-100's train) is about 155 MB
+MAX_BATCH_BYTES = 256 << 20
+
+
 def read_batch(path: Path) -> dict:
+    import io
+    try:  # a regular file of bounded size (no FIFO, no /dev/zero), read before unpickling
+        data = read_regular(path, MAX_BATCH_BYTES)
+    except ArtifactError as e:
+        raise UsageError(str(e)) from None
     try:
-        with open(path, "rb") as f:
-            obj = _SafeUnpickler(f, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
-        raise UsageError(f"{path}: not a CIFAR python batch ({e})") from None
+        obj = _SafeUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, MemoryError, OverflowError,
+            AttributeError, IndexError, KeyError) as e:  # a huge declared length, a foreign opcode
+        raise UsageError(f"{path}: not a CIFAR python batch ({str(e)[:120]})") from None
     if not isinstance(obj, dict):
         raise UsageError(f"{path}: not a CIFAR python batch (top level is {type(obj).__name__})")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
@@ -40,9 +50,16 @@ def read_batch(path: Path) -> dict:
 def _arrays(batch: dict, label_key: str, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     if "data" not in batch or label_key not in batch:
         raise UsageError(f"{path}: missing 'data' or '{label_key}'")
-    x = np.asarray(batch["data"], dtype=np.uint8)
-    y = np.asarray(batch[label_key], dtype=np.int64)
-    if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or len(x) != len(y):
+    data, labels = batch["data"], batch[label_key]
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8):
+        raise UsageError(f"{path}: 'data' must be a uint8 array of pixels, got "
+                         f"{getattr(data, 'dtype', type(data).__name__)}")
+    try:
+        y = np.asarray(labels, dtype=np.int64)
+    except (ValueError, TypeError, OverflowError):
+        raise UsageError(f"{path}: '{label_key}' must be integer labels") from None
+    x = data
+    if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or y.ndim != 1 or len(x) != len(y):
         raise UsageError(f"{path}: expected N x 3072 uint8 data and N labels, got {x.shape}, {y.shape}")
     return torch.from_numpy(x.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(y)
 
@@ -70,6 +87,8 @@ def _load(name, root, val_size, sub, train_files, test_file, label_key, classes,
         raise UsageError(f"{name}: labels outside [0, {classes})")
     train, val = split_off_validation(x, y, min(5000, len(y) // 10) if val_size is None else val_size)
     test = Split(*_arrays(read_batch(folder / test_file), label_key, folder / test_file))
+    if len(test.y) and (int(test.y.max()) >= classes or int(test.y.min()) < 0):
+        raise UsageError(f"{name}: {folder / test_file}: labels outside [0, {classes})")
     return Dataset(name, train, val, test, num_classes=classes, mean=mean, std=std,
                    augment="crop+flip", crop_padding=4)
 

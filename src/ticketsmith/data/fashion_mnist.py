@@ -1,14 +1,15 @@
 """Fashion-MNIST from the standard IDX .gz files (Debian: package dataset-fashion-mnist)."""
 from __future__ import annotations
 
-import gzip
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..errors import DataNotFoundError, UsageError
+from ..errors import ArtifactError, DataNotFoundError, UsageError
+from ..io import read_regular
 from . import Dataset, Split, register, split_off_validation
 
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
@@ -16,14 +17,28 @@ FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
          "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 
 
+# the real files: 26 MB compressed, 47 MB inflated (the training images); a file or its
+# inflated content beyond this is not Fashion-MNIST (a gzip bomb, /dev/zero) and is refused
+MAX_IDX_BYTES = 256 << 20
+
+
 def read_idx(path: Path) -> np.ndarray:
-    """Read one IDX file (gzipped or not) into a numpy array, checking its header."""
-    opener = gzip.open if path.suffix == ".gz" else open
+    """Read one IDX file (gzipped or not) into a numpy array, checking its header. Only a
+    regular file of bounded size is read, and it inflates to a bounded size."""
     try:
-        with opener(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError) as e:
-        raise UsageError(f"{path}: cannot read IDX file ({e})") from None
+        data = read_regular(path, MAX_IDX_BYTES)
+    except ArtifactError as e:
+        raise UsageError(str(e)) from None
+    if path.suffix == ".gz":
+        inflate = zlib.decompressobj(wbits=31)  # gzip framing
+        try:
+            data = inflate.decompress(data, MAX_IDX_BYTES + 1)
+        except zlib.error as e:
+            raise UsageError(f"{path}: cannot read IDX file (not gzip data: {e})") from None
+        if len(data) > MAX_IDX_BYTES:
+            raise UsageError(f"{path}: inflates to more than {MAX_IDX_BYTES:,} bytes; not an IDX file")
+        if not inflate.eof:
+            raise UsageError(f"{path}: cannot read IDX file (the gzip data is truncated)")
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise UsageError(f"{path}: not an IDX file of unsigned bytes (bad magic number)")
     ndim = data[3]

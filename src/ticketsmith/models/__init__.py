@@ -3,10 +3,18 @@
 `create(name, in_channels, num_classes, image_size, width)`; `width` multiplies every hidden
 width (channels or units). The classifier head is each model's last layer, which is what
 `ticketsmith.masks.prunable_names` excludes by default.
+
+A user's model is named by a builder spec instead of a zoo name (`build`, `ticketsmith run
+--model`): `package.module:function` (any callable returning an `nn.Module`), `timm:NAME` or
+`torchvision:NAME` (when those libraries are installed; random init, nothing is downloaded).
 """
 from __future__ import annotations
 
-from typing import Callable
+import importlib
+import inspect
+import json
+import re
+from typing import Any, Callable
 
 from torch import nn
 
@@ -41,9 +49,146 @@ def create(name: str, in_channels: int = 3, num_classes: int = 10,
     return model
 
 
-def for_dataset(name: str, ds, width: float = 1.0) -> nn.Module:
-    """A model shaped for a `ticketsmith.data.Dataset` (input channels, size and classes)."""
+def for_dataset(name: str, ds, width: float = 1.0, kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """A model shaped for a `ticketsmith.data.Dataset` (input channels, size and classes): a zoo
+    model, or a builder spec (see `build`) called with `kwargs`."""
+    if is_builder(name):
+        return build(name, kwargs, in_channels=ds.in_channels, num_classes=ds.num_classes,
+                     image_size=tuple(ds.image_size))
+    if kwargs:
+        raise UsageError(f"model kwargs are for a builder (--model package.module:function); "
+                         f"the zoo model {name!r} takes --width only")
     return create(name, ds.in_channels, ds.num_classes, ds.image_size, width)
+
+
+# -- users' models: builder specs ------------------------------------------------------------
+LIBRARIES = ("timm", "torchvision")
+# the dataset's shape, passed to a builder that names these keyword arguments
+DATASET_ARGS = ("in_channels", "num_classes", "image_size")
+_SPEC = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
+
+
+def is_builder(name: str) -> bool:
+    """True for a builder spec (`module:function`, `timm:NAME`, `torchvision:NAME`), False for
+    a zoo name."""
+    return ":" in str(name)
+
+
+def check_spec(name: str) -> None:
+    """Refuse a model name that is neither a zoo name nor a well-formed builder spec (no import:
+    that happens when the model is built)."""
+    if not is_builder(name):
+        if name not in _REGISTRY:
+            raise UsageError(f"unknown model {name!r}; choose one of: {', '.join(names())}, or a "
+                             "builder: package.module:function, timm:NAME, torchvision:NAME")
+        return
+    lib, _, rest = name.partition(":")
+    if lib in LIBRARIES:
+        if not rest or not re.fullmatch(r"[\w.\-]+", rest):
+            raise UsageError(f"model {name!r}: give a {lib} model name after '{lib}:'")
+    elif not _SPEC.match(name):
+        raise UsageError(f"model {name!r} is not a builder path: write package.module:function "
+                         "(an importable module, a colon, a callable in it)")
+
+
+def parse_kwargs(text: str) -> dict[str, Any]:
+    """Keyword arguments of a builder from JSON text (an object); '' is none."""
+    if not str(text).strip():
+        return {}
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"model kwargs: not valid JSON ({e.msg} at column {e.colno}): {text!r}") from None
+    if not isinstance(obj, dict):
+        raise UsageError(f"model kwargs must be a JSON object such as '{{\"width\": 2}}', got {text!r}")
+    return obj
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def _library(lib: str, spec: str):
+    try:
+        return importlib.import_module(f"{lib}.models" if lib == "torchvision" else lib)
+    except Exception as e:  # noqa: BLE001 (a broken install raises more than ImportError)
+        raise UsageError(f"model {spec}: needs the {lib} package, which does not import here "
+                         f"({_one_line(e)}); install it: pip install {lib}") from None
+
+
+def _import(name: str):
+    """Import a builder's module; a module in the current directory is found as `python -m`
+    finds it, also from the `ticketsmith` console script (whose sys.path lacks the directory)."""
+    import os
+    import sys
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        cwd = os.getcwd()
+        if e.name != name.split(".")[0] or cwd in sys.path or "" in sys.path:
+            raise
+    sys.path.append(cwd)  # last: never shadows an installed module
+    return importlib.import_module(name)
+
+
+def build(spec: str, kwargs: dict[str, Any] | None = None, *, in_channels: int = 3,
+          num_classes: int = 10, image_size: tuple[int, int] = (32, 32)) -> nn.Module:
+    """Build a user's model from a builder spec, with `kwargs` (a dict, e.g. from --model-kwargs).
+
+    - `package.module:function`: the module is imported (from sys.path, else from the current
+      directory) and the callable called with `kwargs`,
+      plus those of `in_channels`, `num_classes` and `image_size` (the dataset's) that its
+      signature names and `kwargs` does not give.
+    - `timm:NAME`: `timm.create_model(NAME, pretrained=False, num_classes=..., in_chans=...)`.
+    - `torchvision:NAME`: `torchvision.models.get_model(NAME, weights=None, num_classes=...)`;
+      these take 3-channel inputs only.
+    A module that does not import, a missing callable, a builder that raises or returns no
+    `nn.Module`: UsageError in one line.
+    """
+    check_spec(spec)
+    kwargs = dict(kwargs or {})
+    shape = {"in_channels": in_channels, "num_classes": num_classes, "image_size": tuple(image_size)}
+    lib, _, name = spec.partition(":")
+    if lib == "timm":
+        fn = _library("timm", spec).create_model
+        args = (name,)
+        kwargs = {"pretrained": False, "num_classes": num_classes, "in_chans": in_channels, **kwargs}
+    elif lib == "torchvision":
+        fn = _library("torchvision", spec).get_model
+        args = (name,)
+        if in_channels != 3 and "in_channels" not in kwargs:
+            raise UsageError(f"model {spec}: torchvision models take 3-channel inputs; this dataset "
+                             f"has {in_channels} channel(s)")
+        kwargs = {"weights": None, "num_classes": num_classes, **kwargs}
+    else:
+        args = ()
+        try:
+            module = _import(lib)
+        except Exception as e:  # noqa: BLE001 (any error of the user's module is theirs: one line)
+            raise UsageError(f"model {spec}: cannot import {lib} ({_one_line(e)})") from None
+        fn = module
+        for part in name.split("."):
+            if not hasattr(fn, part):
+                raise UsageError(f"model {spec}: {lib} has no attribute {name!r}")
+            fn = getattr(fn, part)
+        if not callable(fn):
+            raise UsageError(f"model {spec}: {name} is a {type(fn).__name__}, not a callable")
+        try:
+            params = inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            params = {}
+        kwargs = {**{k: v for k, v in shape.items() if k in params}, **kwargs}
+    try:
+        model = fn(*args, **kwargs)
+    except UsageError:
+        raise
+    except Exception as e:  # noqa: BLE001 (the builder is the user's code: say what it raised)
+        raise UsageError(f"model {spec}: the builder raised {_one_line(e)}") from None
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"model {spec}: the builder returned an object of type "
+                         f"{type(model).__name__}, not an nn.Module")
+    return model
 
 
 # SGD learning rates that train each zoo model (momentum 0.9, batch 128, the step schedule):

@@ -26,8 +26,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from .. import records  # noqa: E402
 from ..errors import ArtifactError, UsageError  # noqa: E402
-from ..io import read_json, save_figure, write_json, write_text  # noqa: E402
+from ..io import save_figure, write_json, write_text  # noqa: E402
 from ..masks import Masks  # noqa: E402
 from ..runs import summarize_run  # noqa: E402
 from . import evidence  # noqa: E402
@@ -93,7 +94,7 @@ def load_run(path: str | Path) -> RunView:
         f = path / f"round_{r['round']:02d}" / "bench.json"
         if f.exists():
             try:
-                view.bench[r["round"]] = read_json(f)
+                view.bench[r["round"]] = records.read(f, "bench")
             except ArtifactError:
                 r["bench"] = "corrupt"
     return view

@@ -46,6 +46,12 @@ class TrainConfig:
             raise UsageError(f"learning rate must be a positive number, got {self.lr}")
         if not all(0 < m <= 1 for m in self.milestones):
             raise UsageError(f"milestones are fractions of training in (0, 1], got {self.milestones}")
+        if not 0 <= self.momentum < 1:  # SGD refuses a negative one; 1 or more never converges
+            raise UsageError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not 0 <= self.weight_decay < 1:
+            raise UsageError(f"weight decay must be in [0, 1), got {self.weight_decay}")
+        if not 0 <= self.seed < 2 ** 63:  # torch.manual_seed takes a signed 64-bit integer
+            raise UsageError(f"seed must be in [0, 2**63), got {self.seed}")
 
 
 @dataclass
