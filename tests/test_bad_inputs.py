@@ -250,6 +250,13 @@ def setup(case: str, tmp: Path, finished: Path, monkeypatch) -> list[str]:
         (d / "round_01" / "round.json").unlink()
         os.mkfifo(d / "round_01" / "round.json")
         return run_args + ["--out", str(d)]
+    if case in ("round-links-outside", "summary-links-outside"):
+        d = copy_run(finished, tmp)
+        rel = "round_01/round.json" if case == "round-links-outside" else "round_00/weights.safetensors"
+        (tmp / "elsewhere").write_bytes((d / rel).read_bytes())  # a file of the reader's
+        (d / rel).unlink()
+        (d / rel).symlink_to(tmp / "elsewhere")
+        return run_args + ["--out", str(d)] if case == "round-links-outside" else ["summary", str(d)]
     if case == "weights-dev-zero":
         d = copy_run(finished, tmp)
         shutil.rmtree(d / "round_01")  # round 1 not started: it reads round 0's weights

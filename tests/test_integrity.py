@@ -78,6 +78,9 @@ def test_a_fifo_or_dev_zero_in_place_of_a_file_is_refused_promptly(tmp_path):
     w.symlink_to("/dev/zero")
     with pytest.raises(ts.ArtifactError, match="not a regular file"):
         ts.io.load_tensors(w)
+    with pytest.raises(ts.ArtifactError, match="outside the run directory"):
+        summarize_run(tmp_path / "run")  # a link out of a run directory: refused before reading
+    w.unlink()
     j = tmp_path / "run" / "round_00" / "round.json"
     j.unlink()
     os.mkfifo(j)

@@ -104,6 +104,20 @@ def read_regular(path: str | os.PathLike, limit: int) -> bytes:
     return data
 
 
+def refuse_outside_links(folder: str | os.PathLike) -> None:
+    """Refuse a run directory holding a symbolic link that leads out of it: a shared run whose
+    `round.json` or `masks.safetensors` points at another file of the reader's would be read
+    (or reported) as the run's own. Links inside the folder, and the folder being a link
+    itself, are fine."""
+    root = Path(folder).resolve()
+    for p in Path(folder).rglob("*"):
+        if p.is_symlink():
+            target = p.resolve()
+            if target != root and root not in target.parents:
+                raise ArtifactError(f"{p}: a link to {target}, outside the run directory; refused "
+                                    "(a run directory holds its own files)")
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 

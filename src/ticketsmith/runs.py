@@ -35,7 +35,7 @@ from . import data as tsdata
 from . import models as tsmodels
 from . import faults, prune, records
 from .errors import ArtifactError, DivergenceError, UsageError
-from .io import TMP_SUFFIX, load_tensors, read_json, save_tensors, write_json
+from .io import TMP_SUFFIX, load_tensors, read_json, refuse_outside_links, save_tensors, write_json
 from .masks import Masks
 from .train import Dist, Trainer, TrainConfig
 
@@ -493,6 +493,7 @@ class Run:
     def _prepare(self) -> None:
         cfg_path = self.out / "config.json"
         if cfg_path.exists():
+            refuse_outside_links(self.out)
             old_cfg = RunConfig.read(cfg_path)
             changed = [k for k, v in old_cfg.identity().items() if self.cfg.identity()[k] != v]
             lower_lr = changed == ["lr"] and (self.out / "diverged.json").exists() and self.cfg.lr < old_cfg.lr
@@ -962,6 +963,7 @@ def summarize_run(run: str | Path) -> dict:
     run = Path(run)
     if not (run / "config.json").exists():
         raise UsageError(f"{run} is not a ticketsmith run directory (no config.json)")
+    refuse_outside_links(run)
     cfg = read_json(run / "config.json")
     RunConfig.from_json(cfg, run / "config.json")  # refused, naming the field, if tampered
     rounds = []
