@@ -47,7 +47,35 @@ def dense_runtimes() -> str:
     return "\n".join(lines)
 
 
-SECTIONS = {"channel_tickets_runtimes": channel_tickets_runtimes, "dense_runtimes": dense_runtimes}
+def int8_ticket() -> str:
+    """The table benchmarks/int8_ticket.py writes (its own `table`, one rendering)."""
+    import importlib.util
+    import sys
+    if str(ROOT / "benchmarks") not in sys.path:  # the script imports its neighbour _common
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("int8_ticket", ROOT / "benchmarks" / "int8_ticket.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rec = json.loads((RESULTS / "int8_ticket.json").read_text())
+    return f"Command: `{rec['machine']['command']}` ({rec['machine']['cpu']}):\n\n" + script.table(rec)
+
+
+def absorbed_conv() -> str:
+    rec = json.loads((RESULTS / "absorbed_conv.json").read_text())
+    lines = [f"Command: `{rec['command']}` ({rec['cpu']}); {rec['layer']}, batch {rec['batch']}, "
+             f"{rec['blocks']} blocks, against the fastest dense conv of the candidates probed:", "",
+             "| threads | baseline (fastest dense) | variant | speedup median (min-max) | realized / ideal |",
+             "|---|---|---|---|---|"]
+    for threads, run in sorted(rec["runs"].items()):
+        layer = run["layer"]
+        for name, k in layer["kernels"].items():
+            lines.append(f"| {threads} | {layer['baseline']} | {name} | {k['ratio_median']:.2f}x "
+                         f"({k['ratio_min']:.2f}-{k['ratio_max']:.2f}) | {k['realized_over_ideal']:.2f} |")
+    return "\n".join(lines)
+
+
+SECTIONS = {"channel_tickets_runtimes": channel_tickets_runtimes, "dense_runtimes": dense_runtimes,
+            "int8_ticket": int8_ticket, "absorbed_conv": absorbed_conv}
 
 
 def render(text: str) -> str:
