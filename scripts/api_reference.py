@@ -15,7 +15,7 @@ OUT = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 MODULES = ["ticketsmith", "ticketsmith.data", "ticketsmith.models", "ticketsmith.masks",
            "ticketsmith.train", "ticketsmith.prune", "ticketsmith.structure", "ticketsmith.dst",
            "ticketsmith.compact", "ticketsmith.deploy", "ticketsmith.bench", "ticketsmith.runs", "ticketsmith.search", "ticketsmith.report",
-           "ticketsmith.report.evidence", "ticketsmith.sweep", "ticketsmith.io"]
+           "ticketsmith.report.evidence", "ticketsmith.sweep", "ticketsmith.io", "ticketsmith.records"]
 
 
 def public(mod) -> list[tuple[str, object]]:

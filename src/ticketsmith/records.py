@@ -100,7 +100,29 @@ class CompactSpec(_Record):
     float_dtypes: list[str] = []
 
 
+class SearchRecord(_Record):
+    """OUT/search.json of a `ts.TicketSearch`: its settings and the parameter shapes."""
+    kind: str
+    method: str
+    rounds: int
+    prune_fraction: float
+    structure: str
+    structure_settings: dict[str, Any] = {}
+    parameters: dict[str, list[int]]
+
+
+class SearchRound(_Record):
+    """OUT/round_NN/round.json of a `ts.TicketSearch`: a finished round."""
+    round: int
+    start_step: int
+    steps: int
+    sparsity: float
+    metrics: dict[str, Any] = {}
+
+
 SCHEMAS: dict[str, TypeAdapter] = {
+    "search": TypeAdapter(SearchRecord),
+    "search-round": TypeAdapter(SearchRound),
     "round": TypeAdapter(RoundRecord),
     "data": TypeAdapter(DataRecord),
     "history": TypeAdapter(list[ChangeEvent]),

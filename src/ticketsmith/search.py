@@ -70,7 +70,8 @@ import torch
 from torch import nn
 
 from .errors import UsageError
-from .io import load_tensors, read_json, save_tensors, write_json
+from . import records
+from .io import load_tensors, save_tensors, write_json
 from .masks import Masks, MaskHold
 from .runs import (LOCK_FILE, clean_temporaries, imp_step, load_state, lock_directory, mask_record,
                    masks_once, parse_rewind, round_dir, state_tensors, structure_masks)
@@ -320,8 +321,8 @@ class TicketSearch:
     def _check_or_write_identity(self) -> None:
         f = self.out / SEARCH_FILE
         if f.exists():
-            before = read_json(f)
-            if not isinstance(before, dict) or before.get("kind") != KIND:
+            before = records.read(f, "search")
+            if before["kind"] != KIND:
                 raise UsageError(f"{f}: not a ticket search record")
             clean_temporaries(self.out)
             old, new = before.get("parameters", {}), self._shapes
@@ -497,7 +498,8 @@ class TicketSearch:
     # -- results -----------------------------------------------------------------------------
     def records(self) -> list[dict[str, Any]]:
         """The records (round.json) of the finished rounds, in order."""
-        return [read_json(round_dir(self.out, r) / "round.json") for r in range(self.next_round())]
+        return [records.read(round_dir(self.out, r) / "round.json", "search-round")
+                for r in range(self.next_round())]
 
     def summary(self) -> dict[str, Any]:
         """The search's settings, whether it is complete, and every finished round's record."""
@@ -511,7 +513,7 @@ class TicketSearch:
         if r < 1 or not (path / "round.json").exists():
             raise UsageError(f"round {r} is not a finished sparse round of {self.out}")
         weights, _ = load_tensors(path / "weights.safetensors")
-        return Ticket(r, Masks.load(path / "masks.safetensors"), weights, read_json(path / "round.json"))
+        return Ticket(r, Masks.load(path / "masks.safetensors"), weights, records.read(path / "round.json", "search-round"))
 
     def best(self, metric: str = "val_acc", *, minimize: bool = False, within: float | None = None) -> Ticket:
         """The best finished sparse round by `metric` (a name given to `rnd.finish`; highest, or
