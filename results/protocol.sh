@@ -72,7 +72,8 @@ arm() {
         [ "$net" = vgg ] && dirs=$(ls -d $R/vgg-e$VGG_EPOCHS-* 2>/dev/null)
         [ "$net" = resnet ] && { [ -n "$RESNET_EPOCHS" ] && dirs=$(ls -d $R/resnet-e$RESNET_EPOCHS-* 2>/dev/null) || dirs=""; }
         [ -n "$dirs" ] && $TS report $dirs --out results/protocol/report-$net --title "protocol: $net"
-      done ;;
+      done
+      .venv/bin/python results/claims.py ;;  # the claims, read by the registered conditions
     *) echo "unknown arm $a"; exit 2 ;;
   esac
 }
