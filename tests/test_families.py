@@ -367,3 +367,25 @@ def test_a_deviating_executor_is_replaced_by_the_dense_layer(small_executors, mo
     with torch.no_grad():
         xi = torch.randn(others[0])
         assert rel_err(masked(xi), small(xi)) < 1e-4
+
+
+def test_a_depthwise_conv_cut_to_one_channel_compacts():
+    """Surgery turns a depthwise conv with one channel left into a plain 1-in 1-out conv; its
+    mask (one input wide, as every depthwise mask) must not be indexed by the input channel's
+    index in the whole input (seen on torchvision's EfficientNet-B0: an IndexError)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 2, 1)).eval()
+    keep = torch.zeros(4, dtype=torch.bool)
+    keep[2] = True
+    masks = ts.Masks({"0.weight": keep.view(4, 1, 1, 1).expand(4, 3, 1, 1).clone(),
+                      "3.weight": keep.view(4, 1, 1, 1).expand(4, 1, 3, 3).clone(),
+                      "6.weight": keep.view(1, 4, 1, 1).expand(2, 4, 1, 1).clone()})
+    x = torch.randn(2, 3, 8, 8)
+    small = C.compact(model, masks, x)
+    masks.apply(model)
+    assert small[3].weight.shape[:2] == (1, 1)
+    with torch.no_grad():
+        xi = torch.randn(3, 3, 10, 10)
+        assert rel_err(model(xi), small(xi)) < 1e-4

@@ -138,7 +138,12 @@ def _restrict(mask: torch.Tensor, cm: ChannelMap, module: nn.Module) -> torch.Te
     """The mask of a layer after surgery, in the layer's own weight layout."""
     m = out_in_view(module, mask).index_select(0, cm.out)
     grouped = isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1
-    if not grouped and m.dim() >= 2:
+    # a grouped conv's mask holds the inputs of one group: nothing to select; so does that of a
+    # depthwise conv cut down to one channel (groups=1 now, its mask one input wide already,
+    # while the kept input channel's index refers to the whole input)
+    one_group = (m.dim() >= 2 and cm.inp.numel() > 0 and m.shape[1] == out_in_view(module, module.weight).shape[1]
+                 and int(cm.inp.max()) >= m.shape[1])
+    if not grouped and not one_group and m.dim() >= 2:
         m = m.index_select(1, cm.inp)
     return out_in_view(module, m)
 
