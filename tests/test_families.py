@@ -389,3 +389,36 @@ def test_a_depthwise_conv_cut_to_one_channel_compacts():
     with torch.no_grad():
         xi = torch.randn(3, 3, 10, 10)
         assert rel_err(model(xi), small(xi)) < 1e-4
+
+
+class Versioned(nn.Module):
+    """A module that versions its state, as torchvision's MNASNet does: loading refuses a state
+    dict without the version in its metadata."""
+    _version = 2
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+        if local_metadata.get("version") not in (1, 2):
+            raise ValueError(f"version should be set to 1 or 2 instead of {local_metadata.get('version')}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+def test_load_gives_a_versioned_module_its_version(tmp_path):
+    torch.manual_seed(0)
+    model = Versioned().eval()
+    keep = torch.arange(8) % 2 == 0
+    masks = ts.Masks({"conv.weight": keep.view(8, 1, 1, 1).expand(8, 3, 3, 3).clone(),
+                      "head.weight": keep.view(1, 8, 1, 1).expand(4, 8, 1, 1).clone()})
+    x = torch.randn(2, 3, 8, 8)
+    small = C.compact(model, masks, x)
+    C.save(small, tmp_path / "t")
+    again = C.load(tmp_path / "t", build=Versioned)
+    with torch.no_grad():
+        assert torch.equal(again(x), small(x))

@@ -13,6 +13,8 @@ strictly, so the round trip computes bit-identical outputs.
 """
 from __future__ import annotations
 
+import collections
+
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -204,8 +206,12 @@ def load(path: str | os.PathLike, build: Callable[[], nn.Module] | None = None) 
     dtypes = desc.get("float_dtypes") or []
     if len(dtypes) == 1:
         model.to(getattr(torch, dtypes[0].replace("torch.", "")))
+    # the rebuilt model's own state-dict metadata (module versions): modules that version their
+    # state (torchvision's MNASNet) refuse a state dict without it
+    state = collections.OrderedDict(tensors)
+    state._metadata = getattr(model.state_dict(), "_metadata", None)
     try:
-        model.load_state_dict(tensors, strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ArtifactError(f"{weights}: the weights do not fit the described model "
                             f"({str(e).splitlines()[0][:200]})") from None
