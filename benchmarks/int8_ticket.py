@@ -22,13 +22,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads lib
 import argparse  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
 import ticketsmith as ts  # noqa: E402
-from _common import calibrate, machine  # noqa: E402
+from ticketsmith.deploy import interleaved_times  # noqa: E402
+from _common import machine  # noqa: E402
 from ticketsmith.masks import Masks  # noqa: E402
 from ticketsmith.runs import Run, RunConfig, round_dir  # noqa: E402
 
@@ -37,16 +37,8 @@ DENSE_RUNTIMES = ("torch", "onnxruntime", "openvino")  # torch.compile: a compil
 
 
 def interleaved(calls: dict, rounds: int, burst_s: float = 0.05) -> dict[str, list[float]]:
-    """Seconds per call of each candidate in each of `rounds` round-robin rounds."""
-    reps = {k: calibrate(f, burst_s) for k, f in calls.items()}
-    times: dict[str, list[float]] = {k: [] for k in calls}
-    for _ in range(rounds):
-        for k, f in calls.items():
-            t0 = time.perf_counter()
-            for _ in range(reps[k]):
-                f()
-            times[k].append((time.perf_counter() - t0) / reps[k])
-    return times
+    """Seconds per call of each candidate in each round-robin round (the project's timing)."""
+    return interleaved_times(calls, rounds, burst_s)
 
 
 def ratio(times: dict[str, list[float]], slow: str, fast: str) -> dict:

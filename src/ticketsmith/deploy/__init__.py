@@ -403,10 +403,10 @@ def _check(d: Deployment, reference: nn.Module, inputs, batch: int, calibration=
                                    "representative, inputs, or deploy in fp32")
 
 
-def time_interleaved(calls: dict[str, Callable[[], Any]], rounds: int = 7,
-                     burst_s: float = 0.02) -> dict[str, float]:
-    """Median seconds per call of each candidate, timed round-robin (A B C A B C ...) in bursts
-    of about `burst_s`, so that the machine's drift hits every candidate alike."""
+def interleaved_times(calls: dict[str, Callable[[], Any]], rounds: int = 7,
+                      burst_s: float = 0.02) -> dict[str, list[float]]:
+    """Seconds per call of each candidate in each of `rounds` round-robin rounds (A B C A B C
+    ...), in bursts of about `burst_s`, so that the machine's drift hits every candidate alike."""
     from ..bench import calibrate
     reps = {k: calibrate(f, burst_s) for k, f in calls.items()}
     times: dict[str, list[float]] = {k: [] for k in calls}
@@ -416,7 +416,13 @@ def time_interleaved(calls: dict[str, Callable[[], Any]], rounds: int = 7,
             for _ in range(reps[k]):
                 f()
             times[k].append((time.perf_counter() - t0) / reps[k])
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def time_interleaved(calls: dict[str, Callable[[], Any]], rounds: int = 7,
+                     burst_s: float = 0.02) -> dict[str, float]:
+    """Median seconds per call of each candidate, timed by `interleaved_times`."""
+    return {k: statistics.median(v) for k, v in interleaved_times(calls, rounds, burst_s).items()}
 
 
 def deploy(model: nn.Module, example_inputs: Any, runtime: str = "auto", *,
