@@ -149,41 +149,165 @@ class EfficientNetish(nn.Module):
         return self.classifier(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-# -- ShuffleNet-v2: channel split, channel shuffle (reshape-transpose-reshape) --------------------
+# -- ShuffleNet-v2 (torchvision's units): channel split, channel shuffle (view-transpose-view) ----
 def channel_shuffle(x, groups):
-    b, c, h, w = x.shape
-    return x.reshape(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
+    b, c, h, w = x.size()
+    x = x.view(b, groups, c // groups, h, w)
+    x = torch.transpose(x, 1, 2).contiguous()
+    return x.view(b, -1, h, w)
+
+
+def _conv_bn(cin, cout, k=1, stride=1, groups=1, relu=True):
+    layers = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
+              nn.BatchNorm2d(cout)]
+    return layers + [nn.ReLU()] if relu else layers
 
 
 class ShuffleUnit(nn.Module):
-    def __init__(self, c):
+    """torchvision's ShuffleNetV2 InvertedResidual: stride 1 chunks the input in two and runs
+    one half; stride 2 runs two branches on the whole input; the concatenation is shuffled."""
+
+    def __init__(self, cin, cout, stride):
         super().__init__()
-        h = c // 2
-        self.pw1 = nn.Conv2d(h, h, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(h)
-        self.dw = nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False)
-        self.bn2 = nn.BatchNorm2d(h)
-        self.pw2 = nn.Conv2d(h, h, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(h)
+        self.stride = stride
+        h = cout // 2
+        if stride > 1:
+            self.branch1 = nn.Sequential(*_conv_bn(cin, cin, 3, stride, cin, relu=False),
+                                         *_conv_bn(cin, h))
+        else:
+            self.branch1 = nn.Sequential()
+        self.branch2 = nn.Sequential(*_conv_bn(cin if stride > 1 else h, h),
+                                     *_conv_bn(h, h, 3, stride, h, relu=False), *_conv_bn(h, h))
 
     def forward(self, x):
-        a, b = x.chunk(2, dim=1)
-        b = F.relu(self.bn3(self.pw2(self.bn2(self.dw(F.relu(self.bn1(self.pw1(b))))))))
-        return channel_shuffle(torch.cat([a, b], 1), 2)
+        if self.stride == 1:
+            x1, x2 = x.chunk(2, dim=1)
+            out = torch.cat((x1, self.branch2(x2)), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        return channel_shuffle(out, 2)
 
 
 class ShuffleNetish(nn.Module):
     def __init__(self, classes=10):
         super().__init__()
-        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(16)
-        self.unit = ShuffleUnit(16)
-        self.conv5 = nn.Conv2d(16, 32, 1, bias=False)
-        self.fc = nn.Linear(32, classes)
+        self.conv1 = nn.Sequential(*_conv_bn(3, 8, 3, 2))
+        self.stage2 = nn.Sequential(ShuffleUnit(8, 16, 2), ShuffleUnit(16, 16, 1),
+                                    ShuffleUnit(16, 16, 1))
+        self.stage3 = nn.Sequential(ShuffleUnit(16, 32, 2), ShuffleUnit(32, 32, 1))
+        self.conv5 = nn.Sequential(*_conv_bn(32, 64))
+        self.fc = nn.Linear(64, classes)
 
     def forward(self, x):
-        x = self.unit(F.relu(self.bn(self.stem(x))))
-        return self.fc(F.relu(self.conv5(x)).mean([2, 3]))
+        x = self.stage3(self.stage2(self.conv1(x)))
+        return self.fc(self.conv5(x).mean([2, 3]))
+
+
+# -- Swin (torchvision's blocks): windows, shifted by torch.roll, relative position bias ----------
+class WindowAttention(nn.Module):
+    """torchvision's ShiftedWindowAttention: F.linear with the qkv / proj modules' weights (their
+    forward never runs), a relative position bias gathered from a table by an index buffer and
+    viewed to heads x N x N, a roll of the feature map and an attention mask for shifted windows."""
+
+    def __init__(self, dim, window, shift, heads):
+        super().__init__()
+        self.window, self.shift, self.heads = window, shift, heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        self.relative_position_bias_table = nn.Parameter(
+            torch.randn((2 * window - 1) ** 2, heads) * 0.02)
+        r = torch.arange(window)
+        coords = torch.flatten(torch.stack(torch.meshgrid(r, r, indexing="ij")), 1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0).contiguous()
+        rel[:, :, 0] += window - 1
+        rel[:, :, 1] += window - 1
+        rel[:, :, 0] *= 2 * window - 1
+        self.register_buffer("relative_position_index", rel.sum(-1).flatten())
+
+    def forward(self, x):
+        B, H, W, C = x.shape
+        ws, n = self.window, self.window * self.window
+        pad_r, pad_b = (ws - W % ws) % ws, (ws - H % ws) % ws
+        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        _, ph, pw, _ = x.shape
+        shift = self.shift if ws < ph and ws < pw else 0
+        if shift > 0:
+            x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
+        nw = (ph // ws) * (pw // ws)
+        x = x.view(B, ph // ws, ws, pw // ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(B * nw, n, C)
+        qkv = F.linear(x, self.qkv.weight, self.qkv.bias)
+        qkv = qkv.reshape(x.size(0), n, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = (q * (C // self.heads) ** -0.5).matmul(k.transpose(-2, -1))
+        bias = self.relative_position_bias_table[self.relative_position_index]
+        attn = attn + bias.view(n, n, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+        if shift > 0:
+            mask = x.new_zeros((ph, pw))
+            cut = ((0, -ws), (-ws, -shift), (-shift, None))
+            count = 0
+            for h in cut:
+                for w in cut:
+                    mask[h[0]:h[1], w[0]:w[1]] = count
+                    count += 1
+            mask = mask.view(ph // ws, ws, pw // ws, ws).permute(0, 2, 1, 3).reshape(nw, n)
+            mask = mask.unsqueeze(1) - mask.unsqueeze(2)
+            mask = mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+            attn = attn.view(x.size(0) // nw, nw, self.heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.heads, n, n)
+        x = F.softmax(attn, dim=-1).matmul(v).transpose(1, 2).reshape(x.size(0), n, C)
+        x = F.linear(x, self.proj.weight, self.proj.bias)
+        x = x.view(B, ph // ws, pw // ws, ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(B, ph, pw, C)
+        if shift > 0:
+            x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
+        return x[:, :H, :W, :].contiguous()
+
+
+class SwinBlock(nn.Module):
+    """Pre-norm attention and MLP on a [B, H, W, C] map (nn.Linear on a 4-D tensor)."""
+
+    def __init__(self, dim, window, shift, heads):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, window, shift, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerging(nn.Module):
+    """2x2 neighbours concatenated (strided slices of a [B, H, W, C] map), LayerNorm, Linear."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x):
+        H, W = x.shape[1:3]
+        x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+        return self.reduction(self.norm(x))
+
+
+class TinySwin(nn.Module):
+    def __init__(self, classes=10, dim=16, window=4):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.patch_norm = nn.LayerNorm(dim)
+        self.blocks = nn.Sequential(SwinBlock(dim, window, 0, 2),
+                                    SwinBlock(dim, window, window // 2, 2))
+        self.merge = PatchMerging(dim)
+        self.block3 = SwinBlock(2 * dim, window, 0, 4)
+        self.norm = nn.LayerNorm(2 * dim)
+        self.head = nn.Linear(2 * dim, classes)
+
+    def forward(self, x):
+        x = self.patch_norm(self.patch(x).permute(0, 2, 3, 1))
+        x = self.norm(self.block3(self.merge(self.blocks(x))))
+        return self.head(x.permute(0, 3, 1, 2).mean([2, 3]))
 
 
 # -- UNet: ConvTranspose2d decoder, concatenation skips -----------------------------------------
@@ -345,7 +469,8 @@ FAMILIES = {
     # name: (build, example input shape, other input shapes)
     "mobilenet_v2_se": (builder(MobileNetV2ish), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "efficientnet_tf": (builder(EfficientNetish), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 19, 19)]),
-    "shufflenet_v2": (builder(ShuffleNetish), (2, 3, 8, 8), [(3, 3, 8, 8), (1, 3, 12, 12)]),
+    "shufflenet_v2": (builder(ShuffleNetish), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
+    "swin": (builder(TinySwin), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 40, 40)]),
     "unet": (builder(TinyUNet), (2, 3, 8, 8), [(3, 3, 8, 8), (1, 3, 16, 16)]),
     "vit_mha": (builder(TinyViT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "mlp_mixer": (builder(TinyMixer), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 16, 16)]),

@@ -311,7 +311,7 @@ def _zoo_models():
                                       "convnext_atto", "vit_tiny_patch16_224")]
     if importlib.util.find_spec("torchvision") is not None:
         out += [("torchvision", n) for n in ("resnet18", "mobilenet_v2", "shufflenet_v2_x0_5",
-                                             "vit_b_16")]
+                                             "vit_b_16", "swin_t")]
     return out or [pytest.param(None, None, marks=pytest.mark.skip(
         reason="neither timm nor torchvision is installed (PyPI's torchvision does not import "
                "beside the CPU torch wheel used here); install the `zoo` extra to run these"))]

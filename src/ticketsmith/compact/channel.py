@@ -2,9 +2,11 @@
 
 The coupling of channels (a conv's output channels with its BatchNorm, the input channels of
 every consumer, the other branches of a residual addition, the offsets of a concatenation, the
-features a flatten hands to a linear layer) comes from torch-pruning's `DependencyGraph`, which
-also performs the removal. What the graph does not know is *which* channels may go without
-changing the function; that is decided here, per coupled group and channel, from the weights:
+features a flatten hands to a linear layer) comes from torch-pruning's `DependencyGraph` (as
+`ticketsmith.structure.graph` builds it: reshape and split sizes read from torch 2.x autograd,
+index mappings bounded), which also performs the removal. What the graph does not know is
+*which* channels may go without changing the function; that is decided here, per coupled group
+and channel, from the weights:
 
 - a channel is **dead** at a point of the graph when it is exactly zero for every input: a
   conv / linear row that is all zero with a zero (or absent) bias; a BatchNorm whose affine
@@ -16,7 +18,9 @@ changing the function; that is decided here, per coupled group and channel, from
   it dead or has an all-zero weight column for it ("unread"), no model output shows it, and
   every operation it passes through is per-channel. Anything else (an unknown operation, a
   channel-mixing reduction, a grouped conv, LayerNorm / GroupNorm, a constant added to the
-  feature map, ...) leaves the whole group untouched, recorded with the reason.
+  feature map, a reshape other than a flatten such as a channel shuffle or a window partition,
+  ...) leaves the whole group untouched, recorded with the reason (per layer in
+  `SurgeryReport.whole`, and in `describe` as `group_left_whole`).
 
 Removals repeat until nothing changes, since removing a dead input channel can leave a row of
 the next layer all zero (dead in turn). At least one channel of every group is kept so that no
@@ -34,6 +38,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ..errors import UsageError
+from ..structure.graph import DependencyGraph, IndexMappingTooLarge
 
 OPTYPE = tp.ops.OPTYPE
 _U64 = 1 << 64
@@ -98,10 +103,12 @@ class ChannelMap:
 @dataclasses.dataclass
 class SurgeryReport:
     """What channel surgery did: surviving channels per tracked layer, channels removed per
-    group (named by the group's root layer), and groups left whole with the reason."""
+    group (named by the group's root layer), groups left whole with the reason, and per conv /
+    linear layer whose output channels are in a group left whole, that reason (`whole`)."""
     kept: dict[str, ChannelMap]
     removed: dict[str, int]
     skipped: dict[str, str]
+    whole: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def as_inputs(example_inputs: Any) -> tuple:
@@ -150,8 +157,8 @@ def trace(model: nn.Module, inputs: tuple) -> tuple[tp.DependencyGraph, set]:
     try:
         with torch.enable_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=inputs,
-                                                          forward_fn=forward, verbose=False)
+            graph = DependencyGraph().build_dependency(model, example_inputs=inputs,
+                                                       forward_fn=forward, verbose=False)
     except UsageError:
         raise
     except Exception as e:  # the tracer's own failures are of many kinds
@@ -216,6 +223,8 @@ def _reduces_channels(node) -> bool:
 def _reshape_ok(graph, node) -> bool:
     """A view / reshape the DependencyGraph maps right: the flatten of [N, C, H, W] (or of
     [N, F]) whole into the features of what follows."""
+    if node in graph.unmapped:
+        return False  # channels pass it without index mapping (see structure.graph)
     sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
     if sizes is None or len(sizes) not in (2, 4):
         return False
@@ -223,7 +232,7 @@ def _reshape_ok(graph, node) -> bool:
     for s in sizes[1:]:
         features *= int(s)
     for out in node.outputs:
-        n = tp.dependency.shape_infer.infer_in_channels_recursively(graph, out, [0])
+        n = graph.in_channels(out)
         if n is not None and n != features:
             return False
     return True
@@ -236,7 +245,7 @@ def _keeps_last_dim(graph, node) -> bool:
     if sizes is None or len(sizes) < 2 or not node.outputs:
         return False
     for out in node.outputs:
-        n = tp.dependency.shape_infer.infer_in_channels_recursively(graph, out, [0])
+        n = graph.in_channels(out)
         if n is None or n != int(sizes[-1]):
             return False
     return True
@@ -312,7 +321,9 @@ class _Group:
                     return f"{node.name}: {opaque_reason(node.module)}"
         last_dim = [n for n in self.items if n.type == OPTYPE.LINEAR and not _is_param_leaf(n)
                     and _grad_name(n) not in ("addmm", "mm")]
-        if OPTYPE.CONCAT in types and OPTYPE.RESHAPE in types:
+        # (a reshape without index mapping is refused below, with its own reason)
+        flatten = any(n.type == OPTYPE.RESHAPE and n not in self.graph.unmapped for n in self.items)
+        if OPTYPE.CONCAT in types and flatten:
             # torch-pruning 1.6 ties channel i of every concatenated branch together on the way
             # back from a flatten, and drops the features of only one of them (found by the
             # property tests): such groups stay whole
@@ -526,19 +537,38 @@ def remove_dead_channels(model: nn.Module, example_inputs: Sequence[torch.Tensor
             kept[name] = ChannelMap(torch.arange(o), torch.arange(i))
     removed: dict[str, int] = {}
     skipped: dict[str, str] = {}
+    members: dict[str, list[str]] = {}  # root of a group left whole -> its layers (out side)
+    # reshape nodes of pruned groups: the sizes their autograd nodes saved (which the checks
+    # of a flatten read) are stale; the graph is traced again before a group holding one is
+    # looked at, and at the start of a pass (not after every group: a trace of a transformer
+    # costs a second or more)
+    stale: set = set()
     for _ in range(max_passes):
         changed = False
-        roots = [(g[0].dep.target.module, g[0].dep.handler) for g in graph.get_all_groups()]
-        for module, handler in roots:
+        if stale:
+            graph, out_nodes = trace(model, inputs)
+            stale = set()
+        roots = _group_roots(graph, names, skipped)
+        for module, handler, group in roots:
             root_name = names.get(module, str(module))
             n_out = graph.get_out_channels(module)
             if not n_out:
                 continue
-            group = graph.get_pruning_group(module, handler, list(range(n_out)))
-            g = _Group(graph, group, out_nodes)
+            try:
+                if changed:  # channels went since the groups were listed: offsets may differ
+                    group = graph.get_pruning_group(module, handler, list(range(n_out)))
+                if stale and any(it.dep.target in stale for it in group):
+                    graph, out_nodes = trace(model, inputs)
+                    stale = set()
+                    group = graph.get_pruning_group(module, handler, list(range(n_out)))
+                g = _Group(graph, group, out_nodes)
+            except IndexMappingTooLarge as e:
+                skipped[root_name] = str(e)
+                continue
             reason = g.unsupported()
             if reason is not None:
                 skipped[root_name] = reason
+                members[root_name] = _out_members(g, names)
                 continue
             ok = g.removable()
             if bool(ok.all()):
@@ -551,6 +581,7 @@ def remove_dead_channels(model: nn.Module, example_inputs: Sequence[torch.Tensor
             why = _opaque_members_commute(pruning, names)
             if why is not None:
                 skipped[root_name] = why
+                members[root_name] = _out_members(g, names)
                 continue
             for it in pruning:
                 target = it.dep.target.module
@@ -567,9 +598,7 @@ def remove_dead_channels(model: nn.Module, example_inputs: Sequence[torch.Tensor
                 if both or fn == "prune_in_channels":
                     cm.inp = _delete(cm.inp, drop)
             pruning.prune(record_history=False)
-            if any(n.type == OPTYPE.RESHAPE for n in g.items):
-                # the flatten sizes saved in the traced autograd nodes are stale now
-                graph, out_nodes = trace(model, inputs)
+            stale.update(n for n in g.items if n.type == OPTYPE.RESHAPE)
             removed[root_name] = removed.get(root_name, 0) + len(idxs)
             skipped.pop(root_name, None)
             changed = True
@@ -582,7 +611,49 @@ def remove_dead_channels(model: nn.Module, example_inputs: Sequence[torch.Tensor
             if len(cm.out) != o or len(cm.inp) != i:
                 raise AssertionError(f"channel bookkeeping of {name} is off: "
                                      f"{len(cm.out)}/{o}, {len(cm.inp)}/{i}")
-    return SurgeryReport(kept, removed, skipped)
+    whole: dict[str, str] = {}
+    for root, why in skipped.items():
+        for name in members.get(root, [root]):
+            whole.setdefault(name, why)
+    return SurgeryReport(kept, removed, skipped, whole)
+
+
+def _out_members(g: _Group, names: dict) -> list[str]:
+    """The conv / linear layers whose output channels are in the group."""
+    out = []
+    for node, items in g.items.items():
+        if isinstance(node.module, _LAYERS) and names.get(node.module) is not None and any(
+                h.__name__ in ("prune_out_channels", "prune_depthwise_conv_out_channels")
+                for h, _, _ in items):
+            out.append(names[node.module])
+    return out
+
+
+def _group_roots(graph, names: dict, skipped: dict) -> list:
+    """(root module, handler, full group) of every coupled group, found as torch-pruning's
+    `get_all_groups` finds them (each conv / linear layer whose output channels no earlier
+    group holds). A root whose group the graph cannot map (`IndexMappingTooLarge`) is left
+    whole, the reason in `skipped`, and the other groups go on."""
+    held: set = set()
+    out = []
+    for m in list(graph.module2node):
+        if not isinstance(m, _LAYERS) or m in held:
+            continue
+        pruner = graph.get_pruner_of_module(m)
+        n_out = pruner.get_out_channels(m) if pruner is not None else None
+        if n_out is None:
+            continue
+        try:
+            group = graph.get_pruning_group(m, pruner.prune_out_channels, list(range(n_out)))
+        except IndexMappingTooLarge as e:
+            skipped[names.get(m, str(m))] = str(e)
+            held.add(m)
+            continue
+        for it in group:
+            if graph.is_out_channel_pruning_fn(it.dep.handler):
+                held.add(it.dep.target.module)
+        out.append((m, group[0].dep.handler, group))
+    return out
 
 
 def _opaque_members_commute(pruning, names: dict) -> str | None:

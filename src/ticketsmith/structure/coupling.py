@@ -1,4 +1,5 @@
-"""Channel couplings, found from the model's graph (torch-pruning's `DependencyGraph`).
+"""Channel couplings, found from the model's graph (torch-pruning's `DependencyGraph`, as
+`graph` builds it).
 
 Two layers are *coupled* when their output channels are tied by index: their outputs meet at a
 residual addition (or any elementwise op), or one is a depthwise conv whose channels follow its
@@ -18,13 +19,13 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import torch
-import torch_pruning as tp
 from torch import nn
 from torch_pruning import ops as tpops
 from torch_pruning._helpers import _HybridIndex
 
 from ..errors import UsageError
 from ..masks import PRUNABLE_TYPES, Masks
+from .graph import DependencyGraph, IndexMappingTooLarge
 
 # Norms that act on each channel separately: zeroing a channel's affine weight and bias makes
 # their output exactly zero on that channel, whatever its input. LayerNorm / GroupNorm mix
@@ -203,8 +204,8 @@ def analyse(model: nn.Module, example_inputs=None) -> Coupling:
         # a tensor is one input (torch-pruning would first try `model(*x)`, i.e. unbatched rows)
         forward = (lambda mod, inputs: mod(inputs)) if isinstance(example_inputs, torch.Tensor) else None
         try:
-            dg = tp.DependencyGraph().build_dependency(model, example_inputs, forward_fn=forward,
-                                                       verbose=False)
+            dg = DependencyGraph().build_dependency(model, example_inputs, forward_fn=forward,
+                                                    verbose=False)
         except UsageError:
             raise
         except Exception as e:  # the tracer's own failures are of many kinds
@@ -222,7 +223,10 @@ def analyse(model: nn.Module, example_inputs=None) -> Coupling:
             continue
         pruner = dg.get_pruner_of_module(m)
         c_out = _out_channels(m)
-        group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(c_out)))
+        try:
+            group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(c_out)))
+        except IndexMappingTooLarge:
+            continue  # the graph cannot say what its channels tie to: a group of its own
         for item in group:
             t = item.dep.target.module
             if t not in wname:
@@ -255,6 +259,7 @@ def analyse(model: nn.Module, example_inputs=None) -> Coupling:
     feeds: dict[str, list[Feed]] = {}
     reaches_output: set[str] = set()
     norms_seen = set()
+    unknown: set[str] = set()  # norm parameters fed through a node without index mapping
     params = dict(model.named_parameters())
     for n, m in layers:
         w = wname[m]
@@ -263,9 +268,18 @@ def analyse(model: nn.Module, example_inputs=None) -> Coupling:
             feeds.setdefault(f"{n}.bias" if n else "bias", []).append(Feed(w, r, r))
         if m not in dg.module2node:
             continue
-        hits, out = _walk_forward(dg.module2node[m], _out_channels(m))
+        try:
+            hits, out, reached = _walk_forward(dg, dg.module2node[m], _out_channels(m))
+        except IndexMappingTooLarge:
+            # where its channels go is not known: no norm is zeroed with its rows, and its
+            # channels count as shown by the model's output (kept)
+            reaches_output.add(w)
+            continue
         if out:
             reaches_output.add(w)
+        for node in reached:  # which of its channels a norm there sees is not known
+            nn_name = names[node.module]
+            unknown.update(f"{nn_name}.{pn}" if nn_name else pn for pn in ("weight", "bias"))
         for node, pos, rows in hits:
             norms_seen.add(node)
             nn_name = names[node.module]
@@ -275,7 +289,7 @@ def analyse(model: nn.Module, example_inputs=None) -> Coupling:
                     feeds.setdefault(full, []).append(
                         Feed(w, torch.tensor(pos, dtype=torch.int64), torch.tensor(rows, dtype=torch.int64)))
 
-    external = set()
+    external = {c for c in unknown if c in feeds}
     for node in norms_seen:
         if _has_external_source(node):
             nn_name = names[node.module]
@@ -334,12 +348,16 @@ def _forward_deps(node):
     return [d for d in node.dependencies if d.source is node and id(d.target) in outs]
 
 
-def _walk_forward(root, c_out: int):
+def _walk_forward(dg, root, c_out: int):
     """From a layer's node, follow its channels forward through parameter-free ops (mapping
     indices through concat/split/flatten as torch-pruning does) to the per-channel norms they
-    reach. Returns ([(norm node, positions, rows)], reaches the model's output)."""
+    reach. Returns ([(norm node, positions, rows)], reaches the model's output, norms reached
+    past a node without index mapping). Past such a node (a channel shuffle, see `graph`) the
+    channels' positions are not known: the walk goes on only to learn whether the model's
+    output or a norm is reached (whose channels are then never zeroed)."""
     start = [_HybridIndex(idx=i, root_idx=i) for i in range(c_out)]
     stack, seen, hits, out = [(root, start)], set(), [], False
+    blind: list = []
     while stack:
         node, idxs = stack.pop()
         deps = _forward_deps(node)
@@ -357,13 +375,32 @@ def _walk_forward(root, c_out: int):
                 out = True
             elif isinstance(t.module, CHANNEL_NORMS):
                 hits.append((t, [i.idx for i in new], [i.root_idx for i in new]))
+            elif t in dg.unmapped:
+                blind.append(t)
             elif t.type in _PASS:
                 key = (id(t), tuple(new))
                 if key not in seen:
                     seen.add(key)
                     stack.append((t, new))
             # any other node (a layer, a channel-mixing norm, attention, ...) ends the walk
-    return hits, out
+    reached, seen_blind = set(), set()
+    while blind:
+        node = blind.pop()
+        if id(node) in seen_blind:
+            continue
+        seen_blind.add(id(node))
+        deps = _forward_deps(node)
+        if not deps:
+            out = True
+        for dep in deps:
+            t = dep.target
+            if t.type == tpops.OPTYPE.OUTPUT:
+                out = True
+            elif isinstance(t.module, CHANNEL_NORMS):
+                reached.add(t)
+            elif t.type in _PASS or t in dg.unmapped:
+                blind.append(t)
+    return hits, out, reached
 
 
 def _as_leaves(inputs, device):

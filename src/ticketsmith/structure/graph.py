@@ -1,0 +1,339 @@
+"""torch-pruning's `DependencyGraph`, with the guards that real models (Swin, ShuffleNet) need.
+
+torch-pruning reads the input sizes of a reshape and of a split / chunk from
+`grad_fn._saved_self_sizes`, which the autograd nodes of torch 2.x call `_saved_self_sym_sizes`.
+It then falls back to channel counts inferred from the neighbouring layers, right or wrong:
+
+- its guard "only 2-D / 4-D reshapes" never fires, and every reshape whose inferred channel
+  counts before and after differ gets a flatten (stride) mapping. A channel shuffle
+  (ShuffleNet-v2: view to [N, g, C/g, H, W], transpose, view back) has counts inferred through
+  the concatenation around it that can come out as zero: the stride `in // out` raises
+  ZeroDivisionError and the graph cannot be built at all. The relative position bias of a Swin
+  window attention (`table[index].view(N, N, -1)`) gets a stride-32 mapping inside a cycle of
+  the attention graph (q, k, v, bias and softmax meet at element-wise nodes): every turn of
+  the cycle multiplies the index list by 32 (768, 24576, 786432, ...) until memory runs out
+  (> 8 GiB, ~40 MB/s);
+- a `chunk` / `split` into equal parts gets chunk sizes inferred from its consumers (a
+  concatenation reports its whole width) and offsets shorter than its outputs (IndexError in
+  ShuffleNet-v2 once the reshapes are fixed); and it takes its i-th consumer edge to carry the
+  i-th chunk, which holds only when the graph was traced in that order.
+
+`DependencyGraph` here:
+- keeps torch-pruning's mapping for the reshapes it was written for, a flatten of the channels
+  ([N, C, *rest] into C * prod(rest) features, C being what the layers before it produce: a
+  stride mapping describes it), and leaves every other reshape without a mapping while
+  torch-pruning computes its mappings, as its guard meant to: indices pass unchanged, the
+  reshape stays in the groups it touches, and channel surgery keeps those groups whole unless
+  the reshape keeps the features of the last dimension (a linear layer on a >2-D tensor).
+  They are listed in `unmapped`, and the forward walk to a layer's norms does not map indices
+  through them;
+- gives a split along the channels its chunk sizes from its autograd node, and each consumer
+  edge the chunk autograd says it carries (`output_nr`); a channel split whose edges cannot be
+  told apart gets no mapping (and is listed in `unmapped`);
+- computes the index mappings once per model state (parameter shapes) instead of once per
+  group: torch-pruning recomputes all of them for every group, a second or more on a
+  transformer;
+- bounds every index mapping: none may produce more indices than `max_indices` (a few times
+  the widest layer of the model: a list longer than any tensor dimension is no channel list).
+  Past it `IndexMappingTooLarge` is raised, naming the dependency, before the list grows into
+  gigabytes; its callers leave the group it belongs to whole.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from contextlib import contextmanager
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch_pruning.dependency import index_mapping, shape_infer
+
+from ..errors import UsageError
+
+OPTYPE = tp.ops.OPTYPE
+_U64 = 1 << 64
+
+# no mapping of a graph may produce more indices than this many times the widest layer, and at
+# least MIN_INDICES (a list of (index, root) pairs costs ~100 bytes an entry: 1M is ~100 MB)
+INDEX_FACTOR = 4
+MIN_INDICES = 1 << 16
+
+# torch-pruning's mapping class for the outputs of a split (private: absent, nothing is fixed)
+_SPLIT_MAPPING = getattr(index_mapping, "_SplitIndexMapping", ())
+
+# the node types whose index mappings torch-pruning (re)computes in `update_index_mapping`
+_MAPPED_TYPES = (OPTYPE.CONCAT, OPTYPE.SPLIT, OPTYPE.RESHAPE, OPTYPE.UNBIND, OPTYPE.EXPAND,
+                 OPTYPE.SLICE)
+
+
+class IndexMappingTooLarge(UsageError):
+    """An index mapping of torch-pruning's graph produced more indices than any layer has."""
+
+
+def widest(model: nn.Module) -> int:
+    """The largest channel / feature count of the model's layers (1-D parameters included)."""
+    best = 1
+    for m in model.modules():
+        for attr in ("in_channels", "out_channels", "in_features", "out_features",
+                     "num_features", "num_parameters"):
+            v = getattr(m, attr, None)
+            if isinstance(v, int):
+                best = max(best, v)
+    for p in model.parameters():
+        if p.dim() >= 1:
+            best = max(best, max(int(s) for s in p.shape))
+    return best
+
+
+class _Bounded:
+    """An index mapping that refuses to return more than `limit` indices."""
+
+    def __init__(self, fn, limit: int, dep):
+        self.fn, self.limit, self.dep = fn, limit, dep
+
+    def __call__(self, idxs):
+        stride = getattr(self.fn, "_stride", None)
+        if stride is not None and not getattr(self.fn, "reverse", True) \
+                and len(idxs) * stride > self.limit:
+            self._fail(len(idxs) * stride)  # a flatten mapping: its size is known before
+        out = self.fn(idxs)
+        if len(out) > self.limit:
+            self._fail(len(out))
+        return out
+
+    def _fail(self, n: int):
+        raise IndexMappingTooLarge(
+            f"torch-pruning's index mapping from {self.dep.source.name} to {self.dep.target.name} "
+            f"would hold {n} channel indices, more than {self.limit} (a few times the widest "
+            "layer): the graph maps channels through an operation it does not understand")
+
+
+class _Mappings(list):
+    """A dependency's `index_mapping` list: every mapping torch-pruning sets is bounded, and
+    a split's offsets are those of the chunk the edge carries."""
+
+    def __init__(self, items, graph: DependencyGraph, dep):
+        super().__init__(items)
+        self.graph, self.dep = graph, dep
+
+    def __setitem__(self, i, fn):
+        if isinstance(fn, _SPLIT_MAPPING):
+            where = self.graph._chunk_of.get(id(self.dep))
+            if where is not None:
+                node, chunk = where
+                # kept current by torch-pruning's SplitPruner; inside torch-pruning's own
+                # build they are its inferred ones (maybe None), and set again after it
+                sizes = node.module.split_sizes
+                if sizes is not None and chunk < len(sizes) and all(
+                        isinstance(v, int) for v in sizes[:chunk + 1]):
+                    start = sum(sizes[:chunk])
+                    fn.offset = [start, start + sizes[chunk]]
+        if fn is not None and not isinstance(fn, _Bounded):
+            fn = _Bounded(fn, self.graph.max_indices, self.dep)
+        super().__setitem__(i, fn)
+
+
+def _input_sizes(node):
+    sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
+    if sizes is None:
+        sizes = getattr(node.grad_fn, "_saved_self_sizes", None)
+    return None if sizes is None else [int(s) for s in sizes]
+
+
+def _split_dim(node) -> int | None:
+    sizes, dim = _input_sizes(node), getattr(node.grad_fn, "_saved_dim", None)
+    if sizes is None or dim is None or not sizes:
+        return None
+    dim = int(dim)
+    return (dim - _U64 if dim >= 1 << 63 else dim) % len(sizes)
+
+
+def _chunk_sizes(node) -> list[int] | None:
+    """The sizes of a split's chunks along its dimension, from its autograd node."""
+    g, sizes, dim = node.grad_fn, _input_sizes(node), _split_dim(node)
+    if dim is None:
+        return None
+    if hasattr(g, "_saved_split_sizes"):
+        return [int(s) for s in g._saved_split_sizes]
+    step, total = int(getattr(g, "_saved_split_size", 0)), sizes[dim]
+    if step <= 0:
+        return None
+    return [min(step, total - o) for o in range(0, total, step)]
+
+
+def _edge_chunks(node) -> list[int] | None:
+    """For each entry of a split node's `outputs` (one per consumer edge, in the order the
+    tracer added them), the chunk that edge carries: autograd's `output_nr` in the consumer's
+    `next_functions`, taken in the order the tracer walked them. None if they do not match."""
+    seen: Counter = Counter()
+    out = []
+    for c in node.outputs:
+        nrs = [nr for f, nr in getattr(c.grad_fn, "next_functions", ()) if f is node.grad_fn]
+        k = seen[c]
+        seen[c] += 1
+        if k >= len(nrs):
+            return None
+        out.append(int(nrs[k]))
+    for c, n in seen.items():
+        if n != sum(1 for f, _ in getattr(c.grad_fn, "next_functions", ()) if f is node.grad_fn):
+            return None
+    return out
+
+
+class _AsElementwise:
+    """Inside the block, the given nodes have type ELEMENTWISE (torch-pruning computes no index
+    mapping for them); their own types are restored after."""
+
+    def __init__(self, nodes):
+        self.nodes = list(nodes)
+
+    def __enter__(self):
+        self.types = [n.type for n in self.nodes]
+        for n in self.nodes:
+            n.type = OPTYPE.ELEMENTWISE
+
+    def __exit__(self, *exc):
+        for n, t in zip(self.nodes, self.types):
+            n.type = t
+        return False
+
+
+@contextmanager
+def _quiet():
+    """torch-pruning's channel inference warns each time it gives up on a long path (it then
+    infers nothing, which is handled): on a transformer that is hundreds of warnings a build,
+    none of them the user's to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Maximum recursive depth reached")
+        yield
+
+
+class DependencyGraph(tp.DependencyGraph):
+    """torch-pruning's graph with the fixes and bounds of the module docstring."""
+
+    def __init__(self, max_indices: int | None = None):
+        super().__init__()
+        self.max_indices = max_indices
+        # node -> why torch-pruning's index mapping is not used for it (indices pass unchanged)
+        self.unmapped: dict = {}
+        self._chunk_of: dict = {}  # id(dependency) -> (split node, chunk its edge carries)
+        self._mapped_state = None
+
+    def _state(self) -> tuple:
+        """What the index mappings depend on that can change after tracing: the channel counts
+        of the layers, i.e. the parameter shapes (pruning a group changes them)."""
+        return tuple(tuple(p.shape) for p in self.model.parameters())
+
+    def _hidden_reshapes(self) -> list:
+        return [n for n in self.unmapped if n.type in (OPTYPE.RESHAPE, OPTYPE.ELEMENTWISE)]
+
+    def build_dependency(self, model, example_inputs, *args, **kwargs):
+        if self.max_indices is None:
+            self.max_indices = max(MIN_INDICES, int(INDEX_FACTOR * widest(model)))
+        try:
+            # (`_build_dependency` fills `unmapped` and hides the reshapes in it for the rest
+            # of the build; they are reshapes again below)
+            with _quiet():
+                super().build_dependency(model, example_inputs, *args, **kwargs)
+        finally:
+            for node in self._hidden_reshapes():
+                node.type = OPTYPE.RESHAPE
+        # torch-pruning's shape pass set every split's sizes again, from its consumers, and the
+        # concatenations reading a split took their sizes from those: set again, mapped again
+        self._fix_splits()
+        for node in self.module2node.values():
+            if node.type == OPTYPE.CONCAT:
+                node.module.concat_sizes = None
+        with _AsElementwise(self._hidden_reshapes()), _quiet():
+            index_mapping.update_index_mapping(self)
+        self._mapped_state = self._state()
+        return self
+
+    def get_pruning_group(self, module, pruning_fn, idxs):
+        # torch-pruning recomputes every index mapping of the graph first: on a transformer
+        # that is a second or more per group, for mappings that only change when a group is
+        # pruned. Unchanged, every mapped node is hidden from that recomputation.
+        state = self._state()
+        if state == self._mapped_state:
+            hidden = [n for n in self.module2node.values() if n.type in _MAPPED_TYPES]
+        else:
+            hidden = self._hidden_reshapes()
+        with _AsElementwise(hidden), _quiet():
+            group = super().get_pruning_group(module, pruning_fn, idxs)
+        self._mapped_state = state
+        return group
+
+    def in_channels(self, node) -> int | None:
+        """The channels flowing into `node`, inferred from the layers after it (or None)."""
+        with _quiet():
+            return shape_infer.infer_in_channels_recursively(self, node, [0])
+
+    def _build_dependency(self, module2node):
+        """(torch-pruning's step between tracing and index mapping.)"""
+        super()._build_dependency(module2node)
+        for node in module2node.values():
+            for dep in node.dependencies:
+                dep.index_mapping = _Mappings(dep.index_mapping, self, dep)
+        shape_infer.init_shape_information(self)  # the channel inference below reads splits
+        self._fix_splits()
+        for node in module2node.values():
+            if node.type == OPTYPE.RESHAPE and not self._flattens_channels(node):
+                self.unmapped[node] = (f"a reshape of {_input_sizes(node)} other than a flatten "
+                                      "into the next layer")
+                node.type = OPTYPE.ELEMENTWISE  # until build_dependency returns
+
+    def _fix_splits(self) -> None:
+        """Chunk sizes and per-edge chunks of every split along the channels (dimension 1)."""
+        for node in self.module2node.values():
+            if node.type != OPTYPE.SPLIT or _split_dim(node) != 1:
+                continue
+            sizes, chunks = _chunk_sizes(node), _edge_chunks(node)
+            if sizes is None or chunks is None or max(chunks, default=0) >= len(sizes):
+                node.enable_index_mapping = False
+                self.unmapped[node] = "a split whose consumers' chunks are not known"
+                continue
+            node.module.split_sizes = list(sizes)
+            node.module.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+            # its dependencies: to its inputs first, then one per entry of `outputs`
+            forward = node.dependencies[len(node.inputs):]
+            backward = {c: [d for d in c.dependencies if d.target is node]
+                        for c in set(node.outputs)}
+            taken: Counter = Counter()
+            for dep, c, chunk in zip(forward, node.outputs, chunks):
+                self._chunk_of[id(dep)] = (node, chunk)
+                if taken[c] < len(backward[c]):
+                    self._chunk_of[id(backward[c][taken[c]])] = (node, chunk)
+                taken[c] += 1
+
+    def _flattens_channels(self, node) -> bool:
+        """A reshape whose index mapping is right: [N, C, *rest] into C * prod(rest) features
+        of what follows, C being what the layers before it produce (torch-pruning's stride
+        mapping, channel c -> features c*s .. c*s + s - 1; none where prod(rest) is 1, as after
+        a global pooling)."""
+        ins = outs = None
+        for n in node.inputs:
+            ins = shape_infer.infer_out_channels_recursively(self, n, [0])
+            if ins is not None:
+                break
+        for n in node.outputs:
+            outs = shape_infer.infer_in_channels_recursively(self, n, [0])
+            if outs is not None:
+                break
+        sizes = _input_sizes(node)
+        if ins is None or outs is None or sizes is None or len(sizes) < 2 or sizes[1] != ins:
+            return False
+        features = 1
+        for s in sizes[1:]:
+            features *= s
+        return outs == features
+
+
+def build(model: nn.Module, example_inputs, forward_fn=None) -> DependencyGraph:
+    """The dependency graph of `model` traced on `example_inputs` (gradients must be enabled)."""
+    with torch.enable_grad():
+        return DependencyGraph().build_dependency(model, example_inputs, forward_fn=forward_fn,
+                                                  verbose=False)
+
+
+__all__ = ["DependencyGraph", "IndexMappingTooLarge", "build", "widest"]

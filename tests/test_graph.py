@@ -1,0 +1,163 @@
+"""The dependency graph behind channel groups and surgery (ticketsmith.structure.graph):
+torch-pruning's graph with its reshape / split sizes read from torch 2.x autograd nodes, and
+every index mapping bounded (issue 18: Swin-T ran out of memory, ShuffleNet-v2 was refused)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import ticketsmith as ts
+from ticketsmith import compact as C
+from ticketsmith.structure import graph as G
+
+from families import FAMILIES
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def build(model: nn.Module, x: torch.Tensor) -> G.DependencyGraph:
+    return G.build(model.eval(), x.clone().requires_grad_(True), forward_fn=lambda m, i: m(i))
+
+
+def groups(graph: G.DependencyGraph, model: nn.Module):
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and m in graph.module2node:
+            n = graph.get_out_channels(m)
+            yield m, graph.get_pruning_group(m, graph.get_pruner_of_module(m).prune_out_channels,
+                                             list(range(n)))
+
+
+def test_window_attention_index_lists_stay_within_the_layers():
+    """A Swin window attention (relative position bias viewed to heads x N x N, inside a cycle
+    of the attention graph) got a stride mapping that multiplied the index list on every turn
+    of the cycle (> 8 GiB on Swin-T). No list may now exceed the widest layer."""
+    build_model, shape, _ = FAMILIES["swin"]
+    model = build_model()
+    graph = build(model, torch.randn(shape))
+    widest = G.widest(model)
+    seen = 0
+    for _, group in groups(graph, model):
+        assert max(len(it.idxs) for it in group) <= widest
+        seen += 1
+    assert seen >= 6
+    assert any("reshape" in why for why in graph.unmapped.values())
+
+
+def test_channel_shuffle_builds_and_is_left_unmapped():
+    """ShuffleNet-v2's channel shuffle (view to [N, 2, C/2, H, W], transpose, view back) made
+    torch-pruning's reshape mapping divide by zero: the graph now builds, the shuffle's reshapes
+    carry no index mapping, and surgery leaves the groups through them whole, saying so."""
+    build_model, shape, _ = FAMILIES["shufflenet_v2"]
+    model = build_model()
+    x = torch.randn(shape)
+    graph = build(model, x)
+    sizes = [why for why in graph.unmapped.values() if "reshape" in why]
+    assert any("[2, 2, 8, 4, 4]" in s or "[2, 8, 2, 4, 4]" in s for s in sizes), sizes
+    report = C.remove_dead_channels(copy.deepcopy(model), x)
+    assert any("other than a flatten" in why for why in report.skipped.values())
+    # describe says, per layer, why the group of its output channels was not shrunk
+    small = C.compact(model, ts.Masks.ones(model), x)
+    rows = {r["layer"]: r for r in C.describe(small)}
+    assert "other than a flatten" in rows["stage2.0.branch2.5"]["group_left_whole"]
+    assert rows["stage2.0.branch2.0"]["group_left_whole"] is None  # inside the branch
+
+
+class SplitNet(nn.Module):
+    """Chunks of unequal size, their consumers traced in the opposite order to the chunks."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0 = nn.Conv2d(3, 8, 1)
+        self.a = nn.Conv2d(2, 4, 1)
+        self.b = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        p, q = self.c0(x).split([2, 6], 1)
+        return self.a(p) + self.b(q)
+
+
+class ChunkNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c0 = nn.Conv2d(3, 8, 1)
+        self.a = nn.Conv2d(4, 4, 1)
+        self.b = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        p, q = self.c0(x).chunk(2, 1)
+        return self.a(p) + self.b(q)
+
+
+@pytest.mark.parametrize("cls,expected", [
+    (SplitNet, {("a", 1): 1, ("b", 1): 3}),   # root 1 is chunk 0's channel 1, root 3 chunk 1's 1
+    (ChunkNet, {("a", 1): 1, ("a", 3): 3}),   # both in chunk 0 (channels 0-3)
+])
+def test_split_consumers_get_the_chunk_autograd_says(cls, expected):
+    """torch-pruning takes the i-th consumer edge of a split to carry chunk i (and infers a
+    chunk's size from its consumers): a consumer traced first got the first chunk's channels.
+    The chunk of each edge comes from autograd (`output_nr`)."""
+    torch.manual_seed(0)
+    model = cls().eval()
+    graph = build(model, torch.randn(1, 3, 4, 4))
+    prune_out = graph.get_pruner_of_module(model.c0).prune_out_channels
+    group = graph.get_pruning_group(model.c0, prune_out, [1, 3])
+    names = {m: n for n, m in model.named_modules()}
+    got = {}
+    for it in group:
+        name = names.get(it.dep.target.module)
+        if name in ("a", "b") and it.dep.handler.__name__ == "prune_in_channels":
+            for i, r in zip(it.idxs, it.root_idxs):
+                got[(name, int(i))] = int(r)
+    assert got == expected
+
+
+class Flat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 4 * 4, 10)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.c2(F.relu(self.c1(x)))).flatten(1))
+
+
+def test_an_index_mapping_past_its_bound_leaves_its_group_whole(monkeypatch):
+    """An index list longer than the bound raises IndexMappingTooLarge (with where) instead of
+    growing: compaction leaves that group whole with the reason, the rest of the model goes on
+    (here the bound is lowered below a real flatten's 64 features to trip it)."""
+    monkeypatch.setattr(G, "MIN_INDICES", 1)
+    monkeypatch.setattr(G, "INDEX_FACTOR", 0.5)   # 32 < the 64 features c2's channels fan into
+    torch.manual_seed(0)
+    model = Flat().eval()
+    x = torch.randn(2, 3, 4, 4)
+    graph = build(model, x)
+    with pytest.raises(G.IndexMappingTooLarge, match="more than 32"):
+        graph.get_pruning_group(model.c2, graph.get_pruner_of_module(model.c2).prune_out_channels,
+                                list(range(4)))
+    keep = torch.tensor([True, False, True, False])
+    masks = ts.Masks({"c1.weight": keep.view(4, 1, 1, 1).expand(4, 3, 3, 3).clone(),
+                      "c2.weight": keep.view(4, 1, 1, 1).expand(4, 4, 3, 3).clone()})
+    masks = ts.channel_companions(model, masks, x)
+    small = C.compact(model, masks, x)
+    assert small.c1.out_channels == 2                 # its group maps within the bound
+    assert small.c2.out_channels == 4                 # its group is left whole, with why
+    assert "more than 32" in small.ticketsmith_compact["skipped_groups"]["c2"]
+    masked = copy.deepcopy(model)
+    masks.apply(masked)
+    with torch.no_grad():
+        xi = torch.randn(3, 3, 4, 4)
+        assert torch.allclose(masked(xi), small(xi), atol=1e-5)
+    # refill goes on too: the layer whose group cannot be mapped is a group of its own
+    refilled = ts.refill(model, masks, example_inputs=x)
+    assert set(refilled.weight_names) == set(masks.weight_names)
