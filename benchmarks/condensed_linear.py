@@ -5,9 +5,11 @@ The SRigL paper's setting: 3072->768 at 90% sparsity (and 768->3072), batch 1 an
 fastest dense path of the same layer: F.linear (MKL), oneDNN linear on mkldnn tensors
 (`torch.utils.mkldnn.to_mkldnn`), or oneDNN linear with a packed weight, whichever is fastest.
 `--sweep` also times CSR against embedding_bag over batch sizes, which sets the batch from which
-`CondensedLinear.select` prefers embedding_bag.
+`CondensedLinear.select` prefers embedding_bag. `--compiled` also times, at batches up to 16, the
+gather form `(values * x[..., indices]).sum(-1) + bias` compiled by inductor with int64, int32
+and int16 indices (the SRigL authors' CPU route; not a kernel of the module: it lost to CSR).
 
-    PYTHONPATH=src python benchmarks/condensed_linear.py [--pairs 20] [--threads 2,1] [--sweep]
+    PYTHONPATH=src python benchmarks/condensed_linear.py [--pairs 20] [--threads 2,1] [--sweep] [--compiled]
 
 (OMP_WAIT_POLICY defaults to PASSIVE here, see below.)
 
@@ -55,6 +57,23 @@ def dense_paths(lin: nn.Linear, x: torch.Tensor) -> dict:
     return {"F.linear": lambda: F.linear(x, w, b),
             "mkldnn (to_mkldnn)": lambda: mk(x),
             "mkldnn packed weight": lambda: torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")}
+
+
+# Largest batch at which --compiled times the compiled gather form: inductor turns it into a
+# scalar loop per output element, ~100x slower than embedding_bag at batch 256.
+COMPILED_MAX_BATCH = 16
+
+
+def compiled_gather(mod: CondensedLinear, dtype: torch.dtype):
+    """`mod`'s gather form as one inductor kernel (a loop over outputs, no [N, out, k] tensor);
+    int16 indices are widened inside the graph (indexing takes int32 / int64 only)."""
+    assert mod._all_rows and mod.bias is not None
+    v, b, idx = mod.values.detach(), mod.bias.detach(), mod.indices.to(dtype)
+
+    def gather_form(x, v, idx, b):
+        return (v * x[..., idx.int() if idx.dtype == torch.int16 else idx]).sum(-1) + b
+    fn = torch.compile(gather_form, dynamic=False)
+    return lambda x: fn(x, v, idx, b)
 
 
 def burst_reps(fn, target_s: float = 0.02) -> int:
@@ -119,6 +138,22 @@ def measure(args, threads: int) -> dict:
                     print(f"{threads}T {shape:9s} batch {n:4d} {name:14s} speedup "
                           f"{r['ratio_median']:.2f} [{r['ratio_min']:.2f}, {r['ratio_max']:.2f}] "
                           f"vs {base_name}", flush=True)
+                if args.compiled and n <= COMPILED_MAX_BATCH:
+                    entry["compiled"] = {}
+                    for dtype in (torch.int64, torch.int32, torch.int16):
+                        t0 = time.perf_counter()
+                        fn = compiled_gather(mod, dtype)
+                        err = float((fn(x) - ref).abs().max() / ref.abs().max())
+                        compile_s = time.perf_counter() - t0
+                        assert err < 1e-4, (shape, n, dtype, err)
+                        r = paired(base, lambda: fn(x), pairs=args.pairs, reps=reps)
+                        r.update(rel_err=err, compile_s=compile_s,
+                                 realized_over_ideal=r["ratio_median"] / layer["ideal_speedup"])
+                        name = f"gather form, inductor, {str(dtype).replace('torch.', '')}"
+                        entry["compiled"][name] = r
+                        print(f"{threads}T {shape:9s} batch {n:4d} {name:32s} speedup "
+                              f"{r['ratio_median']:.2f} [{r['ratio_min']:.2f}, {r['ratio_max']:.2f}] "
+                              f"vs {base_name} (compiled in {compile_s:.1f} s)", flush=True)
                 entry["select"] = mod.select(n)
                 entry["autotune"] = mod.autotune(x)
                 layer["batches"][str(n)] = entry
@@ -149,6 +184,8 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=20)
     ap.add_argument("--threads", default="2,1", help="thread counts, comma separated")
     ap.add_argument("--sweep", action="store_true", help="CSR vs embedding_bag over batch sizes")
+    ap.add_argument("--compiled", action="store_true",
+                    help=f"the gather form compiled by inductor, at batches up to {COMPILED_MAX_BATCH}")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS / "condensed_linear"))
     args = ap.parse_args()
@@ -208,6 +245,11 @@ def markdown(r: dict) -> str:
                     lines.append(f"| {k} | {v['ratio_median']:.2f}x | {v['ratio_min']:.2f} | "
                                  f"{v['ratio_max']:.2f} | {v['realized_over_ideal']:.2f} | "
                                  f"{1e6 * v['a_median_s']:.0f} | {1e6 * v['b_median_s']:.0f} |")
+                for k, v in e.get("compiled", {}).items():
+                    lines.append(f"| {k} (compiled in {v['compile_s']:.1f} s) | {v['ratio_median']:.2f}x | "
+                                 f"{v['ratio_min']:.2f} | {v['ratio_max']:.2f} | "
+                                 f"{v['realized_over_ideal']:.2f} | {1e6 * v['a_median_s']:.0f} | "
+                                 f"{1e6 * v['b_median_s']:.0f} |")
                 lines.append("")
         if run["sweep"]:
             first = next(iter(run["sweep"].values()))

@@ -18,7 +18,10 @@ the masks folded into the weights, then:
      `BLOCK_MAX_DENSITY` of the surgered layer (channel-granular blocks: whole input channels)
      or `ELEMENT_BLOCK_MAX_DENSITY` (element-granular blocks, whose column gather costs more);
    - linear layers with a constant fan-in mask (SRigL) run condensed (`condensed.
-     CondensedLinear`) when the fan-in is at most `CONDENSED_MAX_DENSITY` of the inputs;
+     CondensedLinear`) when the fan-in is at most `CONDENSED_MAX_DENSITY` of the inputs; a
+     condensed layer whose output goes through elementwise operations to another one hands it
+     over transposed, the layout the condensed kernels work in, and such a run of layers in an
+     nn.Sequential goes tile by tile through all of them (`CondensedLinear.link`);
    - everything else stays a dense layer with the zeros folded in ("dense").
    Some layers always stay dense, with the reason in `describe`: a subclass that overrides
    `forward` (timm's `Conv2dSame`, `StdConv2d`: rebuilt from weight/stride/padding it would
@@ -102,6 +105,11 @@ def is_executor(module: nn.Module) -> bool:
 # -- running the model with a clear error ------------------------------------------------------
 def run_model(model: nn.Module, inputs: tuple) -> Any:
     """model(*inputs) without gradients; a failure becomes a UsageError naming the layer."""
+    try:  # without hooks first: hooks would change the path a chain of condensed layers takes
+        with torch.no_grad():
+            return model(*inputs)
+    except Exception as e:  # noqa: BLE001 - run again, with hooks naming the failing layer
+        failure = e
     current: list[str] = []
     names = {m: n for n, m in model.named_modules()}
 
@@ -116,16 +124,17 @@ def run_model(model: nn.Module, inputs: tuple) -> Any:
     hooks += [m.register_forward_hook(post) for m in model.modules() if m is not model]
     try:
         with torch.no_grad():
-            return model(*inputs)
+            model(*inputs)
     except Exception as e:
-        where = f" at layer {current[-1]!r}" if current else ""
-        shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
-        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise UsageError(f"example inputs of shape {shapes} do not fit "
-                         f"{type(model).__name__}{where}: {msg}") from None
+        failure = e
     finally:
         for h in hooks:
             h.remove()
+    where = f" at layer {current[-1]!r}" if current else ""
+    shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+    msg = str(failure).splitlines()[0][:200] if str(failure) else type(failure).__name__
+    raise UsageError(f"example inputs of shape {shapes} do not fit "
+                     f"{type(model).__name__}{where}: {msg}") from None
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -472,7 +481,9 @@ def compact(model: nn.Module, masks: Masks | Mapping[str, torch.Tensor], example
                       "executor": executor, "reason": reason,
                       "shape_before": before[name][0], "shape_after": list(layer.weight.shape),
                       "params_before": before[name][1], "params_after": _params(new),
-                      "density": (float(mask.float().mean()) if mask is not None else 1.0)}
+                      "density": (float(mask.float().mean()) if mask is not None else 1.0),
+                      # why channel surgery could not shrink the group of its output channels
+                      "group_left_whole": surgery.whole.get(name)}
 
     for n, p in work.named_parameters():  # executors set their own flags
         if n in grad_flags:
@@ -482,6 +493,11 @@ def compact(model: nn.Module, masks: Masks | Mapping[str, torch.Tensor], example
     if autotune:
         _autotune(work, inputs, batch_size, dense_alt, rows)
         executors = {n: r["executor"] for n, r in rows.items()}
+
+    link = getattr(executor_class("CondensedLinear"), "link", None)
+    if link is not None:  # consecutive condensed layers hand their activations over transposed
+        for producer, consumer in link(work).items():
+            rows[producer]["reason"] += f"; output handed to {consumer!r} transposed"
 
     checks = [("the example inputs", inputs, reference)] + checks
     err, failure = _verify(work, checks)
@@ -497,6 +513,8 @@ def compact(model: nn.Module, masks: Masks | Mapping[str, torch.Tensor], example
             executors[n] = "dense"
         warnings.warn(f"compact: {failure}; {len(swapped)} executor layer(s) replaced by dense "
                       "layers (see ts.compact.describe)", stacklevel=2)
+        if link is not None:  # the hand-offs and chains of the layers that are left
+            link(work)
         err, failure = _verify(work, checks)
     if failure is not None:
         raise TicketsmithError(failure)
@@ -566,7 +584,10 @@ def _source(model: nn.Module, inputs: tuple, outputs: list[torch.Tensor]) -> dic
 
 def describe(model: nn.Module) -> list[dict]:
     """Per conv / linear layer of a compact model: layer, kind, module, executor (live), reason,
-    shapes and stored parameters before / after, mask density."""
+    shapes and stored parameters before / after, mask density, and `group_left_whole`: why
+    channel surgery left the channel group of its outputs whole (None where it did not: a
+    channel shuffle, a LayerNorm, attention, ... keep their groups whole, dead channels and
+    all, with the zeros folded in)."""
     info = getattr(model, "ticketsmith_compact", None)
     if info is None:
         raise UsageError("describe() takes a model returned by ticketsmith.compact.compact()")

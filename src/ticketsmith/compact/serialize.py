@@ -216,6 +216,9 @@ def load(path: str | os.PathLike, build: Callable[[], nn.Module] | None = None) 
         raise ArtifactError(f"{weights}: the weights do not fit the described model "
                             f"({str(e).splitlines()[0][:200]})") from None
     model.eval()
+    chain = getattr(executor_class("CondensedLinear"), "chain", None)
+    if chain is not None:  # not saved: rebuilt from the condensed layers' hand-off flags
+        chain(model)
     model.ticketsmith_executors = dict(desc.get("executors", {}))
     model.ticketsmith_compact = dict(desc.get("compact", {}), source=desc["source"],
                                      tree=desc["tree"])
