@@ -5,11 +5,13 @@ ReLU between), so that both channel gathers are absorbed and the layer is one
 `nn.Conv2d(groups=4)`.
 
 Timed, paired and interleaved (`_common.paired`), against the fastest dense conv of the masked
-layer (oneDNN / F.conv2d in NCHW or channels_last, ONNX Runtime: whichever is fastest here):
+layer (oneDNN / F.conv2d in NCHW or channels_last, ONNX Runtime, OpenVINO, torch.compile:
+whichever is fastest here):
 - the layer: the absorbed grouped conv as eager `nn.Conv2d` (NCHW, channels_last), with oneDNN's
   weight packed once, and under ONNX Runtime; the block executor it replaced (its best kernel);
 - the three-layer neighbourhood: the masked dense model, the compact model with the executor and
-  the absorbed compact model, eager (faster memory format) and ONNX Runtime.
+  the absorbed compact model, eager (faster memory format), ONNX Runtime, OpenVINO and
+  torch.compile.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/absorbed_conv.py [--pairs 20] [--threads 1]
 
@@ -62,6 +64,26 @@ def ort_fn(model: nn.Module, x: torch.Tensor, threads: int, tmp: Path, name: str
     return lambda: sess.run(None, feed), path
 
 
+REFUSED: dict[str, str] = {}  # "what under which runtime" -> why ts.deploy refused it
+
+
+def deployed(model: nn.Module, x: torch.Tensor, threads: int, label: str) -> dict:
+    """model under the other runtimes a user could pick (`ts.deploy`: OpenVINO, torch.compile),
+    each a zero-argument callable on x, by runtime name; runtimes not installed are left out,
+    and a deployment `ts.deploy` refuses (it checks every one against the model) is left out
+    with the reason in REFUSED."""
+    out = {}
+    for rt in ("openvino", "torch.compile"):
+        if ts.deploy.available(rt) is None:
+            try:
+                d = ts.deploy(model, x, runtime=rt, threads=threads)
+            except ts.TicketsmithError as e:
+                REFUSED[f"{label}, {rt}"] = str(e)
+                continue
+            out[rt] = lambda d=d: d(x)
+    return out
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
@@ -99,6 +121,8 @@ def measure(args, threads: int, tmp: Path) -> dict:
         dense = dense_paths(w, b, x, x_cl)
         f_ort, _ = ort_fn(masked.conv, x, threads, tmp, "dense_layer")
         dense["ONNX Runtime"] = f_ort
+        for rt, f in deployed(masked.conv, x, threads, "dense layer").items():
+            dense[rt] = f
         base_name, probe = fastest(dense)
         base = dense[base_name]
         reps = burst_reps(base)
@@ -121,6 +145,8 @@ def measure(args, threads: int, tmp: Path) -> dict:
             "absorbed: ONNX Runtime (one grouped Conv)": f_ort_g,
             f"executor BlockConv2d ({ex_kernel}, autotuned), NCHW": lambda: ex(x),
         }
+        for rt, f in deployed(layer, x, threads, "absorbed layer").items():
+            cands[f"absorbed: {rt}"] = f
         dense_macs = n * hw * hw * c * c * 9
         ideal = dense_macs / (n * hw * hw * ex.macs_per_position())
         layer_rows = {}
@@ -149,6 +175,8 @@ def measure(args, threads: int, tmp: Path) -> dict:
             models[f"{label}, eager {fmt}"] = fmts[fmt]
             models[f"{label}, ONNX Runtime"] = ort_fn(m, x, threads, tmp, label.replace(", ", "_")
                                                       .replace(" ", "_"))[0]
+            for rt, f in deployed(m, x, threads, label).items():
+                models[f"{label}, {rt}"] = f
         dense_models = {k: v for k, v in models.items() if k.startswith("masked dense")}
         mbase_name, mprobe = fastest(dense_models)
         mbase = dense_models[mbase_name]
@@ -165,6 +193,8 @@ def measure(args, threads: int, tmp: Path) -> dict:
         run["model"] = {"baseline": mbase_name, "baseline_probe_s": mprobe, "rel_err": errs,
                         "reps": mreps, "models": model_rows,
                         "ideal": (per_pixel + c * c * 9) / (per_pixel + ex.macs_per_position())}
+    run["refused"] = dict(REFUSED)
+    REFUSED.clear()
     run["loadavg_after"] = os.getloadavg()
     return run
 
@@ -233,6 +263,8 @@ def markdown(r: dict) -> str:
             lines.append(f"| {k} | {v['ratio_median']:.2f}x | {v['ratio_min']:.2f} | "
                          f"{v['ratio_max']:.2f} | {1e3 * v['a_median_s']:.1f} | "
                          f"{1e3 * v['b_median_s']:.1f} |")
+        for k, why in run.get("refused", {}).items():
+            lines.append(f"\nNot timed: {k}: `ts.deploy` refused it: {why}")
         lines.append("")
     return "\n".join(lines) + "\n"
 

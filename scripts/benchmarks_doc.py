@@ -74,8 +74,30 @@ def absorbed_conv() -> str:
     return "\n".join(lines)
 
 
+def condensed_mlp() -> str:
+    rec = json.loads((RESULTS / "condensed_mlp.json").read_text())
+    dims = " -> ".join(map(str, rec["dims"]))
+    lines = [f"Command: `{rec['command']}` ({rec['cpu']}); MLP {dims}, {rec['sparsity']:.0%} constant "
+             f"fan-in, ideal {rec['ideal_speedup']:.1f}x; per batch and threads the fastest dense "
+             "(the baseline), the fastest unstructured-sparse product and the condensed variants:", "",
+             "| threads | batch | baseline (fastest dense) | variant | ms | speedup median (min-max) "
+             "| realized / ideal |",
+             "|---|---|---|---|---|---|---|"]
+    for run in rec["runs"]:
+        v = run["variants"]
+        sparse = [k for k in v if v[k]["kind"] == "unstructured sparse"]
+        best_sparse = min(sparse, key=lambda k: v[k]["median_ms"]) if sparse else None
+        shown = [k for k in v if v[k]["kind"] == "condensed" or k == best_sparse]
+        for k in sorted(shown, key=lambda k: v[k]["median_ms"]):
+            lines.append(f"| {run['threads']} | {run['batch']} | {run['baseline']} "
+                         f"({v[run['baseline']]['median_ms']:.2f} ms) | {k} | {v[k]['median_ms']:.2f} "
+                         f"| {v[k]['speedup']:.2f}x ({v[k]['speedup_min']:.2f}-{v[k]['speedup_max']:.2f}) "
+                         f"| {v[k]['realized_over_ideal']:.2f} |")
+    return "\n".join(lines)
+
+
 SECTIONS = {"channel_tickets_runtimes": channel_tickets_runtimes, "dense_runtimes": dense_runtimes,
-            "int8_ticket": int8_ticket, "absorbed_conv": absorbed_conv}
+            "int8_ticket": int8_ticket, "absorbed_conv": absorbed_conv, "condensed_mlp": condensed_mlp}
 
 
 def render(text: str) -> str:
