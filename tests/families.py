@@ -363,6 +363,56 @@ class TinyViT(nn.Module):
         return self.head(x.mean(1))
 
 
+# -- timm ViT block: Attention reshaping a fused qkv Linear by num_heads / head_dim -------------
+class TimmAttention(nn.Module):
+    """timm's Attention (1.0): the qkv output reshaped to [B, N, 3, num_heads, head_dim],
+    scaled dot-product attention, the heads concatenated to attn_dim and projected."""
+
+    def __init__(self, dim, num_heads=4):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.attn_dim = num_heads * self.head_dim
+        self.qkv = nn.Linear(dim, 3 * self.attn_dim)
+        self.proj = nn.Linear(self.attn_dim, dim)
+
+    def forward(self, x, attn_mask=None):
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(x.transpose(1, 2).reshape(B, N, self.attn_dim))
+
+
+class TimmBlock(nn.Module):
+    def __init__(self, dim=32, heads=4, mlp=64, attn=TimmAttention):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = attn(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, mlp)
+        self.fc2 = nn.Linear(mlp, dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x), attn_mask=None)  # timm passes keyword arguments
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class TimmViT(nn.Module):
+    """Patch embedding, one timm block, mean over the tokens (any number of them)."""
+
+    def __init__(self, classes=10, dim=32, patch=4, attn=TimmAttention):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, patch, stride=patch)
+        self.block = TimmBlock(dim, attn=attn)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        return self.head(self.norm(self.block(x)).mean(1))
+
+
 # -- MLP-Mixer: token mixing (Linear over the transposed token axis), channel mixing -------------
 class MixerBlock(nn.Module):
     def __init__(self, tokens, dim, tok_hidden=32, ch_hidden=64):
@@ -473,6 +523,7 @@ FAMILIES = {
     "swin": (builder(TinySwin), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 40, 40)]),
     "unet": (builder(TinyUNet), (2, 3, 8, 8), [(3, 3, 8, 8), (1, 3, 16, 16)]),
     "vit_mha": (builder(TinyViT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
+    "vit_timm": (builder(TimmViT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "mlp_mixer": (builder(TinyMixer), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 16, 16)]),
     "convnext": (builder(TinyConvNeXt), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 20, 20)]),
     "weight_norm_1d": (builder(WeightNormNet), (2, 4, 16), [(3, 4, 16), (1, 4, 23)]),

@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import ticketsmith as ts
 from ticketsmith import compact as C
@@ -210,6 +211,100 @@ def test_transformer_mlp_hidden_units_are_removed():
         fc1, fc2 = small.get_submodule(first), small.get_submodule(second)
         assert fc1.out_features == kept < model.get_submodule(first).out_features, family
         assert fc2.in_features == kept, family
+
+
+def test_attention_heads_are_refilled_and_removed(tmp_path):
+    """A channel ticket of a timm-style attention keeps or drops whole heads (q, k, v rows and
+    the projection's columns), and compaction removes the dropped ones: num_heads goes down,
+    the parameters by the heads' share, exact on other batch sizes and sequence lengths, and
+    through save / load and ONNX."""
+    build, shape, others = FAMILIES["vit_timm"]
+    model = build()
+    x = torch.randn(shape)
+    masks = structured("refill", model, x)
+    attn = model.block.attn
+    nh, hd, dim = attn.num_heads, attn.head_dim, attn.qkv.in_features
+    per_head = masks["block.attn.qkv.weight"].reshape(3, nh, hd, dim)
+    assert bool((per_head.all(dim=(0, 2, 3)) | ~per_head.any(dim=(0, 2, 3))).all())  # whole heads
+    kept = per_head.all(dim=(0, 2, 3))
+    k = int(kept.sum())
+    assert 0 < k < nh
+    assert not bool(masks["block.attn.qkv.bias"].reshape(3, nh, hd)[:, ~kept].any())
+    cols = masks["block.attn.proj.weight"].reshape(dim, nh, hd)
+    assert not bool(cols[:, ~kept].any())  # the dropped heads' columns read zeros
+
+    small = C.compact(model, masks, x)
+    a = small.block.attn
+    assert (a.num_heads, a.attn_dim, a.qkv.out_features, a.proj.in_features) == (k, k * hd, 3 * k * hd, k * hd)
+    heads_share = (nh - k) * (3 * hd * (dim + 1) + dim * hd)
+    assert n_params(model) - n_params(small) >= heads_share
+    rows = {r["layer"]: r for r in C.describe(small)}
+    assert rows["block.attn.qkv"]["heads"] == f"kept {k} of {nh} heads of block.attn"
+    assert small.ticketsmith_compact["removed_heads"]["block.attn"]["heads"] == [nh, k]
+
+    masked = copy.deepcopy(model)
+    masks.apply(masked)
+    g = torch.Generator().manual_seed(2)
+    inputs = [torch.randn(s, generator=g) for s in others]  # (1, 3, 24, 24): 36 tokens, not 16
+    with torch.no_grad():
+        for xi in inputs:
+            assert rel_err(masked(xi), small(xi)) < 1e-4
+
+    C.save(small, tmp_path / "ticket")
+    again = C.load(tmp_path / "ticket", build=build)
+    assert (again.block.attn.num_heads, again.block.attn.attn_dim) == (k, k * hd)
+    with torch.no_grad():
+        for xi in inputs:
+            assert torch.equal(small(xi), again(xi))
+
+    pytest.importorskip("onnxruntime")
+    path = C.export_onnx(small, x, tmp_path / "ticket.onnx")
+    with torch.no_grad():
+        assert rel_err(small(inputs[0]), C.run_onnx(path, inputs[0])[0]) < 1e-4
+
+
+class _ReshapeByInputWidth(nn.Module):
+    """Older timm: the heads are reshaped back to the *input* width C, so a module with fewer
+    heads would no longer run (the cut copy's check must refuse it)."""
+
+    def __init__(self, dim, num_heads=4):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, attn_mask=None):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(*qkv.unbind(0))
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+def test_attention_whose_cut_computes_otherwise_keeps_its_heads():
+    """Heads go only where a cut copy computes what the module computed; elsewhere the module
+    keeps them all, exact, with the reason in describe. nn.MultiheadAttention keeps its heads."""
+    from families import TimmViT, builder
+    build = builder(TimmViT, attn=_ReshapeByInputWidth)
+    model = build()
+    x = torch.randn(2, 3, 16, 16)
+    masks = structured("refill", model, x)
+    small = C.compact(model, masks, x)
+    assert small.block.attn.num_heads == 4 and small.block.attn.qkv.out_features == 96
+    rows = {r["layer"]: r for r in C.describe(small)}
+    assert "computes another function" in rows["block.attn.qkv"]["heads"]
+    assert "block.attn" in small.ticketsmith_compact["heads_left_whole"]
+    masked = copy.deepcopy(model)
+    masks.apply(masked)
+    with torch.no_grad():
+        xi = torch.randn(1, 3, 24, 24)
+        assert rel_err(masked(xi), small(xi)) < 1e-4
+
+    build, shape, _ = FAMILIES["vit_mha"]
+    model = build()
+    x = torch.randn(shape)
+    small = C.compact(model, structured("refill", model, x), x)
+    rows = {r["layer"]: r for r in C.describe(small)}
+    assert "nn.MultiheadAttention keeps all its heads" in rows["block.attn.out_proj"]["heads"]
 
 
 # -- norm-act layers --------------------------------------------------------------------------

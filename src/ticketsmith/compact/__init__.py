@@ -9,6 +9,11 @@
 `compact` works on a deep copy of the model (the input is never modified), in eval mode, with
 the masks folded into the weights, then:
 
+0. head surgery (`heads.remove_dead_heads`): the dead heads of timm-style attention modules (v
+   rows or projection columns zero) are removed, their q, k, v rows and projection columns
+   with them and `num_heads` lowered, where a copy cut this way computes what the module
+   computed (checked on random inputs); `nn.MultiheadAttention` keeps its heads (the reason is
+   in `describe`, `heads`);
 1. channel surgery (`channel.remove_dead_channels`): every channel that is dead or unread in all
    the layers it is coupled with is removed, with its BatchNorm, its consumers' input channels,
    residual partners, concatenation slots and the flattened features of a linear layer;
@@ -58,6 +63,7 @@ from ..errors import TicketsmithError, UsageError
 from ..masks import Block, Masks
 from .channel import (ChannelMap, SurgeryReport, as_inputs, flat_tensors, opaque_reason,
                       out_in_view, remove_dead_channels)
+from .heads import HeadReport, remove_dead_heads
 
 # Above these densities (kept fraction of the surgered layer) a sparse executor is not worth
 # it on a CPU (see docs/BENCHMARKS.md): channel-granular blocks reached 2.1-2.6x at 25% density
@@ -450,7 +456,8 @@ def compact(model: nn.Module, masks: Masks | Mapping[str, torch.Tensor], example
 
     before = {n: (list(m.weight.shape), _params(m)) for n, m in work.named_modules()
               if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))}
-    surgery = remove_dead_channels(work, inputs)
+    heads = remove_dead_heads(work, inputs)
+    surgery = _after_heads(remove_dead_channels(work, inputs), heads)  # sees the cut Linears
 
     rows: dict[str, dict] = {}
     executors: dict[str, str] = {}
@@ -484,6 +491,8 @@ def compact(model: nn.Module, masks: Masks | Mapping[str, torch.Tensor], example
                       "density": (float(mask.float().mean()) if mask is not None else 1.0),
                       # why channel surgery could not shrink the group of its output channels
                       "group_left_whole": surgery.whole.get(name)}
+        if name in heads.notes:  # a Linear of an attention module: what became of its heads
+            rows[name]["heads"] = heads.notes[name]
 
     for n, p in work.named_parameters():  # executors set their own flags
         if n in grad_flags:
@@ -526,6 +535,8 @@ def compact(model: nn.Module, masks: Masks | Mapping[str, torch.Tensor], example
         "layers": [rows[n] for n in before if n in rows],
         "removed_channels": surgery.removed,
         "skipped_groups": surgery.skipped,
+        "removed_heads": heads.removed,
+        "heads_left_whole": heads.whole,
         "verified_rel_err": err,
     }
     if absorb:
@@ -552,7 +563,8 @@ def effective(model: nn.Module, masks: Masks | Mapping[str, torch.Tensor], examp
     work = copy.deepcopy(model)
     work.eval()
     masks.apply(work)
-    surgery = remove_dead_channels(work, inputs)
+    heads = remove_dead_heads(work, inputs)  # first: channel surgery sees the cut Linears
+    surgery = _after_heads(remove_dead_channels(work, inputs), heads)
     kept = 0
     for key in masks.weight_names:
         name = key.rpartition(".")[0]
@@ -562,6 +574,18 @@ def effective(model: nn.Module, masks: Masks | Mapping[str, torch.Tensor], examp
     return {"sparsity": masks.sparsity(), "effective_sparsity": 1.0 - kept / total if total else 0.0,
             "params": sum(p.numel() for p in model.parameters()),
             "compact_params": sum(p.numel() for p in work.parameters())}
+
+
+def _after_heads(surgery: SurgeryReport, heads: HeadReport) -> SurgeryReport:
+    """The channel maps of `surgery` in the coordinates of the layers before head surgery (which
+    ran first: channel surgery saw the Linears already cut)."""
+    for name, (out, inp) in heads.cuts.items():
+        cm = surgery.kept[name]
+        if out is not None:
+            cm.out = out[cm.out]
+        if inp is not None:
+            cm.inp = inp[cm.inp]
+    return surgery
 
 
 def _source(model: nn.Module, inputs: tuple, outputs: list[torch.Tensor]) -> dict:
@@ -587,7 +611,10 @@ def describe(model: nn.Module) -> list[dict]:
     shapes and stored parameters before / after, mask density, and `group_left_whole`: why
     channel surgery left the channel group of its outputs whole (None where it did not: a
     channel shuffle, a LayerNorm, attention, ... keep their groups whole, dead channels and
-    all, with the zeros folded in)."""
+    all, with the zeros folded in). The Linears of an attention module also have `heads`:
+    how many heads head surgery kept, or why the module kept them all. The model's
+    `ticketsmith_compact` holds per attention module `removed_heads` (heads before / after)
+    and `heads_left_whole` (the reason)."""
     info = getattr(model, "ticketsmith_compact", None)
     if info is None:
         raise UsageError("describe() takes a model returned by ticketsmith.compact.compact()")

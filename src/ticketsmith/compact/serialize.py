@@ -7,7 +7,8 @@ arguments; otherwise the caller's `build` callable rebuilds it), the module tree
 every conv / linear / BatchNorm / PReLU its new constructor arguments, for every executor its
 class (from a fixed list: nothing named in the file is imported freely) and `to_config()`;
 a subclass of those layers (timm's BatchNormAct2d, Conv2dSame) keeps the class `build` gives it
-and is resized in place to the recorded widths and tensor shapes.
+and is resized in place to the recorded widths and tensor shapes. An attention module whose
+heads compaction removed gets the recorded `num_heads` (and derived widths) back.
 `load` rebuilds the original architecture, swaps those modules in, and loads the state dict
 strictly, so the round trip computes bit-identical outputs.
 """
@@ -25,6 +26,7 @@ from torch import nn
 from ..errors import ArtifactError, UsageError
 from .. import records
 from ..io import load_tensors, read_json, save_tensors, write_json
+from .heads import restore as restore_heads
 
 FORMAT = "ticketsmith.compact"
 VERSION = 1
@@ -203,6 +205,10 @@ def load(path: str | os.PathLike, build: Callable[[], nn.Module] | None = None) 
             raise ArtifactError(f"{description}: layer {name!r}: {what}") from None
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, new)
+    try:  # attention modules whose heads went: their head counts (their Linears are above)
+        restore_heads(model, (desc.get("compact") or {}).get("removed_heads") or {})
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ArtifactError(f"{description}: removed_heads: {str(e).splitlines()[0][:160]}") from None
     dtypes = desc.get("float_dtypes") or []
     if len(dtypes) == 1:
         model.to(getattr(torch, dtypes[0].replace("torch.", "")))

@@ -21,6 +21,7 @@ from .. import faults
 from ..errors import UsageError
 from ..masks import Masks
 from .coupling import ChannelGroup, analyse
+from .heads import AttentionHeads, attention_heads
 
 CRITERIA = ("l1", "count", "feature-l1", "feature-l2", "saliency")
 # How refill treats layers whose output channels meet at a residual addition (a coupled group):
@@ -61,6 +62,13 @@ def refill(model: nn.Module, masks: Masks, criterion: str = "l1", extra: float =
       not removable). `union`: each layer chooses as in `none`, then every masked layer of the
       group keeps the union of those sets; where the layers cover the same channels (a
       residual stage) this is at least the widest layer's k, hence never fewer than `shared`.
+    - Attention (a timm-style module: `num_heads`, a fused qkv Linear and an output projection,
+      see `structure.heads`) is refilled by whole heads, its structured unit: each head is
+      scored by the sum of its q, k and v rows' scores (same criterion), the qkv layer keeps
+      k = ceil((1 - s) * num_heads) heads (Refill+: plus round(extra * the rest)), their rows
+      fully dense, and the other heads' q, k and v rows (and bias) are dropped, as are their
+      columns of the projection where it is masked. A dropped head outputs exactly zero (its
+      v is zero; zero q and k alone would leave a uniform softmax) and compaction removes it.
     - Layers whose outputs are the model's outputs (the classifier head, if masked) keep their
       mask unchanged: dropping a class is not a structure. Layers not in `masks` are untouched.
     - The result also holds the companions of the dropped channels (see `channel_companions`);
@@ -108,8 +116,15 @@ def refill(model: nn.Module, masks: Masks, criterion: str = "l1", extra: float =
     work = Masks({n: _out_major(masks[n], n in transposed) for n in chosen})
     scores = channel_scores(model, masks, criterion, x, y, layers=chosen)
     new = {}
+    attention = [a for a in attention_heads(model) if f"{a.qkv}.weight" in work
+                 and not graph.groups[graph.group_of[f"{a.qkv}.weight"]].output]
+    dropped_cols = {}  # projection weight name -> columns of the dropped heads
+    for a in attention:
+        key = f"{a.qkv}.weight"
+        new[key], dropped_cols[f"{a.proj}.weight"] = _refill_heads(a, work[key], scores[key], extra)
+    by_heads = {f"{a.qkv}.weight" for a in attention}
     for group in graph.groups:
-        names = [n for n in group.layers if n in work]
+        names = [n for n in group.layers if n in work and n not in by_heads]
         if not names or group.output:
             continue
         faults.reach("refill")  # crash tests: an interruption between two groups' choices
@@ -122,6 +137,11 @@ def refill(model: nn.Module, masks: Masks, criterion: str = "l1", extra: float =
         if coupling == "union" and len(names) > 1:
             own = _union(group, own)
         new.update(own)
+    for key, cols in dropped_cols.items():
+        if key in work and cols.numel():  # they read exact zeros: the ticket does not keep them
+            m = (new[key] if key in new else masks[key]).clone()
+            m[:, cols.to(m.device)] = False
+            new[key] = m
     new = {n: _out_major(m, n in transposed) for n, m in new.items()}
     result = masks.updated(new, drop_blocks=True)
     return result.updated(graph.companion_masks(result))
@@ -179,6 +199,22 @@ def _refill_unit(group: ChannelGroup, unit: list[str], masks: Masks,
         m = masks[n]
         out[n] = rows.to(m.device).view(-1, *([1] * (m.dim() - 1))).expand_as(m).clone()
     return out
+
+
+def _refill_heads(att: AttentionHeads, mask: torch.Tensor, scores: torch.Tensor,
+                  extra: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The qkv mask keeping whole heads (as many as the layer's density warrants, the best by
+    the summed scores of their q, k and v rows) and the projection columns of the dropped ones."""
+    per_row = scores.reshape(3, att.num_heads, att.head_dim)
+    head_score = per_row.sum(dim=(0, 2))
+    keep_n = refill_counts(att.num_heads, int(mask.sum()), mask.numel(), extra)
+    # stable sort: equal scores keep ascending head order, so ties go to the lower index
+    order = torch.sort(head_score, descending=True, stable=True).indices
+    kept, dropped = order[:keep_n], order[keep_n:]
+    rows = torch.zeros(mask.shape[0], dtype=torch.bool)
+    rows[att.qkv_rows(kept)] = True
+    new = rows.to(mask.device).unsqueeze(1).expand_as(mask).clone()
+    return new, att.proj_cols(dropped)
 
 
 def _union(group: ChannelGroup, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,218 @@
+"""Head surgery: physically remove the dead heads of attention modules.
+
+Channel surgery cannot cut a qkv Linear: its output is reshaped into heads (a reshape the graph
+does not map), so its group stays whole. The structured unit there is the head
+(`structure.heads`): a head whose v rows and v bias are zero, or whose columns of the output
+projection are zero, adds exactly zero to the output, whatever its q and k are (zero q and k
+alone give a uniform softmax, not a zero output). Such heads go: their q, k and v rows of the
+qkv Linear, their columns of the projection, and the module's `num_heads` (and `attn_dim` /
+`all_head_dim`, the derived widths) shrink.
+
+A cut is accepted only where a copy of the module, cut this way, computes what the module
+computed (on random inputs of the example's shape, of another batch size and of another sequence
+length): a forward that lays the heads out otherwise, or that holds another width-sized part (a
+norm over all heads, a gate), fails the check and the module keeps all its heads, with the
+reason on record. nn.MultiheadAttention keeps its heads (its fused in_proj weight and the
+embed_dim = num_heads * head_dim rule inside torch's kernels leave no module to cut).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+from torch import nn
+
+from ..structure.heads import AttentionHeads, attention_heads
+
+# Attributes holding num_heads * head_dim in timm's attention modules: they shrink with the heads.
+WIDTH_ATTRS = ("attn_dim", "all_head_dim")
+
+MHA_REASON = ("nn.MultiheadAttention keeps all its heads: it reads its fused in_proj weight "
+              "itself and torch's kernels need embed_dim = num_heads * head_dim")
+
+
+@dataclasses.dataclass
+class HeadReport:
+    """What head surgery did: per cut Linear, the original rows / columns kept (`cuts`: layer
+    name -> (out, inp) int64 indices); per attention module whose heads went, the heads before
+    and after and the attributes set (`removed`, as saved with the model); per attention module
+    left whole, why (`whole`); per Linear of an attention module, a note for `describe`."""
+    cuts: dict[str, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
+    removed: dict[str, dict] = dataclasses.field(default_factory=dict)
+    whole: dict[str, str] = dataclasses.field(default_factory=dict)
+    notes: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def dead_heads(model: nn.Module, att: AttentionHeads) -> torch.Tensor:
+    """Per head: True if it adds exactly zero (v rows and v bias zero, or projection columns
+    zero)."""
+    qkv, proj = model.get_submodule(att.qkv), model.get_submodule(att.proj)
+    w = qkv.weight.detach().reshape(3, att.num_heads, att.head_dim, -1)[2]
+    v_zero = (w == 0).flatten(1).all(dim=1)
+    if qkv.bias is not None:
+        v_zero &= (qkv.bias.detach().reshape(3, att.num_heads, att.head_dim)[2] == 0).all(dim=1)
+    cols = proj.weight.detach().reshape(proj.out_features, att.num_heads, att.head_dim)
+    return v_zero | (cols == 0).all(dim=2).all(dim=0)
+
+
+def _cut_linear(lin: nn.Linear, out: torch.Tensor | None, inp: torch.Tensor | None) -> None:
+    with torch.no_grad():
+        w = lin.weight
+        if out is not None:
+            w = w.index_select(0, out.to(w.device))
+            if lin.bias is not None:
+                lin.bias = nn.Parameter(lin.bias.index_select(0, out.to(w.device)),
+                                        requires_grad=lin.bias.requires_grad)
+        if inp is not None:
+            w = w.index_select(1, inp.to(w.device))
+        lin.weight = nn.Parameter(w.contiguous(), requires_grad=lin.weight.requires_grad)
+    lin.out_features, lin.in_features = lin.weight.shape
+
+
+def _settings(module: nn.Module, att: AttentionHeads, n_keep: int) -> dict:
+    """The attributes of `module` that change with the head count, and their new values."""
+    new = {"num_heads": n_keep}
+    for a in WIDTH_ATTRS:
+        if getattr(module, a, None) == att.width:
+            new[a] = n_keep * att.head_dim
+    return new
+
+
+def cut_heads(module: nn.Module, att: AttentionHeads, keep: torch.Tensor) -> dict:
+    """Cut `module` (the attention module itself, in place) down to the heads `keep`; returns
+    the attributes set."""
+    prefix = len(att.module) + 1 if att.module else 0
+    _cut_linear(module.get_submodule(att.qkv[prefix:]), att.qkv_rows(keep), None)
+    _cut_linear(module.get_submodule(att.proj[prefix:]), None, att.proj_cols(keep))
+    settings = _settings(module, att, len(keep))
+    for a, v in settings.items():
+        setattr(module, a, v)
+    return settings
+
+
+def _capture(model: nn.Module, inputs: tuple, names: list[str]) -> dict[str, tuple]:
+    """(args, kwargs) of the first call of each named module on `inputs`."""
+    got: dict[str, tuple] = {}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        lambda m, args, kwargs, n=n: got.setdefault(n, (args, kwargs)) and None, with_kwargs=True)
+        for n in names]
+    try:
+        from . import run_model
+        run_model(model, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return got
+
+
+def _variants(args: tuple, kwargs: dict) -> list[tuple]:
+    """Random arguments like the captured ones: the same shapes, then (where no keyword argument
+    is a tensor whose shape would have to follow) one more sample and two more tokens."""
+    if not args or not all(isinstance(a, torch.Tensor) and a.is_floating_point() for a in args):
+        return []
+    g = torch.Generator().manual_seed(0)
+
+    def like(t, grow):
+        shape = list(t.shape)
+        if grow and len(shape) >= 3:
+            shape[0] += 1
+            shape[-2] += 2
+        return torch.randn(shape, generator=g).to(t)
+
+    out = [tuple(like(a, False) for a in args)]
+    if not any(isinstance(v, torch.Tensor) for v in kwargs.values()):
+        out.append(tuple(like(a, True) for a in args))
+    return out
+
+
+def _differs(module: nn.Module, cut: nn.Module, args: tuple, kwargs: dict) -> str | None:
+    """Why `cut` does not compute what `module` computes on random arguments like the captured
+    ones (None if it does)."""
+    variants = _variants(args, kwargs)
+    if not variants:
+        return "its inputs are not floating-point tensors: no random inputs to check a cut on"
+    with torch.no_grad():
+        for x in variants:
+            try:
+                ref = module(*x, **kwargs)
+            except Exception:  # noqa: BLE001 - the module takes the example's shape only
+                if x is variants[0]:
+                    return "it does not run on random inputs of the example's shape"
+                continue
+            try:
+                got = cut(*x, **kwargs)
+            except Exception:  # noqa: BLE001 - the cut module does not even run
+                got = None
+            if not isinstance(ref, torch.Tensor) or not isinstance(got, torch.Tensor) \
+                    or ref.shape != got.shape or float((ref - got).abs().max()) > 1e-5 * max(
+                        float(ref.abs().max()) if ref.numel() else 0.0, 1e-12):
+                return ("a copy with the dead heads cut computes another function (the forward "
+                        "lays out or uses the heads otherwise)")
+    return None
+
+
+def remove_dead_heads(model: nn.Module, inputs: tuple) -> HeadReport:
+    """Remove, in place, the dead heads of every timm-style attention module of `model` (eval
+    mode, masks applied) where a cut copy computes what the module computed; see the module
+    docstring. At least one head of each module is kept."""
+    report = HeadReport()
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            report.whole[name] = MHA_REASON
+            report.notes[_join(name, "out_proj")] = MHA_REASON
+    found = attention_heads(model)
+    dying = []
+    for att in found:
+        dead = dead_heads(model, att)
+        if bool(dead.any()):
+            dying.append((att, dead))
+        else:
+            for layer in (att.qkv, att.proj):
+                report.notes[layer] = f"no dead head in {att.module or 'the model'}"
+    if not dying:
+        return report
+    calls = _capture(model, inputs, [att.module for att, _ in dying])
+    for att, dead in dying:
+        keep = torch.nonzero(~dead).flatten()
+        if keep.numel() == 0:
+            keep = torch.zeros(1, dtype=torch.int64)  # no module may end with zero heads
+        where = att.module or "the model"
+        if att.module not in calls:
+            why = f"{where} did not run on the example inputs"
+        else:
+            module = model.get_submodule(att.module)
+            cut = copy.deepcopy(module)
+            settings = cut_heads(cut, att, keep)
+            why = _differs(module, cut, *calls[att.module])
+            why = f"{where}: {why}" if why else None
+        if why is not None:
+            report.whole[att.module] = why
+            for layer in (att.qkv, att.proj):
+                report.notes[layer] = f"kept all {att.num_heads} heads: {why}"
+            continue
+        cut_heads(model.get_submodule(att.module), att, keep)  # as the copy that passed
+        report.cuts[att.qkv] = (att.qkv_rows(keep), None)
+        report.cuts[att.proj] = (None, att.proj_cols(keep))
+        report.removed[att.module] = {"heads": [att.num_heads, int(keep.numel())], "set": settings}
+        for layer in (att.qkv, att.proj):
+            report.notes[layer] = f"kept {keep.numel()} of {att.num_heads} heads of {where}"
+    return report
+
+
+def _join(parent: str, child: str) -> str:
+    return f"{parent}.{child}" if parent else child
+
+
+def restore(model: nn.Module, removed: dict) -> None:
+    """Give the attention modules of a rebuilt model the head counts recorded by `compact`
+    (`removed` as in `HeadReport.removed`); their Linears are rebuilt from the description."""
+    for name, info in removed.items():
+        module = model.get_submodule(name)
+        for a, v in info["set"].items():
+            if a not in ("num_heads",) + WIDTH_ATTRS or isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"bad head attribute {a}={v!r}")
+            setattr(module, a, v)
+
+
+__all__ = ["HeadReport", "remove_dead_heads", "dead_heads", "cut_heads", "restore", "MHA_REASON"]

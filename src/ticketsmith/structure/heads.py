@@ -1,0 +1,80 @@
+"""Attention heads: the structured unit of a multi-head attention layer.
+
+A timm-style attention module holds an integer `num_heads`, one fused Linear producing q, k and
+v (`qkv`, 3 * num_heads * head_dim outputs) and an output projection reading the
+num_heads * head_dim concatenated head outputs (`proj`). Its forward reshapes the qkv output to
+[..., 3, num_heads, head_dim], so head h owns rows `s * A + h * head_dim + (0 .. head_dim-1)`
+of the qkv weight (s = 0, 1, 2 for q, k, v; A = num_heads * head_dim) and the columns
+`h * head_dim + (0 .. head_dim-1)` of the projection.
+
+The modules are recognised by that shape pattern (not by class or attribute names): an integer
+`num_heads`, exactly one direct Linear child with 3 * A outputs and exactly one other with A
+inputs (A from `head_dim` where the module has one). Whether the forward really lays the rows
+out that way is not read from the code: refill only masks rows by this layout, and compaction
+accepts a cut only where a copy of the module, cut this way, computes what it computed before
+(checked on random inputs).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class AttentionHeads:
+    """One attention module of the timm pattern: its name, its qkv and projection Linears
+    (module names) and its head geometry."""
+    module: str
+    qkv: str
+    proj: str
+    num_heads: int
+    head_dim: int
+
+    @property
+    def width(self) -> int:
+        return self.num_heads * self.head_dim
+
+    def qkv_rows(self, heads: torch.Tensor, parts=(0, 1, 2)) -> torch.Tensor:
+        """The qkv weight rows of `heads` (int64, ascending within q, then k, then v)."""
+        heads = torch.as_tensor(heads, dtype=torch.int64).sort().values
+        within = torch.arange(self.head_dim)
+        return torch.cat([(s * self.width + heads.unsqueeze(1) * self.head_dim + within).flatten()
+                          for s in parts])
+
+    def proj_cols(self, heads: torch.Tensor) -> torch.Tensor:
+        """The projection's input columns reading `heads` (int64, ascending)."""
+        heads = torch.as_tensor(heads, dtype=torch.int64).sort().values
+        return (heads.unsqueeze(1) * self.head_dim + torch.arange(self.head_dim)).flatten()
+
+
+def _name(parent: str, child: str) -> str:
+    return f"{parent}.{child}" if parent else child
+
+
+def attention_heads(model: nn.Module) -> list[AttentionHeads]:
+    """Every module of `model` that follows the timm attention pattern (see the module
+    docstring), in module order. nn.MultiheadAttention is not one: it reads its fused
+    `in_proj_weight` itself (no qkv Linear)."""
+    found = []
+    for name, m in model.named_modules():
+        nh = getattr(m, "num_heads", None)
+        if isinstance(nh, bool) or not isinstance(nh, int) or nh < 1:
+            continue
+        linears = [(c, lin) for c, lin in m.named_children() if isinstance(lin, nn.Linear)]
+        hd = getattr(m, "head_dim", None)
+        qkv = [(c, lin) for c, lin in linears if lin.out_features % (3 * nh) == 0
+               and (not isinstance(hd, int) or lin.out_features == 3 * nh * hd)]
+        if len(qkv) != 1:
+            continue
+        width = qkv[0][1].out_features // 3
+        proj = [(c, lin) for c, lin in linears if lin is not qkv[0][1] and lin.in_features == width]
+        if len(proj) != 1:
+            continue  # no projection, or several Linears reading the heads (a gate): not the pattern
+        found.append(AttentionHeads(name, _name(name, qkv[0][0]), _name(name, proj[0][0]),
+                                    nh, width // nh))
+    return found
+
+
+__all__ = ["AttentionHeads", "attention_heads"]
