@@ -222,3 +222,22 @@ def test_ctrl_c_after_an_openvino_deployment_is_a_keyboard_interrupt(tmp_path):
     p = subprocess.run([sys.executable, "-c", script, "guarded"], capture_output=True, text=True,
                        timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0 and "interrupted cleanly" in p.stdout, (p.returncode, p.stderr[-1500:])
+
+
+@pytest.mark.parametrize("policy, spins", [("PASSIVE", "0"), ("ACTIVE", None), (None, None)])
+def test_onnxruntime_waits_passively_when_openmp_is_asked_to(monkeypatch, policy, spins):
+    # onnxruntime's pool spins after each run by default; OMP_WAIT_POLICY=PASSIVE (what the
+    # benchmarks and the CLI use on a shared machine) turns that off in onnxruntime too
+    pytest.importorskip("onnxruntime")
+    from ticketsmith.compact.onnx_export import session_options
+    if policy is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    opts = session_options(threads=2)
+    assert opts.intra_op_num_threads == 2
+    try:
+        got = opts.get_session_config_entry("session.intra_op.allow_spinning")
+    except RuntimeError:  # not set: onnxruntime's default (spinning)
+        got = None
+    assert got == spins

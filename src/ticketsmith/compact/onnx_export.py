@@ -68,17 +68,34 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     return path
 
 
-def onnx_session(path: str | os.PathLike, threads: int | None = None):
-    """An onnxruntime InferenceSession (CPU) for an exported model."""
+def session_options(threads: int | None = None):
+    """onnxruntime SessionOptions: `threads` intra-op threads (one inter-op thread), and with
+    OMP_WAIT_POLICY=PASSIVE (the user asked threads not to spin-wait) no spinning in
+    onnxruntime's own thread pool either. Its threads spin after every run by default: on a
+    loaded machine, or with two sessions taking turns (a paired benchmark), the spinning
+    threads hold the cores the next run needs; measured on 2 cores, 2 threads, a compact
+    ResNet-18 ran 2x slower after a dense run than alone (benchmarks/results/
+    channel_tickets_runtimes.md)."""
     import onnxruntime as ort
 
-    if not Path(path).exists():
-        raise UsageError(f"{path}: no such ONNX file")
     opts = ort.SessionOptions()
     if threads is not None:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return opts
+
+
+def onnx_session(path: str | os.PathLike, threads: int | None = None):
+    """An onnxruntime InferenceSession (CPU) for an exported model (`session_options`)."""
+    import onnxruntime as ort
+
+    if not Path(path).exists():
+        raise UsageError(f"{path}: no such ONNX file")
+    return ort.InferenceSession(str(path), sess_options=session_options(threads),
+                                providers=["CPUExecutionProvider"])
 
 
 def run_onnx(session_or_path, *inputs: torch.Tensor) -> list[torch.Tensor]:

@@ -245,12 +245,11 @@ def _onnx_file(model, inputs, folder: Path) -> Path:
 
 def _deploy_ort(model, inputs, threads, folder: Path, onnx_path: Path | None = None) -> tuple[Callable, dict, Path]:
     import onnxruntime as ort
+
+    from ..compact.onnx_export import session_options
     path = onnx_path or _onnx_file(model, inputs, folder)
-    opts = ort.SessionOptions()
+    opts = session_options(threads)
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads is not None:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
     try:
         sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as e:
