@@ -359,16 +359,22 @@ def _check_inputs(model: nn.Module, inputs: tuple) -> list[tuple[str, tuple, lis
 
 
 # -- autotune ------------------------------------------------------------------------------------
-def _capture_inputs(model: nn.Module, inputs: tuple, names: Sequence[str]) -> dict[str, torch.Tensor]:
-    got: dict[str, torch.Tensor] = {}
+def capture_calls(model: nn.Module, inputs: tuple, names: Sequence[str]) -> dict[str, tuple]:
+    """(args, kwargs) of the first call of each named module of `model` on `inputs`."""
+    got: dict[str, tuple] = {}
     hooks = [model.get_submodule(n).register_forward_pre_hook(
-        lambda m, args, n=n: got.setdefault(n, args[0].detach())) for n in names]
+        lambda m, args, kwargs, n=n: got.setdefault(n, (args, kwargs)) and None, with_kwargs=True)
+        for n in names]
     try:
         run_model(model, inputs)
     finally:
         for h in hooks:
             h.remove()
     return got
+
+
+def _capture_inputs(model: nn.Module, inputs: tuple, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    return {n: args[0].detach() for n, (args, _) in capture_calls(model, inputs, names).items()}
 
 
 def _time_candidates(cands: dict[str, tuple[Any, Any]], x: torch.Tensor,

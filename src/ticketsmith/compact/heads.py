@@ -91,21 +91,6 @@ def cut_heads(module: nn.Module, att: AttentionHeads, keep: torch.Tensor) -> dic
     return settings
 
 
-def _capture(model: nn.Module, inputs: tuple, names: list[str]) -> dict[str, tuple]:
-    """(args, kwargs) of the first call of each named module on `inputs`."""
-    got: dict[str, tuple] = {}
-    hooks = [model.get_submodule(n).register_forward_pre_hook(
-        lambda m, args, kwargs, n=n: got.setdefault(n, (args, kwargs)) and None, with_kwargs=True)
-        for n in names]
-    try:
-        from . import run_model
-        run_model(model, inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    return got
-
-
 def _variants(args: tuple, kwargs: dict) -> list[tuple]:
     """Random arguments like the captured ones: the same shapes, then (where no keyword argument
     is a tensor whose shape would have to follow) one more sample and two more tokens."""
@@ -172,7 +157,8 @@ def remove_dead_heads(model: nn.Module, inputs: tuple) -> HeadReport:
                 report.notes[layer] = f"no dead head in {att.module or 'the model'}"
     if not dying:
         return report
-    calls = _capture(model, inputs, [att.module for att, _ in dying])
+    from . import capture_calls  # the package imports this module
+    calls = capture_calls(model, inputs, [att.module for att, _ in dying])
     for att, dead in dying:
         keep = torch.nonzero(~dead).flatten()
         if keep.numel() == 0:
