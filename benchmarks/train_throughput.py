@@ -52,7 +52,8 @@ def main():
         return burst
 
     dense, masked = setup(False), setup(True)
-    dense(); masked()  # warm-up
+    dense()  # warm-up
+    masked()
     r = paired(dense, masked, pairs=args.pairs)
     imgs = args.batch * args.steps
     out = {**machine(), "model": args.model, "shape": args.shape, "batch": args.batch,

@@ -12,6 +12,17 @@ needs_fmnist = pytest.mark.skipif(
     reason="Debian package dataset-fashion-mnist not installed")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models (`pytestmark =
+    pytest.mark.usefixtures("one_thread")`): they are op-overhead bound, and on the shared
+    2-core machine a second OpenMP thread only adds synchronisation, up to 10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def digits():
     import ticketsmith as ts

@@ -20,12 +20,7 @@ from ticketsmith.compact.blocks import BlockConv2d
 from ticketsmith.masks import Block
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:

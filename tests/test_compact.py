@@ -19,13 +19,7 @@ from ticketsmith.errors import UsageError
 from ticketsmith.masks import Block
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny layers: a second thread only adds synchronisation cost on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -106,7 +100,7 @@ def coupled_channel_masks(model: nn.Module, x: torch.Tensor, frac: float, seed: 
             m, fn = it.dep.target.module, it.dep.handler.__name__
             if not isinstance(m, (nn.Conv2d, nn.Linear)) or fn != "prune_out_channels":
                 continue
-            local = [l for l, r in zip(it.idxs, it.root_idxs) if r in dead]
+            local = [i for i, r in zip(it.idxs, it.root_idxs) if r in dead]
             kill_rows(model, masks, names[m], torch.tensor(local, dtype=torch.long))
     return ts.Masks(masks)
 

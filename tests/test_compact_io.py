@@ -15,12 +15,7 @@ from test_compact import (MLP, ZOO, ResCat, kill_rows, masked, random_channel_ma
                           zoo_model)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models
 
 
 def compacted(name, width, shape, seed=1):

@@ -21,12 +21,7 @@ needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None
                                     reason="openvino extra not installed")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models
 
 
 def channel_ticket():

@@ -35,12 +35,7 @@ NOTHING_TO_REMOVE = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models
 
 
 def magnitude(model: nn.Module, sparsity: float) -> ts.Masks:

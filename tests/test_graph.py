@@ -17,12 +17,7 @@ from ticketsmith.structure import graph as G
 from families import FAMILIES
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models
 
 
 def build(model: nn.Module, x: torch.Tensor) -> G.DependencyGraph:

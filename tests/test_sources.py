@@ -30,14 +30,7 @@ def assert_unchanged(model, before):
     assert all(p.grad is None for p in model.parameters())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These tiny models are op-overhead bound: on the shared 2-core machine a second OpenMP
-    # thread makes them up to 10x slower, not faster.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models
 
 
 @pytest.fixture(scope="module")

@@ -378,8 +378,8 @@ class BlockConv2d(Executor):
         self.channel_granular = all(c.numel() == ch.numel() * kk for c, ch in zip(cols, self._chans))
         self._sizes = [(int(r.numel()), int(ch.numel())) for r, ch in zip(rows, self._chans)]
         self._plan = _RowPlan(out_channels, self._rows)
-        t, b, l, r = padding
-        self._sym_pad = (t == b and l == r)
+        t, b, left, r = padding
+        self._sym_pad = (t == b and left == r)
         self.executor = self._default(1)
 
     # -- construction ------------------------------------------------------------------------
@@ -450,15 +450,15 @@ class BlockConv2d(Executor):
         return self.bias.device if self.bias is not None else torch.device("cpu")
 
     def _conv_padding(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        t, b, l, r = self.pad4
+        t, b, left, r = self.pad4
         if self._sym_pad:
-            return x, (t, l)
-        return F.pad(x, (l, r, t, b)), (0, 0)
+            return x, (t, left)
+        return F.pad(x, (left, r, t, b)), (0, 0)
 
     def _out_hw(self, h: int, w: int) -> tuple[int, int]:
-        t, b, l, r = self.pad4
+        t, b, left, r = self.pad4
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
-        return ((h + t + b - dh * (kh - 1) - 1) // sh + 1, (w + l + r - dw * (kw - 1) - 1) // sw + 1)
+        return ((h + t + b - dh * (kh - 1) - 1) // sh + 1, (w + left + r - dw * (kw - 1) - 1) // sw + 1)
 
     def _base_fn(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
         ho, wo = self._out_hw(x.shape[2], x.shape[3])
@@ -529,7 +529,7 @@ class BlockConv2d(Executor):
 
     def _base_fn_padded(self, xp: torch.Tensor) -> Callable[[], torch.Tensor]:
         # xp may already carry asymmetric padding: compute the output size from the conv itself
-        t, b, l, r = self.pad4
+        t, b, left, r = self.pad4
         if self._sym_pad:
             return self._base_fn(xp)
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
@@ -590,9 +590,9 @@ class BlockConv2d(Executor):
 
     def _im2col(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
-        t, b, l, r = self.pad4
+        t, b, left, r = self.pad4
         ho, wo = self._out_hw(h, w)
-        u = F.unfold(F.pad(x, (l, r, t, b)), self.kernel_size, self.dilation, 0, self.stride)
+        u = F.unfold(F.pad(x, (left, r, t, b)), self.kernel_size, self.dilation, 0, self.stride)
         ys = []
         for i, (wb, bb) in enumerate(zip(self._im2col_weights(), self._block_biases())):
             y = torch.matmul(wb, u.index_select(1, getattr(self, f"cols{i}")))

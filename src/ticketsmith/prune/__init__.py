@@ -96,5 +96,5 @@ def null_masks(masks: Masks, seed: int = 0) -> Masks:
     return Masks(out)
 
 
-from .admm import admm, admm_train  # noqa: E402  (they use keep_top / check_sparsity above)
-from .pai import grasp, snip, synflow  # noqa: E402
+from .admm import admm, admm_train  # noqa: E402, F401  (re-exported; they use keep_top / check_sparsity above)
+from .pai import grasp, snip, synflow  # noqa: E402, F401  (re-exported)

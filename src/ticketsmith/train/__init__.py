@@ -253,7 +253,7 @@ class Trainer:
         `on_epoch_end(next_epoch, history)`: called after each epoch (used to checkpoint).
         `sparsifier.step()`: called after every optimizer step (dynamic sparse training).
         """
-        cfg, model, ds = self.cfg, self.model, self.ds
+        cfg, model = self.cfg, self.model
         hold = masks.hold(getattr(model, "module", model), self.optimizer) if masks is not None else None
         history: list[dict] = []
         first_epoch = start_iter // self.iters_per_epoch
