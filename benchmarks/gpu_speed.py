@@ -38,18 +38,18 @@ predicted to end after it; compile rows stop altogether if a first compile takes
 --compile-limit-s (60 s). JSON and Markdown are rewritten after every row, so a killed run
 leaves its results.
 
-Device window (an H100/H200 machine whose image has torch but not torch-pruning or pydantic,
-and no network): take the dependencies along as wheels in dist/gpu_wheels (git-ignored: name it
-in the call's carry list), made here with
+Device window (an H100/H200 machine whose image has torch but not torch-pruning, pymetis or
+pydantic, and no network): `scripts/device.sh prepare` puts the wheels in .device/ (git-ignored),
+`scripts/device.sh lean` keeps the committed protocol runs home (the tool sends 64 MiB at most),
+and the device tool runs, with carry [".device"] and timeout_s=600,
 
-    pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-      --platform manylinux2014_x86_64 -d dist/gpu_wheels pydantic==2.14.4 pydantic-core==2.50.5 \
-      annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 torch-pruning==1.6.1
+    scripts/device_gpu.sh speed 540
 
-and run there
+which installs the wheels there and runs this script with --out $OUT/gpu_speed
+(results/README.md, "A GPU window"; `scripts/device.sh restore` afterwards). By hand:
 
     set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
-      dist/gpu_wheels/*.whl && PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 python3 \
+      .device/whl/*.whl && PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 python3 \
       benchmarks/gpu_speed.py --out $OUT/gpu_speed 2>&1 | tee $OUT/gpu_speed.log
 
 (where pip can reach its index, `pip install -e .` then `python benchmarks/gpu_speed.py --out

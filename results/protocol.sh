@@ -7,9 +7,10 @@
 set -uo pipefail  # no -e: a failed run is logged, the lane goes on
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OMP_WAIT_POLICY=PASSIVE
-TS=".venv/bin/ticketsmith"
-R=results/protocol/runs
-mkdir -p "$R" results/protocol/logs
+TS=${TS:-.venv/bin/ticketsmith}        # scripts/device_gpu.sh: "python3 -m ticketsmith"
+R=${PROTOCOL_RUNS:-results/protocol/runs}  # scripts/device_gpu.sh: outside the copied tree
+L=${PROTOCOL_LOGS:-results/protocol/logs}
+mkdir -p "$R" "$L"
 COMMON="--dataset fashion-mnist --channels-last --rewind 5% --no-progress"
 IMP="--method imp --prune-fraction 0.36"
 VGG="--model vgg16 --width 0.25"
@@ -19,7 +20,19 @@ VGG_EPOCHS=${VGG_EPOCHS:-30}  # results/protocol/pilot.md (results/pilot.py)
 RESNET_EPOCHS=${RESNET_EPOCHS:-30}  # results/protocol/pilot.md (results/pilot.py)
 
 need() { [ -n "$2" ] || { echo "$1: the pilot has not chosen the budget yet (set it in $0)"; exit 2; }; }
-run() { echo "$(date -u +%FT%TZ) start $*"; $TS run "$@"; local rc=$?; echo "$(date -u +%FT%TZ) exit $rc $*"; }
+run() { echo "$(date -u +%FT%TZ) start $*"; $TS run "$@"; local rc=$?; echo "$(date -u +%FT%TZ) exit $rc $*"; return $rc; }
+# A structured arm on a chain that is still training: each round can start once the chain has
+# decided that round's mask, so rerun it (it resumes) until it finishes; give up once the chain
+# process $1 has ended and one more try failed.
+follow() {
+  local chain_pid=$1 alive; shift
+  while :; do
+    alive=0; kill -0 "$chain_pid" 2>/dev/null && alive=1
+    run "$@" && return 0
+    [ $alive = 1 ] || return 1
+    sleep 20
+  done
+}
 
 arm() {
   local a=$1 seed=${1##*-}
@@ -59,12 +72,17 @@ arm() {
       for c in none shared union; do
         run $N --rounds 3 --structure refill --refill-coupling $c --chain $P-imp-s$seed --out $P-refill-$c-s$seed
       done ;;
-    gpu)           # full width, one seed, on a lent GPU (about 15 minutes): reported apart
-      need VGG_EPOCHS "$VGG_EPOCHS"
-      local G="--model vgg16 --width 1.0 $COMMON $IMP --epochs $VGG_EPOCHS --seed 0 --device cuda"
-      run $G --rounds 5 --out $R/gpu-vgg-x1-imp-s0
-      run $G --rounds 2 --structure refill --refill-coupling none --chain $R/gpu-vgg-x1-imp-s0 --out $R/gpu-vgg-x1-refill-s0
-      run $G --rounds 5 --structure regroup --chain $R/gpu-vgg-x1-imp-s0 --out $R/gpu-vgg-x1-regroup-s0 ;;
+    gpu)           # full width, one seed, on a lent GPU: reported apart (scripts/device_gpu.sh)
+      need VGG_EPOCHS "$VGG_EPOCHS"        # GPU_WIDTH / GPU_DEVICE: only for a dry run on a CPU
+      local G="--model vgg16 --width ${GPU_WIDTH:-1.0} $COMMON $IMP --epochs $VGG_EPOCHS --seed 0 --device ${GPU_DEVICE:-cuda}"
+      local C=$R/gpu-vgg-x1-imp-s0
+      # Refill and Regroup follow the IMP chain side by side on the one GPU (three small
+      # processes share it better than one), so the window is about the chain's length
+      run $G --rounds 5 --out $C &
+      local chain=$!
+      follow $chain $G --rounds 2 --structure refill --refill-coupling none --chain $C --out $R/gpu-vgg-x1-refill-s0 &
+      follow $chain $G --rounds 5 --structure regroup --chain $C --out $R/gpu-vgg-x1-regroup-s0 &
+      wait ;;
     report)        # the verdicts so far, per network (finished rounds only; n and missing seeds shown)
       .venv/bin/python results/pilot.py > /dev/null
       for net in mlp vgg resnet; do
@@ -73,9 +91,10 @@ arm() {
         [ "$net" = resnet ] && { [ -n "$RESNET_EPOCHS" ] && dirs=$(ls -d $R/resnet-e$RESNET_EPOCHS-* 2>/dev/null) || dirs=""; }
         [ -n "$dirs" ] && $TS report $dirs --out results/protocol/report-$net --title "protocol: $net"
       done
+      ls -d $R/gpu-* > /dev/null 2>&1 && $TS report $R/gpu-* --out results/protocol/report-gpu --title "protocol: VGG-16 x1.0 on a GPU (one seed, reported apart)"
       .venv/bin/python results/claims.py ;;  # the claims, read by the registered conditions
     *) echo "unknown arm $a"; exit 2 ;;
   esac
 }
 
-for a in "$@"; do arm "$a" >> "results/protocol/logs/$a.txt" 2>&1; done
+for a in "$@"; do arm "$a" >> "$L/$a.txt" 2>&1; done

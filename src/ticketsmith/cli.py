@@ -93,6 +93,11 @@ def cmd_run(args) -> int:
         print(f"{PROG} run: {torch.get_num_threads()} CPU thread(s), OpenMP waiting "
               f"{os.environ.get('OMP_WAIT_POLICY', 'default').lower()}", file=sys.stderr)
     dist = Dist.from_env(None if args.backend == "auto" else args.backend, args.device)
+    if dist.device.startswith("cuda"):
+        import torch
+        # every batch has the same shape: let cuDNN time its conv algorithms once and keep the
+        # fastest (runs on a GPU are reported apart; bit-reproducibility is not promised there)
+        torch.backends.cudnn.benchmark = True
     try:
         summary = Run(cfg, out, data_dir=args.data_dir, progress=args.progress, dist=dist).execute()
     finally:
