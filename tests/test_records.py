@@ -144,6 +144,35 @@ def test_compact_executors_work_under_autograd(tmp_path, monkeypatch):
         small(torch.randn(2, 16))
 
 
+def test_a_forgotten_no_grad_is_pointed_out_once(monkeypatch):
+    """Called outside no_grad, a compact model's executors run their dense kernels (their biases
+    require grad): the same output, but none of the speed, so say so, once, not once per layer."""
+    import warnings
+
+    import ticketsmith.compact.condensed as condensed
+    monkeypatch.setattr(condensed, "CONDENSED_MIN_WEIGHTS", 1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    masks = ts.Masks({"0.weight": torch.rand(32, 16).argsort(1) < 2,
+                      "2.weight": torch.rand(8, 32).argsort(1) < 4})
+    small = C.compact(model, masks, torch.randn(4, 16))
+    assert sum(isinstance(m, CondensedLinear) for m in small.modules()) == 2
+    x = torch.randn(4, 16)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")  # Python's own default: each distinct warning once
+        y, y_again = small(x), small(x)
+    ours = [w for w in seen if "inference_mode" in str(w.message)]
+    assert len(ours) == 1 and "autograd is recording" in str(ours[0].message)
+    with torch.inference_mode():
+        torch.testing.assert_close(small(x), y.detach(), rtol=1e-4, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and nothing under inference_mode or no_grad
+        with torch.inference_mode():
+            small(x)
+        with torch.no_grad():
+            small(x)
+
+
 def test_masks_on_the_meta_device_are_refused():
     with pytest.raises(UsageError, match="meta device"):
         ts.Masks({"w": torch.ones(3, 3, device="meta")})

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -126,6 +127,11 @@ class Executor(nn.Module):
         if torch.onnx.is_in_onnx_export():
             return self._export_forward(x)
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            if not x.requires_grad:  # only the bias asks for autograd: most likely a forgotten no_grad
+                # one message for all layers, so Python shows it once, not once per layer
+                warnings.warn("compact executors run their dense kernels while autograd is recording "
+                              "(their biases require grad); for inference, call the model under "
+                              "torch.inference_mode() or torch.no_grad()", stacklevel=2)
             return self._differentiable(x)
         fn = self._cache.get(("kernel", self.executor))
         if fn is None:
