@@ -92,6 +92,7 @@ arm() {
         [ -n "$dirs" ] && $TS report $dirs --out results/protocol/report-$net --title "protocol: $net"
       done
       ls -d $R/gpu-* > /dev/null 2>&1 && $TS report $R/gpu-* --out results/protocol/report-gpu --title "protocol: VGG-16 x1.0 on a GPU (one seed, reported apart)"
+      .venv/bin/python results/progress.py  # rounds finished and training left, per arm
       .venv/bin/python results/claims.py ;;  # the claims, read by the registered conditions
     *) echo "unknown arm $a"; exit 2 ;;
   esac

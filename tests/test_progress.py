@@ -1,0 +1,34 @@
+"""results/progress.py: how far the protocol is, counted from the run directories."""
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("progress", ROOT / "results" / "progress.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_counts_finished_rounds_and_the_epochs_left(tmp_path, monkeypatch):
+    mod = load()
+    runs = tmp_path / "runs"
+    monkeypatch.setattr(mod, "RUNS", runs)
+    monkeypatch.setattr(mod, "OUT", tmp_path / "progress.md")
+    for r in (0, 1):  # V-IMP seed 0: rounds 0 and 1 finished, round 2 ten epochs in
+        d = runs / "vgg-e30-imp-s0" / f"round_{r:02d}"
+        d.mkdir(parents=True)
+        (d / "round.json").write_text(json.dumps({"seconds_per_epoch": 100.0}))
+    (runs / "vgg-e30-imp-s0" / "round_02").mkdir()
+    (runs / "vgg-e30-imp-s0" / "round_02" / "metrics.jsonl").write_text("{}\n" * 10)
+    mod.main()
+    text = (tmp_path / "progress.md").read_text()
+    # seed 0: 2 of 6 rounds, 20 + 3 x 30 epochs left; seeds 1 and 2: 6 x 30 each
+    assert "| V-IMP | s0: 2/6, s1: 0/6, s2: 0/6 | 470 epochs left |" in text
+    assert "| V-Refill | s0: 0/2, s1: 0/2, s2: 0/2 | 180 epochs left |" in text
+    assert "| M (dense, RigL, SRigL, SRigL without ablation; 3 seeds) | 0/39 runs | 1170 epochs left |" in text
+    assert "x 100 s per epoch" in text  # VGG's speed from its finished rounds
+    assert "resnet: 780 epochs left (no finished round records its speed yet)" in text
