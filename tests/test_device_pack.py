@@ -1,24 +1,17 @@
 """scripts/device_pack.py: a GPU machine's runs come home through the device tool's limits (at
 most 8 files of 16 MiB) with their records and masks intact, and a report reads them."""
-import importlib.util
 import json
 import lzma
-from pathlib import Path
 
 import pytest
 
 import ticketsmith as ts
 from ticketsmith.report import make_report
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture(scope="module")
-def pack_mod():
-    spec = importlib.util.spec_from_file_location("device_pack", ROOT / "scripts" / "device_pack.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def pack_mod(load_script):
+    return load_script("scripts/device_pack.py")
 
 
 @pytest.fixture(scope="module")

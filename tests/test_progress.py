@@ -1,20 +1,9 @@
 """results/progress.py: how far the protocol is, counted from the run directories."""
-import importlib.util
 import json
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
-def load():
-    spec = importlib.util.spec_from_file_location("progress", ROOT / "results" / "progress.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_counts_finished_rounds_and_the_epochs_left(tmp_path, monkeypatch):
-    mod = load()
+def test_counts_finished_rounds_and_the_epochs_left(tmp_path, monkeypatch, load_script):
+    mod = load_script("results/progress.py")
     runs = tmp_path / "runs"
     monkeypatch.setattr(mod, "RUNS", runs)
     monkeypatch.setattr(mod, "OUT", tmp_path / "progress.md")
