@@ -11,7 +11,10 @@ were kept dense and why), refused (one clear error), crashed, wrong, out of memo
 torchvision does not import beside the CPU torch wheel of the project's venv: run this from a
 venv with `pip install torch==2.14.1 torchvision==0.29.1 timm -e .` (see the record).
 
-    python benchmarks/zoo_models.py [--only NAME ...]    -> benchmarks/results/zoo_models.{json,md}
+    python benchmarks/zoo_models.py [--only NAME ... --why TEXT]  -> benchmarks/results/zoo_models.{json,md}
+
+nn.MultiheadAttention is swapped for ticketsmith's QKVAttention first (`prunable_attention`),
+as `ticketsmith run --model` builds a model, so attention heads are refilled and removed.
 """
 from __future__ import annotations
 
@@ -39,12 +42,16 @@ TIME_LIMIT = 600         # seconds per child
 
 
 def build(lib: str, name: str):
+    from ticketsmith.models import prunable_attention
     if lib == "timm":
         import timm
-        return timm.create_model(name, pretrained=False, num_classes=10)
-    import torchvision
-    kw = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
-    return torchvision.models.get_model(name, weights=None, num_classes=10, **kw)
+        model = timm.create_model(name, pretrained=False, num_classes=10)
+    else:
+        import torchvision
+        kw = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+        model = torchvision.models.get_model(name, weights=None, num_classes=10, **kw)
+    prunable_attention(model)  # as `ticketsmith run --model` builds it (ts.models.build)
+    return model
 
 
 def one(lib: str, name: str, size: int) -> dict:
@@ -159,6 +166,7 @@ def run_child(lib: str, name: str, size: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", nargs="*")
+    ap.add_argument("--why", default="", help="with --only: why those models are rerun (recorded)")
     ap.add_argument("--child", nargs=3)
     args = ap.parse_args()
     if args.child:
@@ -174,14 +182,17 @@ def main() -> None:
         rec["wall_s"] = time.perf_counter() - t0
         print(json.dumps(rec), flush=True)
         results.append(rec)
+    command = "python benchmarks/zoo_models.py"
     if args.only and OUT.with_suffix(".json").exists():  # rerun of some models: the others stay
-        before = json.loads(OUT.with_suffix(".json").read_text())["results"]
+        old = json.loads(OUT.with_suffix(".json").read_text())
+        before = old["results"]
+        command = f"{old['command']}; then --only {' '.join(args.only)}" + (
+            f" ({args.why})" if args.why else "")
         fresh = {(r["lib"], r["model"]) for r in results}
         order = [(lib, name) for lib, name, _ in MODELS]
         results = sorted([r for r in before if (r["lib"], r["model"]) not in fresh] + results,
                          key=lambda r: order.index((r["lib"], r["model"])))
-    record = {"command": "python benchmarks/zoo_models.py" + (
-                  f" (then --only {' '.join(args.only)} after a fix)" if args.only else ""),
+    record = {"command": command,
               "torch": torch.__version__, "torchvision": torchvision.__version__,
               "threads": 1, "results": results}
     try:

@@ -363,6 +363,16 @@ class TinyViT(nn.Module):
         return self.head(x.mean(1))
 
 
+class TinyViTQKV(TinyViT):
+    """TinyViT with its nn.MultiheadAttention swapped for ticketsmith's QKVAttention (what
+    `ticketsmith.models.build` does to a user's model): prunable in-projection and heads."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        from ticketsmith.models import prunable_attention
+        assert not prunable_attention(self)
+
+
 # -- timm ViT block: Attention reshaping a fused qkv Linear by num_heads / head_dim -------------
 class TimmAttention(nn.Module):
     """timm's Attention (1.0): the qkv output reshaped to [B, N, 3, num_heads, head_dim],
@@ -523,6 +533,7 @@ FAMILIES = {
     "swin": (builder(TinySwin), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 40, 40)]),
     "unet": (builder(TinyUNet), (2, 3, 8, 8), [(3, 3, 8, 8), (1, 3, 16, 16)]),
     "vit_mha": (builder(TinyViT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
+    "vit_qkv": (builder(TinyViTQKV), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "vit_timm": (builder(TimmViT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "mlp_mixer": (builder(TinyMixer), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 16, 16)]),
     "convnext": (builder(TinyConvNeXt), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 20, 20)]),

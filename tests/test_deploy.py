@@ -48,7 +48,18 @@ def fan_in_ticket():
     return model, ts.Masks(masks), torch.randn(4, 20)
 
 
-TICKETS = {"channel": channel_ticket, "block": block_ticket, "fan-in": fan_in_ticket}
+def heads_ticket():
+    """A ViT block whose nn.MultiheadAttention became a QKVAttention: refill drops whole heads,
+    compaction removes them (scaled dot-product attention in every runtime)."""
+    from families import FAMILIES
+    build, shape, _ = FAMILIES["vit_qkv"]
+    model = build()
+    x = torch.randn(shape)
+    return model, ts.refill(model, ts.prune.omp(model, 0.6), example_inputs=x), x
+
+
+TICKETS = {"channel": channel_ticket, "block": block_ticket, "fan-in": fan_in_ticket,
+           "heads": heads_ticket}
 
 
 def reference(model, masks):
@@ -66,6 +77,8 @@ def test_every_runtime_matches_the_masked_model(kind, runtime, small_executors, 
         assert small.ticketsmith_executors["features.8"] != "dense"
     if kind == "fan-in":
         assert small.ticketsmith_executors["fc2"] != "dense"
+    if kind == "heads":
+        assert small.block.attn.num_heads < model.block.attn.num_heads
     d = D.deploy(small, x, runtime, threads=1, out=tmp_path)
     assert d.runtime == runtime and d.check_rel_err < 1e-4
     ref = reference(model, masks)

@@ -208,33 +208,36 @@ def test_transformer_mlp_hidden_units_are_removed():
         assert fc2.in_features == kept, family
 
 
-def test_attention_heads_are_refilled_and_removed(tmp_path):
-    """A channel ticket of a timm-style attention keeps or drops whole heads (q, k, v rows and
-    the projection's columns), and compaction removes the dropped ones: num_heads goes down,
-    the parameters by the heads' share, exact on other batch sizes and sequence lengths, and
-    through save / load and ONNX."""
-    build, shape, others = FAMILIES["vit_timm"]
+@pytest.mark.parametrize("family,qkv,proj", [("vit_timm", "qkv", "proj"),
+                                              ("vit_qkv", "in_proj", "out_proj")])
+def test_attention_heads_are_refilled_and_removed(family, qkv, proj, tmp_path):
+    """A channel ticket of a timm-style attention (or of nn.MultiheadAttention swapped for a
+    QKVAttention) keeps or drops whole heads (q, k, v rows and the projection's columns), and
+    compaction removes the dropped ones: num_heads goes down, the parameters by the heads'
+    share, exact on other batch sizes and sequence lengths, and through save / load and ONNX."""
+    build, shape, others = FAMILIES[family]
     model = build()
     x = torch.randn(shape)
     masks = structured("refill", model, x)
     attn = model.block.attn
-    nh, hd, dim = attn.num_heads, attn.head_dim, attn.qkv.in_features
-    per_head = masks["block.attn.qkv.weight"].reshape(3, nh, hd, dim)
+    nh, hd, dim = attn.num_heads, attn.head_dim, attn.get_submodule(qkv).in_features
+    per_head = masks[f"block.attn.{qkv}.weight"].reshape(3, nh, hd, dim)
     assert bool((per_head.all(dim=(0, 2, 3)) | ~per_head.any(dim=(0, 2, 3))).all())  # whole heads
     kept = per_head.all(dim=(0, 2, 3))
     k = int(kept.sum())
     assert 0 < k < nh
-    assert not bool(masks["block.attn.qkv.bias"].reshape(3, nh, hd)[:, ~kept].any())
-    cols = masks["block.attn.proj.weight"].reshape(dim, nh, hd)
+    assert not bool(masks[f"block.attn.{qkv}.bias"].reshape(3, nh, hd)[:, ~kept].any())
+    cols = masks[f"block.attn.{proj}.weight"].reshape(dim, nh, hd)
     assert not bool(cols[:, ~kept].any())  # the dropped heads' columns read zeros
 
     small = C.compact(model, masks, x)
     a = small.block.attn
-    assert (a.num_heads, a.attn_dim, a.qkv.out_features, a.proj.in_features) == (k, k * hd, 3 * k * hd, k * hd)
+    assert (a.num_heads, a.num_heads * a.head_dim, a.get_submodule(qkv).out_features,
+            a.get_submodule(proj).in_features) == (k, k * hd, 3 * k * hd, k * hd)
     heads_share = (nh - k) * (3 * hd * (dim + 1) + dim * hd)
     assert n_params(model) - n_params(small) >= heads_share
     rows = {r["layer"]: r for r in C.describe(small)}
-    assert rows["block.attn.qkv"]["heads"] == f"kept {k} of {nh} heads of block.attn"
+    assert rows[f"block.attn.{qkv}"]["heads"] == f"kept {k} of {nh} heads of block.attn"
     assert small.ticketsmith_compact["removed_heads"]["block.attn"]["heads"] == [nh, k]
 
     masked = copy.deepcopy(model)
@@ -247,7 +250,8 @@ def test_attention_heads_are_refilled_and_removed(tmp_path):
 
     C.save(small, tmp_path / "ticket")
     again = C.load(tmp_path / "ticket", build=build)
-    assert (again.block.attn.num_heads, again.block.attn.attn_dim) == (k, k * hd)
+    assert again.block.attn.num_heads == k
+    assert getattr(again.block.attn, "attn_dim", k * hd) == k * hd  # timm's derived width too
     with torch.no_grad():
         for xi in inputs:
             assert torch.equal(small(xi), again(xi))
@@ -408,14 +412,11 @@ def _zoo_models():
 
 
 def _zoo_model(lib: str, name: str) -> nn.Module:
+    """Built as `ticketsmith run --model LIB:NAME` builds it (nn.MultiheadAttention swapped)."""
     try:
-        if lib == "timm":
-            import timm
-            return timm.create_model(name, pretrained=False, num_classes=10)
-        import torchvision
-        return torchvision.models.get_model(name, weights=None, num_classes=10)
-    except Exception as e:  # an install that does not import: skip with the reason
-        pytest.skip(f"{lib} {name} cannot be built here: {type(e).__name__}: {e}")
+        return ts.models.build(f"{lib}:{name}", num_classes=10)
+    except UsageError as e:  # an install that does not import: skip with the reason
+        pytest.skip(f"{lib} {name} cannot be built here: {e}")
 
 
 @pytest.mark.zoo
@@ -434,6 +435,8 @@ def test_zoo_model_refill_compacts_exactly(lib, name):
         assert rel_err(masked(xi), small(xi)) < 1e-4
     assert n_params(small) <= n_params(model)
     assert math.isfinite(small.ticketsmith_compact["verified_rel_err"])
+    if "vit" in name:  # timm's Attention and torchvision's (swapped) nn.MultiheadAttention
+        assert small.ticketsmith_compact["removed_heads"], "no attention head was removed"
 
 
 def test_a_deviating_executor_is_replaced_by_the_dense_layer(small_executors, monkeypatch):

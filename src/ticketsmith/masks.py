@@ -58,6 +58,12 @@ def prunable_names(model: nn.Module, include_head: bool = False,
         if not keep:
             raise UsageError(f"{type(model).__name__}: every prunable layer has a parametrized "
                              "weight (weight_norm); remove the parametrizations to prune them")
+    fused = [n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)]
+    if fused:
+        warnings.warn(f"{len(fused)} nn.MultiheadAttention module(s) keep their fused "
+                      f"in-projection dense and all their heads: {', '.join(fused)}; call "
+                      "ticketsmith.models.prunable_attention(model) first to prune them (a "
+                      "--model of the CLI gets it)", stacklevel=2)
     if not keep:
         raise UsageError(f"{type(model).__name__}: no prunable layer left once the head "
                          "and first layer are excluded")

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import TicketsmithError, UsageError
+from ..models.attention import QKVAttention, fused_attention
 
 LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -108,7 +109,7 @@ def layer_modules(model: nn.Module) -> dict[str, nn.Module]:
 def _macs_per_position(m: nn.Module) -> int:
     if hasattr(m, "macs_per_position"):  # block conv executor
         return int(m.macs_per_position())
-    if hasattr(m, "macs_per_sample"):  # block / condensed linear: one position per sample
+    if hasattr(m, "macs_per_sample"):  # block / condensed linear: per row of features
         return int(m.macs_per_sample())
     return int(m.weight.numel())  # conv: c_out * c_in/groups * kh * kw; linear: out * in
 
@@ -118,7 +119,9 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> tuple[int, dict[str, int], 
     """(total MACs per example, MACs per layer, parameters per layer) of one forward pass.
 
     A layer's MACs = multiply-adds per output position x output positions (H x W for a conv,
-    1 for a linear layer); executors report the work their structure needs."""
+    1 for a linear layer on a vector, the tokens for one on a sequence); executors report the
+    work their structure needs. The matmuls inside attention (q k^T, weights x v) hold no
+    weights and are not counted."""
     per_layer: dict[str, int] = {}
     handles = []
     layers = layer_modules(model)
@@ -129,7 +132,10 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> tuple[int, dict[str, int], 
             continue
 
         def hook(mod, inp, out, name=name):
-            positions = out[0].numel() // out.shape[1] if out.dim() > 1 else 1
+            # output positions: a conv's outputs hold channels in dim 1, a linear layer's
+            # (and a linear executor's) in the last dim, e.g. tokens x features
+            conv = isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or hasattr(mod, "macs_per_position")
+            positions = out[0].numel() // out.shape[1 if conv else -1] if out.dim() > 1 else 1
             per_layer[name] = per_layer.get(name, 0) + _macs_per_position(mod) * positions
         handles.append(m.register_forward_hook(hook))
     try:
@@ -197,6 +203,12 @@ def compare(dense: nn.Module, compact: nn.Module, make_input: Callable[[int], to
     out = {"machine": machine(), "dense": {"macs": macs_d, "params": params_d},
            "compact": {"macs": macs_c, "params": params_c}, "ideal_speedup": ideal,
            "runtimes": runtimes, "results": [], "layers": []}
+    # the dense baseline runs the user's own nn.MultiheadAttention (torch's fused kernels), not
+    # the QKVAttention it was swapped for to prune its heads (same function, MACs counted above)
+    timed_dense = dense
+    if any(isinstance(m, QKVAttention) for m in dense.modules()):
+        timed_dense = copy.deepcopy(dense)
+        fused_attention(timed_dense)
     threads = list(threads or [torch.get_num_threads()])
     old_threads = torch.get_num_threads()
     try:
@@ -210,7 +222,7 @@ def compare(dense: nn.Module, compact: nn.Module, make_input: Callable[[int], to
                 for n, m in compact.named_modules():
                     if hasattr(m, "executor") and hasattr(m, "select"):
                         kernels[n] = m.select(b) if select_per_batch else m.executor
-                out["results"] += _runtime_rows(dense, compact, x, b, t, runtimes, pairs, burst_s,
+                out["results"] += _runtime_rows(timed_dense, compact, x, b, t, runtimes, pairs, burst_s,
                                                 ideal, kernels, progress)
                 if layerwise:
                     cl_d, _ = fastest_format(dense, x, burst_s=burst_s / 2)

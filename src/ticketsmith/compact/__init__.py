@@ -13,7 +13,7 @@ the masks folded into the weights, then:
    rows or projection columns zero) are removed, their q, k, v rows and projection columns
    with them and `num_heads` lowered, where a copy cut this way computes what the module
    computed (checked on random inputs); `nn.MultiheadAttention` keeps its heads (the reason is
-   in `describe`, `heads`);
+   in `describe`, `heads`) unless swapped for a `models.QKVAttention` before pruning;
 1. channel surgery (`channel.remove_dead_channels`): every channel that is dead or unread in all
    the layers it is coupled with is removed, with its BatchNorm, its consumers' input channels,
    residual partners, concatenation slots and the flattened features of a linear layer;

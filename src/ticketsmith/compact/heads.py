@@ -13,7 +13,8 @@ computed (on random inputs of the example's shape, of another batch size and of 
 length): a forward that lays the heads out otherwise, or that holds another width-sized part (a
 norm over all heads, a gate), fails the check and the module keeps all its heads, with the
 reason on record. nn.MultiheadAttention keeps its heads (its fused in_proj weight and the
-embed_dim = num_heads * head_dim rule inside torch's kernels leave no module to cut).
+embed_dim = num_heads * head_dim rule inside torch's kernels leave no module to cut);
+`ticketsmith.models.prunable_attention` swaps it for a QKVAttention, which follows the pattern.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ from ..structure.heads import AttentionHeads, attention_heads
 WIDTH_ATTRS = ("attn_dim", "all_head_dim")
 
 MHA_REASON = ("nn.MultiheadAttention keeps all its heads: it reads its fused in_proj weight "
-              "itself and torch's kernels need embed_dim = num_heads * head_dim")
+              "itself and torch's kernels need embed_dim = num_heads * head_dim; "
+              "ticketsmith.models.prunable_attention(model) before pruning makes them prunable")
 
 
 @dataclasses.dataclass
@@ -129,12 +131,25 @@ def _differs(module: nn.Module, cut: nn.Module, args: tuple, kwargs: dict) -> st
                 got = cut(*x, **kwargs)
             except Exception:  # noqa: BLE001 - the cut module does not even run
                 got = None
-            if not isinstance(ref, torch.Tensor) or not isinstance(got, torch.Tensor) \
-                    or ref.shape != got.shape or float((ref - got).abs().max()) > 1e-5 * max(
-                        float(ref.abs().max()) if ref.numel() else 0.0, 1e-12):
+            if not _same(ref, got):
                 return ("a copy with the dead heads cut computes another function (the forward "
                         "lays out or uses the heads otherwise)")
     return None
+
+
+def _same(ref, got) -> bool:
+    """`got` is `ref` up to rounding: a tensor, or a tuple / list of tensors and Nones (as
+    nn.MultiheadAttention returns: the output and, if asked for, the attention weights)."""
+    if isinstance(ref, (tuple, list)):
+        return isinstance(got, (tuple, list)) and len(ref) == len(got) \
+            and all(_same(a, b) for a, b in zip(ref, got))
+    if ref is None:
+        return got is None
+    if not isinstance(ref, torch.Tensor) or not isinstance(got, torch.Tensor) \
+            or ref.shape != got.shape:
+        return False
+    scale = max(float(ref.abs().max()) if ref.numel() else 0.0, 1e-12)
+    return not ref.numel() or float((ref - got).abs().max()) <= 1e-5 * scale
 
 
 def remove_dead_heads(model: nn.Module, inputs: tuple) -> HeadReport:

@@ -7,6 +7,8 @@ width (channels or units). The classifier head is each model's last layer, which
 A user's model is named by a builder spec instead of a zoo name (`build`, `ticketsmith run
 --model`): `package.module:function` (any callable returning an `nn.Module`), `timm:NAME` or
 `torchvision:NAME` (when those libraries are installed; random init, nothing is downloaded).
+Its nn.MultiheadAttention modules become `QKVAttention` (`attention.py`: same function, prunable
+heads).
 """
 from __future__ import annotations
 
@@ -14,11 +16,13 @@ import importlib
 import inspect
 import json
 import re
+import warnings
 from typing import Any, Callable
 
 from torch import nn
 
 from ..errors import UsageError
+from .attention import QKVAttention, fused_attention, prunable_attention  # noqa: F401  (API)
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -143,6 +147,9 @@ def build(spec: str, kwargs: dict[str, Any] | None = None, *, in_channels: int =
     - `timm:NAME`: `timm.create_model(NAME, pretrained=False, num_classes=..., in_chans=...)`.
     - `torchvision:NAME`: `torchvision.models.get_model(NAME, weights=None, num_classes=...)`;
       these take 3-channel inputs only.
+    Every nn.MultiheadAttention of the model is then swapped for a `QKVAttention` computing
+    the same (`prunable_attention`), so its in-projection and heads are prunable; one it
+    cannot swap (kdim / vdim, add_bias_kv, add_zero_attn) stays, with a warning.
     A module that does not import, a missing callable, a builder that raises or returns no
     `nn.Module`: UsageError in one line.
     """
@@ -188,6 +195,12 @@ def build(spec: str, kwargs: dict[str, Any] | None = None, *, in_channels: int =
     if not isinstance(model, nn.Module):
         raise UsageError(f"model {spec}: the builder returned an object of type "
                          f"{type(model).__name__}, not an nn.Module")
+    # the heads and in-projection of nn.MultiheadAttention become prunable (same function)
+    left = prunable_attention(model)
+    if left:
+        warnings.warn(f"model {spec}: {len(left)} nn.MultiheadAttention module(s) keep their "
+                      "in-projection dense and all their heads: " + "; ".join(
+                          f"{n}: {why}" for n, why in left.items()), stacklevel=2)
     return model
 
 

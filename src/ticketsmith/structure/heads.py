@@ -56,7 +56,8 @@ def _name(parent: str, child: str) -> str:
 def attention_heads(model: nn.Module) -> list[AttentionHeads]:
     """Every module of `model` that follows the timm attention pattern (see the module
     docstring), in module order. nn.MultiheadAttention is not one: it reads its fused
-    `in_proj_weight` itself (no qkv Linear)."""
+    `in_proj_weight` itself (no qkv Linear); `ticketsmith.models.QKVAttention`, which
+    `prunable_attention` swaps in for it, is."""
     found = []
     for name, m in model.named_modules():
         nh = getattr(m, "num_heads", None)

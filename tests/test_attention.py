@@ -1,0 +1,217 @@
+"""nn.MultiheadAttention made prunable: QKVAttention computes what it computed (every call
+form torch's transformer modules and users use), `models.build` swaps it in, and the CLI prunes
+its heads. Its compaction is in test_families.py (family `vit_qkv`)."""
+import itertools
+import json
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import ticketsmith as ts
+from ticketsmith.cli import main
+from ticketsmith.models import QKVAttention, prunable_attention
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models
+
+
+def close(a, b, tol=1e-5):
+    return a.shape == b.shape and float((a - b).abs().max()) <= tol * max(float(a.abs().max()), 1.0)
+
+
+def _calls(batch_first):
+    """(args, kwargs) of the call forms: self-attention, cross-attention (key is value, and
+    not), boolean and float masks of either shape, a causal mask with its hint."""
+    g = torch.Generator().manual_seed(0)
+    shape = (lambda n: (3, n, 16)) if batch_first else (lambda n: (n, 3, 16))
+    x, mem, val = (torch.randn(shape(n), generator=g) for n in (5, 7, 7))
+    pad = torch.rand(3, 7, generator=g) < 0.3
+    pad[:, 0] = False
+    banned = torch.rand(5, 7, generator=g) < 0.2
+    banned[:, 1] = False
+    causal = nn.Transformer.generate_square_subsequent_mask(5)
+    return [((x, x, x), {}), ((x, mem, mem), {}), ((x, mem, val), {}),
+            ((x, mem, mem), {"key_padding_mask": pad}), ((x, mem, mem), {"attn_mask": banned}),
+            ((x, mem, mem), {"attn_mask": torch.randn(12, 5, 7, generator=g),
+                             "key_padding_mask": pad.float() * -3}),
+            ((x, x, x), {"attn_mask": causal, "is_causal": True})]
+
+
+@pytest.mark.parametrize("batch_first,bias", list(itertools.product([True, False], [True, False])))
+def test_qkv_attention_computes_what_multihead_attention_computes(batch_first, bias):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, bias=bias, batch_first=batch_first).eval()
+    qkv = QKVAttention.from_mha(mha).eval()
+    assert (qkv.num_heads, qkv.head_dim, qkv.in_proj.out_features) == (4, 4, 48)
+    with torch.no_grad():
+        for (args, kwargs), need, average in itertools.product(
+                _calls(batch_first), [True, False], [True, False]):
+            ref = mha(*args, need_weights=need, average_attn_weights=average, **kwargs)
+            got = qkv(*args, need_weights=need, average_attn_weights=average, **kwargs)
+            assert close(ref[0], got[0]), (kwargs.keys(), need)
+            assert (ref[1] is None) == (got[1] is None)
+            if ref[1] is not None:
+                assert close(ref[1], got[1]), (kwargs.keys(), average)
+        one = torch.randn(5, 16)  # unbatched (L, E), with a per-head mask
+        for kwargs in ({}, {"attn_mask": torch.randn(4, 5, 5)}):
+            ref, got = mha(one, one, one, **kwargs), qkv(one, one, one, **kwargs)
+            assert close(ref[0], got[0]) and close(ref[1], got[1])
+
+
+def test_gradients_match_in_training_mode():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True)  # dropout 0: training is deterministic
+    qkv = QKVAttention.from_mha(mha)
+    assert qkv.training
+    x1 = torch.randn(2, 6, 16, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    mha(x1, x1, x1, need_weights=False)[0].square().sum().backward()
+    qkv(x2, x2, x2, need_weights=False)[0].square().sum().backward()
+    assert close(x1.grad, x2.grad)
+    assert close(mha.in_proj_weight.grad, qkv.in_proj.weight.grad)
+    assert close(mha.out_proj.weight.grad, qkv.out_proj.weight.grad)
+
+
+def test_torch_transformers_keep_their_function_once_swapped():
+    """nn.TransformerEncoder / Decoder call their attention with masks and take fused fast paths
+    in eval mode (reading in_proj_weight): swapped, they run the layers' own forward."""
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True),
+                                2, enable_nested_tensor=True).eval()
+    x = torch.randn(3, 6, 16)
+    pad = torch.zeros(3, 6, dtype=torch.bool)
+    pad[1, 4:] = True
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: nested tensors are a prototype
+        ref = [enc(x), enc(x, src_key_padding_mask=pad)]
+        assert prunable_attention(enc) == {}
+        got = [enc(x), enc(x, src_key_padding_mask=pad)]
+    assert all(type(layer.self_attn) is QKVAttention for layer in enc.layers)
+    assert close(ref[0], got[0])
+    # torch's packed path leaves zeros where the padding was; the unpadded tokens are the same
+    assert close(ref[1][~pad], got[1][~pad])
+
+    dec = nn.TransformerDecoder(nn.TransformerDecoderLayer(16, 4, 32, dropout=0.0), 2).eval()
+    tgt, memory = torch.randn(5, 2, 16), torch.randn(7, 2, 16)
+    causal = nn.Transformer.generate_square_subsequent_mask(5)
+    with torch.no_grad():
+        ref = dec(tgt, memory, tgt_mask=causal, tgt_is_causal=True)
+        prunable_attention(dec)
+        got = dec(tgt, memory, tgt_mask=causal, tgt_is_causal=True)
+    assert type(dec.layers[0].multihead_attn) is QKVAttention  # cross-attention too
+    assert close(ref, got)
+
+
+def test_unusual_configurations_stay_with_the_reason():
+    model = nn.ModuleDict({"kdim": nn.MultiheadAttention(16, 4, kdim=8, vdim=8),
+                           "bias_kv": nn.MultiheadAttention(16, 4, add_bias_kv=True),
+                           "zero": nn.MultiheadAttention(16, 4, add_zero_attn=True),
+                           "plain": nn.MultiheadAttention(16, 4)})
+    left = prunable_attention(model)
+    assert set(left) == {"kdim", "bias_kv", "zero"}
+    assert "kdim" in left["kdim"] and "add_bias_kv" in left["bias_kv"] and "add_zero_attn" in left["zero"]
+    assert type(model["plain"]) is QKVAttention and type(model["kdim"]) is nn.MultiheadAttention
+    with pytest.raises(ValueError, match="kdim"):
+        QKVAttention.from_mha(model["kdim"])
+
+
+def test_a_raw_multihead_attention_is_pointed_out_when_masks_are_made():
+    model = nn.ModuleDict({"attn": nn.MultiheadAttention(16, 4), "fc": nn.Linear(16, 16),
+                           "head": nn.Linear(16, 4)})
+    with pytest.warns(UserWarning, match="prunable_attention"):
+        names = ts.prunable_names(model)
+    assert "attn.out_proj.weight" in names
+    prunable_attention(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "attn.in_proj.weight" in ts.prunable_names(model)
+
+
+BUILDER = '''
+from torch import nn
+
+
+class Net(nn.Module):
+    """A user's transformer on 8x8 images: 2x2 patches, one encoder layer of 4 heads."""
+
+    def __init__(self, in_channels, num_classes, dim=16):
+        super().__init__()
+        self.patch = nn.Conv2d(in_channels, dim, 2, stride=2)
+        self.encoder = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(dim, 4, 2 * dim, dropout=0.0, batch_first=True), 1)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.patch(x).flatten(2).transpose(1, 2)).mean(1))
+
+
+def with_kdim():
+    net = Net(1, 10)
+    net.extra = nn.MultiheadAttention(16, 4, kdim=8, vdim=8)
+    return net
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    (tmp_path / "my_transformer.py").write_text(BUILDER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_build_swaps_a_users_attention_and_warns_about_what_stays(user_module):
+    model = ts.models.build("my_transformer:Net", in_channels=1, num_classes=10)
+    assert type(model.encoder.layers[0].self_attn) is QKVAttention
+    with pytest.warns(UserWarning, match=r"extra: its keys or values have another width"):
+        model = ts.models.build("my_transformer:with_kdim")
+    assert type(model.extra) is nn.MultiheadAttention
+
+
+def test_the_cli_prunes_whole_heads_of_a_users_transformer(user_module):
+    """`ticketsmith run --model` with Refill: the in-projection is masked, by whole heads."""
+    out = user_module / "run"
+    code = main(["run", "--model", "my_transformer:Net", "--dataset", "digits", "--epochs", "1",
+                 "--rounds", "1", "--prune-fraction", "0.6", "--structure", "refill", "--lr", "0.02",
+                 "--batch-size", "64", "--out", str(out), "--no-progress"])
+    assert code == 0
+    masks = ts.Masks.load(out / "round_01" / "masks.safetensors")
+    per_head = masks["encoder.layers.0.self_attn.in_proj.weight"].reshape(3, 4, 4, 16)
+    kept = per_head.all(dim=(0, 2, 3))
+    assert bool((kept | ~per_head.any(dim=(0, 2, 3))).all())  # whole heads kept or dropped
+    assert 0 < int(kept.sum()) < 4
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"]
+
+
+def test_fused_attention_swaps_back_where_all_heads_are_there():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"a": nn.MultiheadAttention(16, 4, batch_first=True),
+                           "b": nn.MultiheadAttention(16, 4, bias=False)}).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        ref = model["a"](x, x, x)[0], model["b"](x, x, x)[0]
+        prunable_attention(model)
+        model["b"].num_heads = 2  # as compaction leaves a module whose heads went
+        assert ts.models.fused_attention(model) == 1
+        assert type(model["a"]) is nn.MultiheadAttention and type(model["b"]) is QKVAttention
+        assert torch.equal(model["a"](x, x, x)[0], ref[0])
+    with pytest.raises(ValueError, match="narrower than embed_dim 16"):
+        model["b"].to_mha()
+
+
+def test_bench_times_the_users_own_attention_as_the_dense_baseline(monkeypatch):
+    """The dense baseline is what the user would run (torch's nn.MultiheadAttention); its MACs
+    are counted on the swapped model, whose in-projection is a Linear."""
+    import ticketsmith.bench as B
+    timed = []
+    real = B._runtime_rows
+    monkeypatch.setattr(B, "_runtime_rows", lambda dense, *a, **k: timed.append(dense) or real(dense, *a, **k))
+    torch.manual_seed(0)
+    dense = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True), 1)
+    prunable_attention(dense)
+    out = B.compare(dense, dense, lambda b: torch.randn(b, 6, 16), batch_sizes=(2,), pairs=2,
+                    layerwise=False, burst_s=0.001, runtimes=("torch",))
+    assert type(timed[0].layers[0].self_attn) is nn.MultiheadAttention
+    assert type(dense.layers[0].self_attn) is QKVAttention  # the caller's model is left as it was
+    assert out["dense"]["macs"] == 6 * (16 * 48 + 16 * 16 + 2 * 16 * 32)  # in/out proj + MLP
