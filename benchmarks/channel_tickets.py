@@ -2,9 +2,13 @@
 and 75% channel sparsity, batch 1 and 64: the compact model (channel surgery) against the fastest
 dense path, end to end and layer by layer.
 
-    python benchmarks/channel_tickets.py [--models vgg16,resnet18] [--sparsities 0.5,0.75]
+    python benchmarks/channel_tickets.py [--models vgg16,resnet18,vit_s] [--sparsities 0.5,0.75]
         [--batch-sizes 1,64] [--pairs 15] [--threads 1,2] [--width 1.0]
         [--runtimes all|torch,torch.compile,onnxruntime,openvino] [--no-layerwise] [--out PATH]
+
+`--models vit_s`: a ViT-S (torch.nn, 12 blocks of width 384, 6 heads, 4x4 patches); its ticket
+keeps whole heads (k = ceil((1 - s) * 6) per block) and MLP hidden units; the residual stream
+stays whole (LayerNorm). Its dense baseline runs torch's own nn.MultiheadAttention.
 
 The channel masks are what Refill makes of a layer-wise uniform mask at sparsity s (random, seed 0;
 refill then keeps the channels with the largest L1 of He-initialised weights, coupled=True), so
@@ -37,10 +41,23 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SHAPE = (3, 32, 32)
 
 
+def vit_s(width: float) -> torch.nn.Module:
+    """ViT-S on 32x32 images (4x4 patches: 64 tokens), built from torch.nn (compact_big_graph's
+    blocks: LayerNorm, nn.MultiheadAttention of 6 heads, GELU MLP 1536; `width` scales the
+    MLP), with its attention swapped for QKVAttention as `ticketsmith run --model` does."""
+    from compact_big_graph import ViT
+    model = ViT(blocks=12, dim=384, heads=6, mlp=max(1, round(1536 * width)), patch=4, classes=10)
+    ts.models.prunable_attention(model)
+    return model
+
+
 def channel_ticket(name: str, width: float, sparsity: float):
     torch.manual_seed(0)
-    model = ts.models.create(name, in_channels=SHAPE[0], num_classes=10, image_size=SHAPE[1:],
-                             width=width).eval()
+    if name == "vit_s":
+        model = vit_s(width).eval()
+    else:
+        model = ts.models.create(name, in_channels=SHAPE[0], num_classes=10, image_size=SHAPE[1:],
+                                 width=width).eval()
     x = torch.randn(1, *SHAPE)
     masks = ts.refill(model, ts.prune.random_masks(model, sparsity), coupling="shared", example_inputs=x)
     return model, ts.compact(model, masks, x), masks

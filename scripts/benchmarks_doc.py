@@ -17,8 +17,9 @@ DOC = ROOT / "docs" / "benchmarks.md"
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def channel_tickets_runtimes() -> str:
-    rec = json.loads((RESULTS / "channel_tickets_runtimes.json").read_text())
+def fastest_rows(name: str) -> str:
+    """The fastest-vs-fastest rows of a benchmarks/channel_tickets.py record."""
+    rec = json.loads((RESULTS / f"{name}.json").read_text())
     lines = [f"Command: `{rec['machine']['command']}` ({rec['machine']['cpu']}); the fastest-vs-fastest rows:", "",
              "| model | channel sparsity | batch | threads | dense runs in | compact runs in | ideal "
              "| speedup median (min-max) | realized / ideal | same-runtime speedup |",
@@ -96,7 +97,8 @@ def condensed_mlp() -> str:
     return "\n".join(lines)
 
 
-SECTIONS = {"channel_tickets_runtimes": channel_tickets_runtimes, "dense_runtimes": dense_runtimes,
+SECTIONS = {"channel_tickets_runtimes": lambda: fastest_rows("channel_tickets_runtimes"),
+            "vit_heads": lambda: fastest_rows("vit_heads"), "dense_runtimes": dense_runtimes,
             "int8_ticket": int8_ticket, "absorbed_conv": absorbed_conv, "condensed_mlp": condensed_mlp}
 
 

@@ -215,3 +215,20 @@ def test_bench_times_the_users_own_attention_as_the_dense_baseline(monkeypatch):
     assert type(timed[0].layers[0].self_attn) is nn.MultiheadAttention
     assert type(dense.layers[0].self_attn) is QKVAttention  # the caller's model is left as it was
     assert out["dense"]["macs"] == 6 * (16 * 48 + 16 * 16 + 2 * 16 * 32)  # in/out proj + MLP
+
+
+def test_multihead_attention_exports_also_without_autograd(tmp_path):
+    """Without autograd, eval-mode nn.MultiheadAttention runs torch's fused kernel, which has
+    no ONNX form: export takes the decomposed path (the dense baseline of a ViT in onnxruntime
+    and OpenVINO needs it)."""
+    pytest.importorskip("onnxruntime")
+    from ticketsmith import compact as C
+    torch.manual_seed(0)
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True),
+                                  1, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 6, 16)
+    with torch.inference_mode():
+        path = C.export_onnx(model, x, tmp_path / "dense.onnx")
+        assert torch.backends.mha.get_fastpath_enabled()  # left as it was
+        other = torch.randn(3, 6, 16)
+        assert close(model(other), torch.as_tensor(C.run_onnx(path, other)[0]), tol=1e-4)

@@ -37,7 +37,12 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     from ..io import TMP_SUFFIX
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
+        # nn.MultiheadAttention / TransformerEncoderLayer in eval mode without autograd call
+        # torch's fused kernels (aten::_native_multi_head_attention), which have no ONNX
+        # symbolic: exported, they take their decomposed path (the same function)
+        torch.backends.mha.set_fastpath_enabled(False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if dynamo:
@@ -62,6 +67,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
                          f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
                          ) from None
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         if os.path.exists(tmp):
             os.unlink(tmp)
         model.train(was_training)
