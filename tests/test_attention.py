@@ -232,3 +232,16 @@ def test_multihead_attention_exports_also_without_autograd(tmp_path):
         assert torch.backends.mha.get_fastpath_enabled()  # left as it was
         other = torch.randn(3, 6, 16)
         assert close(model(other), torch.as_tensor(C.run_onnx(path, other)[0]), tol=1e-4)
+
+
+def test_loading_with_a_build_that_does_not_swap_says_what_to_add(tmp_path):
+    from families import TinyViT, builder
+    from ticketsmith import compact as C
+    build = builder(TinyViT)
+    model = build()
+    prunable_attention(model)
+    x = torch.randn(2, 3, 16, 16)
+    C.save(C.compact(model, ts.refill(model, ts.prune.omp(model, 0.6), example_inputs=x), x),
+           tmp_path / "ticket")
+    with pytest.raises(ts.UsageError, match=r"QKVAttention: call ticketsmith.models.prunable_attention"):
+        C.load(tmp_path / "ticket", build=build)  # the build without the swap

@@ -260,6 +260,9 @@ def _build_original(desc: dict, build, description: Path) -> nn.Module:
         diff = next((f"{a} vs {b}" for a, b in zip(tree, desc["tree"]) if a != b),
                     f"{len(tree)} vs {len(desc['tree'])} modules")
         what = "build()" if build is not None else f"zoo model {src.get('zoo')!r}"
+        hint = ("; the compacted model's nn.MultiheadAttention was swapped for a QKVAttention: "
+                "call ticketsmith.models.prunable_attention(model) in build()"
+                if "QKVAttention" in diff else "")
         raise UsageError(f"{what} does not rebuild the architecture that was compacted "
-                         f"(first difference: {diff})")
+                         f"(first difference: {diff}){hint}")
     return model
