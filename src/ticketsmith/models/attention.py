@@ -55,15 +55,13 @@ class QKVAttention(nn.Module):
             raise ValueError(f"cannot swap this nn.MultiheadAttention: {why}")
         new = cls(mha.embed_dim, mha.num_heads, mha.dropout, mha.in_proj_bias is not None,
                   mha.batch_first).to(device=mha.in_proj_weight.device, dtype=mha.in_proj_weight.dtype)
+        pairs = [(new.in_proj.weight, mha.in_proj_weight), (new.out_proj.weight, mha.out_proj.weight)]
+        if mha.in_proj_bias is not None:
+            pairs += [(new.in_proj.bias, mha.in_proj_bias), (new.out_proj.bias, mha.out_proj.bias)]
         with torch.no_grad():
-            new.in_proj.weight.copy_(mha.in_proj_weight)
-            new.out_proj.weight.copy_(mha.out_proj.weight)
-            if mha.in_proj_bias is not None:
-                new.in_proj.bias.copy_(mha.in_proj_bias)
-                new.out_proj.bias.copy_(mha.out_proj.bias)
-            for mine, theirs in ((new.in_proj.weight, mha.in_proj_weight),
-                                 (new.out_proj.weight, mha.out_proj.weight)):
-                mine.requires_grad_(theirs.requires_grad)
+            for mine, theirs in pairs:
+                mine.copy_(theirs)
+                mine.requires_grad_(theirs.requires_grad)  # a frozen attention stays frozen
         return new.train(mha.training)
 
     def to_mha(self) -> nn.MultiheadAttention:
