@@ -245,3 +245,37 @@ def test_loading_with_a_build_that_does_not_swap_says_what_to_add(tmp_path):
            tmp_path / "ticket")
     with pytest.raises(ts.UsageError, match=r"QKVAttention: call ticketsmith.models.prunable_attention"):
         C.load(tmp_path / "ticket", build=build)  # the build without the swap
+
+
+class _ConvViT(nn.Module):
+    """A conv stem with BatchNorm, then a (swapped) attention block and an MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 4, stride=4), nn.BatchNorm2d(16))
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.fc1, self.fc2, self.head = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 10)
+
+    def forward(self, x):
+        t = self.stem(x).flatten(2).transpose(1, 2)
+        t = t + self.attn(t, t, t, need_weights=False)[0]
+        return self.head(self.fc2(torch.relu(self.fc1(t))).mean(1))
+
+
+def test_models_with_qkv_attention_are_still_traced(small_executors):
+    """torch.fx cannot trace QKVAttention's forward (it branches on the inputs' rank): it stays
+    one opaque node, so a model holding one still gets its BatchNorms folded and its condensed
+    layers handed off (fc1 -> fc2), as with nn.MultiheadAttention."""
+    from ticketsmith import compact as C
+    from ticketsmith import deploy as D
+    from test_families import constant_fan_in
+    torch.manual_seed(0)
+    model = _ConvViT().eval()
+    prunable_attention(model)
+    x = torch.randn(2, 3, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small = C.compact(model, constant_fan_in(model, x), x)
+    assert small.ticketsmith_executors["fc1"] != "dense" and small.fc1.transposed_out
+    d = D.deploy(small, x, "torch", threads=1)
+    assert d.details["batchnorms_folded"] == 1
