@@ -42,16 +42,10 @@ TIME_LIMIT = 600         # seconds per child
 
 
 def build(lib: str, name: str):
-    from ticketsmith.models import prunable_attention
-    if lib == "timm":
-        import timm
-        model = timm.create_model(name, pretrained=False, num_classes=10)
-    else:
-        import torchvision
-        kw = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
-        model = torchvision.models.get_model(name, weights=None, num_classes=10, **kw)
-    prunable_attention(model)  # as `ticketsmith run --model` builds it (ts.models.build)
-    return model
+    """As `ticketsmith run --model LIB:NAME` builds it (nn.MultiheadAttention swapped)."""
+    import ticketsmith as ts
+    kw = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+    return ts.models.build(f"{lib}:{name}", kw, num_classes=10)
 
 
 def one(lib: str, name: str, size: int) -> dict:
