@@ -149,6 +149,38 @@ class EfficientNetish(nn.Module):
         return self.classifier(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
+# -- ResNeXt / RegNet-Y: a grouped 3x3 conv inside a bottleneck (RegNet-Y: SE on its output) ----
+class GroupedBottleneck(nn.Module):
+    """torchvision's ResNeXt Bottleneck (1x1, grouped 3x3, 1x1, residual); with `se`, RegNet-Y's
+    block (squeeze-excitation on the grouped conv's output)."""
+
+    def __init__(self, cin, cout, width, group_width, stride=1, se=False):
+        super().__init__()
+        self.conv1 = nn.Sequential(*_conv_bn(cin, width))
+        self.conv2 = nn.Sequential(*_conv_bn(width, width, 3, stride, groups=width // group_width))
+        self.se = SE(width) if se else nn.Identity()
+        self.conv3 = nn.Sequential(*_conv_bn(width, cout, relu=False))
+        self.down = (nn.Sequential(*_conv_bn(cin, cout, 1, stride, relu=False))
+                     if stride != 1 or cin != cout else nn.Identity())
+
+    def forward(self, x):
+        return F.relu(self.conv3(self.se(self.conv2(self.conv1(x)))) + self.down(x))
+
+
+class TinyResNeXt(nn.Module):
+    def __init__(self, se=False):
+        super().__init__()
+        self.stem = nn.Sequential(*_conv_bn(3, 16, 3))
+        self.blocks = nn.Sequential(GroupedBottleneck(16, 32, 16, 4, se=se),
+                                    GroupedBottleneck(32, 32, 16, 4, se=se),
+                                    GroupedBottleneck(32, 48, 24, 8, stride=2, se=se))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(48, 10)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.blocks(self.stem(x))).flatten(1))
+
+
 # -- ShuffleNet-v2 (torchvision's units): channel split, channel shuffle (view-transpose-view) ----
 def channel_shuffle(x, groups):
     b, c, h, w = x.size()
@@ -529,6 +561,8 @@ FAMILIES = {
     # name: (build, example input shape, other input shapes)
     "mobilenet_v2_se": (builder(MobileNetV2ish), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "efficientnet_tf": (builder(EfficientNetish), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 19, 19)]),
+    "resnext": (builder(TinyResNeXt), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 20, 20)]),
+    "regnet_y": (builder(TinyResNeXt, se=True), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 20, 20)]),
     "shufflenet_v2": (builder(ShuffleNetish), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "swin": (builder(TinySwin), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 40, 40)]),
     "unet": (builder(TinyUNet), (2, 3, 8, 8), [(3, 3, 8, 8), (1, 3, 16, 16)]),

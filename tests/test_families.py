@@ -402,10 +402,10 @@ def _zoo_models():
     out = []
     if importlib.util.find_spec("timm") is not None:
         out += [("timm", n) for n in ("resnet18", "mobilenetv3_small_050", "tf_efficientnet_b0",
-                                      "convnext_atto", "vit_tiny_patch16_224")]
+                                      "convnext_atto", "vit_tiny_patch16_224", "regnetx_002")]
     if importlib.util.find_spec("torchvision") is not None:
         out += [("torchvision", n) for n in ("resnet18", "mobilenet_v2", "shufflenet_v2_x0_5",
-                                             "vit_b_16", "swin_t")]
+                                             "vit_b_16", "swin_t", "regnet_y_400mf")]
     return out or [pytest.param(None, None, marks=pytest.mark.skip(
         reason="neither timm nor torchvision is installed (PyPI's torchvision does not import "
                "beside the CPU torch wheel used here); install the `zoo` extra to run these"))]
@@ -437,6 +437,11 @@ def test_zoo_model_refill_compacts_exactly(lib, name):
     assert math.isfinite(small.ticketsmith_compact["verified_rel_err"])
     if "vit" in name:  # timm's Attention and torchvision's (swapped) nn.MultiheadAttention
         assert small.ticketsmith_compact["removed_heads"], "no attention head was removed"
+    if "regnet" in name:  # grouped convs: cut with their groups kept, none left whole
+        assert not small.ticketsmith_compact["skipped_groups"]
+        assert any(isinstance(m, nn.Conv2d) and 1 < m.groups < m.out_channels
+                   and m.in_channels < model.get_submodule(n).in_channels
+                   for n, m in small.named_modules())
 
 
 def test_a_deviating_executor_is_replaced_by_the_dense_layer(small_executors, monkeypatch):

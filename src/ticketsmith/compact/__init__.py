@@ -61,8 +61,8 @@ from torch import nn
 
 from ..errors import TicketsmithError, UsageError
 from ..masks import Block, Masks
-from .channel import (ChannelMap, SurgeryReport, as_inputs, flat_tensors, opaque_reason,
-                      out_in_view, remove_dead_channels)
+from .channel import (ChannelMap, SurgeryReport, as_inputs, flat_tensors, grouped_in_select,
+                      opaque_reason, out_in_view, remove_dead_channels)
 from .heads import HeadReport, remove_dead_heads
 
 # Above these densities (kept fraction of the surgered layer) a sparse executor is not worth
@@ -152,14 +152,11 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def _restrict(mask: torch.Tensor, cm: ChannelMap, module: nn.Module) -> torch.Tensor:
     """The mask of a layer after surgery, in the layer's own weight layout."""
     m = out_in_view(module, mask).index_select(0, cm.out)
-    grouped = isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1
-    # a grouped conv's mask holds the inputs of one group: nothing to select; so does that of a
-    # depthwise conv cut down to one channel (groups=1 now, its mask one input wide already,
-    # while the kept input channel's index refers to the whole input)
-    one_group = (m.dim() >= 2 and cm.inp.numel() > 0 and m.shape[1] == out_in_view(module, module.weight).shape[1]
-                 and int(cm.inp.max()) >= m.shape[1])
-    if not grouped and not one_group and m.dim() >= 2:
-        m = m.index_select(1, cm.inp)
+    if m.dim() >= 2 and m.shape[1] != out_in_view(module, module.weight).shape[1]:
+        # inputs were cut; a grouped conv's mask holds one group's inputs per row (a depthwise
+        # conv's is one wide, before and after: nothing to select there)
+        grouped = isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1
+        m = grouped_in_select(m, module.groups, cm.inp) if grouped else m.index_select(1, cm.inp)
     return out_in_view(module, m)
 
 

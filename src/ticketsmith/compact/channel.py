@@ -17,10 +17,16 @@ and channel, from the weights:
 - a group's channel is **removable** when every consumer (conv / linear reading it) either reads
   it dead or has an all-zero weight column for it ("unread"), no model output shows it, and
   every operation it passes through is per-channel. Anything else (an unknown operation, a
-  channel-mixing reduction, a grouped conv, LayerNorm / GroupNorm, a constant added to the
+  channel-mixing reduction, a transposed grouped conv, LayerNorm / GroupNorm, a constant added to the
   feature map, a reshape other than a flatten such as a channel shuffle or a window partition,
   ...) leaves the whole group untouched, recorded with the reason (per layer in
   `SurgeryReport.whole`, and in `describe` as `group_left_whole`).
+
+A grouped convolution (ResNeXt, RegNet) keeps its `groups`: its weight is out x in/groups, so
+every group must keep as many input (and output) channels as the others. Where the removable
+channels of a group fall unevenly, dead ones are kept back until the counts match (keeping a
+dead channel changes nothing), and each row's kept inputs are taken from its own group
+(`grouped_in_select`; torch-pruning 1.6 would take the first group's positions for all).
 
 Removals repeat until nothing changes, since removing a dead input channel can leave a row of
 the next layer all zero (dead in turn). At least one channel of every group is kept so that no
@@ -91,6 +97,22 @@ def out_in_view(module: nn.Module, w: torch.Tensor) -> torch.Tensor:
     if isinstance(module, nn.modules.conv._ConvNd) and module.transposed:
         return w.transpose(0, 1)
     return w
+
+
+def grouped_in_select(w: torch.Tensor, groups: int, keep_in: torch.Tensor) -> torch.Tensor:
+    """A grouped conv's weight (or mask), out x in/groups x k..., with each row restricted to
+    the kept inputs of its own group. `keep_in` holds ascending indices into all
+    groups * in/groups inputs, the same number in every group (rows of group g are the g-th
+    block of out/groups rows, as torch lays them out)."""
+    per_in, out = w.shape[1], w.shape[0]
+    group_of = keep_in // per_in
+    counts = torch.bincount(group_of, minlength=groups)
+    if len(counts) != groups or bool((counts != counts[0]).any()) or out % groups:
+        raise AssertionError(f"uneven inputs kept per group of a grouped conv: {counts.tolist()}")
+    local = (keep_in - group_of * per_in).view(groups, -1)
+    idx = local.repeat_interleave(out // groups, dim=0).to(w.device)
+    idx = idx.view(out, -1, *([1] * (w.dim() - 2))).expand(out, local.shape[1], *w.shape[2:])
+    return w.gather(1, idx)
 
 
 @dataclasses.dataclass
@@ -334,8 +356,8 @@ class _Group:
                 continue
             m = node.module
             if t in (OPTYPE.CONV, OPTYPE.LINEAR):
-                if isinstance(m, nn.modules.conv._ConvNd) and m.groups != 1:
-                    return f"{node.name}: grouped convolution"
+                if isinstance(m, nn.modules.conv._ConvNd) and m.groups != 1 and m.transposed:
+                    return f"{node.name}: transposed grouped convolution"
                 continue
             if t == OPTYPE.EXPAND:
                 # expand can only broadcast dimensions of size 1: with more than one channel in
@@ -347,7 +369,9 @@ class _Group:
             if t in (OPTYPE.DEPTHWISE_CONV, OPTYPE.BN, OPTYPE.PRELU, OPTYPE.CONCAT,
                      OPTYPE.RESHAPE, OPTYPE.OUTPUT):
                 if t == OPTYPE.DEPTHWISE_CONV and (m.in_channels != m.out_channels or m.transposed):
-                    return f"{node.name}: depthwise convolution with a channel multiplier"
+                    return (f"{node.name}: depthwise convolution with a channel multiplier"
+                            + (" (a grouped conv cut to one output channel per group)"
+                               if m.in_channels > m.out_channels else ""))
                 if t == OPTYPE.BN and node.grad_fn is None:
                     return f"{node.name}: batch norm not traced"
                 if t == OPTYPE.RESHAPE and not (_reshape_ok(self.graph, node) or (
@@ -512,14 +536,56 @@ class _Group:
                         if h.__name__ == "prune_in_channels"]
                 if not cons:
                     continue
-                w = out_in_view(node.module, node.module.weight.detach())
-                col0 = (w == 0).all(dim=0).reshape(w.shape[1], -1).all(dim=1) if w.dim() > 2 \
-                    else (w == 0).all(dim=0)
+                m = node.module
+                w = out_in_view(m, m.weight.detach())
+                if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1:
+                    # input c is column c % (in/groups) of the rows of group c // (in/groups)
+                    col0 = (w == 0).reshape(m.groups, w.shape[0] // m.groups, w.shape[1], -1) \
+                        .all(dim=3).all(dim=1).reshape(-1)
+                else:
+                    col0 = (w == 0).all(dim=0).reshape(w.shape[1], -1).all(dim=1) if w.dim() > 2 \
+                        else (w == 0).all(dim=0)
                 locs = torch.cat([loc for _, loc, _ in cons])
                 roots = torch.cat([r for _, _, r in cons])
                 zin = self.zero_in(node)
                 ok &= self._all_by_root(locs, roots, col0) | zin
         return ok
+
+    def balanced(self, drop: torch.Tensor) -> torch.Tensor:
+        """`drop` (per root) with dead channels kept back until every grouped conv of the group
+        keeps the same number of channels, at least one (outputs: two where each group has
+        several inputs), in each of its groups (the lowest channels of a short group first);
+        `drop` itself is not changed."""
+        drop = drop.clone()
+        convs = {}  # (node, side) -> (locals, roots) over all of the node's items on that side
+        for node, items in self.items.items():
+            m = node.module
+            if node.type != OPTYPE.CONV or m.groups == 1:
+                continue
+            for h, loc, roots in items:
+                side = "out" if h.__name__ == "prune_out_channels" else "in"
+                prev = convs.get((node, side), (loc[:0], roots[:0]))
+                convs[node, side] = (torch.cat([prev[0], loc]), torch.cat([prev[1], roots]))
+        changed = bool(convs)
+        while changed:
+            changed = False
+            for (node, side), (loc, roots) in convs.items():
+                m = node.module
+                per = (m.out_channels if side == "out" else m.in_channels) // m.groups
+                cls = loc // per
+                gone = drop[roots]
+                keeps = per - torch.bincount(cls[gone], minlength=m.groups)
+                # one output per group with several inputs each would make the graph take it
+                # for a depthwise conv (groups == out_channels) and tie its inputs to its
+                # outputs one to one: two are kept there (one dead) instead
+                least = 2 if side == "out" and per >= 2 and m.in_channels > m.groups else 1
+                target = max(int(keeps.max()), least)
+                for j in torch.nonzero(keeps < target).flatten().tolist():
+                    short = target - int(keeps[j])
+                    back = roots[(cls == j) & gone].unique()[:short]
+                    drop[back] = False
+                    changed = True
+        return drop
 
 
 def remove_dead_channels(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor,
@@ -573,6 +639,7 @@ def remove_dead_channels(model: nn.Module, example_inputs: Sequence[torch.Tensor
             ok = g.removable()
             if bool(ok.all()):
                 ok[0] = False  # keep one channel: no layer may end with zero width
+            ok = g.balanced(ok)
             idxs = [int(r) for r in torch.nonzero(ok).flatten()]
             if not idxs:
                 continue
@@ -591,14 +658,33 @@ def remove_dead_channels(model: nn.Module, example_inputs: Sequence[torch.Tensor
                 drop = torch.as_tensor(sorted(set(int(i) for i in it.idxs)), dtype=torch.long)
                 cm = kept[name]
                 fn = it.dep.handler.__name__
-                both = isinstance(target, (nn.modules.batchnorm._BatchNorm, nn.PReLU)) or (
-                    isinstance(target, nn.modules.conv._ConvNd) and target.groups > 1)
+                # (the node's type as traced: a grouped conv cut to one output channel per
+                # group looks depthwise now, but its inputs go with its producer's group)
+                both = isinstance(target, (nn.modules.batchnorm._BatchNorm, nn.PReLU)) or \
+                    it.dep.target.type == OPTYPE.DEPTHWISE_CONV
                 if both or fn == "prune_out_channels":
                     cm.out = _delete(cm.out, drop)
                 if both or fn == "prune_in_channels":
                     cm.inp = _delete(cm.inp, drop)
+            # torch-pruning cuts a grouped conv's inputs at the first group's positions in
+            # every group: its weight is cut here instead, from the weight before
+            regroup_in = [(it.dep.target.module, it.dep.target.module.weight.detach().clone(),
+                           sorted(set(int(i) for i in it.idxs))) for it in pruning
+                          if it.dep.handler.__name__ == "prune_in_channels"
+                          and it.dep.target.type == OPTYPE.CONV
+                          and it.dep.target.module.groups > 1]
             pruning.prune(record_history=False)
+            for conv, before, cut in regroup_in:
+                keep = torch.ones(before.shape[1] * conv.groups, dtype=torch.bool)
+                keep[cut] = False
+                conv.weight = nn.Parameter(grouped_in_select(before, conv.groups,
+                                                             torch.nonzero(keep).flatten()),
+                                           requires_grad=conv.weight.requires_grad)
             stale.update(n for n in g.items if n.type == OPTYPE.RESHAPE)
+            # a grouped conv cut to one channel per group is depthwise now: traced again, the
+            # graph ties its inputs to its outputs, so that whole dead groups can go
+            stale.update(n for n in g.items if n.type == OPTYPE.CONV and n.module.groups > 1
+                         and n.module.groups == n.module.out_channels == n.module.in_channels)
             removed[root_name] = removed.get(root_name, 0) + len(idxs)
             skipped.pop(root_name, None)
             changed = True
@@ -667,18 +753,18 @@ def _opaque_members_commute(pruning, names: dict) -> str | None:
         if not isinstance(m, _LAYERS) or opaque_reason(m) is None:
             continue
         idxs = sorted(set(int(i) for i in it.idxs))
-        if not _commutes(m, it.dep.handler, idxs):
+        if not _commutes(m, it.dep.handler, idxs, it.dep.target.type == OPTYPE.DEPTHWISE_CONV):
             return (f"{names.get(m, type(m).__name__)}: {opaque_reason(m)}, and its output "
                     "changes when these channels are cut")
     return None
 
 
-def _commutes(module: nn.Module, handler, idxs: list[int]) -> bool:
+def _commutes(module: nn.Module, handler, idxs: list[int], depthwise: bool) -> bool:
     import copy
 
     fn = handler.__name__
     conv = isinstance(module, nn.modules.conv._ConvNd)
-    both = conv and module.groups > 1  # depthwise: input channel c makes output channel c
+    both = depthwise  # input channel c makes output channel c
     c_in = module.in_channels if conv else module.in_features
     c_out = module.out_channels if conv else module.out_features
     g = torch.Generator().manual_seed(0)

@@ -63,6 +63,10 @@ class ChannelGroup:
     In a plain residual stage every layer's index is `arange(channels)`.
     `output` is True when the channels are the model's outputs (the classifier head): they
     cannot be dropped.
+    `conv_groups` (int64 over the group channels, or None) is set where a grouped conv (ResNeXt,
+    RegNet; not depthwise) writes or reads the channels: the conv group each channel falls in
+    (ids over all such convs together; -1 for channels none of them touches). Such a conv keeps
+    its `groups`, so channels can only go evenly from each of its groups.
     """
     layers: tuple[str, ...]
     channels: int
@@ -70,6 +74,7 @@ class ChannelGroup:
     consumers: tuple[str, ...] = ()
     index: Mapping[str, torch.Tensor] = field(default_factory=dict)
     output: bool = False
+    conv_groups: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         return (f"ChannelGroup(layers={list(self.layers)}, channels={self.channels}, "
@@ -327,11 +332,37 @@ def analyse(model: nn.Module, example_inputs=None) -> Coupling:
         groups.append(ChannelGroup(layers=tuple(lnames), channels=channels,
                                    companions=tuple(comps), consumers=tuple(cons),
                                    index=MappingProxyType(index),
-                                   output=any(w in reaches_output for w in lnames)))
+                                   output=any(w in reaches_output for w in lnames),
+                                   conv_groups=_conv_groups(model, channels, index, lnames, cons)))
     transposed = frozenset(wname[m] for _, m in layers
                            if isinstance(m, nn.modules.conv._ConvNd) and m.transposed)
     return Coupling(groups, group_of, feeds, external,
                     {c: int(params[c].shape[0]) for c in feeds}, transposed)
+
+
+def _conv_groups(model: nn.Module, channels: int, index: dict, layers, consumers
+                 ) -> torch.Tensor | None:
+    """See `ChannelGroup.conv_groups`: per group channel, its group in the grouped convs that
+    write (`layers`) or read (`consumers`) it; several such convs: their groups intersected."""
+    split = []
+    for name, side in [(n, "out") for n in layers] + [(n, "in") for n in consumers]:
+        mod = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        if not isinstance(mod, nn.modules.conv._ConvNd) or mod.groups == 1 or mod.transposed \
+                or mod.groups == mod.out_channels:  # (depthwise: its channels follow one by one)
+            continue
+        width = mod.out_channels if side == "out" else mod.in_channels
+        ids = torch.full((channels,), -1, dtype=torch.int64)
+        where = index[name] >= 0
+        ids[index[name][where]] = torch.arange(width)[where] // (width // mod.groups)
+        split.append(ids)
+    if not split:
+        return None
+    stacked = torch.stack(split, dim=1)  # channels x convs
+    touched = (stacked >= 0).any(dim=1)
+    out = torch.full((channels,), -1, dtype=torch.int64)
+    if bool(touched.any()):
+        out[touched] = torch.unique(stacked[touched], dim=0, return_inverse=True)[1]
+    return out
 
 
 def _out_channels(m: nn.Module) -> int:

@@ -50,6 +50,9 @@ def refill(model: nn.Module, masks: Masks, criterion: str = "l1", extra: float =
       Refill+ keeps k + round(extra * (c_out - k)) (round half up), `extra` in [0, 1].
       Kept rows become fully dense, dropped rows fully zero. Ties go to the lower row index
       (coupled: the lower group channel id, which is the row index in a residual stage).
+    - Channels a grouped conv (ResNeXt, RegNet; not depthwise) writes or reads are kept evenly
+      over its groups: ceil(k / groups) from each (see `ChannelGroup.conv_groups`), since the
+      conv keeps its `groups` and compaction can only cut as many channels from every group.
     - `coupling` (see `COUPLINGS`) decides what happens in a coupled group (see
       `channel_groups`: outputs added together, depthwise convs). `none`: every layer keeps its
       own k best rows, as the paper's Alg. 2; a channel one layer drops but a coupled partner
@@ -189,10 +192,21 @@ def _refill_unit(group: ChannelGroup, unit: list[str], masks: Masks,
         total += masks[n].numel()
     cand = torch.nonzero(covered).flatten()  # ascending channel ids
     keep_n = refill_counts(len(cand), kept, total, extra)
-    # stable sort: equal scores keep ascending channel order, so ties go to the lower index
-    order = torch.sort(channel_score[cand], descending=True, stable=True).indices
     keep_ch = torch.zeros(channels, dtype=torch.bool)
-    keep_ch[cand[order[:keep_n]]] = True
+    conv_groups = group.conv_groups
+    if conv_groups is not None and len(unit) == 1:
+        conv_groups = conv_groups[group.index[unit[0]]]  # over the layer's own rows
+    if conv_groups is None or bool((conv_groups[cand] < 0).any()):
+        classes = [cand]
+    else:
+        # a grouped conv writes or reads these channels: the same number from each of its
+        # groups (rounded up), as only that can be removed (it keeps its `groups`)
+        classes = [cand[conv_groups[cand] == j] for j in conv_groups[cand].unique()]
+        keep_n = -(-keep_n // len(classes))
+    for cls in classes:
+        # stable sort: equal scores keep ascending channel order, so ties go to the lower index
+        order = torch.sort(channel_score[cls], descending=True, stable=True).indices
+        keep_ch[cls[order[:keep_n]]] = True
     out = {}
     for n in unit:
         rows = keep_ch[index[n]]
