@@ -236,18 +236,22 @@ class ShuffleNetish(nn.Module):
 
 
 # -- Swin (torchvision's blocks): windows, shifted by torch.roll, relative position bias ----------
-class WindowAttention(nn.Module):
-    """torchvision's ShiftedWindowAttention: F.linear with the qkv / proj modules' weights (their
-    forward never runs), a relative position bias gathered from a table by an index buffer and
-    viewed to heads x N x N, a roll of the feature map and an attention mask for shifted windows."""
+class ShiftedWindowAttention(nn.Module):
+    """torchvision's ShiftedWindowAttention (same class name, constructor and attributes, so
+    `prunable_attention` swaps it): F.linear with the qkv / proj modules' weights (their forward
+    never runs), a relative position bias gathered from a table by an index buffer and viewed
+    to heads x N x N, a roll of the feature map and an attention mask for shifted windows."""
 
-    def __init__(self, dim, window, shift, heads):
+    def __init__(self, dim, window_size, shift_size, num_heads, qkv_bias=True, proj_bias=True,
+                 attention_dropout=0.0, dropout=0.0):
         super().__init__()
-        self.window, self.shift, self.heads = window, shift, heads
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
+        self.window_size, self.shift_size, self.num_heads = window_size, shift_size, num_heads
+        self.attention_dropout, self.dropout = attention_dropout, dropout
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        window = window_size[0]
         self.relative_position_bias_table = nn.Parameter(
-            torch.randn((2 * window - 1) ** 2, heads) * 0.02)
+            torch.randn((2 * window - 1) ** 2, num_heads) * 0.02)
         r = torch.arange(window)
         coords = torch.flatten(torch.stack(torch.meshgrid(r, r, indexing="ij")), 1)
         rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0).contiguous()
@@ -258,19 +262,19 @@ class WindowAttention(nn.Module):
 
     def forward(self, x):
         B, H, W, C = x.shape
-        ws, n = self.window, self.window * self.window
+        ws, n, heads = self.window_size[0], self.window_size[0] ** 2, self.num_heads
         pad_r, pad_b = (ws - W % ws) % ws, (ws - H % ws) % ws
         x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
         _, ph, pw, _ = x.shape
-        shift = self.shift if ws < ph and ws < pw else 0
+        shift = self.shift_size[0] if ws < ph and ws < pw else 0
         if shift > 0:
             x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
         nw = (ph // ws) * (pw // ws)
         x = x.view(B, ph // ws, ws, pw // ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(B * nw, n, C)
         qkv = F.linear(x, self.qkv.weight, self.qkv.bias)
-        qkv = qkv.reshape(x.size(0), n, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        qkv = qkv.reshape(x.size(0), n, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = (q * (C // self.heads) ** -0.5).matmul(k.transpose(-2, -1))
+        attn = (q * (C // heads) ** -0.5).matmul(k.transpose(-2, -1))
         bias = self.relative_position_bias_table[self.relative_position_index]
         attn = attn + bias.view(n, n, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
         if shift > 0:
@@ -284,8 +288,8 @@ class WindowAttention(nn.Module):
             mask = mask.view(ph // ws, ws, pw // ws, ws).permute(0, 2, 1, 3).reshape(nw, n)
             mask = mask.unsqueeze(1) - mask.unsqueeze(2)
             mask = mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
-            attn = attn.view(x.size(0) // nw, nw, self.heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
-            attn = attn.view(-1, self.heads, n, n)
+            attn = attn.view(x.size(0) // nw, nw, heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, heads, n, n)
         x = F.softmax(attn, dim=-1).matmul(v).transpose(1, 2).reshape(x.size(0), n, C)
         x = F.linear(x, self.proj.weight, self.proj.bias)
         x = x.view(B, ph // ws, pw // ws, ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(B, ph, pw, C)
@@ -300,7 +304,7 @@ class SwinBlock(nn.Module):
     def __init__(self, dim, window, shift, heads):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, window, shift, heads)
+        self.attn = ShiftedWindowAttention(dim, [window, window], [shift, shift], heads)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
@@ -393,6 +397,16 @@ class TinyViT(nn.Module):
         x = self.patch(x).flatten(2).transpose(1, 2)
         x = self.norm(self.block(x))
         return self.head(x.mean(1))
+
+
+class TinySwinWindows(TinySwin):
+    """TinySwin with its ShiftedWindowAttention swapped for ticketsmith's WindowAttention (what
+    `ticketsmith.models.build` does to torchvision's Swin)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        from ticketsmith.models import prunable_attention
+        prunable_attention(self)
 
 
 class TinyViTQKV(TinyViT):
@@ -565,6 +579,7 @@ FAMILIES = {
     "regnet_y": (builder(TinyResNeXt, se=True), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 20, 20)]),
     "shufflenet_v2": (builder(ShuffleNetish), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "swin": (builder(TinySwin), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 40, 40)]),
+    "swin_windows": (builder(TinySwinWindows), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 40, 40)]),
     "unet": (builder(TinyUNet), (2, 3, 8, 8), [(3, 3, 8, 8), (1, 3, 16, 16)]),
     "vit_mha": (builder(TinyViT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "vit_qkv": (builder(TinyViTQKV), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),

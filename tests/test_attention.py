@@ -279,3 +279,31 @@ def test_models_with_qkv_attention_are_still_traced(small_executors):
     assert small.ticketsmith_executors["fc1"] != "dense" and small.fc1.transposed_out
     d = D.deploy(small, x, "torch", threads=1)
     assert d.details["batchnorms_folded"] == 1
+
+
+def test_window_attention_computes_what_swin_window_attention_computes():
+    """torchvision's Swin window attention (the replica in families.py: same class name,
+    constructor and forward) swapped for a WindowAttention: the same outputs on maps that are
+    and are not multiples of the window, with and without the shift, and the same gradients;
+    its Linears and bias table are the original's own (an optimizer made before still holds
+    them)."""
+    from families import ShiftedWindowAttention
+
+    from ticketsmith.models import WindowAttention
+    torch.manual_seed(0)
+    for shift in (0, 2):
+        swin = ShiftedWindowAttention(16, [4, 4], [shift, shift], 4)
+        holder = nn.Sequential(swin)
+        params = set(map(id, swin.parameters()))
+        assert not prunable_attention(holder)
+        ours = holder[0]
+        assert isinstance(ours, WindowAttention) and set(map(id, ours.parameters())) == params
+        assert ours.head_dim == 4 and ours.num_heads == 4
+        for shape in [(2, 8, 8, 16), (1, 9, 14, 16), (3, 4, 4, 16)]:
+            x = torch.randn(shape, requires_grad=True)
+            ref, got = swin(x), ours(x)
+            assert torch.allclose(ref, got, atol=1e-6), (shift, shape)
+            g_ref = torch.autograd.grad(ref.square().sum(), [x, swin.relative_position_bias_table])
+            g_got = torch.autograd.grad(got.square().sum(), [x, ours.relative_position_bias_table])
+            for a, b in zip(g_ref, g_got):
+                assert torch.allclose(a, b, atol=1e-5)

@@ -208,37 +208,43 @@ def test_transformer_mlp_hidden_units_are_removed():
         assert fc2.in_features == kept, family
 
 
-@pytest.mark.parametrize("family,qkv,proj", [("vit_timm", "qkv", "proj"),
-                                              ("vit_qkv", "in_proj", "out_proj")])
-def test_attention_heads_are_refilled_and_removed(family, qkv, proj, tmp_path):
+@pytest.mark.parametrize("family,qkv,proj,at", [("vit_timm", "qkv", "proj", "block.attn"),
+                                                 ("vit_qkv", "in_proj", "out_proj", "block.attn"),
+                                                 ("swin_windows", "qkv", "proj", "block3.attn")])
+def test_attention_heads_are_refilled_and_removed(family, qkv, proj, at, tmp_path):
     """A channel ticket of a timm-style attention (or of nn.MultiheadAttention swapped for a
-    QKVAttention) keeps or drops whole heads (q, k, v rows and the projection's columns), and
-    compaction removes the dropped ones: num_heads goes down, the parameters by the heads'
-    share, exact on other batch sizes and sequence lengths, and through save / load and ONNX."""
+    QKVAttention, or of torchvision's Swin window attention swapped for a WindowAttention)
+    keeps or drops whole heads (q, k, v rows and the projection's columns), and compaction
+    removes the dropped ones: num_heads goes down, the parameters by the heads' share (Swin:
+    with their columns of the relative position bias table), exact on other batch sizes and
+    sequence lengths, and through save / load and ONNX."""
     build, shape, others = FAMILIES[family]
     model = build()
     x = torch.randn(shape)
     masks = structured("refill", model, x)
-    attn = model.block.attn
+    attn = model.get_submodule(at)
     nh, hd, dim = attn.num_heads, attn.head_dim, attn.get_submodule(qkv).in_features
-    per_head = masks[f"block.attn.{qkv}.weight"].reshape(3, nh, hd, dim)
+    per_head = masks[f"{at}.{qkv}.weight"].reshape(3, nh, hd, dim)
     assert bool((per_head.all(dim=(0, 2, 3)) | ~per_head.any(dim=(0, 2, 3))).all())  # whole heads
     kept = per_head.all(dim=(0, 2, 3))
     k = int(kept.sum())
     assert 0 < k < nh
-    assert not bool(masks[f"block.attn.{qkv}.bias"].reshape(3, nh, hd)[:, ~kept].any())
-    cols = masks[f"block.attn.{proj}.weight"].reshape(dim, nh, hd)
+    assert not bool(masks[f"{at}.{qkv}.bias"].reshape(3, nh, hd)[:, ~kept].any())
+    cols = masks[f"{at}.{proj}.weight"].reshape(dim, nh, hd)
     assert not bool(cols[:, ~kept].any())  # the dropped heads' columns read zeros
 
     small = C.compact(model, masks, x)
-    a = small.block.attn
+    a = small.get_submodule(at)
     assert (a.num_heads, a.num_heads * a.head_dim, a.get_submodule(qkv).out_features,
             a.get_submodule(proj).in_features) == (k, k * hd, 3 * k * hd, k * hd)
     heads_share = (nh - k) * (3 * hd * (dim + 1) + dim * hd)
     assert n_params(model) - n_params(small) >= heads_share
     rows = {r["layer"]: r for r in C.describe(small)}
-    assert rows[f"block.attn.{qkv}"]["heads"] == f"kept {k} of {nh} heads of block.attn"
-    assert small.ticketsmith_compact["removed_heads"]["block.attn"]["heads"] == [nh, k]
+    assert rows[f"{at}.{qkv}"]["heads"] == f"kept {k} of {nh} heads of {at}"
+    assert small.ticketsmith_compact["removed_heads"][at]["heads"] == [nh, k]
+    if hasattr(attn, "relative_position_bias_table"):
+        table = attn.relative_position_bias_table
+        assert torch.equal(a.relative_position_bias_table, table[:, kept])
 
     masked = copy.deepcopy(model)
     masks.apply(masked)
@@ -250,8 +256,8 @@ def test_attention_heads_are_refilled_and_removed(family, qkv, proj, tmp_path):
 
     C.save(small, tmp_path / "ticket")
     again = C.load(tmp_path / "ticket", build=build)
-    assert again.block.attn.num_heads == k
-    assert getattr(again.block.attn, "attn_dim", k * hd) == k * hd  # timm's derived width too
+    assert again.get_submodule(at).num_heads == k
+    assert getattr(again.get_submodule(at), "attn_dim", k * hd) == k * hd  # timm's derived width too
     with torch.no_grad():
         for xi in inputs:
             assert torch.equal(small(xi), again(xi))
@@ -435,7 +441,7 @@ def test_zoo_model_refill_compacts_exactly(lib, name):
         assert rel_err(masked(xi), small(xi)) < 1e-4
     assert n_params(small) <= n_params(model)
     assert math.isfinite(small.ticketsmith_compact["verified_rel_err"])
-    if "vit" in name:  # timm's Attention and torchvision's (swapped) nn.MultiheadAttention
+    if "vit" in name or "swin" in name:  # timm's Attention, torchvision's swapped modules
         assert small.ticketsmith_compact["removed_heads"], "no attention head was removed"
     if "regnet" in name:  # grouped convs: cut with their groups kept, none left whole
         assert not small.ticketsmith_compact["skipped_groups"]

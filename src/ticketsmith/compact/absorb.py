@@ -49,7 +49,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from ..errors import TicketsmithError, UsageError
-from ..models.attention import QKVAttention
+from ..models.attention import QKVAttention, WindowAttention
 from .blocks import BlockConv2d, Executor, _check_config
 
 __all__ = ["absorb_gathers", "GroupedConv2d"]
@@ -205,12 +205,13 @@ _METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone"}
 
 
 class _Tracer(fx.Tracer):
-    """Executors, QKVAttention (its forward branches on its inputs' rank, which torch.fx
-    cannot trace: opaque, as nn.MultiheadAttention is) and every torch.nn layer stay single
-    call_module nodes."""
+    """Executors, QKVAttention and WindowAttention (their forwards branch on their inputs'
+    shapes, which torch.fx cannot trace: opaque, as nn.MultiheadAttention is) and every
+    torch.nn layer stay single call_module nodes."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (Executor, QKVAttention)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (Executor, QKVAttention, WindowAttention)) \
+            or super().is_leaf_module(m, qualname)
 
 
 def _only_first_is_node(node: fx.Node) -> bool:

@@ -6,7 +6,8 @@ does not map), so its group stays whole. The structured unit there is the head
 projection are zero, adds exactly zero to the output, whatever its q and k are (zero q and k
 alone give a uniform softmax, not a zero output). Such heads go: their q, k and v rows of the
 qkv Linear, their columns of the projection, and the module's `num_heads` (and `attn_dim` /
-`all_head_dim`, the derived widths) shrink.
+`all_head_dim`, the derived widths) shrink, with every parameter the module declares to hold
+one slice per head (`per_head_params`: a Swin window attention's relative position bias).
 
 A cut is accepted only where a copy of the module, cut this way, computes what the module
 computed (on random inputs of the example's shape, of another batch size and of another sequence
@@ -90,7 +91,22 @@ def cut_heads(module: nn.Module, att: AttentionHeads, keep: torch.Tensor) -> dic
     settings = _settings(module, att, len(keep))
     for a, v in settings.items():
         setattr(module, a, v)
+    for owner, leaf, dim in _per_head(module):
+        p = getattr(owner, leaf)
+        with torch.no_grad():
+            setattr(owner, leaf, nn.Parameter(p.index_select(dim, keep.to(p.device)).contiguous(),
+                                              requires_grad=p.requires_grad))
     return settings
+
+
+def _per_head(module: nn.Module) -> list[tuple[nn.Module, str, int]]:
+    """(owner, parameter name, head axis) of the parameters holding one slice per head that a
+    module declares in `per_head_params` (a Swin WindowAttention's relative position bias)."""
+    out = []
+    for name, dim in getattr(module, "per_head_params", ()):
+        owner, _, leaf = name.rpartition(".")
+        out.append((module.get_submodule(owner) if owner else module, leaf, int(dim)))
+    return out
 
 
 def _variants(args: tuple, kwargs: dict) -> list[tuple]:
@@ -214,6 +230,12 @@ def restore(model: nn.Module, removed: dict) -> None:
             if a not in ("num_heads",) + WIDTH_ATTRS or isinstance(v, bool) or not isinstance(v, int):
                 raise ValueError(f"bad head attribute {a}={v!r}")
             setattr(module, a, v)
+        for owner, leaf, dim in _per_head(module):  # shaped for the saved tensors
+            p = getattr(owner, leaf)
+            shape = list(p.shape)
+            shape[dim] = int(info["heads"][1])
+            setattr(owner, leaf, nn.Parameter(torch.empty(shape, dtype=p.dtype, device=p.device),
+                                              requires_grad=p.requires_grad))
 
 
 __all__ = ["HeadReport", "remove_dead_heads", "dead_heads", "cut_heads", "restore", "MHA_REASON"]

@@ -92,14 +92,15 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
     from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
     from ..compact.condensed import CondensedSequential
-    from ..models.attention import QKVAttention
+    from ..models.attention import QKVAttention, WindowAttention
 
     model = copy.deepcopy(model).eval()
 
     class Tracer(fx.Tracer):  # executors stay opaque: their internals are not conv + BN; so do
         def is_leaf_module(self, m, name):  # condensed chains (traced through: run unchained)
-            return (hasattr(m, "executor") or isinstance(m, (CondensedSequential, QKVAttention))
-                    or super().is_leaf_module(m, name))  # QKVAttention: branches fx can't trace
+            return (hasattr(m, "executor")  # attention: branches on shapes fx can't trace
+                    or isinstance(m, (CondensedSequential, QKVAttention, WindowAttention))
+                    or super().is_leaf_module(m, name))
 
     try:
         graph = Tracer().trace(model)

@@ -13,6 +13,11 @@ the same weights. `ticketsmith.models.build` does it for every user's model (`--
 the CLI prunes their attention; a model handed to the Python API is swapped by calling it.
 `fused_attention(model)` swaps back where no head went (`ticketsmith.bench` times the dense
 baseline so: torch's own module, which a user would run).
+
+torchvision's Swin (V1) `ShiftedWindowAttention` hands its qkv and proj weights to a function
+and derives the head width from the input width: `WindowAttention` is the same function with
+the Linears called as modules and a fixed `head_dim` (the timm pattern again), and
+`prunable_attention` swaps it in as well.
 """
 from __future__ import annotations
 
@@ -170,14 +175,127 @@ def unsupported(mha: nn.MultiheadAttention) -> str | None:
     return None
 
 
+def _relative_position_index(wh: int, ww: int) -> torch.Tensor:
+    """Swin's index of each (query, key) token pair of a wh x ww window into the relative
+    position bias table ((2 wh - 1) (2 ww - 1) rows), flattened."""
+    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
+    return ((rel[..., 0] + wh - 1) * (2 * ww - 1) + rel[..., 1] + ww - 1).flatten()
+
+
+class WindowAttention(nn.Module):
+    """torchvision's Swin (V1) `ShiftedWindowAttention`, the same function with its `qkv` and
+    `proj` Linears called as modules (torchvision's hands their weights to a function, so no
+    mask, executor or cut reaches them) and the head width a fixed `head_dim` (torchvision
+    derives it from the input width, which stays when heads go): the timm head pattern. The
+    relative position bias table holds one column per head (`per_head_params`): a removed
+    head's column goes with it."""
+
+    per_head_params = (("relative_position_bias_table", 1),)
+
+    def __init__(self, dim: int, window_size, shift_size, num_heads: int, qkv_bias: bool = True,
+                 proj_bias: bool = True, attention_dropout: float = 0.0, dropout: float = 0.0):
+        super().__init__()
+        if len(window_size) != 2 or len(shift_size) != 2:
+            raise ValueError("window_size and shift_size must be of length 2")
+        self.window_size, self.shift_size = list(window_size), list(shift_size)
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.attention_dropout, self.dropout = attention_dropout, dropout
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        wh, ww = self.window_size
+        self.relative_position_bias_table = nn.Parameter(
+            torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.register_buffer("relative_position_index", _relative_position_index(wh, ww))
+
+    @classmethod
+    def from_swin(cls, m: nn.Module) -> "WindowAttention":
+        """The same module (its qkv / proj Linears, bias table and index themselves) as a
+        WindowAttention; `m` is torchvision's ShiftedWindowAttention."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.window_size, new.shift_size = list(m.window_size), list(m.shift_size)
+        new.num_heads = m.num_heads
+        new.head_dim = m.qkv.in_features // m.num_heads
+        new.attention_dropout, new.dropout = m.attention_dropout, m.dropout
+        new.qkv, new.proj = m.qkv, m.proj
+        new.relative_position_bias_table = m.relative_position_bias_table
+        new.register_buffer("relative_position_index", m.relative_position_index)
+        new.train(m.training)
+        return new
+
+    def relative_position_bias(self) -> torch.Tensor:
+        n = self.window_size[0] * self.window_size[1]
+        bias = self.relative_position_bias_table[self.relative_position_index]
+        return bias.view(n, n, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, H, W, C] -> [B, H, W, C], as torchvision's shifted_window_attention."""
+        b, h, w, c = x.shape
+        wh, ww = self.window_size
+        x = F.pad(x, (0, 0, 0, (ww - w % ww) % ww, 0, (wh - h % wh) % wh))
+        _, ph, pw, _ = x.shape
+        # no shift along a side the window already covers
+        shift = [0 if wh >= ph else self.shift_size[0], 0 if ww >= pw else self.shift_size[1]]
+        if sum(shift) > 0:
+            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        nw, n = (ph // wh) * (pw // ww), wh * ww
+        x = x.view(b, ph // wh, wh, pw // ww, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(b * nw, n, c)
+        heads, hd = self.num_heads, self.head_dim
+        q, k, v = self.qkv(x).reshape(b * nw, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
+        attn = (q * hd ** -0.5).matmul(k.transpose(-2, -1)) + self.relative_position_bias()
+        if sum(shift) > 0:
+            attn = attn.view(b, nw, heads, n, n) + _shift_mask(x, ph, pw, self.window_size, shift)
+            attn = attn.view(-1, heads, n, n)
+        attn = F.dropout(F.softmax(attn, dim=-1), p=self.attention_dropout, training=self.training)
+        x = self.proj(attn.matmul(v).transpose(1, 2).reshape(b * nw, n, heads * hd))
+        x = F.dropout(x, p=self.dropout, training=self.training)
+        x = x.view(b, ph // wh, pw // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(b, ph, pw, c)
+        if sum(shift) > 0:
+            x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
+        return x[:, :h, :w, :].contiguous()
+
+
+def _shift_mask(x: torch.Tensor, ph: int, pw: int, window, shift) -> torch.Tensor:
+    """Swin's attention mask of shifted windows, [1, windows, 1, n, n]: -100 between tokens
+    that the roll brought together from different regions of the map."""
+    wh, ww = window
+    region = x.new_zeros((ph, pw))
+    count = 0
+    for hs in ((0, -wh), (-wh, -shift[0]), (-shift[0], None)):
+        for ws in ((0, -ww), (-ww, -shift[1]), (-shift[1], None)):
+            region[hs[0]:hs[1], ws[0]:ws[1]] = count
+            count += 1
+    region = region.view(ph // wh, wh, pw // ww, ww).permute(0, 2, 1, 3).reshape(-1, wh * ww)
+    mask = region.unsqueeze(1) - region.unsqueeze(2)
+    mask = mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+    return mask.unsqueeze(1).unsqueeze(0)
+
+
+def _is_swin_attention(m: nn.Module) -> bool:
+    """torchvision's Swin V1 ShiftedWindowAttention (by class name and what it holds; V2's
+    cosine attention and bias MLP are not reproduced)."""
+    return type(m).__name__ == "ShiftedWindowAttention" and all(
+        hasattr(m, a) for a in ("qkv", "proj", "relative_position_bias_table", "window_size",
+                                "shift_size", "num_heads", "attention_dropout", "dropout",
+                                "relative_position_index")) \
+        and isinstance(m.qkv, nn.Linear) and isinstance(m.proj, nn.Linear)
+
+
 def prunable_attention(model: nn.Module) -> dict[str, str]:
     """Swap, in place, every nn.MultiheadAttention of `model` for a QKVAttention computing the
     same (same weights): its in-projection becomes a Linear that masks reach and its heads
-    can be refilled and removed. Returns the modules left as they were, with the reason (an
+    can be refilled and removed. torchvision's Swin (V1) ShiftedWindowAttention becomes a
+    WindowAttention (the same module, its Linears called as modules) for the same reason. Returns the modules left as they were, with the reason (an
     unusual configuration: kdim / vdim, add_bias_kv, add_zero_attn). A model that is itself
     an nn.MultiheadAttention is not swapped (there is no parent to hold the new one)."""
     left = {}
     for name, m in list(model.named_modules()):
+        if name and _is_swin_attention(m):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, WindowAttention.from_swin(m))
+            continue
         if not name or not isinstance(m, nn.MultiheadAttention):
             continue
         why = unsupported(m)
@@ -208,4 +326,4 @@ def fused_attention(model: nn.Module) -> int:
     return swapped
 
 
-__all__ = ["QKVAttention", "prunable_attention", "fused_attention"]
+__all__ = ["QKVAttention", "WindowAttention", "prunable_attention", "fused_attention"]
