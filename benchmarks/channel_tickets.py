@@ -2,13 +2,15 @@
 and 75% channel sparsity, batch 1 and 64: the compact model (channel surgery) against the fastest
 dense path, end to end and layer by layer.
 
-    python benchmarks/channel_tickets.py [--models vgg16,resnet18,vit_s] [--sparsities 0.5,0.75]
+    python benchmarks/channel_tickets.py [--models vgg16,resnet18,vit_s,resnext] [--sparsities 0.5,0.75]
         [--batch-sizes 1,64] [--pairs 15] [--threads 1,2] [--width 1.0]
         [--runtimes all|torch,torch.compile,onnxruntime,openvino] [--no-layerwise] [--out PATH]
 
 `--models vit_s`: a ViT-S (torch.nn, 12 blocks of width 384, 6 heads, 4x4 patches); its ticket
 keeps whole heads (k = ceil((1 - s) * 6) per block) and MLP hidden units; the residual stream
 stays whole (LayerNorm). Its dense baseline runs torch's own nn.MultiheadAttention.
+`--models resnext`: a ResNeXt-20 (32x4d, see `resnext`); its grouped convs keep their 32 groups
+with fewer channels in each (refill keeps them evenly over the groups).
 
 The channel masks are what Refill makes of a layer-wise uniform mask at sparsity s (random, seed 0;
 refill then keeps the channels with the largest L1 of He-initialised weights, coupled=True), so
@@ -51,10 +53,45 @@ def vit_s(width: float) -> torch.nn.Module:
     return model
 
 
+class _Bottleneck(torch.nn.Module):
+    """ResNeXt's bottleneck (torchvision's): 1x1, grouped 3x3 (cardinality groups), 1x1, residual."""
+
+    def __init__(self, cin: int, cout: int, width: int, groups: int, stride: int):
+        super().__init__()
+        nn = torch.nn
+
+        def cbn(i, o, k=1, s=1, g=1):
+            return nn.Sequential(nn.Conv2d(i, o, k, s, k // 2, groups=g, bias=False), nn.BatchNorm2d(o))
+        self.conv1, self.conv2 = cbn(cin, width), cbn(width, width, 3, stride, groups)
+        self.conv3 = cbn(width, cout)
+        self.down = cbn(cin, cout, 1, stride) if stride != 1 or cin != cout else nn.Identity()
+
+    def forward(self, x):
+        y = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return torch.relu(self.conv3(y) + self.down(x))
+
+
+def resnext(width: float) -> torch.nn.Module:
+    """ResNeXt-20 (32x4d) for 32x32 images: a 64-channel stem, three stages of two bottlenecks
+    (outputs 256, 512, 1024; grouped 3x3 convs of 128, 256, 512 channels in 32 groups; strides
+    1, 2, 2), mean pool, linear head. `width` scales every width (the groups stay 32)."""
+    nn = torch.nn
+    w = [max(32, round(c * width)) for c in (64, 128, 256, 512, 256, 512, 1024)]
+    stem, (w1, w2, w3), (o1, o2, o3) = w[0], w[1:4], w[4:]
+    blocks, cin = [], stem
+    for wid, out, stride in ((w1, o1, 1), (w2, o2, 2), (w3, o3, 2)):
+        blocks += [_Bottleneck(cin, out, wid, 32, stride), _Bottleneck(out, out, wid, 32, 1)]
+        cin = out
+    return nn.Sequential(nn.Conv2d(3, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(),
+                         *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 10))
+
+
 def channel_ticket(name: str, width: float, sparsity: float):
     torch.manual_seed(0)
     if name == "vit_s":
         model = vit_s(width).eval()
+    elif name == "resnext":
+        model = resnext(width).eval()
     else:
         model = ts.models.create(name, in_channels=SHAPE[0], num_classes=10, image_size=SHAPE[1:],
                                  width=width).eval()

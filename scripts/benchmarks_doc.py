@@ -98,7 +98,8 @@ def condensed_mlp() -> str:
 
 
 SECTIONS = {"channel_tickets_runtimes": lambda: fastest_rows("channel_tickets_runtimes"),
-            "vit_heads": lambda: fastest_rows("vit_heads"), "dense_runtimes": dense_runtimes,
+            "vit_heads": lambda: fastest_rows("vit_heads"),
+            "grouped_tickets": lambda: fastest_rows("grouped_tickets"), "dense_runtimes": dense_runtimes,
             "int8_ticket": int8_ticket, "absorbed_conv": absorbed_conv, "condensed_mlp": condensed_mlp}
 
 
