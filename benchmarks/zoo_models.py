@@ -32,11 +32,12 @@ MODELS = [("torchvision", n, s) for n, s in [
     ("resnet18", 96), ("resnet50", 96), ("vgg11_bn", 64), ("mobilenet_v2", 96),
     ("mobilenet_v3_small", 96), ("efficientnet_b0", 96), ("shufflenet_v2_x0_5", 96),
     ("squeezenet1_0", 96), ("densenet121", 96), ("regnet_y_400mf", 96), ("resnext50_32x4d", 96),
-    ("mnasnet0_5", 96),
+    ("mnasnet0_5", 96), ("efficientnet_v2_s", 96),
     ("googlenet", 96), ("convnext_tiny", 96), ("vit_b_16", 224), ("swin_t", 224)]] + \
     [("timm", n, s) for n, s in [
         ("resnet18", 96), ("mobilenetv3_small_050", 96), ("tf_efficientnet_b0", 96),
-        ("convnext_atto", 96), ("regnetx_002", 96), ("vit_tiny_patch16_224", 224)]]
+        ("convnext_atto", 96), ("regnetx_002", 96), ("vit_tiny_patch16_224", 224),
+        ("ghostnet_100", 96), ("dpn68", 96), ("mobileone_s0", 96)]]
 MEMORY_LIMIT = 8 << 30   # bytes of resident memory per child (watched; the CUDA build of torch
                          # reserves far more address space than it uses, so no RLIMIT_AS)
 TIME_LIMIT = 600         # seconds per child

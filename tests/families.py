@@ -181,6 +181,96 @@ class TinyResNeXt(nn.Module):
         return self.fc(self.pool(self.blocks(self.stem(x))).flatten(1))
 
 
+# -- GhostNet (timm's): a channel and its depthwise copy concatenated side by side --------------
+class GhostModule(nn.Module):
+    """Half the outputs from a 1x1 conv, the other half a depthwise conv of those, concatenated
+    (and sliced to the width asked for)."""
+
+    def __init__(self, cin, cout, relu=True):
+        super().__init__()
+        self.out_chs, init = cout, math.ceil(cout / 2)
+        act = [nn.ReLU()] if relu else []
+        self.primary_conv = nn.Sequential(nn.Conv2d(cin, init, 1, bias=False), nn.BatchNorm2d(init), *act)
+        self.cheap_operation = nn.Sequential(nn.Conv2d(init, init, 3, 1, 1, groups=init, bias=False),
+                                             nn.BatchNorm2d(init), *act)
+
+    def forward(self, x):
+        x1 = self.primary_conv(x)
+        out = torch.cat([x1, self.cheap_operation(x1)], dim=1)
+        return out[:, :self.out_chs]
+
+
+class GhostBottleneck(nn.Module):
+    """Ghost module, a strided depthwise conv on the concatenation, a second ghost module
+    (no activation), a shortcut."""
+
+    def __init__(self, cin, mid, cout, stride=2):
+        super().__init__()
+        self.ghost1 = GhostModule(cin, mid)
+        self.conv_dw = nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False)
+        self.bn_dw = nn.BatchNorm2d(mid)
+        self.ghost2 = GhostModule(mid, cout, relu=False)
+        self.shortcut = nn.Sequential(nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False),
+                                      nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 1, bias=False),
+                                      nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = self.ghost2(self.bn_dw(self.conv_dw(self.ghost1(x))))
+        return y + self.shortcut(x)
+
+
+class TinyGhostNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(*_conv_bn(3, 16, 3))
+        self.blocks = nn.Sequential(GhostBottleneck(16, 48, 24), GhostBottleneck(24, 72, 40))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(40, 10)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.blocks(self.stem(x))).flatten(1))
+
+
+# -- DPN (timm's): dual paths, a residual and a densely growing one, split by channel slices ------
+class DualPathBlock(nn.Module):
+    """The block's output is sliced: the first r channels are added to the residual path, the
+    rest concatenated to the dense path (which grows by `inc` per block)."""
+
+    def __init__(self, cin, r, inc, project):
+        super().__init__()
+        self.r = r
+        self.proj = nn.Sequential(*_conv_bn(cin, r + 2 * inc)) if project else None
+        # pre-activation (BatchNorm, ReLU, conv), as timm's BnActConv2d
+        self.a = nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(), nn.Conv2d(cin, 16, 1, bias=False))
+        self.b = nn.Sequential(nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, 1, 1, bias=False))
+        self.c = nn.Sequential(nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, r + inc, 1, bias=False))
+
+    def forward(self, x):
+        x_in = torch.cat(x, dim=1) if isinstance(x, tuple) else x
+        if self.proj is not None:
+            xs = self.proj(x_in)
+            resid, dense = xs[:, :self.r], xs[:, self.r:]
+        else:
+            resid, dense = x
+        out = self.c(self.b(self.a(x_in)))
+        return resid + out[:, :self.r], torch.cat([dense, out[:, self.r:]], dim=1)
+
+
+class TinyDPN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(*_conv_bn(3, 16, 3))
+        self.block1 = DualPathBlock(16, 24, 8, project=True)
+        self.block2 = DualPathBlock(48, 24, 8, project=False)
+        self.bn = nn.BatchNorm2d(56)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(56, 10)
+
+    def forward(self, x):
+        x = torch.cat(self.block2(self.block1(self.stem(x))), dim=1)
+        return self.fc(self.pool(F.relu(self.bn(x))).flatten(1))
+
+
 # -- ShuffleNet-v2 (torchvision's units): channel split, channel shuffle (view-transpose-view) ----
 def channel_shuffle(x, groups):
     b, c, h, w = x.size()
@@ -577,6 +667,8 @@ FAMILIES = {
     "efficientnet_tf": (builder(EfficientNetish), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 19, 19)]),
     "resnext": (builder(TinyResNeXt), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 20, 20)]),
     "regnet_y": (builder(TinyResNeXt, se=True), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 20, 20)]),
+    "ghostnet": (builder(TinyGhostNet), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
+    "dpn": (builder(TinyDPN), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "shufflenet_v2": (builder(ShuffleNetish), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "swin": (builder(TinySwin), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 40, 40)]),
     "swin_windows": (builder(TinySwinWindows), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 40, 40)]),

@@ -408,10 +408,12 @@ def _zoo_models():
     out = []
     if importlib.util.find_spec("timm") is not None:
         out += [("timm", n) for n in ("resnet18", "mobilenetv3_small_050", "tf_efficientnet_b0",
-                                      "convnext_atto", "vit_tiny_patch16_224", "regnetx_002")]
+                                      "convnext_atto", "vit_tiny_patch16_224", "regnetx_002",
+                                      "ghostnet_100", "dpn68")]
     if importlib.util.find_spec("torchvision") is not None:
         out += [("torchvision", n) for n in ("resnet18", "mobilenet_v2", "shufflenet_v2_x0_5",
-                                             "vit_b_16", "swin_t", "regnet_y_400mf")]
+                                             "vit_b_16", "swin_t", "regnet_y_400mf",
+                                             "efficientnet_v2_s")]
     return out or [pytest.param(None, None, marks=pytest.mark.skip(
         reason="neither timm nor torchvision is installed (PyPI's torchvision does not import "
                "beside the CPU torch wheel used here); install the `zoo` extra to run these"))]

@@ -156,3 +156,26 @@ def test_an_index_mapping_past_its_bound_leaves_its_group_whole(monkeypatch):
     # refill goes on too: the layer whose group cannot be mapped is a group of its own
     refilled = ts.refill(model, masks, example_inputs=x)
     assert set(refilled.weight_names) == set(masks.weight_names)
+
+
+class SlicedCat(nn.Module):
+    """DPN's dual path in small: slices of one conv's output added and concatenated."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 14, 1), nn.Conv2d(10, 4, 1)
+
+    def forward(self, x):
+        y = self.c1(x)
+        return self.c2(torch.cat([y[:, :4] + y[:, 4:8], y[:, 8:]], 1))
+
+
+def test_concatenation_sizes_come_from_autograd():
+    """A concatenation's input sizes are read from autograd (torch-pruning infers them from the
+    layers around, which fails past a slice: on timm's DPN its own code then added None and
+    the graph could not be built)."""
+    model = SlicedCat().eval()
+    graph = build(model, torch.randn(1, 3, 4, 4))
+    cats = [n for n in graph.module2node.values() if n.type == G.OPTYPE.CONCAT]
+    assert [G._concat_sizes(n) for n in cats] == [[4, 6]]
+    assert cats[0].module.concat_sizes == [4, 6] and cats[0].module.offsets == [0, 4, 10]

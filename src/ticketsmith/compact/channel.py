@@ -204,25 +204,33 @@ def _grad_name(node) -> str:
 
 def _is_param_leaf(node) -> bool:
     """An op on parameters only (the weight transpose inside F.linear, the weight
-    standardisation inside a StdConv2d's forward): no data flows in."""
+    standardisation inside a StdConv2d's forward): no data flows in. (Cached on the node.)"""
     if node.type not in (OPTYPE.ELEMENTWISE, OPTYPE.RESHAPE) or node.grad_fn is None:
         return False
-    return _params_only(node.grad_fn, {})
+    cached = getattr(node, "_ts_param_leaf", None)
+    if cached is None:
+        cached = node._ts_param_leaf = _params_only(node.grad_fn)
+    return cached
 
 
-def _params_only(fn, memo: dict) -> bool:
+def _params_only(fn) -> bool:
     """True if every autograd leaf under `fn` is a parameter (AccumulateGrad): the traced
-    input does not require grad and shows as a missing (None) operand."""
-    key = id(fn)
-    if key not in memo:
-        memo[key] = False  # cycle guard (autograd graphs have none)
-        if "accumulategrad" in fn.name().lower():
-            memo[key] = True
-        else:
-            nexts = getattr(fn, "next_functions", ())
-            memo[key] = bool(nexts) and all(f is not None and _params_only(f, memo)
-                                            for f, _ in nexts)
-    return memo[key]
+    input does not require grad and shows as a missing (None) operand. Iterative: a data
+    node's walk goes back through the whole network (thousands of nodes deep in an
+    EfficientNet-V2), past Python's recursion limit."""
+    stack, seen = [fn], set()
+    while stack:
+        f = stack.pop()
+        if id(f) in seen:
+            continue
+        seen.add(id(f))
+        if "accumulategrad" in f.name().lower():
+            continue
+        nexts = getattr(f, "next_functions", ())
+        if not nexts or any(g is None for g, _ in nexts):
+            return False
+        stack.extend(g for g, _ in nexts)
+    return True
 
 
 def _untraced_operand(node) -> bool:
@@ -309,10 +317,13 @@ class _Group:
         self.n_roots = len(group[0].idxs)
         # node -> list of (handler, local idxs, root idxs)
         self.items: dict[Any, list] = {}
+        self._root_of: dict[tuple, dict[int, int]] = {}  # (node, handler) -> local -> root
         for it in group:
             loc = torch.as_tensor(list(it.idxs), dtype=torch.long)
             roots = torch.as_tensor(list(it.root_idxs), dtype=torch.long)
             self.items.setdefault(it.dep.target, []).append((it.dep.handler, loc, roots))
+            self._root_of.setdefault((it.dep.target, it.dep.handler), {}).update(
+                zip(loc.tolist(), roots.tolist()))
         self._zero: dict[Any, torch.Tensor] = {}
 
     def covers(self, node) -> torch.Tensor:
@@ -551,6 +562,30 @@ class _Group:
                 ok &= self._all_by_root(locs, roots, col0) | zin
         return ok
 
+    def _cut_roots(self, pruning) -> set[int]:
+        """The roots (of this full group) of the items that a pruning group cuts."""
+        out = set()
+        for it in pruning:
+            lookup = self._root_of.get((it.dep.target, it.dep.handler))
+            if lookup is not None:
+                out.update(lookup[i] for i in (int(j) for j in it.idxs) if i in lookup)
+        return out
+
+    def closed(self, ok: torch.Tensor, pruning, closure_of) -> torch.Tensor | None:
+        """None if `pruning` (the group of the roots in `ok`) cuts nothing of any other root;
+        else `ok` without the roots whose own pruning group (`closure_of(root)`) cuts an item
+        of a root that must stay. Two roots can share an item: in a ghost module a channel and
+        its depthwise copy are concatenated side by side, and a depthwise conv on the result
+        has both as roots, while the first conv's row feeds them both."""
+        keep = ~ok
+        if not any(bool(keep[r]) for r in self._cut_roots(pruning)):
+            return None
+        narrowed = ok.clone()
+        for r in torch.nonzero(ok).flatten().tolist():
+            if any(bool(keep[c]) for c in self._cut_roots(closure_of(r))):
+                narrowed[r] = False
+        return narrowed
+
     def balanced(self, drop: torch.Tensor) -> torch.Tensor:
         """`drop` (per root) with dead channels kept back until every grouped conv of the group
         keeps the same number of channels, at least one (outputs: two where each group has
@@ -639,12 +674,20 @@ def remove_dead_channels(model: nn.Module, example_inputs: Sequence[torch.Tensor
             ok = g.removable()
             if bool(ok.all()):
                 ok[0] = False  # keep one channel: no layer may end with zero width
-            ok = g.balanced(ok)
-            idxs = [int(r) for r in torch.nonzero(ok).flatten()]
+            while True:
+                ok = g.balanced(ok)
+                idxs = [int(r) for r in torch.nonzero(ok).flatten()]
+                if not idxs:
+                    break
+                # root local index == root index for the full group built above
+                pruning = graph.get_pruning_group(module, handler, idxs)
+                narrowed = g.closed(ok, pruning,
+                                    lambda r: graph.get_pruning_group(module, handler, [r]))
+                if narrowed is None:
+                    break
+                ok = narrowed
             if not idxs:
                 continue
-            # root local index == root index for the full group built above
-            pruning = graph.get_pruning_group(module, handler, idxs)
             why = _opaque_members_commute(pruning, names)
             if why is not None:
                 skipped[root_name] = why

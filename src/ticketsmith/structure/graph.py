@@ -141,6 +141,29 @@ def _input_sizes(node):
     return None if sizes is None else [int(s) for s in sizes]
 
 
+def _concat_sizes(node) -> list[int] | None:
+    """The channel counts of a concatenation's inputs along dimension 1, read from autograd
+    (what produced each input recorded its shape), or None if that is not known there. torch-
+    pruning infers them from the layers around, which fails past a slice (DPN's dual paths:
+    its own code then adds None)."""
+    g = node.grad_fn
+    dim = getattr(g, "_saved_dim", None)
+    if g is None or dim is None:
+        return None
+    sizes = []
+    try:
+        for f, nr in g.next_functions:
+            if f is None:
+                return None  # an input without autograd history: not one of the graph's nodes
+            shape = f._input_metadata[nr].shape
+            if (int(dim) - _U64 if int(dim) >= 1 << 63 else int(dim)) % len(shape) != 1:
+                return None
+            sizes.append(int(shape[1]))
+    except (AttributeError, IndexError, TypeError, RuntimeError, ZeroDivisionError):
+        return None
+    return sizes if len(sizes) == len(node.inputs) else None
+
+
 def _split_dim(node) -> int | None:
     sizes, dim = _input_sizes(node), getattr(node.grad_fn, "_saved_dim", None)
     if sizes is None or dim is None or not sizes:
@@ -244,7 +267,7 @@ class DependencyGraph(tp.DependencyGraph):
         self._fix_splits()
         for node in self.module2node.values():
             if node.type == OPTYPE.CONCAT:
-                node.module.concat_sizes = None
+                node.module.concat_sizes = _concat_sizes(node)
         with _AsElementwise(self._hidden_reshapes()), _quiet():
             index_mapping.update_index_mapping(self)
         self._mapped_state = self._state()
@@ -277,6 +300,9 @@ class DependencyGraph(tp.DependencyGraph):
                 dep.index_mapping = _Mappings(dep.index_mapping, self, dep)
         shape_infer.init_shape_information(self)  # the channel inference below reads splits
         self._fix_splits()
+        for node in module2node.values():
+            if node.type == OPTYPE.CONCAT and node.module.concat_sizes is None:
+                node.module.concat_sizes = _concat_sizes(node)
         for node in module2node.values():
             if node.type == OPTYPE.RESHAPE and not self._flattens_channels(node):
                 self.unmapped[node] = (f"a reshape of {_input_sizes(node)} other than a flatten "
