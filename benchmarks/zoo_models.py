@@ -37,7 +37,8 @@ MODELS = [("torchvision", n, s) for n, s in [
     [("timm", n, s) for n, s in [
         ("resnet18", 96), ("mobilenetv3_small_050", 96), ("tf_efficientnet_b0", 96),
         ("convnext_atto", 96), ("regnetx_002", 96), ("vit_tiny_patch16_224", 224),
-        ("ghostnet_100", 96), ("dpn68", 96), ("mobileone_s0", 96)]]
+        ("ghostnet_100", 96), ("dpn68", 96), ("mobileone_s0", 96), ("levit_128s", 224),
+        ("efficientformer_l1", 224)]]
 MEMORY_LIMIT = 8 << 30   # bytes of resident memory per child (watched; the CUDA build of torch
                          # reserves far more address space than it uses, so no RLIMIT_AS)
 TIME_LIMIT = 600         # seconds per child

@@ -679,3 +679,41 @@ def test_real_condensed_executor_end_to_end(tmp_path, small_executors):
     with torch.no_grad():
         assert torch.equal(again(x), small(x))
         assert rel_err(small(x), y) < 1e-4
+
+
+class _BiasCache(nn.Module):
+    """timm's LeViT / EfficientFormer attention: in eval mode a tensor computed from a parameter
+    is cached in a plain dict on first use (with autograd history when autograd is on)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.shift = nn.Parameter(torch.randn(8))
+        self.cache: dict = {}
+
+    def forward(self, x):
+        if self.training:
+            shift = self.shift * 2
+        else:
+            shift = self.cache.setdefault("shift", self.shift * 2)
+        return self.fc2(torch.relu(self.fc1(x) + shift))
+
+
+def test_a_module_caching_a_tensor_with_autograd_history_is_compacted():
+    """Tracing runs the model with autograd on, which fills such a cache with a non-leaf tensor,
+    which copy.deepcopy refuses: refill and compact copy it detached (masks.copy_module)."""
+    import copy
+    torch.manual_seed(0)
+    model = _BiasCache().eval()
+    x = torch.randn(2, 6)
+    masks = ts.refill(model, ts.prune.omp(model, 0.5), example_inputs=x)
+    assert model.cache["shift"].grad_fn is not None
+    with pytest.raises(RuntimeError, match="deepcopy"):
+        copy.deepcopy(model)
+    small = ts.compact(model, masks, x)  # (fc1's dropped rows output the shift: they stay)
+    assert small.cache["shift"].grad_fn is None
+    ref = ts.masks.copy_module(model)
+    masks.apply(ref)
+    other = torch.randn(5, 6)
+    with torch.no_grad():
+        assert torch.allclose(ref(other), small(other), atol=1e-6)

@@ -70,6 +70,26 @@ def prunable_names(model: nn.Module, include_head: bool = False,
     return [f"{n}.weight" if n else "weight" for n in keep]
 
 
+def copy_module(model: nn.Module) -> nn.Module:
+    """`copy.deepcopy(model)`, also for a module holding a tensor with autograd history outside
+    its parameters and buffers (a cache its forward filled while autograd was on, such as the
+    attention biases timm's LeViT and EfficientFormer keep in eval mode, filled when a graph is
+    traced): deepcopy refuses such tensors, so they are copied detached."""
+    import copy
+    memo: dict = {}
+    stack: list = [m.__dict__ for m in model.modules()]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, torch.Tensor):
+            if v.grad_fn is not None and id(v) not in memo:
+                memo[id(v)] = v.detach().clone()
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+    return copy.deepcopy(model, memo)
+
+
 def _as_bool(name: str, t: torch.Tensor) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise UsageError(f"mask {name!r}: expected a tensor, got {type(t).__name__}")

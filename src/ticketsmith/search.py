@@ -72,7 +72,7 @@ from torch import nn
 from .errors import UsageError
 from . import records
 from .io import load_tensors, save_tensors, write_json
-from .masks import Masks, MaskHold
+from .masks import Masks, MaskHold, copy_module
 from .runs import (LOCK_FILE, clean_temporaries, imp_step, load_state, lock_directory, mask_record,
                    masks_once, parse_rewind, round_dir, state_tensors, structure_masks)
 
@@ -426,7 +426,7 @@ class TicketSearch:
         def decide() -> Masks:
             prev = round_dir(self.out, r - 1)
             prev_masks = self._base if r == 1 else Masks.load(prev / "masks.safetensors")
-            trained = copy.deepcopy(self.model).to("cpu")  # pruned and structured on the CPU, as a run does
+            trained = copy_module(self.model).to("cpu")  # pruned and structured on the CPU, as a run does
             load_state(trained, prev / "weights.safetensors")
             return imp_step(trained, prev_masks, self.prune_fraction,
                             self._structured if self.structure != "none" else None)

@@ -12,7 +12,6 @@ how much of it we get.
 """
 from __future__ import annotations
 
-import copy
 import math
 import os
 import platform
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import TicketsmithError, UsageError
+from ..masks import copy_module
 from ..models.attention import QKVAttention, fused_attention
 
 LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -82,7 +82,7 @@ def to_format(model: nn.Module, x: torch.Tensor, channels_last: bool):
     """A copy of (model, x) in NCHW or channels_last (4-D inputs only)."""
     if not channels_last or x.dim() != 4:
         return model, x.contiguous()
-    return (copy.deepcopy(model).to(memory_format=torch.channels_last),
+    return (copy_module(model).to(memory_format=torch.channels_last),
             x.contiguous(memory_format=torch.channels_last))
 
 
@@ -207,7 +207,7 @@ def compare(dense: nn.Module, compact: nn.Module, make_input: Callable[[int], to
     # the QKVAttention it was swapped for to prune its heads (same function, MACs counted above)
     timed_dense = dense
     if any(isinstance(m, QKVAttention) for m in dense.modules()):
-        timed_dense = copy.deepcopy(dense)
+        timed_dense = copy_module(dense)
         fused_attention(timed_dense)
     threads = list(threads or [torch.get_num_threads()])
     old_threads = torch.get_num_threads()
@@ -372,7 +372,7 @@ def bench_ticket(dense: nn.Module, ticket: nn.Module, masks, input_shape: Sequen
     follow their measured rule for each batch size timed; with `autotune` they are instead tuned
     once, at the largest batch size (the result records the choices)."""
     from .. import compact as tscompact
-    ticket = copy.deepcopy(ticket).eval()
+    ticket = copy_module(ticket).eval()
     masks.apply(ticket)
     make = lambda b: torch.randn(b, *input_shape, generator=torch.Generator().manual_seed(b))  # noqa: E731
     example = make(2)

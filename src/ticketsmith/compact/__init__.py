@@ -47,7 +47,6 @@ put back (a warning, and the reason in `describe`); if it still deviates, compac
 """
 from __future__ import annotations
 
-import copy
 import importlib
 import importlib.util
 import statistics
@@ -60,7 +59,7 @@ import torch
 from torch import nn
 
 from ..errors import TicketsmithError, UsageError
-from ..masks import Block, Masks
+from ..masks import Block, Masks, copy_module
 from .channel import (ChannelMap, SurgeryReport, as_inputs, flat_tensors, grouped_in_select,
                       opaque_reason, out_in_view, remove_dead_channels)
 from .heads import HeadReport, remove_dead_heads
@@ -449,7 +448,7 @@ def compact(model: nn.Module, masks: Masks | Mapping[str, torch.Tensor], example
         if not isinstance(owner, (nn.modules.conv._ConvNd, nn.Linear)) or not key.endswith(".weight"):
             raise UsageError(f"blocks given for {key!r}, which is not a conv or linear weight")
 
-    work = copy.deepcopy(model)
+    work = copy_module(model)
     work.eval()
     grad_flags = {n: p.requires_grad for n, p in work.named_parameters()}
     masks.apply(work)
@@ -563,7 +562,7 @@ def effective(model: nn.Module, masks: Masks | Mapping[str, torch.Tensor], examp
         masks = Masks(masks)
     masks.check(model)
     inputs = as_inputs(example_inputs)
-    work = copy.deepcopy(model)
+    work = copy_module(model)
     work.eval()
     masks.apply(work)
     heads = remove_dead_heads(work, inputs)  # first: channel surgery sees the cut Linears

@@ -49,6 +49,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from ..errors import TicketsmithError, UsageError
+from ..masks import copy_module
 from ..models.attention import QKVAttention, WindowAttention
 from .blocks import BlockConv2d, Executor, _check_config
 
@@ -650,7 +651,7 @@ def absorb_checked(model: nn.Module, checks: list) -> nn.Module:
     `checks` is a list of (what, inputs, expected outputs)."""
     from . import _verify
 
-    work = copy.deepcopy(model)
+    work = copy_module(model)
     work.eval()
     report = _absorb(work)
     err, failure = _verify(work, checks)

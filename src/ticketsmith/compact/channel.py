@@ -44,6 +44,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ..errors import UsageError
+from ..masks import copy_module
 from ..structure.graph import DependencyGraph, IndexMappingTooLarge
 
 OPTYPE = tp.ops.OPTYPE
@@ -803,8 +804,6 @@ def _opaque_members_commute(pruning, names: dict) -> str | None:
 
 
 def _commutes(module: nn.Module, handler, idxs: list[int], depthwise: bool) -> bool:
-    import copy
-
     fn = handler.__name__
     conv = isinstance(module, nn.modules.conv._ConvNd)
     both = depthwise  # input channel c makes output channel c
@@ -812,7 +811,7 @@ def _commutes(module: nn.Module, handler, idxs: list[int], depthwise: bool) -> b
     c_out = module.out_channels if conv else module.out_features
     g = torch.Generator().manual_seed(0)
     try:
-        cut = copy.deepcopy(module)
+        cut = copy_module(module)
         handler(cut, idxs)
         with torch.no_grad():
             for extra in (0, 3):

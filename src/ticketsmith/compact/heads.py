@@ -19,12 +19,12 @@ embed_dim = num_heads * head_dim rule inside torch's kernels leave no module to 
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import torch
 from torch import nn
 
+from ..masks import copy_module
 from ..structure.heads import AttentionHeads, attention_heads
 
 # Attributes holding num_heads * head_dim in timm's attention modules: they shrink with the heads.
@@ -199,7 +199,7 @@ def remove_dead_heads(model: nn.Module, inputs: tuple) -> HeadReport:
             why = f"{where} did not run on the example inputs"
         else:
             module = model.get_submodule(att.module)
-            cut = copy.deepcopy(module)
+            cut = copy_module(module)
             settings = cut_heads(cut, att, keep)
             why = _differs(module, cut, *calls[att.module])
             why = f"{where}: {why}" if why else None

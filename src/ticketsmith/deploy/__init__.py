@@ -21,7 +21,6 @@ the runtime and the reason, and `runtime="auto"` records it in `why` and goes on
 from __future__ import annotations
 
 import contextlib
-import copy
 import ctypes
 import importlib.util
 import os
@@ -39,6 +38,7 @@ from torch import nn
 
 from ..errors import TicketsmithError, UsageError
 from ..io import TMP_SUFFIX
+from ..masks import copy_module
 from .quantize import (INT8_MIN_AGREEMENT, INT8_TOLERANCE, accuracy, calibration_batches, calibration_images,
                        check_inputs, precision_cost, quantize_onnx)
 
@@ -94,7 +94,7 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
     from ..compact.condensed import CondensedSequential
     from ..models.attention import QKVAttention, WindowAttention
 
-    model = copy.deepcopy(model).eval()
+    model = copy_module(model).eval()
 
     class Tracer(fx.Tracer):  # executors stay opaque: their internals are not conv + BN; so do
         def is_leaf_module(self, m, name):  # condensed chains (traced through: run unchained)
@@ -473,7 +473,7 @@ def deploy(model: nn.Module, example_inputs: Any, runtime: str = "auto", *,
     batch = int(batch_size)
     if batch < 1:
         raise UsageError(f"batch_size must be at least 1, got {batch}")
-    reference = copy.deepcopy(model).eval()
+    reference = copy_module(model).eval()
     folded_model, folded = fold_batchnorm(reference) if fold_bn else (reference, 0)
     if out is not None:
         folder, tmp = Path(out), None

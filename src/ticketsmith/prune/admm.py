@@ -10,7 +10,6 @@ the run's (from its rewind point), so the trained weights are not returned by `a
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -20,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .. import data as tsdata
 from ..errors import DivergenceError, UsageError
-from ..masks import Masks
+from ..masks import Masks, copy_module
 from . import check_sparsity, keep_top
 
 
@@ -69,7 +68,7 @@ def admm_train(model: nn.Module, sparsity: float, ds: tsdata.Dataset, *, epochs:
     masks.check(model)
     keep = int(math.floor((1 - sparsity) * masks.numel() + 0.5))
 
-    work = copy.deepcopy(model)
+    work = copy_module(model)
     work.train()
     device = next(work.parameters()).device
     params = dict(work.named_parameters())

@@ -10,7 +10,6 @@ running statistics -- is never touched.
 """
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Union
@@ -20,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import UsageError
-from ..masks import Masks
+from ..masks import Masks, copy_module
 from . import check_sparsity, keep_top
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -36,7 +35,7 @@ def _setup(model: nn.Module, sparsity: float, masks: Masks | None) -> tuple[nn.M
     if not masks.weight_names:
         raise UsageError("the base masks hold no conv or linear weight to prune")
     masks.check(model)
-    work = copy.deepcopy(model)
+    work = copy_module(model)
     for p in work.parameters():
         p.grad = None
     masks.apply(work)

@@ -8,7 +8,6 @@ ticket retrains and can later be removed without changing the network's function
 """
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from collections.abc import Sequence
@@ -19,7 +18,7 @@ from torch.nn import functional as F
 
 from .. import faults
 from ..errors import UsageError
-from ..masks import Masks
+from ..masks import Masks, copy_module
 from .coupling import ChannelGroup, analyse
 from .heads import AttentionHeads, attention_heads
 
@@ -283,7 +282,7 @@ def channel_scores(model: nn.Module, masks: Masks, criterion: str = "l1",
         raise UsageError(f"refill criterion {criterion!r} needs data: pass a batch (x, y)")
 
     # A copy carries the ticket: the caller's weights, statistics and gradients stay untouched.
-    ticket = copy.deepcopy(model)
+    ticket = copy_module(model)
     masks.apply(ticket)
     ticket.eval()
     device = next(ticket.parameters()).device
