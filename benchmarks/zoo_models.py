@@ -33,12 +33,25 @@ MODELS = [("torchvision", n, s) for n, s in [
     ("mobilenet_v3_small", 96), ("efficientnet_b0", 96), ("shufflenet_v2_x0_5", 96),
     ("squeezenet1_0", 96), ("densenet121", 96), ("regnet_y_400mf", 96), ("resnext50_32x4d", 96),
     ("mnasnet0_5", 96), ("efficientnet_v2_s", 96),
-    ("googlenet", 96), ("convnext_tiny", 96), ("vit_b_16", 224), ("swin_t", 224)]] + \
+    ("googlenet", 96), ("convnext_tiny", 96), ("vit_b_16", 224), ("swin_t", 224),
+    ("mobilenet_v3_large", 96), ("regnet_x_400mf", 96), ("wide_resnet50_2", 96),
+    ("shufflenet_v2_x1_0", 96), ("mnasnet1_0", 96), ("maxvit_t", 224), ("swin_v2_t", 96),
+    ("convnext_small", 96), ("inception_v3", 96), ("resnext101_32x8d", 96)]] + \
     [("timm", n, s) for n, s in [
         ("resnet18", 96), ("mobilenetv3_small_050", 96), ("tf_efficientnet_b0", 96),
         ("convnext_atto", 96), ("regnetx_002", 96), ("vit_tiny_patch16_224", 224),
         ("ghostnet_100", 96), ("dpn68", 96), ("mobileone_s0", 96), ("levit_128s", 224),
-        ("efficientformer_l1", 224)]]
+        ("efficientformer_l1", 224), ("efficientnet_b0", 96), ("resnext26ts", 96),
+        ("regnety_002", 96), ("repvgg_a0", 96), ("cspresnet50", 96), ("inception_v3", 96),
+        ("xception41", 96), ("mobilevitv2_050", 96), ("deit_tiny_patch16_224", 224),
+        ("edgenext_xx_small", 96), ("poolformer_s12", 96), ("coatnet_0_rw_224", 224),
+        ("maxvit_tiny_tf_224", 224), ("res2net50_26w_4s", 96), ("resnest14d", 96),
+        ("selecsls42b", 96), ("lcnet_050", 96), ("mixnet_s", 96), ("fbnetv3_b", 96),
+        ("hardcorenas_a", 96), ("tinynet_e", 96), ("gernet_s", 96), ("vovnet39a", 96),
+        ("nfnet_l0", 96), ("fastvit_t8", 96), ("convmixer_768_32", 96),
+        ("eva02_tiny_patch14_224", 224), ("swin_tiny_patch4_window7_224", 224), ("pvt_v2_b0", 96),
+        ("twins_pcpvt_small", 96), ("crossvit_tiny_240", 96), ("xcit_nano_12_p16_224", 224),
+        ("cait_xxs24_224", 224), ("tnt_s_patch16_224", 224), ("visformer_tiny", 224)]]
 MEMORY_LIMIT = 8 << 30   # bytes of resident memory per child (watched; the CUDA build of torch
                          # reserves far more address space than it uses, so no RLIMIT_AS)
 TIME_LIMIT = 600         # seconds per child
