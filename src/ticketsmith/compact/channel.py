@@ -712,13 +712,13 @@ def remove_dead_channels(model: nn.Module, example_inputs: Sequence[torch.Tensor
                     cm.inp = _delete(cm.inp, drop)
             # torch-pruning cuts a grouped conv's inputs at the first group's positions in
             # every group: its weight is cut here instead, from the weight before
-            regroup_in = [(it.dep.target.module, it.dep.target.module.weight.detach().clone(),
+            grouped_in_cuts = [(it.dep.target.module, it.dep.target.module.weight.detach().clone(),
                            sorted(set(int(i) for i in it.idxs))) for it in pruning
                           if it.dep.handler.__name__ == "prune_in_channels"
                           and it.dep.target.type == OPTYPE.CONV
                           and it.dep.target.module.groups > 1]
             pruning.prune(record_history=False)
-            for conv, before, cut in regroup_in:
+            for conv, before, cut in grouped_in_cuts:
                 keep = torch.ones(before.shape[1] * conv.groups, dtype=torch.bool)
                 keep[cut] = False
                 conv.weight = nn.Parameter(grouped_in_select(before, conv.groups,
