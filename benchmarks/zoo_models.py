@@ -51,7 +51,8 @@ MODELS = [("torchvision", n, s) for n, s in [
         ("nfnet_l0", 96), ("fastvit_t8", 96), ("convmixer_768_32", 96),
         ("eva02_tiny_patch14_224", 224), ("swin_tiny_patch4_window7_224", 224), ("pvt_v2_b0", 96),
         ("twins_pcpvt_small", 96), ("crossvit_tiny_240", 96), ("xcit_nano_12_p16_224", 224),
-        ("cait_xxs24_224", 224), ("tnt_s_patch16_224", 224), ("visformer_tiny", 224)]]
+        ("cait_xxs24_224", 224), ("tnt_s_patch16_224", 224), ("visformer_tiny", 224),
+        ("swinv2_tiny_window8_256", 256)]]
 MEMORY_LIMIT = 8 << 30   # bytes of resident memory per child (watched; the CUDA build of torch
                          # reserves far more address space than it uses, so no RLIMIT_AS)
 TIME_LIMIT = 600         # seconds per child
@@ -106,7 +107,7 @@ def one(lib: str, name: str, size: int) -> dict:
     masks.apply(masked)
     errs = {}
     others = {"batch 3": torch.randn(3, 3, size, size), "batch 1": torch.randn(1, 3, size, size)}
-    if size != 224:  # fixed-size transformers take only their size
+    if size < 224:  # fixed-size transformers (224 px and up) take only their size
         others[f"{size + 16}px"] = torch.randn(2, 3, size + 16, size + 16)
     with torch.no_grad():
         for what, xi in others.items():

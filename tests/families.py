@@ -361,12 +361,10 @@ class ShiftedWindowAttention(nn.Module):
             x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
         nw = (ph // ws) * (pw // ws)
         x = x.view(B, ph // ws, ws, pw // ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(B * nw, n, C)
-        qkv = F.linear(x, self.qkv.weight, self.qkv.bias)
+        qkv = F.linear(x, self.qkv.weight, self._qkv_bias())
         qkv = qkv.reshape(x.size(0), n, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = (q * (C // heads) ** -0.5).matmul(k.transpose(-2, -1))
-        bias = self.relative_position_bias_table[self.relative_position_index]
-        attn = attn + bias.view(n, n, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+        attn = self._scores(q, k, C) + self._bias(n)
         if shift > 0:
             mask = x.new_zeros((ph, pw))
             cut = ((0, -ws), (-ws, -shift), (-shift, None))
@@ -388,13 +386,119 @@ class ShiftedWindowAttention(nn.Module):
         return x[:, :H, :W, :].contiguous()
 
 
+    def _qkv_bias(self):
+        return self.qkv.bias
+
+    def _scores(self, q, k, C):
+        return (q * (C // self.num_heads) ** -0.5).matmul(k.transpose(-2, -1))
+
+    def _bias(self, n):
+        bias = self.relative_position_bias_table[self.relative_position_index]
+        return bias.view(n, n, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+
+
+class ShiftedWindowAttentionV2(ShiftedWindowAttention):
+    """torchvision's ShiftedWindowAttentionV2 (same class name and attributes): cosine attention
+    scaled by a per-head logit scale, the position bias from an MLP on log-spaced relative
+    coordinates (16 sigmoid of it, one output per head), the keys' third of the qkv bias never
+    added (zeroed in a copy in the forward)."""
+
+    def __init__(self, dim, window_size, shift_size, num_heads, qkv_bias=True, proj_bias=True,
+                 attention_dropout=0.0, dropout=0.0):
+        super().__init__(dim, window_size, shift_size, num_heads, qkv_bias, proj_bias,
+                         attention_dropout, dropout)
+        del self.relative_position_bias_table
+        self.logit_scale = nn.Parameter(torch.log(10 * torch.ones((num_heads, 1, 1)))
+                                        + 0.3 * torch.randn(num_heads, 1, 1))
+        self.cpb_mlp = nn.Sequential(nn.Linear(2, 512, bias=True), nn.ReLU(inplace=True),
+                                     nn.Linear(512, num_heads, bias=False))
+        w = window_size[0]
+        r = torch.arange(-(w - 1), w, dtype=torch.float32)
+        table = torch.stack(torch.meshgrid([r, r], indexing="ij")).permute(1, 2, 0).unsqueeze(0)
+        table = table / (w - 1) * 8
+        self.register_buffer("relative_coords_table",
+                             torch.sign(table) * torch.log2(table.abs() + 1.0) / 3.0)
+        with torch.no_grad():
+            self.qkv.bias[dim:2 * dim].zero_()
+
+    def _qkv_bias(self):
+        bias = self.qkv.bias.clone()
+        n = bias.numel() // 3
+        bias[n:2 * n].zero_()
+        return bias
+
+    def _scores(self, q, k, C):
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        return attn * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+
+    def _bias(self, n):
+        table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+        bias = table[self.relative_position_index].view(n, n, -1).permute(2, 0, 1).contiguous()
+        return 16 * torch.sigmoid(bias.unsqueeze(0))
+
+
+class TimmWindowAttention(nn.Module):
+    """timm's Swin WindowAttention: on windows already cut out ([B * windows, N, C]), its qkv
+    Linear called as a module, the heads' output reshaped with -1, and a relative position bias
+    table of one column per head that it does not declare (found by its shape)."""
+
+    def __init__(self, dim, window, num_heads):
+        super().__init__()
+        self.num_heads, self.scale = num_heads, (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        self.relative_position_bias_table = nn.Parameter(
+            torch.randn((2 * window - 1) ** 2, num_heads) * 0.5)
+        r = torch.arange(window)
+        coords = torch.flatten(torch.stack(torch.meshgrid(r, r, indexing="ij")), 1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
+        self.register_buffer("relative_position_index", rel[..., 0] * (2 * window - 1) + rel[..., 1],
+                             persistent=False)
+
+    def forward(self, x, mask=None):
+        B_, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        attn = attn + bias.view(N, N, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+        if mask is not None:
+            attn = attn.view(-1, mask.shape[0], self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.num_heads, N, N)
+        return self.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(B_, N, -1))
+
+
+class TimmWindows(nn.Module):
+    """timm's Swin block around its attention: pad the [B, H, W, C] map to whole windows, cut
+    them out, attend within each (a zero mask handed as an argument), put them back."""
+
+    def __init__(self, dim, window, num_heads):
+        super().__init__()
+        self.window = window
+        self.attn = TimmWindowAttention(dim, window, num_heads)
+
+    def forward(self, x):
+        B, H, W, C = x.shape
+        w = self.window
+        x = F.pad(x, (0, 0, 0, (w - W % w) % w, 0, (w - H % w) % w))
+        ph, pw = x.shape[1:3]
+        win = x.view(B, ph // w, w, pw // w, w, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, w * w, C)
+        mask = x.new_zeros(ph // w * (pw // w), w * w, w * w)
+        out = self.attn(win, mask=mask)
+        out = out.view(B, ph // w, pw // w, w, w, C).permute(0, 1, 3, 2, 4, 5).reshape(B, ph, pw, C)
+        return out[:, :H, :W].contiguous()
+
+
 class SwinBlock(nn.Module):
     """Pre-norm attention and MLP on a [B, H, W, C] map (nn.Linear on a 4-D tensor)."""
 
-    def __init__(self, dim, window, shift, heads):
+    def __init__(self, dim, window, shift, heads, kind="v1"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = ShiftedWindowAttention(dim, [window, window], [shift, shift], heads)
+        if kind == "timm":
+            self.attn = TimmWindows(dim, window, heads)
+        else:
+            cls = ShiftedWindowAttentionV2 if kind == "v2" else ShiftedWindowAttention
+            self.attn = cls(dim, [window, window], [shift, shift], heads)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
@@ -419,14 +523,14 @@ class PatchMerging(nn.Module):
 
 
 class TinySwin(nn.Module):
-    def __init__(self, classes=10, dim=16, window=4):
+    def __init__(self, classes=10, dim=16, window=4, kind="v1"):
         super().__init__()
         self.patch = nn.Conv2d(3, dim, 4, stride=4)
         self.patch_norm = nn.LayerNorm(dim)
-        self.blocks = nn.Sequential(SwinBlock(dim, window, 0, 2),
-                                    SwinBlock(dim, window, window // 2, 2))
+        self.blocks = nn.Sequential(SwinBlock(dim, window, 0, 2, kind),
+                                    SwinBlock(dim, window, window // 2, 2, kind))
         self.merge = PatchMerging(dim)
-        self.block3 = SwinBlock(2 * dim, window, 0, 4)
+        self.block3 = SwinBlock(2 * dim, window, 0, 4, kind)
         self.norm = nn.LayerNorm(2 * dim)
         self.head = nn.Linear(2 * dim, classes)
 
@@ -490,8 +594,8 @@ class TinyViT(nn.Module):
 
 
 class TinySwinWindows(TinySwin):
-    """TinySwin with its ShiftedWindowAttention swapped for ticketsmith's WindowAttention (what
-    `ticketsmith.models.build` does to torchvision's Swin)."""
+    """TinySwin with its ShiftedWindowAttention (V1, or V2 with kind="v2") swapped for
+    ticketsmith's WindowAttention (what `ticketsmith.models.build` does to torchvision's Swin)."""
 
     def __init__(self, **kw):
         super().__init__(**kw)
@@ -672,6 +776,9 @@ FAMILIES = {
     "shufflenet_v2": (builder(ShuffleNetish), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "swin": (builder(TinySwin), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 40, 40)]),
     "swin_windows": (builder(TinySwinWindows), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 40, 40)]),
+    "swin_v2_windows": (builder(TinySwinWindows, kind="v2"), (2, 3, 32, 32),
+                        [(3, 3, 32, 32), (1, 3, 40, 40)]),
+    "swin_timm": (builder(TinySwin, kind="timm"), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 40, 40)]),
     "unet": (builder(TinyUNet), (2, 3, 8, 8), [(3, 3, 8, 8), (1, 3, 16, 16)]),
     "vit_mha": (builder(TinyViT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "vit_qkv": (builder(TinyViTQKV), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),

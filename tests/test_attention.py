@@ -281,29 +281,37 @@ def test_models_with_qkv_attention_are_still_traced(small_executors):
     assert d.details["batchnorms_folded"] == 1
 
 
-def test_window_attention_computes_what_swin_window_attention_computes():
-    """torchvision's Swin window attention (the replica in families.py: same class name,
-    constructor and forward) swapped for a WindowAttention: the same outputs on maps that are
-    and are not multiples of the window, with and without the shift, and the same gradients;
-    its Linears and bias table are the original's own (an optimizer made before still holds
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_window_attention_computes_what_swin_window_attention_computes(version):
+    """torchvision's Swin window attention, V1 and V2 (the replicas in families.py: same class
+    names, constructors and forwards), swapped for a WindowAttention: the same outputs on maps
+    that are and are not multiples of the window, with and without the shift, and the same
+    gradients (V2: the keys' bias, which it never adds, gets none); its Linears, bias table or
+    bias MLP and logit scale are the original's own (an optimizer made before still holds
     them)."""
-    from families import ShiftedWindowAttention
+    from families import ShiftedWindowAttention, ShiftedWindowAttentionV2
 
     from ticketsmith.models import WindowAttention
     torch.manual_seed(0)
+    cls = ShiftedWindowAttentionV2 if version == "v2" else ShiftedWindowAttention
     for shift in (0, 2):
-        swin = ShiftedWindowAttention(16, [4, 4], [shift, shift], 4)
+        swin = cls(16, [4, 4], [shift, shift], 4)
+        with torch.no_grad():
+            swin.qkv.bias.normal_()  # V2's keys' bias too: it is never added
         holder = nn.Sequential(swin)
         params = set(map(id, swin.parameters()))
         assert not prunable_attention(holder)
         ours = holder[0]
         assert isinstance(ours, WindowAttention) and set(map(id, ours.parameters())) == params
-        assert ours.head_dim == 4 and ours.num_heads == 4
+        assert ours.head_dim == 4 and ours.num_heads == 4 and ours.cosine == (version == "v2")
         for shape in [(2, 8, 8, 16), (1, 9, 14, 16), (3, 4, 4, 16)]:
             x = torch.randn(shape, requires_grad=True)
             ref, got = swin(x), ours(x)
             assert torch.allclose(ref, got, atol=1e-6), (shift, shape)
-            g_ref = torch.autograd.grad(ref.square().sum(), [x, swin.relative_position_bias_table])
-            g_got = torch.autograd.grad(got.square().sum(), [x, ours.relative_position_bias_table])
+            wrt = [x, swin.qkv.bias] + [p for p in swin.parameters() if p is not swin.qkv.bias]
+            g_ref = torch.autograd.grad(ref.square().sum(), wrt)
+            g_got = torch.autograd.grad(got.square().sum(), wrt)
             for a, b in zip(g_ref, g_got):
                 assert torch.allclose(a, b, atol=1e-5)
+            if version == "v2":
+                assert not bool(g_got[1][16:32].any())  # qkv.bias: the keys' third

@@ -58,18 +58,20 @@ def heads_ticket():
     return model, ts.refill(model, ts.prune.omp(model, 0.6), example_inputs=x), x
 
 
-def window_heads_ticket():
+def window_heads_ticket(family="swin_windows"):
     """A small Swin whose window attention became a WindowAttention: heads dropped with their
-    columns of the relative position bias (rolled, padded windows in every runtime)."""
+    columns of the relative position bias (V2: their logit scales and bias MLP rows; cosine
+    attention), rolled, padded windows in every runtime."""
     from families import FAMILIES
-    build, shape, _ = FAMILIES["swin_windows"]
+    build, shape, _ = FAMILIES[family]
     model = build()
     x = torch.randn(shape)
     return model, ts.refill(model, ts.prune.omp(model, 0.6), example_inputs=x), x
 
 
 TICKETS = {"channel": channel_ticket, "block": block_ticket, "fan-in": fan_in_ticket,
-           "heads": heads_ticket, "window-heads": window_heads_ticket}
+           "heads": heads_ticket, "window-heads": window_heads_ticket,
+           "window-heads-v2": lambda: window_heads_ticket("swin_v2_windows")}
 
 
 def reference(model, masks):
@@ -89,7 +91,7 @@ def test_every_runtime_matches_the_masked_model(kind, runtime, small_executors, 
         assert small.ticketsmith_executors["fc2"] != "dense"
     if kind == "heads":
         assert small.block.attn.num_heads < model.block.attn.num_heads
-    if kind == "window-heads":
+    if kind.startswith("window-heads"):
         assert small.ticketsmith_compact["removed_heads"]
     d = D.deploy(small, x, runtime, threads=1, out=tmp_path)
     assert d.runtime == runtime and d.check_rel_err < 1e-4

@@ -210,20 +210,24 @@ def test_transformer_mlp_hidden_units_are_removed():
 
 @pytest.mark.parametrize("family,qkv,proj,at", [("vit_timm", "qkv", "proj", "block.attn"),
                                                  ("vit_qkv", "in_proj", "out_proj", "block.attn"),
-                                                 ("swin_windows", "qkv", "proj", "block3.attn")])
+                                                 ("swin_windows", "qkv", "proj", "block3.attn"),
+                                                 ("swin_v2_windows", "qkv", "proj", "block3.attn"),
+                                                 ("swin_timm", "qkv", "proj", "block3.attn.attn")])
 def test_attention_heads_are_refilled_and_removed(family, qkv, proj, at, tmp_path):
     """A channel ticket of a timm-style attention (or of nn.MultiheadAttention swapped for a
-    QKVAttention, or of torchvision's Swin window attention swapped for a WindowAttention)
-    keeps or drops whole heads (q, k, v rows and the projection's columns), and compaction
-    removes the dropped ones: num_heads goes down, the parameters by the heads' share (Swin:
-    with their columns of the relative position bias table), exact on other batch sizes and
-    sequence lengths, and through save / load and ONNX."""
+    QKVAttention, or of torchvision's Swin V1 / V2 window attention swapped for a
+    WindowAttention, or timm's Swin window attention as it is) keeps or drops whole heads (q, k,
+    v rows and the projection's columns), and compaction removes the dropped ones: num_heads goes
+    down, the parameters by the heads' share (Swin: with their columns of the relative position
+    bias table, found by shape in timm's; Swin V2: their logit scales and rows of the bias MLP),
+    exact on other batch sizes and sequence lengths, and through save / load and ONNX."""
     build, shape, others = FAMILIES[family]
     model = build()
     x = torch.randn(shape)
     masks = structured("refill", model, x)
     attn = model.get_submodule(at)
-    nh, hd, dim = attn.num_heads, attn.head_dim, attn.get_submodule(qkv).in_features
+    nh, dim = attn.num_heads, attn.get_submodule(qkv).in_features
+    hd = attn.get_submodule(qkv).out_features // (3 * nh)
     per_head = masks[f"{at}.{qkv}.weight"].reshape(3, nh, hd, dim)
     assert bool((per_head.all(dim=(0, 2, 3)) | ~per_head.any(dim=(0, 2, 3))).all())  # whole heads
     kept = per_head.all(dim=(0, 2, 3))
@@ -235,8 +239,8 @@ def test_attention_heads_are_refilled_and_removed(family, qkv, proj, at, tmp_pat
 
     small = C.compact(model, masks, x)
     a = small.get_submodule(at)
-    assert (a.num_heads, a.num_heads * a.head_dim, a.get_submodule(qkv).out_features,
-            a.get_submodule(proj).in_features) == (k, k * hd, 3 * k * hd, k * hd)
+    assert (a.num_heads, a.get_submodule(qkv).out_features,
+            a.get_submodule(proj).in_features) == (k, 3 * k * hd, k * hd)
     heads_share = (nh - k) * (3 * hd * (dim + 1) + dim * hd)
     assert n_params(model) - n_params(small) >= heads_share
     rows = {r["layer"]: r for r in C.describe(small)}
@@ -248,6 +252,12 @@ def test_attention_heads_are_refilled_and_removed(family, qkv, proj, at, tmp_pat
 
     masked = copy.deepcopy(model)
     masks.apply(masked)
+    if hasattr(attn, "logit_scale"):  # Swin V2: per head, a logit scale and a bias MLP output
+        assert torch.equal(a.logit_scale, attn.logit_scale[kept])
+        assert a.cpb_mlp[2].out_features == k
+        with torch.no_grad():
+            assert torch.allclose(a.relative_position_bias(),
+                                  masked.get_submodule(at).relative_position_bias()[:, kept], atol=1e-6)
     g = torch.Generator().manual_seed(2)
     inputs = [torch.randn(s, generator=g) for s in others]  # (1, 3, 24, 24): 36 tokens, not 16
     with torch.no_grad():
@@ -266,6 +276,35 @@ def test_attention_heads_are_refilled_and_removed(family, qkv, proj, at, tmp_pat
     path = C.export_onnx(small, x, tmp_path / "ticket.onnx")
     with torch.no_grad():
         assert rel_err(small(inputs[0]), C.run_onnx(path, inputs[0])[0]) < 1e-4
+
+
+def test_a_ticket_saved_without_its_per_head_record_still_loads(tmp_path):
+    """A Swin ticket saved before the per-head tensors and kept heads were recorded loads as
+    before (the declared bias table, the first heads' slices, then the saved weights); a kept
+    head that the module never had is refused, naming the record."""
+    import json
+
+    from ticketsmith.errors import ArtifactError
+    build, shape, others = FAMILIES["swin_windows"]
+    model = build()
+    x = torch.randn(shape)
+    small = C.compact(model, structured("refill", model, x), x)
+    removed = small.ticketsmith_compact["removed_heads"]
+    assert removed and all(set(r) >= {"kept", "per_head"} for r in removed.values())
+    description = C.save(small, tmp_path / "ticket")
+    desc = json.loads(description.read_text())
+    for r in desc["compact"]["removed_heads"].values():
+        for key in ("kept", "per_head", "linears"):
+            r.pop(key)
+    description.write_text(json.dumps(desc))
+    xi = torch.randn(others[0])
+    with torch.no_grad():
+        assert torch.equal(C.load(tmp_path / "ticket", build=build)(xi), small(xi))
+    for r in desc["compact"]["removed_heads"].values():
+        r["kept"] = [99] * r["heads"][1]
+    description.write_text(json.dumps(desc))
+    with pytest.raises(ArtifactError, match="removed_heads"):
+        C.load(tmp_path / "ticket", build=build)
 
 
 class _ReshapeByInputWidth(nn.Module):
@@ -409,11 +448,11 @@ def _zoo_models():
     if importlib.util.find_spec("timm") is not None:
         out += [("timm", n) for n in ("resnet18", "mobilenetv3_small_050", "tf_efficientnet_b0",
                                       "convnext_atto", "vit_tiny_patch16_224", "regnetx_002",
-                                      "ghostnet_100", "dpn68")]
+                                      "ghostnet_100", "dpn68", "swin_tiny_patch4_window7_224")]
     if importlib.util.find_spec("torchvision") is not None:
         out += [("torchvision", n) for n in ("resnet18", "mobilenet_v2", "shufflenet_v2_x0_5",
                                              "vit_b_16", "swin_t", "regnet_y_400mf",
-                                             "efficientnet_v2_s")]
+                                             "efficientnet_v2_s", "swin_v2_t")]
     return out or [pytest.param(None, None, marks=pytest.mark.skip(
         reason="neither timm nor torchvision is installed (PyPI's torchvision does not import "
                "beside the CPU torch wheel used here); install the `zoo` extra to run these"))]
@@ -432,7 +471,7 @@ def _zoo_model(lib: str, name: str) -> nn.Module:
 def test_zoo_model_refill_compacts_exactly(lib, name):
     torch.manual_seed(0)
     model = _zoo_model(lib, name).eval()
-    size = 224 if "vit" in name else 64
+    size = 224 if "vit" in name or (lib == "timm" and "swin" in name) else 64  # fixed sizes
     x = torch.randn(1, 3, size, size)
     masks = ts.refill(model, magnitude(model, 0.5), example_inputs=x)
     masked = copy.deepcopy(model)

@@ -11,9 +11,11 @@ the masks folded into the weights, then:
 
 0. head surgery (`heads.remove_dead_heads`): the dead heads of timm-style attention modules (v
    rows or projection columns zero) are removed, their q, k, v rows and projection columns
-   with them and `num_heads` lowered, where a copy cut this way computes what the module
-   computed (checked on random inputs); `nn.MultiheadAttention` keeps its heads (the reason is
-   in `describe`, `heads`) unless swapped for a `models.QKVAttention` before pruning;
+   with them (and each tensor holding one slice per head: a Swin bias table's column, a Swin V2
+   logit scale and bias MLP row) and `num_heads` lowered, where a copy cut this way computes
+   what the module computed (checked on random inputs); `nn.MultiheadAttention` keeps its heads
+   (the reason is in `describe`, `heads`) unless swapped for a `models.QKVAttention` before
+   pruning;
 1. channel surgery (`channel.remove_dead_channels`): every channel that is dead or unread in all
    the layers it is coupled with is removed, with its BatchNorm, its consumers' input channels,
    residual partners, concatenation slots and the flattened features of a linear layer;

@@ -6,16 +6,19 @@ does not map), so its group stays whole. The structured unit there is the head
 projection are zero, adds exactly zero to the output, whatever its q and k are (zero q and k
 alone give a uniform softmax, not a zero output). Such heads go: their q, k and v rows of the
 qkv Linear, their columns of the projection, and the module's `num_heads` (and `attn_dim` /
-`all_head_dim`, the derived widths) shrink, with every parameter the module declares to hold
-one slice per head (`per_head_params`: a Swin window attention's relative position bias).
+`all_head_dim`, the derived widths) shrink, with every other tensor of the module that holds one
+slice per head (`per_head_tensors`): a Swin relative position bias table's column, a Swin V2
+logit scale and the row of its bias MLP's last Linear.
 
 A cut is accepted only where a copy of the module, cut this way, computes what the module
 computed (on random inputs of the example's shape, of another batch size and of another sequence
 length): a forward that lays the heads out otherwise, or that holds another width-sized part (a
-norm over all heads, a gate), fails the check and the module keeps all its heads, with the
-reason on record. nn.MultiheadAttention keeps its heads (its fused in_proj weight and the
-embed_dim = num_heads * head_dim rule inside torch's kernels leave no module to cut);
-`ticketsmith.models.prunable_attention` swaps it for a QKVAttention, which follows the pattern.
+norm over all heads, a gate, heads mixed by a Linear), fails the check and the module keeps all
+its heads, with the reason on record. So does a forward that reshapes the heads' output to its
+input width (many of timm's: EVA, BEiT, Swin V2, CaiT). nn.MultiheadAttention keeps its heads (its fused in_proj
+weight and the embed_dim = num_heads * head_dim rule inside torch's kernels leave no module to
+cut); `ticketsmith.models.prunable_attention` swaps it for a QKVAttention, which follows the
+pattern.
 """
 from __future__ import annotations
 
@@ -82,31 +85,77 @@ def _settings(module: nn.Module, att: AttentionHeads, n_keep: int) -> dict:
     return new
 
 
+@dataclasses.dataclass(frozen=True)
+class PerHead:
+    """A tensor of an attention module holding one slice per head along `dim` (a bias table's
+    column, a logit scale, a bias MLP's output row). `path` is relative to the attention module;
+    `linear` names the Linear whose rows these are, if any."""
+    path: str
+    dim: int
+    linear: str | None = None
+
+
+def per_head_tensors(module: nn.Module, att: AttentionHeads) -> list[PerHead]:
+    """The tensors of `module` (besides its qkv and projection Linears) that hold one slice per
+    head. Declared by the module (`per_head_params`: (path, dim) pairs), or else found by shape:
+    each floating-point parameter or buffer of the module itself with exactly one dimension of
+    `num_heads` entries (timm's Swin bias table). A tensor found so by chance makes the cut copy
+    compute another function, so the module keeps its heads (`_differs`)."""
+    declared = getattr(module, "per_head_params", None)
+    if declared is not None:
+        out = []
+        for path, dim in declared:
+            owner = path.rpartition(".")[0]
+            linear = owner if owner and isinstance(module.get_submodule(owner), nn.Linear) else None
+            out.append(PerHead(path, int(dim), linear))
+        return out
+    if att.num_heads < 2:
+        return []  # nothing to cut, and every dimension of size 1 would match
+    found = []
+    for leaf, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+        if t is not None and t.is_floating_point():
+            dims = [d for d, n in enumerate(t.shape) if n == att.num_heads]
+            if len(dims) == 1:
+                found.append(PerHead(leaf, dims[0]))
+    return found
+
+
+def _owner(module: nn.Module, path: str) -> tuple[nn.Module, str]:
+    owner, _, leaf = path.rpartition(".")
+    return (module.get_submodule(owner) if owner else module), leaf
+
+
+def _slice_per_head(module: nn.Module, tensors: list[PerHead], keep: torch.Tensor) -> None:
+    """Keep the slices of heads `keep` of each per-head tensor (a parameter stays a parameter
+    with its requires_grad, a buffer a buffer with its persistence)."""
+    for ph in tensors:
+        owner, leaf = _owner(module, ph.path)
+        t = getattr(owner, leaf)
+        with torch.no_grad():
+            new = t.detach().index_select(ph.dim, keep.to(t.device)).contiguous()
+        if leaf in owner._parameters:
+            setattr(owner, leaf, nn.Parameter(new, requires_grad=t.requires_grad))
+        else:
+            owner.register_buffer(leaf, new, persistent=leaf not in owner._non_persistent_buffers_set)
+        if isinstance(owner, nn.Linear) and leaf == "weight":
+            owner.out_features = new.shape[0]
+
+
 def cut_heads(module: nn.Module, att: AttentionHeads, keep: torch.Tensor) -> dict:
     """Cut `module` (the attention module itself, in place) down to the heads `keep`; returns
-    the attributes set."""
+    what `restore` needs: the attributes set (`set`), the per-head tensors cut (`per_head`) and
+    the heads kept (`kept`) and the other Linears whose rows went (`linears`)."""
+    tensors = per_head_tensors(module, att)  # found on the module as it is, before the cut
     prefix = len(att.module) + 1 if att.module else 0
     _cut_linear(module.get_submodule(att.qkv[prefix:]), att.qkv_rows(keep), None)
     _cut_linear(module.get_submodule(att.proj[prefix:]), None, att.proj_cols(keep))
     settings = _settings(module, att, len(keep))
     for a, v in settings.items():
         setattr(module, a, v)
-    for owner, leaf, dim in _per_head(module):
-        p = getattr(owner, leaf)
-        with torch.no_grad():
-            setattr(owner, leaf, nn.Parameter(p.index_select(dim, keep.to(p.device)).contiguous(),
-                                              requires_grad=p.requires_grad))
-    return settings
-
-
-def _per_head(module: nn.Module) -> list[tuple[nn.Module, str, int]]:
-    """(owner, parameter name, head axis) of the parameters holding one slice per head that a
-    module declares in `per_head_params` (a Swin WindowAttention's relative position bias)."""
-    out = []
-    for name, dim in getattr(module, "per_head_params", ()):
-        owner, _, leaf = name.rpartition(".")
-        out.append((module.get_submodule(owner) if owner else module, leaf, int(dim)))
-    return out
+    _slice_per_head(module, tensors, keep)
+    return {"set": settings, "kept": [int(h) for h in keep],
+            "per_head": [[ph.path, ph.dim] for ph in tensors],
+            "linears": sorted({ph.linear for ph in tensors if ph.linear})}
 
 
 def _variants(args: tuple, kwargs: dict) -> list[tuple]:
@@ -200,7 +249,7 @@ def remove_dead_heads(model: nn.Module, inputs: tuple) -> HeadReport:
         else:
             module = model.get_submodule(att.module)
             cut = copy_module(module)
-            settings = cut_heads(cut, att, keep)
+            done = cut_heads(cut, att, keep)
             why = _differs(module, cut, *calls[att.module])
             why = f"{where}: {why}" if why else None
         if why is not None:
@@ -211,7 +260,9 @@ def remove_dead_heads(model: nn.Module, inputs: tuple) -> HeadReport:
         cut_heads(model.get_submodule(att.module), att, keep)  # as the copy that passed
         report.cuts[att.qkv] = (att.qkv_rows(keep), None)
         report.cuts[att.proj] = (None, att.proj_cols(keep))
-        report.removed[att.module] = {"heads": [att.num_heads, int(keep.numel())], "set": settings}
+        report.removed[att.module] = {"heads": [att.num_heads, int(keep.numel())], **done}
+        for lin in done["linears"]:  # a bias MLP's last Linear: its rows are heads
+            report.cuts[_join(att.module, lin)] = (keep.clone(), None)
         for layer in (att.qkv, att.proj):
             report.notes[layer] = f"kept {keep.numel()} of {att.num_heads} heads of {where}"
     return report
@@ -223,19 +274,28 @@ def _join(parent: str, child: str) -> str:
 
 def restore(model: nn.Module, removed: dict) -> None:
     """Give the attention modules of a rebuilt model the head counts recorded by `compact`
-    (`removed` as in `HeadReport.removed`); their Linears are rebuilt from the description."""
+    (`removed` as in `HeadReport.removed`): their attributes and per-head tensors, cut to the
+    heads kept (the saved weights then fill the parameters; a buffer the weights do not hold
+    keeps its slices). Their qkv and projection Linears are rebuilt from the description."""
     for name, info in removed.items():
         module = model.get_submodule(name)
+        before, after = (int(n) for n in info["heads"])
         for a, v in info["set"].items():
             if a not in ("num_heads",) + WIDTH_ATTRS or isinstance(v, bool) or not isinstance(v, int):
                 raise ValueError(f"bad head attribute {a}={v!r}")
             setattr(module, a, v)
-        for owner, leaf, dim in _per_head(module):  # shaped for the saved tensors
-            p = getattr(owner, leaf)
-            shape = list(p.shape)
-            shape[dim] = int(info["heads"][1])
-            setattr(owner, leaf, nn.Parameter(torch.empty(shape, dtype=p.dtype, device=p.device),
-                                              requires_grad=p.requires_grad))
+        keep = torch.as_tensor(info.get("kept", range(after)), dtype=torch.int64)
+        if keep.numel() != after or (keep.numel() and (keep.min() < 0 or keep.max() >= before)):
+            raise ValueError(f"kept heads {keep.tolist()} do not fit {before} -> {after} heads")
+        recorded = info.get("per_head")
+        if recorded is None:  # written before per-head tensors were recorded: declared ones only
+            recorded = getattr(module, "per_head_params", ())
+        tensors = [PerHead(str(path), int(dim)) for path, dim in recorded]
+        # those the description did not rebuild already (a bias MLP's last Linear it did)
+        fresh = [ph for ph in tensors
+                 if getattr(*_owner(module, ph.path)).shape[ph.dim] == before]
+        _slice_per_head(module, fresh, keep)
 
 
-__all__ = ["HeadReport", "remove_dead_heads", "dead_heads", "cut_heads", "restore", "MHA_REASON"]
+__all__ = ["HeadReport", "PerHead", "per_head_tensors", "remove_dead_heads", "dead_heads",
+           "cut_heads", "restore", "MHA_REASON"]

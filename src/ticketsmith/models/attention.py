@@ -14,10 +14,10 @@ the CLI prunes their attention; a model handed to the Python API is swapped by c
 `fused_attention(model)` swaps back where no head went (`ticketsmith.bench` times the dense
 baseline so: torch's own module, which a user would run).
 
-torchvision's Swin (V1) `ShiftedWindowAttention` hands its qkv and proj weights to a function
-and derives the head width from the input width: `WindowAttention` is the same function with
-the Linears called as modules and a fixed `head_dim` (the timm pattern again), and
-`prunable_attention` swaps it in as well.
+torchvision's Swin `ShiftedWindowAttention` (V1) and `ShiftedWindowAttentionV2` hand their qkv
+and proj weights to a function and derive the head width from the input width: `WindowAttention`
+is the same function with the Linears called as modules and a fixed `head_dim` (the timm pattern
+again), and `prunable_attention` swaps it in as well.
 """
 from __future__ import annotations
 
@@ -183,18 +183,34 @@ def _relative_position_index(wh: int, ww: int) -> torch.Tensor:
     return ((rel[..., 0] + wh - 1) * (2 * ww - 1) + rel[..., 1] + ww - 1).flatten()
 
 
-class WindowAttention(nn.Module):
-    """torchvision's Swin (V1) `ShiftedWindowAttention`, the same function with its `qkv` and
-    `proj` Linears called as modules (torchvision's hands their weights to a function, so no
-    mask, executor or cut reaches them) and the head width a fixed `head_dim` (torchvision
-    derives it from the input width, which stays when heads go): the timm head pattern. The
-    relative position bias table holds one column per head (`per_head_params`): a removed
-    head's column goes with it."""
+def _relative_coords_table(wh: int, ww: int) -> torch.Tensor:
+    """Swin V2's log-spaced relative coordinates of a wh x ww window, [1, 2 wh - 1, 2 ww - 1, 2]:
+    the input of its bias MLP (as torchvision's `define_relative_position_bias_table`)."""
+    h = torch.arange(-(wh - 1), wh, dtype=torch.float32)
+    w = torch.arange(-(ww - 1), ww, dtype=torch.float32)
+    table = torch.stack(torch.meshgrid([h, w], indexing="ij")).permute(1, 2, 0).contiguous().unsqueeze(0)
+    table[:, :, :, 0] /= wh - 1
+    table[:, :, :, 1] /= ww - 1
+    table *= 8  # normalized to -8 .. 8, then log-spaced
+    return torch.sign(table) * torch.log2(torch.abs(table) + 1.0) / 3.0
 
-    per_head_params = (("relative_position_bias_table", 1),)
+
+class WindowAttention(nn.Module):
+    """torchvision's Swin `ShiftedWindowAttention` (V1), or with `cosine=True` its
+    `ShiftedWindowAttentionV2`: the same function with its `qkv` and `proj` Linears called as
+    modules (torchvision's hands their weights to a function, so no mask, executor or cut
+    reaches them) and the head width a fixed `head_dim` (torchvision derives it from the input
+    width, which stays when heads go): the timm head pattern. Each head has its own column of
+    the V1 relative position bias table, or (V2) its own logit scale and output row of the
+    bias MLP (`per_head_params`): a removed head's go with it.
+
+    V2 never adds the keys' bias (torchvision zeros that third of the qkv bias in its forward):
+    here it is zero from the swap on and subtracted again in the forward, so it adds nothing and
+    its gradient cancels."""
 
     def __init__(self, dim: int, window_size, shift_size, num_heads: int, qkv_bias: bool = True,
-                 proj_bias: bool = True, attention_dropout: float = 0.0, dropout: float = 0.0):
+                 proj_bias: bool = True, attention_dropout: float = 0.0, dropout: float = 0.0,
+                 cosine: bool = False):
         super().__init__()
         if len(window_size) != 2 or len(shift_size) != 2:
             raise ValueError("window_size and shift_size must be of length 2")
@@ -204,15 +220,39 @@ class WindowAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         wh, ww = self.window_size
-        self.relative_position_bias_table = nn.Parameter(
-            torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
-        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        if cosine:
+            self.logit_scale = nn.Parameter(torch.log(10 * torch.ones((num_heads, 1, 1))))
+            self.cpb_mlp = nn.Sequential(nn.Linear(2, 512, bias=True), nn.ReLU(inplace=True),
+                                         nn.Linear(512, num_heads, bias=False))
+            self.register_buffer("relative_coords_table", _relative_coords_table(wh, ww))
+            if qkv_bias:
+                with torch.no_grad():
+                    self.qkv.bias[dim:2 * dim].zero_()
+        else:
+            self.relative_position_bias_table = nn.Parameter(
+                torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
+            nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         self.register_buffer("relative_position_index", _relative_position_index(wh, ww))
+        self._declare_per_head()
+
+    @property
+    def cosine(self) -> bool:
+        """Swin V2: cosine attention with a learned logit scale, the bias from an MLP."""
+        return getattr(self, "logit_scale", None) is not None
+
+    def _declare_per_head(self) -> None:
+        if not self.cosine:
+            self.per_head_params = (("relative_position_bias_table", 1),)
+            return
+        last = self.cpb_mlp[-1]
+        self.per_head_params = (("logit_scale", 0), ("cpb_mlp.2.weight", 0)) + (
+            (("cpb_mlp.2.bias", 0),) if last.bias is not None else ())
 
     @classmethod
     def from_swin(cls, m: nn.Module) -> "WindowAttention":
-        """The same module (its qkv / proj Linears, bias table and index themselves) as a
-        WindowAttention; `m` is torchvision's ShiftedWindowAttention."""
+        """The same module (its qkv / proj Linears, bias table or bias MLP and logit scale, and
+        buffers themselves) as a WindowAttention; `m` is torchvision's ShiftedWindowAttention
+        or ShiftedWindowAttentionV2 (whose unused keys' bias is zeroed in place)."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.window_size, new.shift_size = list(m.window_size), list(m.shift_size)
@@ -220,15 +260,26 @@ class WindowAttention(nn.Module):
         new.head_dim = m.qkv.in_features // m.num_heads
         new.attention_dropout, new.dropout = m.attention_dropout, m.dropout
         new.qkv, new.proj = m.qkv, m.proj
-        new.relative_position_bias_table = m.relative_position_bias_table
+        if _is_swin_v2(m):
+            new.logit_scale, new.cpb_mlp = m.logit_scale, m.cpb_mlp
+            new.register_buffer("relative_coords_table", m.relative_coords_table)
+            if m.qkv.bias is not None:
+                a = m.qkv.in_features
+                with torch.no_grad():
+                    m.qkv.bias[a:2 * a].zero_()
+        else:
+            new.relative_position_bias_table = m.relative_position_bias_table
         new.register_buffer("relative_position_index", m.relative_position_index)
+        new._declare_per_head()
         new.train(m.training)
         return new
 
     def relative_position_bias(self) -> torch.Tensor:
         n = self.window_size[0] * self.window_size[1]
-        bias = self.relative_position_bias_table[self.relative_position_index]
-        return bias.view(n, n, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+        table = (self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads) if self.cosine
+                 else self.relative_position_bias_table)
+        bias = table[self.relative_position_index].view(n, n, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+        return 16 * torch.sigmoid(bias) if self.cosine else bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, H, W, C] -> [B, H, W, C], as torchvision's shifted_window_attention."""
@@ -243,8 +294,17 @@ class WindowAttention(nn.Module):
         nw, n = (ph // wh) * (pw // ww), wh * ww
         x = x.view(b, ph // wh, wh, pw // ww, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(b * nw, n, c)
         heads, hd = self.num_heads, self.head_dim
-        q, k, v = self.qkv(x).reshape(b * nw, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
-        attn = (q * hd ** -0.5).matmul(k.transpose(-2, -1)) + self.relative_position_bias()
+        qkv = self.qkv(x)
+        bias = getattr(self.qkv, "bias", None)
+        if self.cosine and bias is not None:  # V2 adds no keys' bias (zero here: see the class)
+            qkv = qkv - F.pad(bias[heads * hd:2 * heads * hd], (heads * hd, heads * hd))
+        q, k, v = qkv.reshape(b * nw, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
+        if self.cosine:
+            attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+            attn = attn * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+        else:
+            attn = (q * hd ** -0.5).matmul(k.transpose(-2, -1))
+        attn = attn + self.relative_position_bias()
         if sum(shift) > 0:
             attn = attn.view(b, nw, heads, n, n) + _shift_mask(x, ph, pw, self.window_size, shift)
             attn = attn.view(-1, heads, n, n)
@@ -273,21 +333,35 @@ def _shift_mask(x: torch.Tensor, ph: int, pw: int, window, shift) -> torch.Tenso
     return mask.unsqueeze(1).unsqueeze(0)
 
 
+_SWIN_ATTRS = ("qkv", "proj", "window_size", "shift_size", "num_heads", "attention_dropout",
+               "dropout", "relative_position_index")
+
+
+def _is_swin_v2(m: nn.Module) -> bool:
+    """torchvision's Swin V2 ShiftedWindowAttentionV2 (by class name and what it holds)."""
+    return type(m).__name__ == "ShiftedWindowAttentionV2" and all(
+        hasattr(m, a) for a in _SWIN_ATTRS + ("logit_scale", "cpb_mlp", "relative_coords_table")) \
+        and isinstance(m.cpb_mlp, nn.Sequential) and len(m.cpb_mlp) == 3 \
+        and isinstance(m.cpb_mlp[2], nn.Linear) and m.cpb_mlp[2].out_features == m.num_heads
+
+
 def _is_swin_attention(m: nn.Module) -> bool:
-    """torchvision's Swin V1 ShiftedWindowAttention (by class name and what it holds; V2's
-    cosine attention and bias MLP are not reproduced)."""
-    return type(m).__name__ == "ShiftedWindowAttention" and all(
-        hasattr(m, a) for a in ("qkv", "proj", "relative_position_bias_table", "window_size",
-                                "shift_size", "num_heads", "attention_dropout", "dropout",
-                                "relative_position_index")) \
-        and isinstance(m.qkv, nn.Linear) and isinstance(m.proj, nn.Linear)
+    """torchvision's Swin ShiftedWindowAttention (V1) or ShiftedWindowAttentionV2 (by class
+    name and what it holds)."""
+    if not (all(hasattr(m, a) for a in _SWIN_ATTRS)
+            and isinstance(m.qkv, nn.Linear) and isinstance(m.proj, nn.Linear)):
+        return False
+    if type(m).__name__ == "ShiftedWindowAttention":
+        return hasattr(m, "relative_position_bias_table")
+    return _is_swin_v2(m)
 
 
 def prunable_attention(model: nn.Module) -> dict[str, str]:
     """Swap, in place, every nn.MultiheadAttention of `model` for a QKVAttention computing the
     same (same weights): its in-projection becomes a Linear that masks reach and its heads
-    can be refilled and removed. torchvision's Swin (V1) ShiftedWindowAttention becomes a
-    WindowAttention (the same module, its Linears called as modules) for the same reason. Returns the modules left as they were, with the reason (an
+    can be refilled and removed. torchvision's Swin ShiftedWindowAttention (V1 and V2) becomes
+    a WindowAttention (the same module, its Linears called as modules) for the same reason.
+    Returns the modules left as they were, with the reason (an
     unusual configuration: kdim / vdim, add_bias_kv, add_zero_attn). A model that is itself
     an nn.MultiheadAttention is not swapped (there is no parent to hold the new one)."""
     left = {}
