@@ -28,10 +28,30 @@ def test_mac_count_of_executors_is_their_structure():
     mask = torch.zeros(4, 10, dtype=torch.bool)
     mask[[0, 2, 3], :3] = True  # 3 active neurons, fan-in 3
     cond = CondensedLinear.from_linear(lin2, mask)
-    _, per, _ = count_macs(nn.Sequential(bconv, nn.Flatten(), nn.Linear(8 * 25, 12), blin, cond),
-                           torch.randn(1, 6, 5, 5))
+    total, per, _ = count_macs(nn.Sequential(bconv, nn.Flatten(), nn.Linear(8 * 25, 12), blin, cond),
+                               torch.randn(1, 6, 5, 5))
     # block columns index the flattened c_in*kh*kw axis: no extra kernel factor
     assert per["0"] == (3 * 2 + 2 * 3) * 25 and per["3"] == 2 * 3 and per["4"] == 3 * 3
+    assert total == sum(per.values())  # the executors' own products are not counted again
+
+
+@pytest.mark.parametrize("family", ["vit_qkv", "vit_timm"])
+def test_mac_count_includes_attention_products_and_heads_removed_save_them(family):
+    """q k^T and weights x v hold no weights but are work: 2 N^2 (heads x head_dim) MACs per
+    attention layer (scaled_dot_product_attention or explicit matmuls), fewer with fewer heads."""
+    from families import FAMILIES
+    build, shape, _ = FAMILIES[family]
+    model = build()
+    x = torch.randn(shape)
+    total, per, _ = count_macs(model, x)
+    tokens, width = (shape[-1] // 4) ** 2, 32  # 4x4 patches of a 16x16 input, 32 features
+    assert total - sum(per.values()) == 2 * tokens * tokens * width
+    masks = ts.refill(model, ts.prune.omp(model, 0.6), example_inputs=x)
+    small = ts.compact(model, masks, x)
+    attn = small.get_submodule("block.attn")
+    assert attn.num_heads < 4
+    total_c, per_c, _ = count_macs(small, x)
+    assert total_c - sum(per_c.values()) == 2 * tokens * tokens * attn.num_heads * (width // 4)
 
 
 def test_compare_switches_kernels_per_batch(small_executors):

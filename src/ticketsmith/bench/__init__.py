@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import TicketsmithError, UsageError
 from ..masks import copy_module
@@ -114,40 +115,81 @@ def _macs_per_position(m: nn.Module) -> int:
     return int(m.weight.numel())  # conv: c_out * c_in/groups * kh * kw; linear: out * in
 
 
+class _ActivationProducts(TorchDispatchMode):
+    """Counts the MACs of matrix products between two activations run outside every layer:
+    attention's q k^T and weights x v (also fused in scaled_dot_product_attention). They hold
+    no weights, so no layer hook sees them, but the model does that work (and removed heads
+    save it). A product with a parameter or buffer as an operand is a layer's, not counted."""
+
+    def __init__(self, held: set[int], depth: list[int]):
+        super().__init__()
+        self.held, self.depth, self.macs = held, depth, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self.depth[0]:
+            self.macs += self._macs(func.overloadpacket.__name__, args, out)
+        return out
+
+    def _macs(self, op: str, args, out) -> int:
+        if any(isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() in self.held
+               for a in args):
+            return 0
+        # (under inference mode the composite matmul and attention arrive undecomposed)
+        if op in ("mm", "bmm", "matmul"):  # (.., n, k) x (.., k, m) -> (.., n, m): k per output
+            return out.numel() * args[0].shape[-1]
+        if op in ("addmm", "baddbmm"):
+            return out.numel() * args[1].shape[-1]
+        if "scaled_dot_product" in op and "backward" not in op:
+            q, k, v = args[:3]  # (.., L, E) (.., S, E) (.., S, Ev): L S E + L S Ev
+            return q.numel() // q.shape[-1] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+        return 0
+
+
 @torch.inference_mode()
 def count_macs(model: nn.Module, x: torch.Tensor) -> tuple[int, dict[str, int], dict[str, int]]:
     """(total MACs per example, MACs per layer, parameters per layer) of one forward pass.
 
     A layer's MACs = multiply-adds per output position x output positions (H x W for a conv,
     1 for a linear layer on a vector, the tokens for one on a sequence); executors report the
-    work their structure needs. The matmuls inside attention (q k^T, weights x v) hold no
-    weights and are not counted."""
+    work their structure needs. The total adds the matrix products of two activations outside
+    the layers (attention's q k^T and weights x v), which belong to no layer."""
     per_layer: dict[str, int] = {}
     handles = []
     layers = layer_modules(model)
     nested = {n for n in layers for o in layers if o != n and o and n.startswith(o + ".")}
+    depth = [0]  # > 0 while a layer runs: its products are its own
+
+    def enter(mod, inp):
+        depth[0] += 1
 
     for name, m in layers.items():
+        handles.append(m.register_forward_pre_hook(enter))
         if name in nested:  # a conv inside an executor is counted by the executor
+            handles.append(m.register_forward_hook(lambda mod, inp, out: depth.__setitem__(0, depth[0] - 1)))
             continue
 
         def hook(mod, inp, out, name=name):
+            depth[0] -= 1
             # output positions: a conv's outputs hold channels in dim 1, a linear layer's
             # (and a linear executor's) in the last dim, e.g. tokens x features
             conv = isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or hasattr(mod, "macs_per_position")
             positions = out[0].numel() // out.shape[1 if conv else -1] if out.dim() > 1 else 1
             per_layer[name] = per_layer.get(name, 0) + _macs_per_position(mod) * positions
         handles.append(m.register_forward_hook(hook))
+    held = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    products = _ActivationProducts(held, depth)
     try:
         was = model.training
         model.eval()
-        model(x[:1])
+        with products:
+            model(x[:1])
         model.train(was)
     finally:
         for h in handles:
             h.remove()
     params = {n: sum(p.numel() for p in m.parameters()) for n, m in layers.items() if n not in nested}
-    return sum(per_layer.values()), per_layer, params
+    return sum(per_layer.values()) + products.macs, per_layer, params
 
 
 @torch.inference_mode()
