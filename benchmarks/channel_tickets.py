@@ -3,7 +3,7 @@ and 75% channel sparsity, batch 1 and 64: the compact model (channel surgery) ag
 dense path, end to end and layer by layer.
 
     python benchmarks/channel_tickets.py [--models vgg16,resnet18,vit_s,resnext] [--sparsities 0.5,0.75]
-        [--batch-sizes 1,64] [--pairs 15] [--threads 1,2] [--width 1.0]
+        [--batch-sizes 1,64] [--pairs 15] [--threads 1,2] [--width 1.0] [--image-size 32]
         [--runtimes all|torch,torch.compile,onnxruntime,openvino] [--no-layerwise] [--out PATH]
 
 `--models vit_s`: a ViT-S (torch.nn, 12 blocks of width 384, 6 heads, 4x4 patches); its ticket
@@ -11,6 +11,10 @@ keeps whole heads (k = ceil((1 - s) * 6) per block) and MLP hidden units; the re
 stays whole (LayerNorm). Its dense baseline runs torch's own nn.MultiheadAttention.
 `--models resnext`: a ResNeXt-20 (32x4d, see `resnext`); its grouped convs keep their 32 groups
 with fewer channels in each (refill keeps them evenly over the groups).
+`--models torchvision:resnet50,timm:...`: a real torchvision / timm model, built as `ticketsmith
+run --model` builds it (10 classes, random weights: the speed depends on the shapes only), on
+images of `--image-size` (224 for these); torchvision needs the venv of
+benchmarks/zoo_models.py.
 
 The channel masks are what Refill makes of a layer-wise uniform mask at sparsity s (random, seed 0;
 refill then keeps the channels with the largest L1 of He-initialised weights, coupled=True), so
@@ -86,16 +90,18 @@ def resnext(width: float) -> torch.nn.Module:
                          *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 10))
 
 
-def channel_ticket(name: str, width: float, sparsity: float):
+def channel_ticket(name: str, width: float, sparsity: float, shape: tuple = SHAPE):
     torch.manual_seed(0)
-    if name == "vit_s":
+    if ":" in name:  # a torchvision / timm model
+        model = ts.models.build(name, num_classes=10).eval()
+    elif name == "vit_s":
         model = vit_s(width).eval()
     elif name == "resnext":
         model = resnext(width).eval()
     else:
-        model = ts.models.create(name, in_channels=SHAPE[0], num_classes=10, image_size=SHAPE[1:],
+        model = ts.models.create(name, in_channels=shape[0], num_classes=10, image_size=shape[1:],
                                  width=width).eval()
-    x = torch.randn(1, *SHAPE)
+    x = torch.randn(1, *shape)
     masks = ts.refill(model, ts.prune.random_masks(model, sparsity), coupling="shared", example_inputs=x)
     return model, ts.compact(model, masks, x), masks
 
@@ -110,20 +116,22 @@ def main() -> None:
     p.add_argument("--runtimes", default="all", help="comma-separated, or all (every one installed)")
     p.add_argument("--layerwise", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--image-size", type=int, default=SHAPE[1], help="square images of this side")
     p.add_argument("--out", default=str(RESULTS / "channel_tickets"))
     a = p.parse_args()
+    shape = (3, a.image_size, a.image_size)
     threads = [int(t) for t in a.threads.split(",")]
     runtimes = None if a.runtimes == "all" else a.runtimes.split(",")
     batches = [int(b) for b in a.batch_sizes.split(",")]
     runs = []
     for name in a.models.split(","):
         for s in (float(v) for v in a.sparsities.split(",")):
-            dense, small, masks = channel_ticket(name, a.width, s)
+            dense, small, masks = channel_ticket(name, a.width, s, shape)
             print(f"{name} at {s:.0%} channel sparsity", flush=True)
-            r = compare(dense, small, lambda b: torch.randn(b, *SHAPE), batch_sizes=batches,
+            r = compare(dense, small, lambda b: torch.randn(b, *shape), batch_sizes=batches,
                         threads=threads, pairs=a.pairs, layerwise=a.layerwise, runtimes=runtimes,
                         progress=lambda msg: print("  " + msg, flush=True))
-            r.update(model=name, width=a.width, channel_sparsity=s,
+            r.update(model=name, width=a.width, channel_sparsity=s, image_size=a.image_size,
                      weight_sparsity=1 - r["compact"]["params"] / r["dense"]["params"])
             for row in r["results"]:
                 print(f"  {row['backend']} batch {row['batch_size']} threads {row['threads']}: "

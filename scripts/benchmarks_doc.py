@@ -20,7 +20,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 def fastest_rows(name: str) -> str:
     """The fastest-vs-fastest rows of a benchmarks/channel_tickets.py record."""
     rec = json.loads((RESULTS / f"{name}.json").read_text())
-    lines = [f"Command: `{rec['machine']['command']}` ({rec['machine']['cpu']}); the fastest-vs-fastest rows:", "",
+    m = rec["machine"]
+    lines = [f"Command: `{m['command']}` ({m['cpu']}, torch {m['torch']}); the fastest-vs-fastest rows:", "",
              "| model | channel sparsity | batch | threads | dense runs in | compact runs in | ideal "
              "| speedup median (min-max) | realized / ideal | same-runtime speedup |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -99,7 +100,8 @@ def condensed_mlp() -> str:
 
 SECTIONS = {"channel_tickets_runtimes": lambda: fastest_rows("channel_tickets_runtimes"),
             "vit_heads": lambda: fastest_rows("vit_heads"),
-            "grouped_tickets": lambda: fastest_rows("grouped_tickets"), "dense_runtimes": dense_runtimes,
+            "grouped_tickets": lambda: fastest_rows("grouped_tickets"),
+            "zoo_tickets": lambda: fastest_rows("zoo_tickets"), "dense_runtimes": dense_runtimes,
             "int8_ticket": int8_ticket, "absorbed_conv": absorbed_conv, "condensed_mlp": condensed_mlp}
 
 
