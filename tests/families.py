@@ -540,6 +540,48 @@ class TinySwin(nn.Module):
         return self.head(x.permute(0, 3, 1, 2).mean([2, 3]))
 
 
+# -- PVT-v2 / SegFormer: an MLP whose hidden units are viewed as a map for a depthwise conv ---------
+class MixFFN(nn.Module):
+    """PVT-v2's and SegFormer's MLP (timm's MlpWithDepthwiseConv): a Linear on tokens, the tokens
+    viewed as a map (transpose, view) for a 3x3 depthwise conv, flattened back (flatten,
+    transpose), GELU, a Linear. `scrambled`: the tokens are viewed as a map without the
+    transpose, so the conv's channels mix tokens and features (the group must stay whole)."""
+
+    def __init__(self, dim, hidden, scrambled=False):
+        super().__init__()
+        self.scrambled = scrambled
+        self.fc1 = nn.Linear(dim, hidden)
+        self.dwconv = nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x, size):
+        x = self.fc1(x)
+        B, N, C = x.shape
+        x = x.reshape(B, C, *size) if self.scrambled else x.transpose(1, 2).view(B, C, *size)
+        x = self.dwconv(x).flatten(2).transpose(1, 2)
+        return self.fc2(self.act(x))
+
+
+class TinyPVT(nn.Module):
+    """A patch embedding conv, one pre-norm MixFFN block on its tokens, a mean over tokens."""
+
+    def __init__(self, classes=10, dim=16, scrambled=False):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.norm1 = nn.LayerNorm(dim)
+        self.mlp = MixFFN(dim, 4 * dim, scrambled)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch(x)
+        H, W = x.shape[2:]
+        x = x.flatten(2).transpose(1, 2)
+        x = x + self.mlp(self.norm1(x), (H, W))
+        return self.head(self.norm(x).mean(1))
+
+
 # -- UNet: ConvTranspose2d decoder, concatenation skips -----------------------------------------
 def _double(cin, cout):
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
@@ -780,6 +822,7 @@ FAMILIES = {
                         [(3, 3, 32, 32), (1, 3, 40, 40)]),
     "swin_timm": (builder(TinySwin, kind="timm"), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 40, 40)]),
     "unet": (builder(TinyUNet), (2, 3, 8, 8), [(3, 3, 8, 8), (1, 3, 16, 16)]),
+    "pvt_mix_ffn": (builder(TinyPVT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 20, 20)]),
     "vit_mha": (builder(TinyViT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "vit_qkv": (builder(TinyViTQKV), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "vit_timm": (builder(TimmViT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),

@@ -195,7 +195,8 @@ def test_transformer_mlp_hidden_units_are_removed():
     ops only."""
     for family, (first, second) in {"vit_mha": ("block.fc1", "block.fc2"),
                                     "mlp_mixer": ("block.ch1", "block.ch2"),
-                                    "convnext": ("block.pwconv1", "block.pwconv2")}.items():
+                                    "convnext": ("block.pwconv1", "block.pwconv2"),
+                                    "pvt_mix_ffn": ("mlp.fc1", "mlp.fc2")}.items():
         build, shape, _ = FAMILIES[family]
         model = build()
         x = torch.randn(shape)
@@ -204,8 +205,33 @@ def test_transformer_mlp_hidden_units_are_removed():
                    .any(dim=1).sum())
         small = C.compact(model, masks, x)
         fc1, fc2 = small.get_submodule(first), small.get_submodule(second)
+        if family == "pvt_mix_ffn":  # the depthwise conv between them, on the tokens viewed
+            # as a map, keeps a unit fc1 does not: one its own bias keeps alive
+            kept = small.mlp.dwconv.groups
+            assert small.mlp.dwconv.in_channels == kept >= int(masks[f"{first}.weight"].any(dim=1).sum())
         assert fc1.out_features == kept < model.get_submodule(first).out_features, family
         assert fc2.in_features == kept, family
+
+
+def test_a_view_that_mixes_tokens_into_channels_keeps_the_group_whole():
+    """MixFFN with the tokens reshaped to a map without the transpose: the conv's channels are
+    no longer the Linear's features, so the hidden units stay, with the reason, and the
+    compact model is exact."""
+    from families import TinyPVT, builder
+    build, shape, others = builder(TinyPVT, scrambled=True), (2, 3, 16, 16), [(3, 3, 16, 16)]
+    model = build()
+    x = torch.randn(shape)
+    masks = structured("refill", model, x)
+    small = C.compact(model, masks, x)
+    assert small.mlp.fc1.out_features == model.mlp.fc1.out_features
+    why = {r["layer"]: r.get("group_left_whole") for r in C.describe(small)}
+    assert "reshape" in (why["mlp.fc1"] or ""), why["mlp.fc1"]
+    masked = copy.deepcopy(model)
+    masks.apply(masked)
+    with torch.no_grad():
+        for s in others:
+            xi = torch.randn(s)
+            assert rel_err(masked(xi), small(xi)) < 1e-4
 
 
 @pytest.mark.parametrize("family,qkv,proj,at", [("vit_timm", "qkv", "proj", "block.attn"),

@@ -20,7 +20,11 @@ and channel, from the weights:
   channel-mixing reduction, a transposed grouped conv, LayerNorm / GroupNorm, a constant added to the
   feature map, a reshape other than a flatten such as a channel shuffle or a window partition,
   ...) leaves the whole group untouched, recorded with the reason (per layer in
-  `SurgeryReport.whole`, and in `describe` as `group_left_whole`).
+  `SurgeryReport.whole`, and in `describe` as `group_left_whole`). A group may cross between
+  layouts where its channel axis is followed from layer to layer through transposes, permutes
+  and views that keep it whole (`_Group.channel_axes`): a linear layer on tokens, the tokens
+  viewed as a map for a depthwise conv and flattened back (PVT-v2's and SegFormer's MLP), or a
+  conv stem whose map becomes the tokens.
 
 A grouped convolution (ResNeXt, RegNet) keeps its `groups`: its weight is out x in/groups, so
 every group must keep as many input (and output) channels as the others. Where the removable
@@ -60,6 +64,8 @@ ZERO_PRESERVING_FAMILIES = ("maxpool", "avgpool", "adaptiveavgpool", "adaptivema
                             "fractionalmaxpool", "upsample", "reflectionpad", "replicationpad")
 PER_CHANNEL = {"sigmoid", "hardsigmoid", "softplus", "exp", "logsigmoid",
                "constantpadnd"}  # the pad value is not recorded: it may be nonzero
+# Operations that move the channel axis: allowed where `_Group.channel_axes` follows it.
+LAYOUT_OPS = {"transpose", "permute"}
 
 
 def _zero_preserving(op: str) -> bool:
@@ -284,8 +290,48 @@ def _keeps_last_dim(graph, node) -> bool:
 
 def _feeds_linear(node) -> bool:
     """An addmm / mm node that is the product of the linear layers it feeds (torch-pruning sees
-    F.linear on a >2-D tensor as view -> addmm -> view, the module node being the last view)."""
-    return bool(node.outputs) and all(o.type == OPTYPE.LINEAR for o in node.outputs)
+    F.linear on a >2-D tensor as view -> addmm -> view, the module node being the last view; on
+    a non-contiguous one as mm -> view -> add of the bias, the module node being the add)."""
+    return bool(node.outputs) and all(
+        o.type == OPTYPE.LINEAR or (o.type == OPTYPE.RESHAPE and _feeds_linear(o))
+        for o in node.outputs)
+
+
+def _out_shape(node) -> tuple[int, ...] | None:
+    """The shape of what a traced node computed (its autograd node's record of its output)."""
+    g = node.grad_fn
+    try:
+        return tuple(int(d) for d in g._input_metadata[0].shape)
+    except (AttributeError, IndexError, RuntimeError, TypeError):
+        return None
+
+
+def _axis_through(node, axis: int, rank: int) -> int | None:
+    """Where the axis `axis` (of a rank-`rank` input) of a transpose / permute / view lands in
+    the node's output, or None if the node merges it with others or splits it."""
+    g, op = node.grad_fn, _grad_name(node)
+    out = _out_shape(node)
+    if out is None:
+        return None
+    if op == "transpose":
+        d0, d1 = (int(getattr(g, a)) % rank for a in ("_saved_dim0", "_saved_dim1"))
+        return d1 if axis == d0 else d0 if axis == d1 else axis
+    if op == "permute":
+        dims = [int(d) % rank for d in g._saved_dims]
+        return dims.index(axis)
+    sizes = getattr(g, "_saved_self_sym_sizes", None)
+    if sizes is None:
+        return None
+    sizes = [int(d) for d in sizes]
+    before = 1
+    for d in sizes[:axis]:
+        before *= d
+    seen = 1
+    for b, d in enumerate(out):  # the output axis with the same elements before it, same size
+        if seen == before and d == sizes[axis]:
+            return b
+        seen *= d
+    return None
 
 
 # The normalisation op inside a norm-act layer (a BatchNorm subclass whose forward calls
@@ -344,6 +390,76 @@ class _Group:
         bad = torch.zeros(self.n_roots).index_add_(0, roots, (~local_true[locs]).float())
         return bad == 0
 
+    def crosses_layouts(self) -> bool:
+        """The group's channel axis is followed from member to member (`channel_axes`) and
+        some member holds it elsewhere than a linear layer's last axis. (Cached.)"""
+        if not hasattr(self, "_crosses"):
+            axes = self.channel_axes()
+            self._crosses = axes is not None and any(
+                a != len(_out_shape(n)) - 1 for n, a in axes.items())
+        return self._crosses
+
+    def channel_axes(self) -> dict | None:
+        """Per member: the axis of its output that holds this group's channels, where each
+        member puts them where its consumers in the group read them (a linear layer: the last
+        axis; a conv, depthwise conv, BatchNorm: axis 1), followed through transposes, permutes
+        and views that keep the channel axis whole. None where that cannot be shown. This lets
+        a group cross between layouts: a linear layer on tokens, a view of the tokens as a map
+        and a depthwise conv on it, a flatten back to tokens, a linear layer (PVT-v2's and
+        SegFormer's MLP). Indices pass such reshapes unchanged, which is right exactly then."""
+        axes: dict = {}
+        members = [n for n in self.items if not _is_param_leaf(n)]
+        for _ in range(len(members) + 1):
+            progress = False
+            for node in members:
+                if node in axes:
+                    continue
+                ins = [i for i in self.data_inputs(node) if i in self.items]
+                out = _out_shape(node)
+                if out is None:
+                    return None
+                t, op = node.type, _grad_name(node) if node.type == OPTYPE.ELEMENTWISE else ""
+                if t in (OPTYPE.CONV, OPTYPE.DEPTHWISE_CONV, OPTYPE.BN):
+                    axes[node] = 1
+                elif t == OPTYPE.LINEAR or op in ("addmm", "mm"):
+                    axes[node] = len(out) - 1
+                elif any(i not in axes for i in ins):
+                    continue
+                elif not ins:
+                    return None
+                else:
+                    found = set()
+                    for i in ins:
+                        shape = _out_shape(i)
+                        if shape is None:
+                            return None
+                        if t == OPTYPE.RESHAPE or op in ("transpose", "permute"):
+                            found.add(_axis_through(node, axes[i], len(shape)))
+                        elif t == OPTYPE.ELEMENTWISE and len(shape) == len(out):
+                            found.add(axes[i])
+                        else:
+                            return None
+                    if len(found) != 1 or None in found:
+                        return None
+                    axes[node] = found.pop()
+                progress = True
+            if not progress:
+                break
+        if len(axes) != len(members):
+            return None
+        for node in members:  # each reads the channels where it computes on them
+            want = {OPTYPE.CONV: 1, OPTYPE.DEPTHWISE_CONV: 1, OPTYPE.BN: 1}.get(node.type)
+            if node.type == OPTYPE.LINEAR or _grad_name(node) in ("addmm", "mm"):
+                want = -1
+            if want is None:
+                continue
+            for i in self.data_inputs(node):
+                if i in axes:
+                    rank = len(_out_shape(i))
+                    if axes[i] != want % rank:
+                        return None
+        return axes
+
     def unsupported(self) -> str | None:
         types = {n.type for n in self.items}
         for node in self.items:
@@ -387,7 +503,7 @@ class _Group:
                 if t == OPTYPE.BN and node.grad_fn is None:
                     return f"{node.name}: batch norm not traced"
                 if t == OPTYPE.RESHAPE and not (_reshape_ok(self.graph, node) or (
-                        last_dim and _keeps_last_dim(self.graph, node))):
+                        last_dim and (_keeps_last_dim(self.graph, node) or self.crosses_layouts()))):
                     return (f"{node.name}: a reshape other than a flatten into the next layer"
                             + (f", coupled with {last_dim[0].name}, a linear layer on a tensor "
                                "of more than 2 dimensions" if last_dim else ""))
@@ -407,6 +523,8 @@ class _Group:
                     pass  # the product of a linear layer on a >2-D tensor (checked above)
                 elif op in NORM_INSIDE and _feeds_norm(node):
                     pass  # the normalisation inside a norm-act layer's forward: per channel
+                elif op in LAYOUT_OPS and last_dim and self.crosses_layouts():
+                    pass  # moves the channel axis where the next member reads it
                 elif not (_zero_preserving(op) or op in PER_CHANNEL):
                     return f"operation {op or 'unknown'} not known to be per-channel"
                 continue
@@ -417,11 +535,17 @@ class _Group:
             # linear layer, its addmm, a reshape keeping the last dimension, or a per-feature
             # element-wise op (the flatten / concatenation mappings and the BatchNorm / conv /
             # channel-reduction checks assume channels in dimension 1)
+            # (or, where the channel axis is followed from member to member, a transpose, a
+            # view, a conv, depthwise conv or BatchNorm reading the channels in axis 1)
+            crosses = self.crosses_layouts()
             for node in self.items:
                 if _is_param_leaf(node) or node.type in (OPTYPE.LINEAR, OPTYPE.RESHAPE):
                     continue
                 op = _grad_name(node) if node.type == OPTYPE.ELEMENTWISE else ""
                 if op in ("addmm", "mm") and _feeds_linear(node):
+                    continue
+                if crosses and (op in LAYOUT_OPS or node.type in (
+                        OPTYPE.CONV, OPTYPE.DEPTHWISE_CONV, OPTYPE.BN)):
                     continue
                 if node.type != OPTYPE.ELEMENTWISE or op in ("mean", "sum") or not (
                         _zero_preserving(op) or op in PER_CHANNEL or op in ("add", "sub", "mul")):
