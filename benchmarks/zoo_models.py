@@ -214,8 +214,8 @@ def main() -> None:
     OUT.with_suffix(".json").write_text(json.dumps(record, indent=1))
     lines = ["# Real torchvision / timm models: refill channel tickets (50%) and compaction", "",
              f"Command: `{record['command']}` (torch {record['torch']}, torchvision "
-             f"{record['torchvision']}, timm {record.get('timm', '-')}; 1 thread per model, beside two "
-             "training lanes: times are upper bounds).", "",
+             f"{record['torchvision']}, timm {record.get('timm', '-')}; 1 thread per model, beside a "
+             "training lane: times are upper bounds; MACs include the attention products).", "",
              "| model | status | params before -> after | MACs before -> after | max rel. err (other inputs) "
              "| layers kept dense | groups left whole | refill + compact s | peak MB | note |",
              "|---|---|---|---|---|---|---|---|---|---|"]
