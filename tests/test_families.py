@@ -474,7 +474,8 @@ def _zoo_models():
     if importlib.util.find_spec("timm") is not None:
         out += [("timm", n) for n in ("resnet18", "mobilenetv3_small_050", "tf_efficientnet_b0",
                                       "convnext_atto", "vit_tiny_patch16_224", "regnetx_002",
-                                      "ghostnet_100", "dpn68", "swin_tiny_patch4_window7_224")]
+                                      "ghostnet_100", "dpn68", "swin_tiny_patch4_window7_224",
+                                      "pvt_v2_b0")]
     if importlib.util.find_spec("torchvision") is not None:
         out += [("torchvision", n) for n in ("resnet18", "mobilenet_v2", "shufflenet_v2_x0_5",
                                              "vit_b_16", "swin_t", "regnet_y_400mf",
@@ -510,6 +511,9 @@ def test_zoo_model_refill_compacts_exactly(lib, name):
     assert math.isfinite(small.ticketsmith_compact["verified_rel_err"])
     if "vit" in name or "swin" in name:  # timm's Attention, torchvision's swapped modules
         assert small.ticketsmith_compact["removed_heads"], "no attention head was removed"
+    if "pvt" in name:  # the MLP's hidden units, through its depthwise conv on the tokens as a map
+        fc1 = "stages.0.blocks.0.mlp.fc1"
+        assert small.get_submodule(fc1).out_features < model.get_submodule(fc1).out_features
     if "regnet" in name:  # grouped convs: cut with their groups kept, none left whole
         assert not small.ticketsmith_compact["skipped_groups"]
         assert any(isinstance(m, nn.Conv2d) and 1 < m.groups < m.out_channels
