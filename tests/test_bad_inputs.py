@@ -61,6 +61,7 @@ def setup(case: str, tmp: Path, finished: Path, monkeypatch) -> list[str]:
         monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "kahypar" else real(name, *a))
     simple = {
         "unknown-model": ["run", *QUICK, "--model", "resnet21"],
+        "model-not-a-classifier": ["run", *QUICK, "--model", "torch.nn:Identity"],
         "unknown-dataset": ["run", *QUICK, "--dataset", "mnist3d"],
         "unknown-method": ["run", *QUICK, "--method", "magic"],
         "unknown-structure": ["run", *QUICK, "--structure", "blocks"],

@@ -32,6 +32,21 @@ def not_a_model():
     return 42
 
 
+class Segmenter(nn.Module):
+    """A segmentation model's output: a dict of per-pixel logits."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.conv = nn.Conv2d(1, num_classes, 1)
+
+    def forward(self, x):
+        return {"out": self.conv(x)}
+
+
+def segmenter(num_classes):
+    return Segmenter(num_classes)
+
+
 NOT_CALLABLE = 3
 '''
 
@@ -121,3 +136,47 @@ def test_library_builders_get_the_datasets_shape(user_module):
     assert model(torch.randn(2, 3, 5, 5)).shape == (2, 7)
     # a builder that names none of the dataset's arguments gets only its kwargs
     assert ts.models.build("my_models.nets:plain", {"hidden": 3})[1].out_features == 3
+
+
+def test_torchvision_models_never_load_backbone_weights(monkeypatch):
+    """torchvision's segmentation / detection builders load ImageNet weights into their backbone
+    unless told `weights_backbone=None`, even with `weights=None`: built here, they are told;
+    a builder without that argument does not get it."""
+    import types
+
+    from torch import nn
+
+    import ticketsmith.models as M
+    calls = []
+
+    def segmentation(*, weights=None, weights_backbone="IMAGENET1K_V1", num_classes=21):
+        calls.append(weights_backbone)
+        return nn.Linear(2, num_classes)
+
+    def classifier(*, weights=None, num_classes=1000):
+        return nn.Linear(2, num_classes)
+
+    builders = {"fcn": segmentation, "net": classifier}
+    fake = types.SimpleNamespace(get_model_builder=lambda name: builders[name],
+                                 get_model=lambda name, **kw: builders[name](**kw))
+    monkeypatch.setattr(M, "_library", lambda lib, spec: fake)
+    assert ts.models.build("torchvision:fcn", num_classes=4).out_features == 4
+    assert calls == [None]
+    assert ts.models.build("torchvision:net", num_classes=3).out_features == 3
+
+
+@pytest.mark.parametrize("spec,kwargs,needle", [
+    ("my_models.nets:segmenter", [], "returns dict"),
+    ("my_models.nets:build", ["--model-kwargs", '{"in_channels": 3}'], "it raised RuntimeError"),
+    ("my_models.nets:build", ["--model-kwargs", '{"num_classes": 3}'], "returns (2, 3)")])
+def test_a_model_that_is_no_classifier_of_the_data_is_refused_before_anything_is_written(
+        user_module, capsys, spec, kwargs, needle):
+    """`ticketsmith run` trains classifiers: a model returning a dict (segmentation), one that
+    does not take the dataset's images, or one with another number of classes, is refused in
+    one line before the run directory exists."""
+    out = user_module / "run"
+    code = main(["run", "--model", spec, *kwargs, "--dataset", "digits", "--epochs", "1",
+                 "--rounds", "1", "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()

@@ -427,6 +427,7 @@ class Run:
         self.ds = tsdata.load(cfg.dataset, data_dir, None if cfg.val_size < 0 else cfg.val_size)
         self.tcfg = cfg.train_config()
         probe_model = self.new_model()
+        tsmodels.check_classifier(probe_model, self.ds, cfg.model)
         probe = Trainer(probe_model, self.ds, self.tcfg, self.dist, progress=False)
         self.total_iters = probe.total_iters
         if cfg.method in ("srigl", "rigl", "set"):  # its settings refused now, before anything is written

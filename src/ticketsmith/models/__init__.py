@@ -7,7 +7,7 @@ width (channels or units). The classifier head is each model's last layer, which
 A user's model is named by a builder spec instead of a zoo name (`build`, `ticketsmith run
 --model`): `package.module:function` (any callable returning an `nn.Module`), `timm:NAME` or
 `torchvision:NAME` (when those libraries are installed; random init, nothing is downloaded).
-Its nn.MultiheadAttention modules become `QKVAttention`, torchvision's Swin (V1) window
+Its nn.MultiheadAttention modules become `QKVAttention`, torchvision's Swin (V1, V2) window
 attention `WindowAttention` (`attention.py`: same function, prunable heads).
 """
 from __future__ import annotations
@@ -66,6 +66,30 @@ def for_dataset(name: str, ds, width: float = 1.0, kwargs: dict[str, Any] | None
     return create(name, ds.in_channels, ds.num_classes, ds.image_size, width)
 
 
+def check_classifier(model: nn.Module, ds, name: str) -> None:
+    """`ticketsmith run` trains classifiers: the model must map a batch of the dataset's images
+    to logits of shape (batch, classes). UsageError in one line otherwise (a segmentation
+    model's dict, a wrong number of classes), before anything is written."""
+    import torch
+    x = ds.train.x[:2].float()
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as e:  # noqa: BLE001 (the model is the user's: say what it raised)
+        raise UsageError(f"model {name}: it raised {_one_line(e)} on a batch of the dataset's "
+                         f"images {tuple(x.shape)}") from None
+    finally:
+        model.train(was)
+    want = (x.shape[0], ds.num_classes)
+    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if got != want:
+        raise UsageError(f"model {name}: ticketsmith run trains classifiers and needs logits of "
+                         f"shape {want} (batch, classes); it returns {got}. Other models: the "
+                         "Python API (ts.refill, ts.compact) with your own training loop")
+
+
 # -- users' models: builder specs ------------------------------------------------------------
 LIBRARIES = ("timm", "torchvision")
 # the dataset's shape, passed to a builder that names these keyword arguments
@@ -122,6 +146,16 @@ def _library(lib: str, spec: str):
                          f"({_one_line(e)}); install it: pip install {lib}") from None
 
 
+def _no_backbone_weights(tv, name: str) -> dict[str, Any]:
+    """`weights_backbone=None` where torchvision's builder takes it: its segmentation, detection
+    and video models load ImageNet weights into their backbone even with `weights=None`."""
+    try:
+        params = inspect.signature(tv.get_model_builder(name)).parameters
+    except Exception:  # noqa: BLE001 (an unknown name: get_model itself says so)
+        return {}
+    return {"weights_backbone": None} if "weights_backbone" in params else {}
+
+
 def _import(name: str):
     """Import a builder's module; a module in the current directory is found as `python -m`
     finds it, also from the `ticketsmith` console script (whose sys.path lacks the directory)."""
@@ -146,12 +180,13 @@ def build(spec: str, kwargs: dict[str, Any] | None = None, *, in_channels: int =
       plus those of `in_channels`, `num_classes` and `image_size` (the dataset's) that its
       signature names and `kwargs` does not give.
     - `timm:NAME`: `timm.create_model(NAME, pretrained=False, num_classes=..., in_chans=...)`.
-    - `torchvision:NAME`: `torchvision.models.get_model(NAME, weights=None, num_classes=...)`;
-      these take 3-channel inputs only.
+    - `torchvision:NAME`: `torchvision.models.get_model(NAME, weights=None, num_classes=...)`,
+      and `weights_backbone=None` where the builder takes one (segmentation, detection: their
+      backbone would load ImageNet weights otherwise); these take 3-channel inputs only.
     Every nn.MultiheadAttention of the model is then swapped for a `QKVAttention` computing
     the same (`prunable_attention`), so its in-projection and heads are prunable; one it
     cannot swap (kdim / vdim, add_bias_kv, add_zero_attn) stays, with a warning.
-    torchvision's Swin (V1) ShiftedWindowAttention becomes a `WindowAttention` likewise.
+    torchvision's Swin ShiftedWindowAttention (V1, V2) becomes a `WindowAttention` likewise.
     A module that does not import, a missing callable, a builder that raises or returns no
     `nn.Module`: UsageError in one line.
     """
@@ -164,12 +199,13 @@ def build(spec: str, kwargs: dict[str, Any] | None = None, *, in_channels: int =
         args = (name,)
         kwargs = {"pretrained": False, "num_classes": num_classes, "in_chans": in_channels, **kwargs}
     elif lib == "torchvision":
-        fn = _library("torchvision", spec).get_model
-        args = (name,)
+        tv = _library("torchvision", spec)
+        fn, args = tv.get_model, (name,)
         if in_channels != 3 and "in_channels" not in kwargs:
             raise UsageError(f"model {spec}: torchvision models take 3-channel inputs; this dataset "
                              f"has {in_channels} channel(s)")
-        kwargs = {"weights": None, "num_classes": num_classes, **kwargs}
+        kwargs = {"weights": None, **_no_backbone_weights(tv, name), "num_classes": num_classes,
+                  **kwargs}
     else:
         args = ()
         try:
