@@ -582,6 +582,36 @@ class TinyPVT(nn.Module):
         return self.head(self.norm(x).mean(1))
 
 
+# -- LeViT: Linear + BatchNorm1d over the tokens flattened into the batch ----------------------
+class LinearNorm(nn.Module):
+    """LeViT's LinearNorm: a Linear on tokens, then a BatchNorm1d over them flattened into the
+    batch ([B * N, C]), reshaped back."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.linear = nn.Linear(cin, cout, bias=False)
+        self.bn = nn.BatchNorm1d(cout)
+
+    def forward(self, x):
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class TinyLeViT(nn.Module):
+    """A conv stem whose map becomes the tokens, and LeViT's residual MLP of two LinearNorms."""
+
+    def __init__(self, classes=10, dim=16):
+        super().__init__()
+        self.patch = nn.Sequential(nn.Conv2d(3, dim, 4, stride=4), nn.BatchNorm2d(dim))
+        self.ln1, self.act, self.ln2 = LinearNorm(dim, 2 * dim), nn.Hardswish(), LinearNorm(2 * dim, dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = x + self.ln2(self.act(self.ln1(x)))
+        return self.head(x.mean(1))
+
+
 # -- UNet: ConvTranspose2d decoder, concatenation skips -----------------------------------------
 def _double(cin, cout):
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),

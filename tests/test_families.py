@@ -213,6 +213,31 @@ def test_transformer_mlp_hidden_units_are_removed():
         assert fc2.in_features == kept, family
 
 
+def test_levit_mlp_hidden_units_go_through_its_batch_norm_on_flattened_tokens():
+    """LeViT's LinearNorm: the hidden units' BatchNorm1d reads them in the last axis of the
+    tokens flattened into the batch. Units whose Linear row and BatchNorm affine are zero (a
+    ticket that masks the BatchNorm with its layer) go, in all three layers, exactly."""
+    from families import TinyLeViT, builder
+    model = builder(TinyLeViT)()
+    x = torch.randn(2, 3, 16, 16)
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[::3] = True
+    keep = {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters()}
+    for key in ("ln1.linear.weight", "ln1.bn.weight", "ln1.bn.bias"):
+        keep[key] = (~dead[:, None]).expand_as(keep[key]).clone() if keep[key].dim() > 1 else ~dead
+    masks = ts.Masks(keep)
+    small = C.compact(model, masks, x)
+    kept = int((~dead).sum())
+    assert small.ln1.linear.out_features == small.ln1.bn.num_features == kept
+    assert small.ln2.linear.in_features == kept
+    masked = copy.deepcopy(model)
+    masks.apply(masked)
+    with torch.no_grad():
+        for shape in [(3, 3, 16, 16), (1, 3, 20, 20)]:
+            xi = torch.randn(shape)
+            assert rel_err(masked(xi), small(xi)) < 1e-4
+
+
 def test_a_view_that_mixes_tokens_into_channels_keeps_the_group_whole():
     """MixFFN with the tokens reshaped to a map without the transpose: the conv's channels are
     no longer the Linear's features, so the hidden units stay, with the reason, and the

@@ -390,14 +390,12 @@ class _Group:
         bad = torch.zeros(self.n_roots).index_add_(0, roots, (~local_true[locs]).float())
         return bad == 0
 
-    def crosses_layouts(self) -> bool:
-        """The group's channel axis is followed from member to member (`channel_axes`) and
-        some member holds it elsewhere than a linear layer's last axis. (Cached.)"""
-        if not hasattr(self, "_crosses"):
-            axes = self.channel_axes()
-            self._crosses = axes is not None and any(
-                a != len(_out_shape(n)) - 1 for n, a in axes.items())
-        return self._crosses
+    def axes_followed(self) -> bool:
+        """The group's channel axis is followed from member to member (`channel_axes`).
+        (Cached.)"""
+        if not hasattr(self, "_followed"):
+            self._followed = self.channel_axes() is not None
+        return self._followed
 
     def channel_axes(self) -> dict | None:
         """Per member: the axis of its output that holds this group's channels, where each
@@ -503,7 +501,7 @@ class _Group:
                 if t == OPTYPE.BN and node.grad_fn is None:
                     return f"{node.name}: batch norm not traced"
                 if t == OPTYPE.RESHAPE and not (_reshape_ok(self.graph, node) or (
-                        last_dim and (_keeps_last_dim(self.graph, node) or self.crosses_layouts()))):
+                        last_dim and (_keeps_last_dim(self.graph, node) or self.axes_followed()))):
                     return (f"{node.name}: a reshape other than a flatten into the next layer"
                             + (f", coupled with {last_dim[0].name}, a linear layer on a tensor "
                                "of more than 2 dimensions" if last_dim else ""))
@@ -523,7 +521,7 @@ class _Group:
                     pass  # the product of a linear layer on a >2-D tensor (checked above)
                 elif op in NORM_INSIDE and _feeds_norm(node):
                     pass  # the normalisation inside a norm-act layer's forward: per channel
-                elif op in LAYOUT_OPS and last_dim and self.crosses_layouts():
+                elif op in LAYOUT_OPS and last_dim and self.axes_followed():
                     pass  # moves the channel axis where the next member reads it
                 elif not (_zero_preserving(op) or op in PER_CHANNEL):
                     return f"operation {op or 'unknown'} not known to be per-channel"
@@ -537,14 +535,14 @@ class _Group:
             # channel-reduction checks assume channels in dimension 1)
             # (or, where the channel axis is followed from member to member, a transpose, a
             # view, a conv, depthwise conv or BatchNorm reading the channels in axis 1)
-            crosses = self.crosses_layouts()
+            followed = self.axes_followed()
             for node in self.items:
                 if _is_param_leaf(node) or node.type in (OPTYPE.LINEAR, OPTYPE.RESHAPE):
                     continue
                 op = _grad_name(node) if node.type == OPTYPE.ELEMENTWISE else ""
                 if op in ("addmm", "mm") and _feeds_linear(node):
                     continue
-                if crosses and (op in LAYOUT_OPS or node.type in (
+                if followed and (op in LAYOUT_OPS or node.type in (
                         OPTYPE.CONV, OPTYPE.DEPTHWISE_CONV, OPTYPE.BN)):
                     continue
                 if node.type != OPTYPE.ELEMENTWISE or op in ("mean", "sum") or not (
