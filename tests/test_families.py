@@ -215,8 +215,8 @@ def test_transformer_mlp_hidden_units_are_removed():
 
 def test_levit_mlp_hidden_units_go_through_its_batch_norm_on_flattened_tokens():
     """LeViT's LinearNorm: the hidden units' BatchNorm1d reads them in the last axis of the
-    tokens flattened into the batch. Units whose Linear row and BatchNorm affine are zero (a
-    ticket that masks the BatchNorm with its layer) go, in all three layers, exactly."""
+    tokens flattened into the batch. Units whose Linear row and BatchNorm affine are zero go,
+    in all three layers, exactly; a refill ticket zeroes that BatchNorm with its layer."""
     from families import TinyLeViT, builder
     model = builder(TinyLeViT)()
     x = torch.randn(2, 3, 16, 16)
@@ -236,6 +236,13 @@ def test_levit_mlp_hidden_units_go_through_its_batch_norm_on_flattened_tokens():
         for shape in [(3, 3, 16, 16), (1, 3, 20, 20)]:
             xi = torch.randn(shape)
             assert rel_err(masked(xi), small(xi)) < 1e-4
+    # a refill ticket: its companions zero the BatchNorm1d of the dropped units (reached
+    # through the flatten of the tokens), so they go
+    masks = structured("refill", model, x)
+    dropped = ~masks["ln1.linear.weight"].any(dim=1)
+    assert bool(dropped.any()) and not bool((masks["ln1.bn.weight"] & dropped).any())
+    small = C.compact(model, masks, x)
+    assert small.ln1.bn.num_features == small.ln2.linear.in_features < 32
 
 
 def test_a_view_that_mixes_tokens_into_channels_keeps_the_group_whole():

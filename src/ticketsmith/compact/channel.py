@@ -49,7 +49,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..masks import copy_module
-from ..structure.graph import DependencyGraph, IndexMappingTooLarge
+from ..structure.graph import DependencyGraph, IndexMappingTooLarge, axis_through, output_shape
 
 OPTYPE = tp.ops.OPTYPE
 _U64 = 1 << 64
@@ -297,43 +297,6 @@ def _feeds_linear(node) -> bool:
         for o in node.outputs)
 
 
-def _out_shape(node) -> tuple[int, ...] | None:
-    """The shape of what a traced node computed (its autograd node's record of its output)."""
-    g = node.grad_fn
-    try:
-        return tuple(int(d) for d in g._input_metadata[0].shape)
-    except (AttributeError, IndexError, RuntimeError, TypeError):
-        return None
-
-
-def _axis_through(node, axis: int, rank: int) -> int | None:
-    """Where the axis `axis` (of a rank-`rank` input) of a transpose / permute / view lands in
-    the node's output, or None if the node merges it with others or splits it."""
-    g, op = node.grad_fn, _grad_name(node)
-    out = _out_shape(node)
-    if out is None:
-        return None
-    if op == "transpose":
-        d0, d1 = (int(getattr(g, a)) % rank for a in ("_saved_dim0", "_saved_dim1"))
-        return d1 if axis == d0 else d0 if axis == d1 else axis
-    if op == "permute":
-        dims = [int(d) % rank for d in g._saved_dims]
-        return dims.index(axis)
-    sizes = getattr(g, "_saved_self_sym_sizes", None)
-    if sizes is None:
-        return None
-    sizes = [int(d) for d in sizes]
-    before = 1
-    for d in sizes[:axis]:
-        before *= d
-    seen = 1
-    for b, d in enumerate(out):  # the output axis with the same elements before it, same size
-        if seen == before and d == sizes[axis]:
-            return b
-        seen *= d
-    return None
-
-
 # The normalisation op inside a norm-act layer (a BatchNorm subclass whose forward calls
 # F.batch_norm and then an activation, like timm's BatchNormAct2d): the graph sees it as an
 # element-wise op feeding the module's own node (whose output is the activation's).
@@ -413,7 +376,7 @@ class _Group:
                 if node in axes:
                     continue
                 ins = [i for i in self.data_inputs(node) if i in self.items]
-                out = _out_shape(node)
+                out = output_shape(node)
                 if out is None:
                     return None
                 t, op = node.type, _grad_name(node) if node.type == OPTYPE.ELEMENTWISE else ""
@@ -428,11 +391,11 @@ class _Group:
                 else:
                     found = set()
                     for i in ins:
-                        shape = _out_shape(i)
+                        shape = output_shape(i)
                         if shape is None:
                             return None
                         if t == OPTYPE.RESHAPE or op in ("transpose", "permute"):
-                            found.add(_axis_through(node, axes[i], len(shape)))
+                            found.add(axis_through(node, axes[i], len(shape)))
                         elif t == OPTYPE.ELEMENTWISE and len(shape) == len(out):
                             found.add(axes[i])
                         else:
@@ -453,7 +416,7 @@ class _Group:
                 continue
             for i in self.data_inputs(node):
                 if i in axes:
-                    rank = len(_out_shape(i))
+                    rank = len(output_shape(i))
                     if axes[i] != want % rank:
                         return None
         return axes

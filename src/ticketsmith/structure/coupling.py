@@ -25,7 +25,7 @@ from torch_pruning._helpers import _HybridIndex
 
 from ..errors import UsageError
 from ..masks import PRUNABLE_TYPES, Masks
-from .graph import DependencyGraph, IndexMappingTooLarge
+from .graph import DependencyGraph, IndexMappingTooLarge, axis_through, output_shape
 
 # Norms that act on each channel separately: zeroing a channel's affine weight and bias makes
 # their output exactly zero on that channel, whatever its input. LayerNorm / GroupNorm mix
@@ -385,15 +385,23 @@ def _walk_forward(dg, root, c_out: int):
     reach. Returns ([(norm node, positions, rows)], reaches the model's output, norms reached
     past a node without index mapping). Past such a node (a channel shuffle, see `graph`) the
     channels' positions are not known: the walk goes on only to learn whether the model's
-    output or a norm is reached (whose channels are then never zeroed)."""
+    output or a norm is reached (whose channels are then never zeroed), unless the node is a
+    view that keeps the channel axis whole (LeViT's linear layer on tokens, flattened into the
+    batch for its BatchNorm1d): the channel axis is followed from the layer (a linear layer's
+    last, a conv's 1) through such views and transposes, and a norm reached that way counts
+    where it reads the channels in axis 1."""
     start = [_HybridIndex(idx=i, root_idx=i) for i in range(c_out)]
-    stack, seen, hits, out = [(root, start)], set(), [], False
+    shape = output_shape(root)
+    axis = None if shape is None else (len(shape) - 1 if isinstance(root.module, nn.Linear) else 1)
+    # (node, indices, channel axis of its output or None, passed a node without mapping)
+    stack, seen, hits, out = [(root, start, axis, False)], set(), [], False
     blind: list = []
     while stack:
-        node, idxs = stack.pop()
+        node, idxs, axis, viewed = stack.pop()
         deps = _forward_deps(node)
         if not deps:
             out = True  # nothing consumes it: a model output
+        rank = len(output_shape(node) or ())
         for dep in deps:
             new = idxs
             for mapping in dep.index_mapping:
@@ -402,17 +410,29 @@ def _walk_forward(dg, root, c_out: int):
             if not new:
                 continue
             t = dep.target
+            moved = axis_through(t, axis, rank) if axis is not None and rank else None
             if t.type == tpops.OPTYPE.OUTPUT:
                 out = True
             elif isinstance(t.module, CHANNEL_NORMS):
-                hits.append((t, [i.idx for i in new], [i.root_idx for i in new]))
+                if viewed and axis != 1:
+                    blind.append(t)  # reads another axis than the one followed
+                else:
+                    hits.append((t, [i.idx for i in new], [i.root_idx for i in new]))
             elif t in dg.unmapped:
-                blind.append(t)
+                if moved is not None and t.type == tpops.OPTYPE.RESHAPE:
+                    key = (id(t), tuple(new), moved)
+                    if key not in seen:
+                        seen.add(key)
+                        stack.append((t, new, moved, True))
+                else:
+                    blind.append(t)
             elif t.type in _PASS:
                 key = (id(t), tuple(new))
                 if key not in seen:
                     seen.add(key)
-                    stack.append((t, new))
+                    op = t.grad_fn.name().lower() if t.grad_fn is not None else ""
+                    turned = op.startswith(("transpose", "permute"))
+                    stack.append((t, new, moved if turned else axis, viewed))
             # any other node (a layer, a channel-mixing norm, attention, ...) ends the walk
     reached, seen_blind = set(), set()
     while blind:

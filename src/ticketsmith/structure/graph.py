@@ -355,6 +355,44 @@ class DependencyGraph(tp.DependencyGraph):
         return outs == features
 
 
+def output_shape(node) -> tuple[int, ...] | None:
+    """The shape of what a traced node computed (its autograd node's record of its output)."""
+    g = node.grad_fn
+    try:
+        return tuple(int(d) for d in g._input_metadata[0].shape)
+    except (AttributeError, IndexError, RuntimeError, TypeError):
+        return None
+
+
+def axis_through(node, axis: int, rank: int) -> int | None:
+    """Where the axis `axis` (of a rank-`rank` input) of a transpose / permute / view lands in
+    the node's output, or None if the node merges it with others or splits it."""
+    g = node.grad_fn
+    op = g.name().lower().replace("backward", "").rstrip("0123456789") if g is not None else ""
+    out = output_shape(node)
+    if out is None:
+        return None
+    if op == "transpose":
+        d0, d1 = (int(getattr(g, a)) % rank for a in ("_saved_dim0", "_saved_dim1"))
+        return d1 if axis == d0 else d0 if axis == d1 else axis
+    if op == "permute":
+        dims = [int(d) % rank for d in g._saved_dims]
+        return dims.index(axis)
+    sizes = getattr(g, "_saved_self_sym_sizes", None)
+    if sizes is None:
+        return None
+    sizes = [int(d) for d in sizes]
+    before = 1
+    for d in sizes[:axis]:
+        before *= d
+    seen = 1
+    for b, d in enumerate(out):  # the output axis with the same elements before it, same size
+        if seen == before and d == sizes[axis]:
+            return b
+        seen *= d
+    return None
+
+
 def build(model: nn.Module, example_inputs, forward_fn=None) -> DependencyGraph:
     """The dependency graph of `model` traced on `example_inputs` (gradients must be enabled)."""
     with torch.enable_grad():
@@ -362,4 +400,5 @@ def build(model: nn.Module, example_inputs, forward_fn=None) -> DependencyGraph:
                                                   verbose=False)
 
 
-__all__ = ["DependencyGraph", "IndexMappingTooLarge", "build", "widest"]
+__all__ = ["DependencyGraph", "IndexMappingTooLarge", "axis_through", "build", "output_shape",
+           "widest"]
