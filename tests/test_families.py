@@ -77,6 +77,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max()) / max(float(a.abs().max()), 1e-12)
 
 
+def assert_matches_masked(model: nn.Module, masks, small: nn.Module, shapes) -> None:
+    """`small` computes what `model` with `masks` applied computes, on random inputs of `shapes`."""
+    masked = copy.deepcopy(model)
+    masks.apply(masked)
+    with torch.no_grad():
+        for s in shapes:
+            xi = torch.randn(s)
+            assert rel_err(masked(xi), small(xi)) < 1e-4
+
+
 def n_params(model: nn.Module) -> int:
     return sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())
 
@@ -180,12 +190,7 @@ def test_attention_reads_out_proj_weight(small_executors):
     assert type(small.block.attn.out_proj) is type(model.block.attn.out_proj)
     assert "its owner reads its parameters directly" in rows["block.attn.out_proj"]["reason"]
     assert rows["block.fc1"]["module"] == "CondensedLinear"
-    masked = copy.deepcopy(model)
-    masks.apply(masked)
-    with torch.no_grad():
-        for s in others:
-            xi = torch.randn(s)
-            assert rel_err(masked(xi), small(xi)) < 1e-4
+    assert_matches_masked(model, masks, small, others)
     assert bool((small.block.attn.out_proj.weight[~masks["block.attn.out_proj.weight"]] == 0).all())
 
 
@@ -230,12 +235,7 @@ def test_levit_mlp_hidden_units_go_through_its_batch_norm_on_flattened_tokens():
     kept = int((~dead).sum())
     assert small.ln1.linear.out_features == small.ln1.bn.num_features == kept
     assert small.ln2.linear.in_features == kept
-    masked = copy.deepcopy(model)
-    masks.apply(masked)
-    with torch.no_grad():
-        for shape in [(3, 3, 16, 16), (1, 3, 20, 20)]:
-            xi = torch.randn(shape)
-            assert rel_err(masked(xi), small(xi)) < 1e-4
+    assert_matches_masked(model, masks, small, [(3, 3, 16, 16), (1, 3, 20, 20)])
     # a refill ticket: its companions zero the BatchNorm1d of the dropped units (reached
     # through the flatten of the tokens), so they go
     masks = structured("refill", model, x)
@@ -258,12 +258,7 @@ def test_a_view_that_mixes_tokens_into_channels_keeps_the_group_whole():
     assert small.mlp.fc1.out_features == model.mlp.fc1.out_features
     why = {r["layer"]: r.get("group_left_whole") for r in C.describe(small)}
     assert "reshape" in (why["mlp.fc1"] or ""), why["mlp.fc1"]
-    masked = copy.deepcopy(model)
-    masks.apply(masked)
-    with torch.no_grad():
-        for s in others:
-            xi = torch.randn(s)
-            assert rel_err(masked(xi), small(xi)) < 1e-4
+    assert_matches_masked(model, masks, small, others)
 
 
 @pytest.mark.parametrize("family,qkv,proj,at", [("vit_timm", "qkv", "proj", "block.attn"),

@@ -163,14 +163,16 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> tuple[int, dict[str, int], 
     def enter(mod, inp):
         depth[0] += 1
 
+    def leave(mod, inp, out):
+        depth[0] -= 1
+
     for name, m in layers.items():
         handles.append(m.register_forward_pre_hook(enter))
+        handles.append(m.register_forward_hook(leave))
         if name in nested:  # a conv inside an executor is counted by the executor
-            handles.append(m.register_forward_hook(lambda mod, inp, out: depth.__setitem__(0, depth[0] - 1)))
             continue
 
         def hook(mod, inp, out, name=name):
-            depth[0] -= 1
             # output positions: a conv's outputs hold channels in dim 1, a linear layer's
             # (and a linear executor's) in the last dim, e.g. tokens x features
             conv = isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or hasattr(mod, "macs_per_position")

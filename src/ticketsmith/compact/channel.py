@@ -49,7 +49,8 @@ from torch import nn
 
 from ..errors import UsageError
 from ..masks import copy_module
-from ..structure.graph import DependencyGraph, IndexMappingTooLarge, axis_through, output_shape
+from ..structure.graph import (DependencyGraph, IndexMappingTooLarge, axis_through, op_name,
+                               output_shape)
 
 OPTYPE = tp.ops.OPTYPE
 _U64 = 1 << 64
@@ -201,12 +202,6 @@ def trace(model: nn.Module, inputs: tuple) -> tuple[tp.DependencyGraph, set]:
     out_nodes = {n for n in graph.module2node.values()
                  if n.type == OPTYPE.OUTPUT or n.grad_fn in out_fns}
     return graph, out_nodes
-
-
-def _grad_name(node) -> str:
-    g = node.grad_fn
-    name = g.name() if g is not None and hasattr(g, "name") else ""
-    return name.lower().replace("backward", "").rstrip("0123456789")
 
 
 def _is_param_leaf(node) -> bool:
@@ -379,7 +374,7 @@ class _Group:
                 out = output_shape(node)
                 if out is None:
                     return None
-                t, op = node.type, _grad_name(node) if node.type == OPTYPE.ELEMENTWISE else ""
+                t, op = node.type, op_name(node) if node.type == OPTYPE.ELEMENTWISE else ""
                 if t in (OPTYPE.CONV, OPTYPE.DEPTHWISE_CONV, OPTYPE.BN):
                     axes[node] = 1
                 elif t == OPTYPE.LINEAR or op in ("addmm", "mm"):
@@ -394,7 +389,7 @@ class _Group:
                         shape = output_shape(i)
                         if shape is None:
                             return None
-                        if t == OPTYPE.RESHAPE or op in ("transpose", "permute"):
+                        if t == OPTYPE.RESHAPE or op in LAYOUT_OPS:
                             found.add(axis_through(node, axes[i], len(shape)))
                         elif t == OPTYPE.ELEMENTWISE and len(shape) == len(out):
                             found.add(axes[i])
@@ -410,7 +405,7 @@ class _Group:
             return None
         for node in members:  # each reads the channels where it computes on them
             want = {OPTYPE.CONV: 1, OPTYPE.DEPTHWISE_CONV: 1, OPTYPE.BN: 1}.get(node.type)
-            if node.type == OPTYPE.LINEAR or _grad_name(node) in ("addmm", "mm"):
+            if node.type == OPTYPE.LINEAR or op_name(node) in ("addmm", "mm"):
                 want = -1
             if want is None:
                 continue
@@ -431,7 +426,7 @@ class _Group:
                     # every call: there is no weight tensor to cut
                     return f"{node.name}: {opaque_reason(node.module)}"
         last_dim = [n for n in self.items if n.type == OPTYPE.LINEAR and not _is_param_leaf(n)
-                    and _grad_name(n) not in ("addmm", "mm")]
+                    and op_name(n) not in ("addmm", "mm")]
         # (a reshape without index mapping is refused below, with its own reason)
         flatten = any(n.type == OPTYPE.RESHAPE and n not in self.graph.unmapped for n in self.items)
         if OPTYPE.CONCAT in types and flatten:
@@ -470,7 +465,7 @@ class _Group:
                                "of more than 2 dimensions" if last_dim else ""))
                 continue
             if t == OPTYPE.ELEMENTWISE:
-                op = _grad_name(node)
+                op = op_name(node)
                 if op in ("add", "sub"):
                     if _untraced_operand(node):
                         return f"operation {op} with a constant operand"
@@ -502,7 +497,7 @@ class _Group:
             for node in self.items:
                 if _is_param_leaf(node) or node.type in (OPTYPE.LINEAR, OPTYPE.RESHAPE):
                     continue
-                op = _grad_name(node) if node.type == OPTYPE.ELEMENTWISE else ""
+                op = op_name(node) if node.type == OPTYPE.ELEMENTWISE else ""
                 if op in ("addmm", "mm") and _feeds_linear(node):
                     continue
                 if followed and (op in LAYOUT_OPS or node.type in (
@@ -587,7 +582,7 @@ class _Group:
         elif t in (OPTYPE.PRELU, OPTYPE.RESHAPE, OPTYPE.CONCAT, OPTYPE.EXPAND):
             z = self.zero_in(node)
         elif t == OPTYPE.ELEMENTWISE:
-            op = _grad_name(node)
+            op = op_name(node)
             if _is_param_leaf(node) or op in PER_CHANNEL or op in NORM_INSIDE:
                 # (a norm-act layer's inner normalisation maps zero to its affine bias: the
                 # BatchNorm node after it decides whether the channel is dead)

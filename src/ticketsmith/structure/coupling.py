@@ -25,7 +25,7 @@ from torch_pruning._helpers import _HybridIndex
 
 from ..errors import UsageError
 from ..masks import PRUNABLE_TYPES, Masks
-from .graph import DependencyGraph, IndexMappingTooLarge, axis_through, output_shape
+from .graph import DependencyGraph, IndexMappingTooLarge, axis_through, op_name, output_shape
 
 # Norms that act on each channel separately: zeroing a channel's affine weight and bias makes
 # their output exactly zero on that channel, whatever its input. LayerNorm / GroupNorm mix
@@ -379,6 +379,12 @@ def _forward_deps(node):
     return [d for d in node.dependencies if d.source is node and id(d.target) in outs]
 
 
+def _moved(node, axis: int | None, rank: int) -> int | None:
+    """Where a view / transpose puts the channel axis `axis` of its rank-`rank` input (None:
+    not known, or not kept whole)."""
+    return axis_through(node, axis, rank) if axis is not None and rank else None
+
+
 def _walk_forward(dg, root, c_out: int):
     """From a layer's node, follow its channels forward through parameter-free ops (mapping
     indices through concat/split/flatten as torch-pruning does) to the per-channel norms they
@@ -410,7 +416,6 @@ def _walk_forward(dg, root, c_out: int):
             if not new:
                 continue
             t = dep.target
-            moved = axis_through(t, axis, rank) if axis is not None and rank else None
             if t.type == tpops.OPTYPE.OUTPUT:
                 out = True
             elif isinstance(t.module, CHANNEL_NORMS):
@@ -419,7 +424,8 @@ def _walk_forward(dg, root, c_out: int):
                 else:
                     hits.append((t, [i.idx for i in new], [i.root_idx for i in new]))
             elif t in dg.unmapped:
-                if moved is not None and t.type == tpops.OPTYPE.RESHAPE:
+                moved = _moved(t, axis, rank) if t.type == tpops.OPTYPE.RESHAPE else None
+                if moved is not None:
                     key = (id(t), tuple(new), moved)
                     if key not in seen:
                         seen.add(key)
@@ -430,9 +436,8 @@ def _walk_forward(dg, root, c_out: int):
                 key = (id(t), tuple(new))
                 if key not in seen:
                     seen.add(key)
-                    op = t.grad_fn.name().lower() if t.grad_fn is not None else ""
-                    turned = op.startswith(("transpose", "permute"))
-                    stack.append((t, new, moved if turned else axis, viewed))
+                    turned = op_name(t) in ("transpose", "permute")
+                    stack.append((t, new, _moved(t, axis, rank) if turned else axis, viewed))
             # any other node (a layer, a channel-mixing norm, attention, ...) ends the walk
     reached, seen_blind = set(), set()
     while blind:

@@ -355,6 +355,14 @@ class DependencyGraph(tp.DependencyGraph):
         return outs == features
 
 
+def op_name(node) -> str:
+    """The operation a traced node ran: its autograd node's name in lower case, without
+    "backward" and the trailing digits ("transpose", "addmm", "view"); "" for none."""
+    g = node.grad_fn
+    name = g.name() if g is not None and hasattr(g, "name") else ""
+    return name.lower().replace("backward", "").rstrip("0123456789")
+
+
 def output_shape(node) -> tuple[int, ...] | None:
     """The shape of what a traced node computed (its autograd node's record of its output)."""
     g = node.grad_fn
@@ -367,8 +375,7 @@ def output_shape(node) -> tuple[int, ...] | None:
 def axis_through(node, axis: int, rank: int) -> int | None:
     """Where the axis `axis` (of a rank-`rank` input) of a transpose / permute / view lands in
     the node's output, or None if the node merges it with others or splits it."""
-    g = node.grad_fn
-    op = g.name().lower().replace("backward", "").rstrip("0123456789") if g is not None else ""
+    g, op = node.grad_fn, op_name(node)
     out = output_shape(node)
     if out is None:
         return None
@@ -400,5 +407,5 @@ def build(model: nn.Module, example_inputs, forward_fn=None) -> DependencyGraph:
                                                   verbose=False)
 
 
-__all__ = ["DependencyGraph", "IndexMappingTooLarge", "axis_through", "build", "output_shape",
-           "widest"]
+__all__ = ["DependencyGraph", "IndexMappingTooLarge", "axis_through", "build", "op_name",
+           "output_shape", "widest"]
