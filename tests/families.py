@@ -467,24 +467,91 @@ class TimmWindowAttention(nn.Module):
         return self.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(B_, N, -1))
 
 
-class TimmWindows(nn.Module):
-    """timm's Swin block around its attention: pad the [B, H, W, C] map to whole windows, cut
-    them out, attend within each (a zero mask handed as an argument), put them back."""
+class TimmWindowAttentionV2(nn.Module):
+    """timm's Swin V2 WindowAttention (its class name, attributes and forward): q_bias, a zero
+    keys' bias buffer and v_bias added through F.linear on qkv.weight, cosine attention scaled
+    by a per-head logit scale, 16 sigmoid of a bias MLP's output, the heads' output reshaped to
+    the input width C."""
 
-    def __init__(self, dim, window, num_heads):
+    def __init__(self, dim, window, num_heads, qkv_bias=True):
         super().__init__()
-        self.window = window
-        self.attn = TimmWindowAttention(dim, window, num_heads)
+        self.window_size, self.num_heads = (window, window), num_heads
+        self.logit_scale = nn.Parameter(torch.log(10 * torch.ones((num_heads, 1, 1)))
+                                        + 0.3 * torch.randn(num_heads, 1, 1))
+        self.cpb_mlp = nn.Sequential(nn.Linear(2, 512, bias=True), nn.ReLU(inplace=True),
+                                     nn.Linear(512, num_heads, bias=False))
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        if qkv_bias:
+            self.q_bias = nn.Parameter(torch.randn(dim) * 0.5)
+            self.register_buffer("k_bias", torch.zeros(dim), persistent=False)
+            self.v_bias = nn.Parameter(torch.randn(dim) * 0.5)
+        else:
+            self.q_bias = self.k_bias = self.v_bias = None
+        self.attn_drop = nn.Dropout(0.0)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(0.0)
+        r = torch.arange(-(window - 1), window, dtype=torch.float32)
+        table = torch.stack(torch.meshgrid([r, r], indexing="ij")).permute(1, 2, 0).unsqueeze(0)
+        table = table / (window - 1) * 8
+        self.register_buffer("relative_coords_table",
+                             torch.sign(table) * torch.log2(table.abs() + 1.0) / 3.0, persistent=False)
+        c = torch.arange(window)
+        coords = torch.flatten(torch.stack(torch.meshgrid(c, c, indexing="ij")), 1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
+        self.register_buffer("relative_position_index", rel[..., 0] * (2 * window - 1) + rel[..., 1],
+                             persistent=False)
+
+    def forward(self, x, mask=None):
+        B_, N, C = x.shape
+        if self.q_bias is None:
+            qkv = self.qkv(x)
+        else:
+            qkv = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
+        q, k, v = qkv.reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()
+        table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+        bias = table[self.relative_position_index.view(-1)].view(N, N, -1).permute(2, 0, 1)
+        attn = attn + 16 * torch.sigmoid(bias.contiguous()).unsqueeze(0)
+        if mask is not None:
+            attn = attn.view(-1, mask.shape[0], self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.num_heads, N, N)
+        x = self.attn_drop(attn.softmax(-1))
+        return self.proj_drop(self.proj((x @ v).transpose(1, 2).reshape(B_, N, C)))
+
+
+TimmWindowAttentionV2.__name__ = TimmWindowAttentionV2.__qualname__ = "WindowAttention"  # timm's
+
+
+class TimmWindows(nn.Module):
+    """timm's Swin block around its attention: pad the [B, H, W, C] map to whole windows, roll
+    it by `shift`, cut the windows out, attend within each (the shift mask, zero without a
+    shift, handed as an argument), put them back. `v2`: timm's Swin V2 attention."""
+
+    def __init__(self, dim, window, num_heads, shift=0, v2=False):
+        super().__init__()
+        self.window, self.shift = window, shift
+        self.attn = (TimmWindowAttentionV2 if v2 else TimmWindowAttention)(dim, window, num_heads)
 
     def forward(self, x):
         B, H, W, C = x.shape
-        w = self.window
+        w, s = self.window, self.shift
         x = F.pad(x, (0, 0, 0, (w - W % w) % w, 0, (w - H % w) % w))
         ph, pw = x.shape[1:3]
+        region = x.new_zeros(ph, pw)
+        if s:
+            x = torch.roll(x, shifts=(-s, -s), dims=(1, 2))
+            for i, hs in enumerate((slice(0, -w), slice(-w, -s), slice(-s, None))):
+                for j, ws in enumerate((slice(0, -w), slice(-w, -s), slice(-s, None))):
+                    region[hs, ws] = 3 * i + j
+        region = region.view(ph // w, w, pw // w, w).permute(0, 2, 1, 3).reshape(-1, w * w)
+        mask = region.unsqueeze(1) - region.unsqueeze(2)
+        mask = mask.masked_fill(mask != 0, -100.0)
         win = x.view(B, ph // w, w, pw // w, w, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, w * w, C)
-        mask = x.new_zeros(ph // w * (pw // w), w * w, w * w)
         out = self.attn(win, mask=mask)
         out = out.view(B, ph // w, pw // w, w, w, C).permute(0, 1, 3, 2, 4, 5).reshape(B, ph, pw, C)
+        if s:
+            out = torch.roll(out, shifts=(s, s), dims=(1, 2))
         return out[:, :H, :W].contiguous()
 
 
@@ -494,8 +561,8 @@ class SwinBlock(nn.Module):
     def __init__(self, dim, window, shift, heads, kind="v1"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        if kind == "timm":
-            self.attn = TimmWindows(dim, window, heads)
+        if kind in ("timm", "timm_v2"):
+            self.attn = TimmWindows(dim, window, heads, shift, v2=kind == "timm_v2")
         else:
             cls = ShiftedWindowAttentionV2 if kind == "v2" else ShiftedWindowAttention
             self.attn = cls(dim, [window, window], [shift, shift], heads)
@@ -851,6 +918,8 @@ FAMILIES = {
     "swin_v2_windows": (builder(TinySwinWindows, kind="v2"), (2, 3, 32, 32),
                         [(3, 3, 32, 32), (1, 3, 40, 40)]),
     "swin_timm": (builder(TinySwin, kind="timm"), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 40, 40)]),
+    "swin_v2_timm": (builder(TinySwinWindows, kind="timm_v2"), (2, 3, 32, 32),
+                     [(3, 3, 32, 32), (1, 3, 40, 40)]),
     "unet": (builder(TinyUNet), (2, 3, 8, 8), [(3, 3, 8, 8), (1, 3, 16, 16)]),
     "pvt_mix_ffn": (builder(TinyPVT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 20, 20)]),
     "vit_mha": (builder(TinyViT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),

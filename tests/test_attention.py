@@ -318,3 +318,39 @@ def test_window_attention_computes_what_swin_window_attention_computes(version):
                 assert torch.allclose(a, b, atol=1e-5)
             if version == "v2":
                 assert not bool(g_got[1][16:32].any())  # qkv.bias: the keys' third
+
+
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_timm_swin_v2_attention_is_swapped_for_one_computing_the_same(qkv_bias):
+    """timm's Swin V2 WindowAttention (the replica in families.py: class name, attributes,
+    forward) swapped for a TimmWindowAttentionV2: the same outputs with and without the
+    block's shift mask, in training mode too, and the same gradients: q_bias's and v_bias's are
+    those of the qkv bias's first and last thirds, the keys' third gets none; the weights and
+    the bias MLP are the original's own; nothing else of the module is left behind."""
+    from families import TimmWindowAttentionV2 as Replica
+
+    from ticketsmith.models import TimmWindowAttentionV2
+    torch.manual_seed(0)
+    timm = Replica(16, 4, 4, qkv_bias=qkv_bias)
+    holder = nn.Sequential(timm)
+    assert not prunable_attention(holder)
+    ours = holder[0]
+    assert isinstance(ours, TimmWindowAttentionV2) and (ours.num_heads, ours.head_dim) == (4, 4)
+    assert ours.qkv.weight is timm.qkv.weight and ours.cpb_mlp is timm.cpb_mlp
+    assert set(ours.state_dict()) == {"qkv.weight", "proj.weight", "proj.bias", "logit_scale",
+                                      "cpb_mlp.0.weight", "cpb_mlp.0.bias", "cpb_mlp.2.weight"} | (
+        {"qkv.bias"} if qkv_bias else set())  # timm's buffers are not saved: neither are these
+    mask = torch.zeros(2, 16, 16).masked_fill(torch.rand(2, 16, 16) < 0.3, -100.0)
+    for m in (None, mask):
+        x = torch.randn(6, 16, 16, requires_grad=True)
+        ref, got = timm(x, m), ours(x, mask=m)
+        assert torch.allclose(ref, got, atol=1e-6)
+        wrt = [x, timm.qkv.weight, timm.logit_scale, timm.cpb_mlp[2].weight]
+        g_ref = torch.autograd.grad(ref.square().sum(), wrt + ([timm.q_bias, timm.v_bias] if qkv_bias else []))
+        g_got = torch.autograd.grad(got.square().sum(), wrt + ([ours.qkv.bias] if qkv_bias else []))
+        for a, b in zip(g_ref[:4], g_got[:4]):
+            assert torch.allclose(a, b, atol=1e-5)
+        if qkv_bias:
+            assert torch.allclose(g_ref[4], g_got[4][:16], atol=1e-5)
+            assert torch.allclose(g_ref[5], g_got[4][32:], atol=1e-5)
+            assert g_got[4][16:32].abs().max() < 1e-5  # the keys' bias: cancelled

@@ -265,11 +265,13 @@ def test_a_view_that_mixes_tokens_into_channels_keeps_the_group_whole():
                                                  ("vit_qkv", "in_proj", "out_proj", "block.attn"),
                                                  ("swin_windows", "qkv", "proj", "block3.attn"),
                                                  ("swin_v2_windows", "qkv", "proj", "block3.attn"),
-                                                 ("swin_timm", "qkv", "proj", "block3.attn.attn")])
+                                                 ("swin_timm", "qkv", "proj", "block3.attn.attn"),
+                                                 ("swin_v2_timm", "qkv", "proj", "block3.attn.attn")])
 def test_attention_heads_are_refilled_and_removed(family, qkv, proj, at, tmp_path):
     """A channel ticket of a timm-style attention (or of nn.MultiheadAttention swapped for a
     QKVAttention, or of torchvision's Swin V1 / V2 window attention swapped for a
-    WindowAttention, or timm's Swin window attention as it is) keeps or drops whole heads (q, k,
+    WindowAttention, or timm's Swin window attention as it is, or timm's Swin V2 window
+    attention swapped for a TimmWindowAttentionV2) keeps or drops whole heads (q, k,
     v rows and the projection's columns), and compaction removes the dropped ones: num_heads goes
     down, the parameters by the heads' share (Swin: with their columns of the relative position
     bias table, found by shape in timm's; Swin V2: their logit scales and rows of the bias MLP),
@@ -502,7 +504,7 @@ def _zoo_models():
         out += [("timm", n) for n in ("resnet18", "mobilenetv3_small_050", "tf_efficientnet_b0",
                                       "convnext_atto", "vit_tiny_patch16_224", "regnetx_002",
                                       "ghostnet_100", "dpn68", "swin_tiny_patch4_window7_224",
-                                      "pvt_v2_b0")]
+                                      "pvt_v2_b0", "swinv2_tiny_window8_256")]
     if importlib.util.find_spec("torchvision") is not None:
         out += [("torchvision", n) for n in ("resnet18", "mobilenet_v2", "shufflenet_v2_x0_5",
                                              "vit_b_16", "swin_t", "regnet_y_400mf",
@@ -525,7 +527,9 @@ def _zoo_model(lib: str, name: str) -> nn.Module:
 def test_zoo_model_refill_compacts_exactly(lib, name):
     torch.manual_seed(0)
     model = _zoo_model(lib, name).eval()
-    size = 224 if "vit" in name or (lib == "timm" and "swin" in name) else 64  # fixed sizes
+    size = 64  # timm's ViT and Swin fix their input size
+    if "vit" in name or (lib == "timm" and "swin" in name):
+        size = 256 if name.endswith("_256") else 224
     x = torch.randn(1, 3, size, size)
     masks = ts.refill(model, magnitude(model, 0.5), example_inputs=x)
     masked = copy.deepcopy(model)

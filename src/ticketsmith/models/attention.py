@@ -17,7 +17,8 @@ baseline so: torch's own module, which a user would run).
 torchvision's Swin `ShiftedWindowAttention` (V1) and `ShiftedWindowAttentionV2` hand their qkv
 and proj weights to a function and derive the head width from the input width: `WindowAttention`
 is the same function with the Linears called as modules and a fixed `head_dim` (the timm pattern
-again), and `prunable_attention` swaps it in as well.
+again), and `prunable_attention` swaps it in as well. timm's Swin V2 `WindowAttention` reads its
+qkv weight itself and reshapes to the input width too: `TimmWindowAttentionV2` is swapped in.
 """
 from __future__ import annotations
 
@@ -293,32 +294,87 @@ class WindowAttention(nn.Module):
             x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
         nw, n = (ph // wh) * (pw // ww), wh * ww
         x = x.view(b, ph // wh, wh, pw // ww, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(b * nw, n, c)
+        mask = _shift_mask(x, ph, pw, self.window_size, shift) if sum(shift) > 0 else None
+        x = self._attend(x, mask)
+        x = x.view(b, ph // wh, pw // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(b, ph, pw, c)
+        if sum(shift) > 0:
+            x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
+        return x[:, :h, :w, :].contiguous()
+
+    def _attend(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention within each window: x [B * windows, N, C] -> [B * windows, N, C]; `mask`
+        ([windows, N, N], or None) is added to the scores of every image's windows."""
+        bn, n, _ = x.shape
         heads, hd = self.num_heads, self.head_dim
         qkv = self.qkv(x)
         bias = getattr(self.qkv, "bias", None)
         if self.cosine and bias is not None:  # V2 adds no keys' bias (zero here: see the class)
             qkv = qkv - F.pad(bias[heads * hd:2 * heads * hd], (heads * hd, heads * hd))
-        q, k, v = qkv.reshape(b * nw, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(bn, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
         if self.cosine:
             attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
             attn = attn * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
         else:
             attn = (q * hd ** -0.5).matmul(k.transpose(-2, -1))
         attn = attn + self.relative_position_bias()
-        if sum(shift) > 0:
-            attn = attn.view(b, nw, heads, n, n) + _shift_mask(x, ph, pw, self.window_size, shift)
-            attn = attn.view(-1, heads, n, n)
+        if mask is not None:
+            nw = mask.shape[0]
+            attn = (attn.view(-1, nw, heads, n, n) + mask.unsqueeze(1).unsqueeze(0)).view(-1, heads, n, n)
         attn = F.dropout(F.softmax(attn, dim=-1), p=self.attention_dropout, training=self.training)
-        x = self.proj(attn.matmul(v).transpose(1, 2).reshape(b * nw, n, heads * hd))
-        x = F.dropout(x, p=self.dropout, training=self.training)
-        x = x.view(b, ph // wh, pw // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(b, ph, pw, c)
-        if sum(shift) > 0:
-            x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
-        return x[:, :h, :w, :].contiguous()
+        x = self.proj(attn.matmul(v).transpose(1, 2).reshape(bn, n, heads * hd))
+        return F.dropout(x, p=self.dropout, training=self.training)
+
+
+class TimmWindowAttentionV2(WindowAttention):
+    """timm's Swin V2 `WindowAttention` (`timm.models.swin_transformer_v2`): the cosine window
+    attention of `WindowAttention(cosine=True)` on windows its block has already cut out
+    ([B * windows, N, C]), with the block's shift mask as an argument. timm adds its
+    `q_bias`, a zero keys' bias and `v_bias` through `F.linear` on `qkv.weight`, and reshapes
+    the heads' output to the input width, so neither a mask nor a cut reaches its heads; here
+    the three are the bias of the `qkv` Linear, called as a module (the keys' third zero and
+    subtracted again, as in the parent), and the heads' output keeps num_heads * head_dim.
+
+    The swap gives `qkv` a new bias Parameter (timm's `q_bias` and `v_bias` go into it): make
+    the optimizer after it, as `ticketsmith.models.build` does. timm's `set_window_size` is not
+    carried over: build the model at the input size it will see."""
+
+    def __init__(self, dim: int, window_size, num_heads: int, qkv_bias: bool = True,
+                 attention_dropout: float = 0.0, dropout: float = 0.0):
+        super().__init__(dim, window_size, (0, 0), num_heads, qkv_bias, True, attention_dropout,
+                         dropout, cosine=True)
+
+    @classmethod
+    def from_timm(cls, m: nn.Module) -> "TimmWindowAttentionV2":
+        """The same module as a TimmWindowAttentionV2 (its Linears, logit scale, bias MLP and
+        buffers themselves; the qkv Linear new, with timm's weight and biases)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.window_size, new.shift_size = list(m.window_size), [0, 0]  # the block shifts
+        new.num_heads = m.num_heads
+        new.head_dim = m.qkv.in_features // m.num_heads
+        new.attention_dropout, new.dropout = float(m.attn_drop.p), float(m.proj_drop.p)
+        w = m.qkv.weight
+        new.qkv = nn.Linear(w.shape[1], w.shape[0], bias=m.q_bias is not None,
+                            device=w.device, dtype=w.dtype)
+        new.qkv.weight = w
+        if m.q_bias is not None:
+            with torch.no_grad():
+                new.qkv.bias.copy_(torch.cat([m.q_bias, torch.zeros_like(m.q_bias), m.v_bias]))
+            new.qkv.bias.requires_grad_(m.q_bias.requires_grad)
+        new.proj, new.logit_scale, new.cpb_mlp = m.proj, m.logit_scale, m.cpb_mlp
+        for name in ("relative_coords_table", "relative_position_index"):  # as persistent as theirs
+            new.register_buffer(name, getattr(m, name), persistent=name not in m._non_persistent_buffers_set)
+        new._declare_per_head()
+        new.train(m.training)
+        return new
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B * windows, N, C] -> [B * windows, N, C]; mask: [windows, N, N] or None."""
+        return self._attend(x, mask)
 
 
 def _shift_mask(x: torch.Tensor, ph: int, pw: int, window, shift) -> torch.Tensor:
-    """Swin's attention mask of shifted windows, [1, windows, 1, n, n]: -100 between tokens
+    """Swin's attention mask of shifted windows, [windows, n, n]: -100 between tokens
     that the roll brought together from different regions of the map."""
     wh, ww = window
     region = x.new_zeros((ph, pw))
@@ -330,7 +386,7 @@ def _shift_mask(x: torch.Tensor, ph: int, pw: int, window, shift) -> torch.Tenso
     region = region.view(ph // wh, wh, pw // ww, ww).permute(0, 2, 1, 3).reshape(-1, wh * ww)
     mask = region.unsqueeze(1) - region.unsqueeze(2)
     mask = mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
-    return mask.unsqueeze(1).unsqueeze(0)
+    return mask
 
 
 _SWIN_ATTRS = ("qkv", "proj", "window_size", "shift_size", "num_heads", "attention_dropout",
@@ -341,6 +397,18 @@ def _is_swin_v2(m: nn.Module) -> bool:
     """torchvision's Swin V2 ShiftedWindowAttentionV2 (by class name and what it holds)."""
     return type(m).__name__ == "ShiftedWindowAttentionV2" and all(
         hasattr(m, a) for a in _SWIN_ATTRS + ("logit_scale", "cpb_mlp", "relative_coords_table")) \
+        and isinstance(m.cpb_mlp, nn.Sequential) and len(m.cpb_mlp) == 3 \
+        and isinstance(m.cpb_mlp[2], nn.Linear) and m.cpb_mlp[2].out_features == m.num_heads
+
+
+def _is_timm_swin_v2(m: nn.Module) -> bool:
+    """timm's Swin V2 WindowAttention (by class name and what it holds)."""
+    return type(m).__name__ == "WindowAttention" and not isinstance(m, WindowAttention) and all(
+        hasattr(m, a) for a in ("qkv", "proj", "q_bias", "v_bias", "logit_scale", "cpb_mlp",
+                                "relative_coords_table", "relative_position_index", "window_size",
+                                "num_heads", "attn_drop", "proj_drop")) \
+        and isinstance(m.qkv, nn.Linear) and m.qkv.bias is None and isinstance(m.proj, nn.Linear) \
+        and m.qkv.out_features == 3 * m.qkv.in_features and m.proj.in_features == m.qkv.in_features \
         and isinstance(m.cpb_mlp, nn.Sequential) and len(m.cpb_mlp) == 3 \
         and isinstance(m.cpb_mlp[2], nn.Linear) and m.cpb_mlp[2].out_features == m.num_heads
 
@@ -360,15 +428,17 @@ def prunable_attention(model: nn.Module) -> dict[str, str]:
     """Swap, in place, every nn.MultiheadAttention of `model` for a QKVAttention computing the
     same (same weights): its in-projection becomes a Linear that masks reach and its heads
     can be refilled and removed. torchvision's Swin ShiftedWindowAttention (V1 and V2) becomes
-    a WindowAttention (the same module, its Linears called as modules) for the same reason.
-    Returns the modules left as they were, with the reason (an
+    a WindowAttention (the same module, its Linears called as modules) for the same reason,
+    and timm's Swin V2 WindowAttention a TimmWindowAttentionV2. Returns the modules left as they were, with the reason (an
     unusual configuration: kdim / vdim, add_bias_kv, add_zero_attn). A model that is itself
     an nn.MultiheadAttention is not swapped (there is no parent to hold the new one)."""
     left = {}
     for name, m in list(model.named_modules()):
-        if name and _is_swin_attention(m):
+        if name and (_is_swin_attention(m) or _is_timm_swin_v2(m)):
             parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr, WindowAttention.from_swin(m))
+            new = (TimmWindowAttentionV2.from_timm(m) if _is_timm_swin_v2(m)
+                   else WindowAttention.from_swin(m))
+            setattr(model.get_submodule(parent) if parent else model, attr, new)
             continue
         if not name or not isinstance(m, nn.MultiheadAttention):
             continue
@@ -400,4 +470,5 @@ def fused_attention(model: nn.Module) -> int:
     return swapped
 
 
-__all__ = ["QKVAttention", "WindowAttention", "prunable_attention", "fused_attention"]
+__all__ = ["QKVAttention", "WindowAttention", "TimmWindowAttentionV2", "prunable_attention",
+           "fused_attention"]
