@@ -467,6 +467,25 @@ class TimmWindowAttention(nn.Module):
         return self.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(B_, N, -1))
 
 
+def timm_biased_qkv(m, dim, qkv_bias):
+    """timm's fused qkv of Swin V2, BEiT and EVA: a Linear without bias, q_bias and v_bias
+    parameters and a zero keys' bias buffer (None without a bias)."""
+    m.qkv = nn.Linear(dim, dim * 3, bias=False)
+    if qkv_bias:
+        m.q_bias = nn.Parameter(torch.randn(dim) * 0.5)
+        m.register_buffer("k_bias", torch.zeros(dim), persistent=False)
+        m.v_bias = nn.Parameter(torch.randn(dim) * 0.5)
+    else:
+        m.q_bias = m.k_bias = m.v_bias = None
+
+
+def timm_biased_qkv_out(m, x):
+    """What timm computes with them: the three biases added through F.linear on qkv.weight."""
+    if m.q_bias is None:
+        return m.qkv(x)
+    return F.linear(x, m.qkv.weight, torch.cat((m.q_bias, m.k_bias, m.v_bias)))
+
+
 class TimmWindowAttentionV2(nn.Module):
     """timm's Swin V2 WindowAttention (its class name, attributes and forward): q_bias, a zero
     keys' bias buffer and v_bias added through F.linear on qkv.weight, cosine attention scaled
@@ -480,13 +499,7 @@ class TimmWindowAttentionV2(nn.Module):
                                         + 0.3 * torch.randn(num_heads, 1, 1))
         self.cpb_mlp = nn.Sequential(nn.Linear(2, 512, bias=True), nn.ReLU(inplace=True),
                                      nn.Linear(512, num_heads, bias=False))
-        self.qkv = nn.Linear(dim, dim * 3, bias=False)
-        if qkv_bias:
-            self.q_bias = nn.Parameter(torch.randn(dim) * 0.5)
-            self.register_buffer("k_bias", torch.zeros(dim), persistent=False)
-            self.v_bias = nn.Parameter(torch.randn(dim) * 0.5)
-        else:
-            self.q_bias = self.k_bias = self.v_bias = None
+        timm_biased_qkv(self, dim, qkv_bias)
         self.attn_drop = nn.Dropout(0.0)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(0.0)
@@ -503,10 +516,7 @@ class TimmWindowAttentionV2(nn.Module):
 
     def forward(self, x, mask=None):
         B_, N, C = x.shape
-        if self.q_bias is None:
-            qkv = self.qkv(x)
-        else:
-            qkv = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
+        qkv = timm_biased_qkv_out(self, x)
         q, k, v = qkv.reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
         attn = attn * torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()
@@ -732,6 +742,115 @@ class TinyViT(nn.Module):
         return self.head(x.mean(1))
 
 
+# -- timm's BEiT: q and v biases added through F.linear, a class token, a per-head bias table ----
+def beit_relative_position_index(wh, ww):
+    """timm's BEiT index into its bias table: Swin's relative positions between patches, and
+    three more rows for the class token (to the patches, from them, itself)."""
+    r_h, r_w = torch.arange(wh), torch.arange(ww)
+    coords = torch.flatten(torch.stack(torch.meshgrid(r_h, r_w, indexing="ij")), 1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0).contiguous()
+    rel[:, :, 0] += wh - 1
+    rel[:, :, 1] += ww - 1
+    rel[:, :, 0] *= 2 * ww - 1
+    n = (2 * wh - 1) * (2 * ww - 1) + 3
+    index = torch.zeros((wh * ww + 1,) * 2, dtype=torch.long)
+    index[1:, 1:] = rel.sum(-1)
+    index[0, 0:] = n - 3
+    index[0:, 0] = n - 2
+    index[0, 0] = n - 1
+    return index
+
+
+class TimmBeitAttention(nn.Module):
+    """timm's BEiT Attention (its class name, attributes and forward): q_bias, a zero keys'
+    bias buffer and v_bias added through F.linear on qkv.weight, a relative position bias
+    table of one column per head (with the class token's three rows) and an optional bias
+    shared by all layers, the heads' output reshaped to the input width C."""
+
+    def __init__(self, dim, num_heads, qkv_bias=True, window_size=None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        timm_biased_qkv(self, dim, qkv_bias)
+        if window_size:
+            self.window_size = window_size
+            n = (2 * window_size[0] - 1) * (2 * window_size[1] - 1) + 3
+            self.relative_position_bias_table = nn.Parameter(torch.randn(n, num_heads) * 0.5)
+            self.register_buffer("relative_position_index",
+                                 beit_relative_position_index(*window_size), persistent=False)
+        else:
+            self.window_size = self.relative_position_bias_table = None
+            self.relative_position_index = None
+        self.attn_drop = nn.Dropout(0.0)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(0.0)
+
+    def forward(self, x, shared_rel_pos_bias=None):
+        B, N, C = x.shape
+        qkv = timm_biased_qkv_out(self, x)
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        if self.relative_position_bias_table is not None:
+            bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+            attn = attn + bias.view(N, N, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+        if shared_rel_pos_bias is not None:
+            attn = attn + shared_rel_pos_bias
+        x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+
+
+TimmBeitAttention.__name__ = TimmBeitAttention.__qualname__ = "Attention"  # timm's class name
+
+
+class BeitBlock(nn.Module):
+    def __init__(self, dim, heads, window, own_bias=True):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = TimmBeitAttention(dim, heads, window_size=window if own_bias else None)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.gamma_1 = nn.Parameter(0.5 + torch.rand(dim))  # layer scale
+        self.gamma_2 = nn.Parameter(0.5 + torch.rand(dim))
+
+    def forward(self, x, shared_rel_pos_bias=None):
+        x = x + self.gamma_1 * self.attn(self.norm1(x), shared_rel_pos_bias=shared_rel_pos_bias)
+        return x + self.gamma_2 * self.mlp(self.norm2(x))
+
+
+class TinyBeit(nn.Module):
+    """timm's BEiT in small: patches and a class token, blocks with layer scale, each
+    attention with its own bias table or (`shared=True`) one table of the model's, added by
+    every layer; swapped as `ticketsmith.models.build` does (BeitAttention)."""
+
+    def __init__(self, classes=10, dim=16, patch=8, image=32, heads=4, shared=False):
+        super().__init__()
+        grid = (image // patch, image // patch)
+        self.patch = nn.Conv2d(3, dim, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        if shared:
+            n = (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3
+            self.shared_table = nn.Parameter(torch.randn(n, heads) * 0.5)
+            self.register_buffer("shared_index", beit_relative_position_index(*grid))
+        else:
+            self.shared_table = None
+        self.blocks = nn.ModuleList([BeitBlock(dim, heads, grid, not shared) for _ in range(2)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+        from ticketsmith.models import prunable_attention
+        prunable_attention(self)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        shared = None
+        if self.shared_table is not None:
+            n = self.shared_index.shape[0]
+            shared = self.shared_table[self.shared_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+        for block in self.blocks:
+            x = block(x, shared_rel_pos_bias=shared)
+        return self.head(self.norm(x)[:, 0])
+
+
 class TinySwinWindows(TinySwin):
     """TinySwin with its ShiftedWindowAttention (V1, or V2 with kind="v2") swapped for
     ticketsmith's WindowAttention (what `ticketsmith.models.build` does to torchvision's Swin)."""
@@ -920,6 +1039,8 @@ FAMILIES = {
     "swin_timm": (builder(TinySwin, kind="timm"), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 40, 40)]),
     "swin_v2_timm": (builder(TinySwinWindows, kind="timm_v2"), (2, 3, 32, 32),
                      [(3, 3, 32, 32), (1, 3, 40, 40)]),
+    "beit": (builder(TinyBeit), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 32, 32)]),
+    "beit_shared_bias": (builder(TinyBeit, shared=True), (2, 3, 32, 32), [(3, 3, 32, 32)]),
     "unet": (builder(TinyUNet), (2, 3, 8, 8), [(3, 3, 8, 8), (1, 3, 16, 16)]),
     "pvt_mix_ffn": (builder(TinyPVT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 20, 20)]),
     "vit_mha": (builder(TinyViT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),

@@ -354,3 +354,43 @@ def test_timm_swin_v2_attention_is_swapped_for_one_computing_the_same(qkv_bias):
             assert torch.allclose(g_ref[4], g_got[4][:16], atol=1e-5)
             assert torch.allclose(g_ref[5], g_got[4][32:], atol=1e-5)
             assert g_got[4][16:32].abs().max() < 1e-5  # the keys' bias: cancelled
+
+
+@pytest.mark.parametrize("qkv_bias,table", [(True, True), (False, True), (True, False)])
+def test_beit_attention_is_swapped_for_one_computing_the_same(qkv_bias, table):
+    """timm's BEiT Attention (the replica in families.py) swapped for a BeitAttention: the same
+    outputs and gradients, with its own bias table or none, with a bias shared by all layers
+    added or not; q_bias's and v_bias's gradients are those of the qkv bias's first and last
+    thirds, the keys' third gets none. A BeitAttention built directly indexes its bias table
+    as timm does (the class token's three rows included)."""
+    from families import TimmBeitAttention
+
+    from ticketsmith.models import BeitAttention
+    torch.manual_seed(0)
+    timm = TimmBeitAttention(16, 4, qkv_bias=qkv_bias, window_size=(3, 2) if table else None)
+    holder = nn.Sequential(timm)
+    assert not prunable_attention(holder)
+    ours = holder[0]
+    assert isinstance(ours, BeitAttention) and (ours.num_heads, ours.head_dim) == (4, 4)
+    assert ours.qkv.weight is timm.qkv.weight and ours.proj is timm.proj
+    assert ours.per_head_params == ((("relative_position_bias_table", 1),) if table else ())
+    shared = torch.randn(1, 4, 7, 7)
+    for extra in (None, shared):
+        x = torch.randn(2, 7, 16, requires_grad=True)
+        ref, got = timm(x, shared_rel_pos_bias=extra), ours(x, shared_rel_pos_bias=extra)
+        assert torch.allclose(ref, got, atol=1e-5)
+        wrt = [x, timm.qkv.weight, timm.proj.weight] + ([timm.relative_position_bias_table] if table else [])
+        bias_ref = [timm.q_bias, timm.v_bias] if qkv_bias else []
+        g_ref = torch.autograd.grad(ref.square().sum(), wrt + bias_ref)
+        g_got = torch.autograd.grad(got.square().sum(), wrt + ([ours.qkv.bias] if qkv_bias else []))
+        for a, b in zip(g_ref[:len(wrt)], g_got[:len(wrt)]):
+            assert torch.allclose(a, b, atol=1e-4)
+        if qkv_bias:
+            assert torch.allclose(g_ref[-2], g_got[-1][:16], atol=1e-4)
+            assert torch.allclose(g_ref[-1], g_got[-1][32:], atol=1e-4)
+            assert g_got[-1][16:32].abs().max() < 1e-5  # the keys' bias: cancelled
+    if table:
+        direct = BeitAttention(16, 4, qkv_bias=True, window_size=(3, 2))
+        assert torch.equal(direct.relative_position_index, timm.relative_position_index)
+        assert direct.relative_position_bias_table.shape == timm.relative_position_bias_table.shape
+        assert not bool(direct.qkv.bias[16:32].any())

@@ -266,12 +266,14 @@ def test_a_view_that_mixes_tokens_into_channels_keeps_the_group_whole():
                                                  ("swin_windows", "qkv", "proj", "block3.attn"),
                                                  ("swin_v2_windows", "qkv", "proj", "block3.attn"),
                                                  ("swin_timm", "qkv", "proj", "block3.attn.attn"),
-                                                 ("swin_v2_timm", "qkv", "proj", "block3.attn.attn")])
+                                                 ("swin_v2_timm", "qkv", "proj", "block3.attn.attn"),
+                                                 ("beit", "qkv", "proj", "blocks.1.attn")])
 def test_attention_heads_are_refilled_and_removed(family, qkv, proj, at, tmp_path):
     """A channel ticket of a timm-style attention (or of nn.MultiheadAttention swapped for a
     QKVAttention, or of torchvision's Swin V1 / V2 window attention swapped for a
     WindowAttention, or timm's Swin window attention as it is, or timm's Swin V2 window
-    attention swapped for a TimmWindowAttentionV2) keeps or drops whole heads (q, k,
+    attention swapped for a TimmWindowAttentionV2, or timm's BEiT attention swapped for a
+    BeitAttention) keeps or drops whole heads (q, k,
     v rows and the projection's columns), and compaction removes the dropped ones: num_heads goes
     down, the parameters by the heads' share (Swin: with their columns of the relative position
     bias table, found by shape in timm's; Swin V2: their logit scales and rows of the bias MLP),
@@ -628,3 +630,20 @@ def test_load_gives_a_versioned_module_its_version(tmp_path):
     again = C.load(tmp_path / "t", build=Versioned)
     with torch.no_grad():
         assert torch.equal(again(x), small(x))
+
+
+def test_beit_heads_stay_where_the_model_adds_a_bias_shared_by_all_layers():
+    """BEiT with `use_shared_rel_pos_bias` hands every layer one bias for all heads: a layer
+    with heads cut could not add it, so the heads stay, with the reason, and the compact model
+    is exact; with a bias table of its own, a layer loses its dead heads."""
+    for family, removed in (("beit_shared_bias", False), ("beit", True)):
+        build, shape, others = FAMILIES[family]
+        model = build()
+        x = torch.randn(shape)
+        masks = structured("refill", model, x)
+        small = C.compact(model, masks, x)
+        assert bool(small.ticketsmith_compact["removed_heads"]) == removed, family
+        heads = {r["layer"]: r["heads"] for r in C.describe(small) if "heads" in r}
+        if not removed:
+            assert any("computes another function" in h for h in heads.values()), heads
+        assert_matches_masked(model, masks, small, others)

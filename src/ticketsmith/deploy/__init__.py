@@ -92,14 +92,15 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
     from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
     from ..compact.condensed import CondensedSequential
-    from ..models.attention import QKVAttention, WindowAttention
+    from ..models.attention import BeitAttention, QKVAttention, WindowAttention
 
     model = copy_module(model).eval()
 
     class Tracer(fx.Tracer):  # executors stay opaque: their internals are not conv + BN; so do
         def is_leaf_module(self, m, name):  # condensed chains (traced through: run unchained)
             return (hasattr(m, "executor")  # attention: branches on shapes fx can't trace
-                    or isinstance(m, (CondensedSequential, QKVAttention, WindowAttention))
+                    or isinstance(m, (CondensedSequential, QKVAttention, WindowAttention,
+                                       BeitAttention))
                     or super().is_leaf_module(m, name))
 
     try:

@@ -18,7 +18,8 @@ torchvision's Swin `ShiftedWindowAttention` (V1) and `ShiftedWindowAttentionV2` 
 and proj weights to a function and derive the head width from the input width: `WindowAttention`
 is the same function with the Linears called as modules and a fixed `head_dim` (the timm pattern
 again), and `prunable_attention` swaps it in as well. timm's Swin V2 `WindowAttention` reads its
-qkv weight itself and reshapes to the input width too: `TimmWindowAttentionV2` is swapped in.
+qkv weight itself and reshapes to the input width too: `TimmWindowAttentionV2` is swapped in;
+timm's BEiT attention likewise becomes a `BeitAttention`.
 """
 from __future__ import annotations
 
@@ -306,10 +307,8 @@ class WindowAttention(nn.Module):
         ([windows, N, N], or None) is added to the scores of every image's windows."""
         bn, n, _ = x.shape
         heads, hd = self.num_heads, self.head_dim
-        qkv = self.qkv(x)
-        bias = getattr(self.qkv, "bias", None)
-        if self.cosine and bias is not None:  # V2 adds no keys' bias (zero here: see the class)
-            qkv = qkv - F.pad(bias[heads * hd:2 * heads * hd], (heads * hd, heads * hd))
+        # V2 adds no keys' bias (zero here: see the class)
+        qkv = _qkv_without_keys_bias(self.qkv, x) if self.cosine else self.qkv(x)
         q, k, v = qkv.reshape(bn, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
         if self.cosine:
             attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
@@ -353,14 +352,7 @@ class TimmWindowAttentionV2(WindowAttention):
         new.num_heads = m.num_heads
         new.head_dim = m.qkv.in_features // m.num_heads
         new.attention_dropout, new.dropout = float(m.attn_drop.p), float(m.proj_drop.p)
-        w = m.qkv.weight
-        new.qkv = nn.Linear(w.shape[1], w.shape[0], bias=m.q_bias is not None,
-                            device=w.device, dtype=w.dtype)
-        new.qkv.weight = w
-        if m.q_bias is not None:
-            with torch.no_grad():
-                new.qkv.bias.copy_(torch.cat([m.q_bias, torch.zeros_like(m.q_bias), m.v_bias]))
-            new.qkv.bias.requires_grad_(m.q_bias.requires_grad)
+        new.qkv = _biased_qkv(m)
         new.proj, new.logit_scale, new.cpb_mlp = m.proj, m.logit_scale, m.cpb_mlp
         for name in ("relative_coords_table", "relative_position_index"):  # as persistent as theirs
             new.register_buffer(name, getattr(m, name), persistent=name not in m._non_persistent_buffers_set)
@@ -371,6 +363,115 @@ class TimmWindowAttentionV2(WindowAttention):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B * windows, N, C] -> [B * windows, N, C]; mask: [windows, N, N] or None."""
         return self._attend(x, mask)
+
+
+def _qkv_without_keys_bias(qkv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The fused q, k, v projection of x without the keys' third of its bias, for models that
+    never add one (Swin V2, BEiT, EVA: a q and a v bias only). That third is held at zero
+    from the swap on and subtracted again here, so its gradient cancels; the Linear is still
+    called as a module (a mask, an executor or a cut reaches it)."""
+    out = qkv(x)
+    bias = getattr(qkv, "bias", None)
+    if bias is None:
+        return out
+    a = bias.shape[0] // 3
+    return out - F.pad(bias[a:2 * a], (a, a))
+
+
+def _biased_qkv(m: nn.Module) -> nn.Linear:
+    """A Linear computing timm's `F.linear(x, qkv.weight, cat(q_bias, k_bias, v_bias))`: its
+    weight timm's own, its bias a new Parameter from q_bias, zeros and v_bias (no bias where
+    timm has none)."""
+    w = m.qkv.weight
+    qkv = nn.Linear(w.shape[1], w.shape[0], bias=m.q_bias is not None, device=w.device, dtype=w.dtype)
+    qkv.weight = w
+    if m.q_bias is not None:
+        with torch.no_grad():
+            qkv.bias.copy_(torch.cat([m.q_bias, torch.zeros_like(m.q_bias), m.v_bias]))
+        qkv.bias.requires_grad_(m.q_bias.requires_grad)
+    return qkv
+
+
+class BeitAttention(nn.Module):
+    """timm's BEiT `Attention` (`timm.models.beit`, also BEiT v2): the same function with the
+    q and v biases as the bias of the `qkv` Linear, called as a module (timm adds `q_bias`,
+    a zero keys' bias and `v_bias` through `F.linear` on `qkv.weight`; the keys' third is
+    held at zero here and subtracted again), and the heads' output kept at num_heads *
+    head_dim (timm reshapes it to the input width), so its heads are refilled and removed,
+    each with its column of the relative position bias table (`per_head_params`).
+
+    A bias shared by all layers (`use_shared_rel_pos_bias`) is handed in for every head: a
+    layer that lost heads cannot add it, so compaction keeps such layers' heads. The swap
+    gives `qkv` a new bias Parameter: make the optimizer after it, as `ticketsmith.models.build`
+    does. timm's `set_window_size` is not carried over."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int | None = None,
+                 qkv_bias: bool = False, window_size=None, attention_dropout: float = 0.0,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim or dim // num_heads
+        width = self.num_heads * self.head_dim
+        self.attention_dropout, self.dropout = attention_dropout, dropout
+        self.qkv = nn.Linear(dim, 3 * width, bias=qkv_bias)
+        if qkv_bias:
+            with torch.no_grad():
+                self.qkv.bias[width:2 * width].zero_()
+        self.proj = nn.Linear(width, dim)
+        self.window_size = tuple(window_size) if window_size else None
+        if self.window_size:
+            wh, ww = self.window_size
+            self.relative_position_bias_table = nn.Parameter(
+                torch.zeros((2 * wh - 1) * (2 * ww - 1) + 3, num_heads))
+            index = torch.zeros(wh * ww + 1, wh * ww + 1, dtype=torch.long)
+            index[1:, 1:] = _relative_position_index(wh, ww).view(wh * ww, wh * ww)
+            n = (2 * wh - 1) * (2 * ww - 1)  # the class token's three: to, from, itself
+            index[0, 0:], index[0:, 0], index[0, 0] = n, n + 1, n + 2
+            self.register_buffer("relative_position_index", index, persistent=False)
+        else:
+            self.relative_position_bias_table = None
+            self.relative_position_index = None
+        self._declare_per_head()
+
+    def _declare_per_head(self) -> None:
+        self.per_head_params = ((("relative_position_bias_table", 1),)
+                                if self.relative_position_bias_table is not None else ())
+
+    @classmethod
+    def from_timm(cls, m: nn.Module) -> "BeitAttention":
+        """The same module as a BeitAttention (its Linears, bias table and buffers themselves;
+        the qkv Linear new, with timm's weight and biases)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.num_heads = m.num_heads
+        new.head_dim = m.qkv.out_features // (3 * m.num_heads)
+        new.attention_dropout, new.dropout = float(m.attn_drop.p), float(m.proj_drop.p)
+        new.qkv, new.proj = _biased_qkv(m), m.proj
+        new.window_size = tuple(m.window_size) if m.window_size is not None else None
+        new.relative_position_bias_table = m.relative_position_bias_table
+        if m.relative_position_index is not None:
+            new.register_buffer("relative_position_index", m.relative_position_index,
+                                persistent="relative_position_index" not in m._non_persistent_buffers_set)
+        else:
+            new.relative_position_index = None
+        new._declare_per_head()
+        new.train(m.training)
+        return new
+
+    def forward(self, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, _ = x.shape
+        heads, hd = self.num_heads, self.head_dim
+        q, k, v = _qkv_without_keys_bias(self.qkv, x).reshape(b, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
+        bias = None
+        if self.relative_position_bias_table is not None:
+            area = self.relative_position_index.shape[0]
+            bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+            bias = bias.view(area, area, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+        if shared_rel_pos_bias is not None:
+            bias = shared_rel_pos_bias if bias is None else bias + shared_rel_pos_bias
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                           dropout_p=self.attention_dropout if self.training else 0.0)
+        x = self.proj(x.transpose(1, 2).reshape(b, n, heads * hd))
+        return F.dropout(x, p=self.dropout, training=self.training)
 
 
 def _shift_mask(x: torch.Tensor, ph: int, pw: int, window, shift) -> torch.Tensor:
@@ -413,6 +514,21 @@ def _is_timm_swin_v2(m: nn.Module) -> bool:
         and isinstance(m.cpb_mlp[2], nn.Linear) and m.cpb_mlp[2].out_features == m.num_heads
 
 
+def _is_beit_attention(m: nn.Module) -> bool:
+    """timm's BEiT Attention (by class name, what it holds and its forward's arguments)."""
+    import inspect
+    if not (type(m).__name__ == "Attention" and all(hasattr(m, a) for a in (
+            "qkv", "proj", "q_bias", "k_bias", "v_bias", "num_heads", "scale", "attn_drop",
+            "proj_drop", "window_size", "relative_position_bias_table", "relative_position_index"))
+            and isinstance(m.qkv, nn.Linear) and m.qkv.bias is None and isinstance(m.proj, nn.Linear)):
+        return False
+    width = m.qkv.out_features // 3
+    return (m.qkv.out_features == 3 * width and width % m.num_heads == 0
+            and m.proj.in_features == width
+            and math.isclose(m.scale, (width // m.num_heads) ** -0.5)
+            and "shared_rel_pos_bias" in inspect.signature(m.forward).parameters)
+
+
 def _is_swin_attention(m: nn.Module) -> bool:
     """torchvision's Swin ShiftedWindowAttention (V1) or ShiftedWindowAttentionV2 (by class
     name and what it holds)."""
@@ -429,16 +545,18 @@ def prunable_attention(model: nn.Module) -> dict[str, str]:
     same (same weights): its in-projection becomes a Linear that masks reach and its heads
     can be refilled and removed. torchvision's Swin ShiftedWindowAttention (V1 and V2) becomes
     a WindowAttention (the same module, its Linears called as modules) for the same reason,
-    and timm's Swin V2 WindowAttention a TimmWindowAttentionV2. Returns the modules left as they were, with the reason (an
+    timm's Swin V2 WindowAttention a TimmWindowAttentionV2 and timm's BEiT Attention a
+    BeitAttention. Returns the modules left as they were, with the reason (an
     unusual configuration: kdim / vdim, add_bias_kv, add_zero_attn). A model that is itself
     an nn.MultiheadAttention is not swapped (there is no parent to hold the new one)."""
     left = {}
     for name, m in list(model.named_modules()):
-        if name and (_is_swin_attention(m) or _is_timm_swin_v2(m)):
+        swap = (WindowAttention.from_swin if _is_swin_attention(m) else
+                TimmWindowAttentionV2.from_timm if _is_timm_swin_v2(m) else
+                BeitAttention.from_timm if _is_beit_attention(m) else None)
+        if name and swap is not None:
             parent, _, attr = name.rpartition(".")
-            new = (TimmWindowAttentionV2.from_timm(m) if _is_timm_swin_v2(m)
-                   else WindowAttention.from_swin(m))
-            setattr(model.get_submodule(parent) if parent else model, attr, new)
+            setattr(model.get_submodule(parent) if parent else model, attr, swap(m))
             continue
         if not name or not isinstance(m, nn.MultiheadAttention):
             continue
@@ -470,5 +588,5 @@ def fused_attention(model: nn.Module) -> int:
     return swapped
 
 
-__all__ = ["QKVAttention", "WindowAttention", "TimmWindowAttentionV2", "prunable_attention",
-           "fused_attention"]
+__all__ = ["QKVAttention", "WindowAttention", "TimmWindowAttentionV2", "BeitAttention",
+           "prunable_attention", "fused_attention"]
