@@ -761,6 +761,12 @@ def beit_relative_position_index(wh, ww):
     return index
 
 
+def class_and_patch_tokens(m, x):
+    """[B, 1 + patches, dim]: the model's class token, then its patch embedding's tokens."""
+    x = m.patch(x).flatten(2).transpose(1, 2)
+    return torch.cat([m.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+
+
 class TimmBeitAttention(nn.Module):
     """timm's BEiT Attention (its class name, attributes and forward): q_bias, a zero keys'
     bias buffer and v_bias added through F.linear on qkv.weight, a relative position bias
@@ -840,14 +846,105 @@ class TinyBeit(nn.Module):
         prunable_attention(self)
 
     def forward(self, x):
-        x = self.patch(x).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = class_and_patch_tokens(self, x)
         shared = None
         if self.shared_table is not None:
             n = self.shared_index.shape[0]
             shared = self.shared_table[self.shared_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
         for block in self.blocks:
             x = block(x, shared_rel_pos_bias=shared)
+        return self.head(self.norm(x)[:, 0])
+
+
+# -- timm's EVA / EVA-02: fused qkv with q and v biases, rotary embedding, optional norms -----
+def apply_rot_embed_cat(x, emb, half=False):
+    """A rotary embedding given as [sin | cos] along the last dimension (timm's layout): x cos +
+    rot(x) sin, rot pairing neighbours (or the two halves with `half`). The swap calls the one
+    of the module defining the attention class: this one for the replica below."""
+    sin, cos = emb.chunk(2, -1)
+    if half:
+        a, b = x.chunk(2, -1)
+        rot = torch.cat([-b, a], -1)
+    else:
+        rot = torch.stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)
+    return x * cos + rot * sin
+
+
+class EvaAttention(nn.Module):
+    """timm's EvaAttention with a fused qkv (its class name, attributes and forward): q_bias, a
+    zero keys' bias and v_bias through F.linear, per-head q / k norms, the rotary embedding on
+    all but the class token, a norm over all heads' outputs (`scale_norm`) and an optional
+    gate, the heads' output reshaped to the input width C."""
+
+    def __init__(self, dim, num_heads, scale_norm=False, gated=False, qk_norm=False, half=False):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.num_prefix_tokens, self.rotate_half = 1, half
+        timm_biased_qkv(self, dim, True)
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(0.0)
+        self.norm = nn.LayerNorm(dim) if scale_norm else nn.Identity()
+        self.gate = nn.Linear(dim, dim) if gated else None
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(0.0)
+
+    def forward(self, x, rope=None, attn_mask=None, is_causal=False):
+        B, N, C = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = timm_biased_qkv_out(self, x)
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            p = self.num_prefix_tokens
+            q = torch.cat([q[:, :, :p], apply_rot_embed_cat(q[:, :, p:], rope, self.rotate_half)], 2)
+            k = torch.cat([k[:, :, :p], apply_rot_embed_cat(k[:, :, p:], rope, self.rotate_half)], 2)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        if attn_mask is not None:
+            attn = attn + attn_mask
+        x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        x = self.norm(x.transpose(1, 2).reshape(B, N, C))
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+
+class EvaBlock(nn.Module):
+    def __init__(self, dim, heads, **kw):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = EvaAttention(dim, heads, **kw)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.SiLU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x, rope=None):
+        x = x + self.attn(self.norm1(x), rope=rope)
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyEva(nn.Module):
+    """timm's EVA-02 in small: patches and a class token, a fixed rotary embedding of the
+    patch positions handed to every block; swapped as `ticketsmith.models.build` does
+    (EvaAttention). `kw` goes to the attention (scale_norm, gated, qk_norm, half)."""
+
+    def __init__(self, classes=10, dim=16, patch=8, image=32, heads=4, **kw):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        n, hd = (image // patch) ** 2, dim // heads
+        angle = torch.arange(n)[:, None] * (0.5 ** torch.arange(hd // 2))[None].repeat_interleave(2, 1)
+        self.register_buffer("rope", torch.cat([angle.sin(), angle.cos()], -1), persistent=False)
+        self.blocks = nn.ModuleList([EvaBlock(dim, heads, **kw) for _ in range(2)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+        from ticketsmith.models import prunable_attention
+        prunable_attention(self)
+
+    def forward(self, x):
+        x = class_and_patch_tokens(self, x)
+        for block in self.blocks:
+            x = block(x, rope=self.rope)
         return self.head(self.norm(x)[:, 0])
 
 
@@ -1041,6 +1138,8 @@ FAMILIES = {
                      [(3, 3, 32, 32), (1, 3, 40, 40)]),
     "beit": (builder(TinyBeit), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 32, 32)]),
     "beit_shared_bias": (builder(TinyBeit, shared=True), (2, 3, 32, 32), [(3, 3, 32, 32)]),
+    "eva": (builder(TinyEva), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 32, 32)]),
+    "eva_scale_norm": (builder(TinyEva, scale_norm=True, half=True), (2, 3, 32, 32), [(3, 3, 32, 32)]),
     "unet": (builder(TinyUNet), (2, 3, 8, 8), [(3, 3, 8, 8), (1, 3, 16, 16)]),
     "pvt_mix_ffn": (builder(TinyPVT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 20, 20)]),
     "vit_mha": (builder(TinyViT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),

@@ -394,3 +394,36 @@ def test_beit_attention_is_swapped_for_one_computing_the_same(qkv_bias, table):
         assert torch.equal(direct.relative_position_index, timm.relative_position_index)
         assert direct.relative_position_bias_table.shape == timm.relative_position_bias_table.shape
         assert not bool(direct.qkv.bias[16:32].any())
+
+
+@pytest.mark.parametrize("kw", [{}, {"qk_norm": True}, {"scale_norm": True, "gated": True, "half": True}])
+def test_eva_attention_is_swapped_for_one_computing_the_same(kw):
+    """timm's EvaAttention with a fused qkv (the replica in families.py) swapped for an
+    EvaAttention: the same outputs and gradients with the rotary embedding (the replica
+    module's own function), with an additive attention mask, with q / k norms, a norm over all
+    heads and a gate; q_bias's and v_bias's gradients are the qkv bias's first and last
+    thirds', the keys' third gets none."""
+    import families
+
+    from ticketsmith.models import EvaAttention
+    torch.manual_seed(0)
+    timm = families.EvaAttention(16, 4, **kw)
+    holder = nn.Sequential(timm)
+    assert not prunable_attention(holder)
+    ours = holder[0]
+    assert isinstance(ours, EvaAttention) and ours.apply_rope is families.apply_rot_embed_cat
+    assert ours.qkv.weight is timm.qkv.weight and ours.norm is timm.norm and ours.gate is timm.gate
+    angle = torch.randn(6, 2)
+    rope = torch.cat([angle.sin(), angle.cos()], -1).repeat_interleave(2, -1)
+    for r, mask in [(None, None), (rope, None), (rope, torch.randn(1, 1, 7, 7))]:
+        x = torch.randn(2, 7, 16, requires_grad=True)
+        ref, got = timm(x, rope=r, attn_mask=mask), ours(x, rope=r, attn_mask=mask)
+        assert torch.allclose(ref, got, atol=1e-5)
+        wrt = [x, timm.qkv.weight, timm.proj.weight]
+        g_ref = torch.autograd.grad(ref.square().sum(), wrt + [timm.q_bias, timm.v_bias])
+        g_got = torch.autograd.grad(got.square().sum(), wrt + [ours.qkv.bias])
+        for a, b in zip(g_ref[:3], g_got[:3]):
+            assert torch.allclose(a, b, atol=1e-4)
+        assert torch.allclose(g_ref[3], g_got[3][:16], atol=1e-4)
+        assert torch.allclose(g_ref[4], g_got[3][32:], atol=1e-4)
+        assert g_got[3][16:32].abs().max() < 1e-5

@@ -267,13 +267,14 @@ def test_a_view_that_mixes_tokens_into_channels_keeps_the_group_whole():
                                                  ("swin_v2_windows", "qkv", "proj", "block3.attn"),
                                                  ("swin_timm", "qkv", "proj", "block3.attn.attn"),
                                                  ("swin_v2_timm", "qkv", "proj", "block3.attn.attn"),
-                                                 ("beit", "qkv", "proj", "blocks.1.attn")])
+                                                 ("beit", "qkv", "proj", "blocks.1.attn"),
+                                                 ("eva", "qkv", "proj", "blocks.0.attn")])
 def test_attention_heads_are_refilled_and_removed(family, qkv, proj, at, tmp_path):
     """A channel ticket of a timm-style attention (or of nn.MultiheadAttention swapped for a
     QKVAttention, or of torchvision's Swin V1 / V2 window attention swapped for a
     WindowAttention, or timm's Swin window attention as it is, or timm's Swin V2 window
-    attention swapped for a TimmWindowAttentionV2, or timm's BEiT attention swapped for a
-    BeitAttention) keeps or drops whole heads (q, k,
+    attention swapped for a TimmWindowAttentionV2, or timm's BEiT / EVA attention swapped for a
+    BeitAttention / EvaAttention) keeps or drops whole heads (q, k,
     v rows and the projection's columns), and compaction removes the dropped ones: num_heads goes
     down, the parameters by the heads' share (Swin: with their columns of the relative position
     bias table, found by shape in timm's; Swin V2: their logit scales and rows of the bias MLP),
@@ -506,7 +507,8 @@ def _zoo_models():
         out += [("timm", n) for n in ("resnet18", "mobilenetv3_small_050", "tf_efficientnet_b0",
                                       "convnext_atto", "vit_tiny_patch16_224", "regnetx_002",
                                       "ghostnet_100", "dpn68", "swin_tiny_patch4_window7_224",
-                                      "pvt_v2_b0", "swinv2_tiny_window8_256")]
+                                      "pvt_v2_b0", "swinv2_tiny_window8_256",
+                                      "eva02_tiny_patch14_224")]
     if importlib.util.find_spec("torchvision") is not None:
         out += [("torchvision", n) for n in ("resnet18", "mobilenet_v2", "shufflenet_v2_x0_5",
                                              "vit_b_16", "swin_t", "regnet_y_400mf",
@@ -530,7 +532,7 @@ def test_zoo_model_refill_compacts_exactly(lib, name):
     torch.manual_seed(0)
     model = _zoo_model(lib, name).eval()
     size = 64  # timm's ViT and Swin fix their input size
-    if "vit" in name or (lib == "timm" and "swin" in name):
+    if "vit" in name or "eva" in name or (lib == "timm" and "swin" in name):
         size = 256 if name.endswith("_256") else 224
     x = torch.randn(1, 3, size, size)
     masks = ts.refill(model, magnitude(model, 0.5), example_inputs=x)
@@ -542,7 +544,7 @@ def test_zoo_model_refill_compacts_exactly(lib, name):
         assert rel_err(masked(xi), small(xi)) < 1e-4
     assert n_params(small) <= n_params(model)
     assert math.isfinite(small.ticketsmith_compact["verified_rel_err"])
-    if "vit" in name or "swin" in name:  # timm's Attention, torchvision's swapped modules
+    if "vit" in name or "swin" in name or "eva" in name:  # timm's Attention, the swapped ones
         assert small.ticketsmith_compact["removed_heads"], "no attention head was removed"
     if "pvt" in name:  # the MLP's hidden units, through its depthwise conv on the tokens as a map
         fc1 = "stages.0.blocks.0.mlp.fc1"
@@ -632,11 +634,13 @@ def test_load_gives_a_versioned_module_its_version(tmp_path):
         assert torch.equal(again(x), small(x))
 
 
-def test_beit_heads_stay_where_the_model_adds_a_bias_shared_by_all_layers():
-    """BEiT with `use_shared_rel_pos_bias` hands every layer one bias for all heads: a layer
-    with heads cut could not add it, so the heads stay, with the reason, and the compact model
-    is exact; with a bias table of its own, a layer loses its dead heads."""
-    for family, removed in (("beit_shared_bias", False), ("beit", True)):
+def test_heads_stay_where_they_depend_on_each_other():
+    """BEiT with `use_shared_rel_pos_bias` hands every layer one bias for all heads (a layer
+    with heads cut could not add it); EVA with `scale_norm` normalises all heads' outputs
+    together (a dead head's zeros count in the statistics). There the heads stay, with the
+    reason, and the compact model is exact; without them, the dead heads go."""
+    for family, removed in (("beit_shared_bias", False), ("beit", True),
+                            ("eva_scale_norm", False), ("eva", True)):
         build, shape, others = FAMILIES[family]
         model = build()
         x = torch.randn(shape)

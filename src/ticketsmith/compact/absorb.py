@@ -50,7 +50,7 @@ from torch.nn import functional as F
 
 from ..errors import TicketsmithError, UsageError
 from ..masks import copy_module
-from ..models.attention import BeitAttention, QKVAttention, WindowAttention
+from ..models.attention import BeitAttention, EvaAttention, QKVAttention, WindowAttention
 from .blocks import BlockConv2d, Executor, _check_config
 
 __all__ = ["absorb_gathers", "GroupedConv2d"]
@@ -206,12 +206,13 @@ _METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone"}
 
 
 class _Tracer(fx.Tracer):
-    """Executors, QKVAttention, WindowAttention and BeitAttention (their forwards branch on their inputs'
-    shapes, which torch.fx cannot trace: opaque, as nn.MultiheadAttention is) and every
-    torch.nn layer stay single call_module nodes."""
+    """Executors and the attention modules of `ticketsmith.models` (their forwards branch on
+    their inputs' shapes, which torch.fx cannot trace: opaque, as nn.MultiheadAttention is) and
+    every torch.nn layer stay single call_module nodes."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (Executor, QKVAttention, WindowAttention, BeitAttention)) \
+        return isinstance(m, (Executor, QKVAttention, WindowAttention, BeitAttention,
+                              EvaAttention)) \
             or super().is_leaf_module(m, qualname)
 
 

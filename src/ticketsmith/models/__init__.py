@@ -9,7 +9,8 @@ A user's model is named by a builder spec instead of a zoo name (`build`, `ticke
 `torchvision:NAME` (when those libraries are installed; random init, nothing is downloaded).
 Its nn.MultiheadAttention modules become `QKVAttention`, torchvision's Swin (V1, V2) window
 attention `WindowAttention`, timm's Swin V2 window attention `TimmWindowAttentionV2`, timm's
-BEiT attention `BeitAttention` (`attention.py`: same function, prunable heads).
+BEiT and EVA attention `BeitAttention` and `EvaAttention` (`attention.py`: same function,
+prunable heads).
 """
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ from typing import Any, Callable
 from torch import nn
 
 from ..errors import UsageError
-from .attention import (BeitAttention, QKVAttention, TimmWindowAttentionV2,  # noqa: F401  (API)
-                        WindowAttention, fused_attention, prunable_attention)
+from .attention import (BeitAttention, EvaAttention, QKVAttention,  # noqa: F401  (API)
+                        TimmWindowAttentionV2, WindowAttention, fused_attention,
+                        prunable_attention)
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -189,7 +191,7 @@ def build(spec: str, kwargs: dict[str, Any] | None = None, *, in_channels: int =
     cannot swap (kdim / vdim, add_bias_kv, add_zero_attn) stays, with a warning.
     torchvision's Swin ShiftedWindowAttention (V1, V2) becomes a `WindowAttention` likewise,
     timm's Swin V2 WindowAttention a `TimmWindowAttentionV2`, timm's BEiT Attention a
-    `BeitAttention`.
+    `BeitAttention`, timm's EvaAttention an `EvaAttention`.
     A module that does not import, a missing callable, a builder that raises or returns no
     `nn.Module`: UsageError in one line.
     """

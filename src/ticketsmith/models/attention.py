@@ -19,7 +19,7 @@ and proj weights to a function and derive the head width from the input width: `
 is the same function with the Linears called as modules and a fixed `head_dim` (the timm pattern
 again), and `prunable_attention` swaps it in as well. timm's Swin V2 `WindowAttention` reads its
 qkv weight itself and reshapes to the input width too: `TimmWindowAttentionV2` is swapped in;
-timm's BEiT attention likewise becomes a `BeitAttention`.
+timm's BEiT and EVA attention likewise become a `BeitAttention` and an `EvaAttention`.
 """
 from __future__ import annotations
 
@@ -474,6 +474,56 @@ class BeitAttention(nn.Module):
         return F.dropout(x, p=self.dropout, training=self.training)
 
 
+class EvaAttention(nn.Module):
+    """timm's EVA / EVA-02 `EvaAttention` with its q, k, v in one Linear (`qkv_fused`, timm's
+    default): the same function with the q and v biases as the bias of the `qkv` Linear, called
+    as a module (the keys' third held at zero and subtracted again, as in `BeitAttention`), and
+    the heads' output kept at num_heads * head_dim, so its heads can be refilled and removed.
+
+    The rotary embedding is applied by the function timm's own module applies it with
+    (`apply_rot_embed_cat` of the module defining the swapped class), called rather than
+    re-written, so both agree whatever timm's version. A norm over all heads' outputs
+    (`scale_norm`) or a gate (`gated`) makes the heads' outputs depend on each other: such
+    modules are swapped too, and compaction keeps their heads (a copy with heads cut computes
+    another function). The swap gives `qkv` a new bias Parameter: make the optimizer after it."""
+
+    @classmethod
+    def from_timm(cls, m: nn.Module) -> "EvaAttention":
+        """The same module as an EvaAttention (its Linears, norms and gate themselves; the qkv
+        Linear new, with timm's weight and biases)."""
+        import sys
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.num_heads, new.head_dim = m.num_heads, m.head_dim
+        new.num_prefix_tokens, new.rotate_half = m.num_prefix_tokens, bool(m.rotate_half)
+        new.attention_dropout, new.dropout = float(m.attn_drop.p), float(m.proj_drop.p)
+        new.qkv, new.proj = _biased_qkv(m), m.proj
+        new.q_norm, new.k_norm, new.norm, new.gate = m.q_norm, m.k_norm, m.norm, m.gate
+        new.apply_rope = sys.modules[type(m).__module__].apply_rot_embed_cat
+        new.train(m.training)
+        return new
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        b, n, _ = x.shape
+        heads, hd = self.num_heads, self.head_dim
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        q, k, v = _qkv_without_keys_bias(self.qkv, x).reshape(b, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:  # not on the class / register tokens
+            p = self.num_prefix_tokens
+            q = torch.cat([q[:, :, :p], self.apply_rope(q[:, :, p:], rope, half=self.rotate_half)],
+                          dim=2).type_as(v)
+            k = torch.cat([k[:, :, :p], self.apply_rope(k[:, :, p:], rope, half=self.rotate_half)],
+                          dim=2).type_as(v)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                           dropout_p=self.attention_dropout if self.training else 0.0)
+        x = self.norm(x.transpose(1, 2).reshape(b, n, heads * hd))
+        if gate is not None:
+            x = x * gate
+        return F.dropout(self.proj(x), p=self.dropout, training=self.training)
+
+
 def _shift_mask(x: torch.Tensor, ph: int, pw: int, window, shift) -> torch.Tensor:
     """Swin's attention mask of shifted windows, [windows, n, n]: -100 between tokens
     that the roll brought together from different regions of the map."""
@@ -529,6 +579,22 @@ def _is_beit_attention(m: nn.Module) -> bool:
             and "shared_rel_pos_bias" in inspect.signature(m.forward).parameters)
 
 
+def _is_eva_attention(m: nn.Module) -> bool:
+    """timm's EvaAttention with a fused qkv Linear (by class name, what it holds, and the
+    rotary function of its module)."""
+    import sys
+    if not (type(m).__name__ == "EvaAttention" and all(hasattr(m, a) for a in (
+            "qkv", "proj", "q_bias", "k_bias", "v_bias", "num_heads", "head_dim", "scale",
+            "num_prefix_tokens", "rotate_half", "q_norm", "k_norm", "norm", "gate", "attn_drop",
+            "proj_drop")) and isinstance(m.qkv, nn.Linear) and m.qkv.bias is None
+            and isinstance(m.proj, nn.Linear)):
+        return False
+    width = m.num_heads * m.head_dim
+    return (m.qkv.out_features == 3 * width and m.proj.in_features == width
+            and math.isclose(m.scale, m.head_dim ** -0.5)
+            and callable(getattr(sys.modules.get(type(m).__module__), "apply_rot_embed_cat", None)))
+
+
 def _is_swin_attention(m: nn.Module) -> bool:
     """torchvision's Swin ShiftedWindowAttention (V1) or ShiftedWindowAttentionV2 (by class
     name and what it holds)."""
@@ -545,15 +611,16 @@ def prunable_attention(model: nn.Module) -> dict[str, str]:
     same (same weights): its in-projection becomes a Linear that masks reach and its heads
     can be refilled and removed. torchvision's Swin ShiftedWindowAttention (V1 and V2) becomes
     a WindowAttention (the same module, its Linears called as modules) for the same reason,
-    timm's Swin V2 WindowAttention a TimmWindowAttentionV2 and timm's BEiT Attention a
-    BeitAttention. Returns the modules left as they were, with the reason (an
+    timm's Swin V2 WindowAttention a TimmWindowAttentionV2, timm's BEiT Attention a
+    BeitAttention and timm's EvaAttention (fused qkv) an EvaAttention. Returns the modules left as they were, with the reason (an
     unusual configuration: kdim / vdim, add_bias_kv, add_zero_attn). A model that is itself
     an nn.MultiheadAttention is not swapped (there is no parent to hold the new one)."""
     left = {}
     for name, m in list(model.named_modules()):
         swap = (WindowAttention.from_swin if _is_swin_attention(m) else
                 TimmWindowAttentionV2.from_timm if _is_timm_swin_v2(m) else
-                BeitAttention.from_timm if _is_beit_attention(m) else None)
+                BeitAttention.from_timm if _is_beit_attention(m) else
+                EvaAttention.from_timm if _is_eva_attention(m) else None)
         if name and swap is not None:
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr, swap(m))
@@ -589,4 +656,4 @@ def fused_attention(model: nn.Module) -> int:
 
 
 __all__ = ["QKVAttention", "WindowAttention", "TimmWindowAttentionV2", "BeitAttention",
-           "prunable_attention", "fused_attention"]
+           "EvaAttention", "prunable_attention", "fused_attention"]
