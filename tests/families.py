@@ -910,13 +910,36 @@ class EvaAttention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
+class GluMlp(nn.Module):
+    """timm's GluMlp (its class name, attributes and forward): one fc1 for both halves of the
+    gated hidden layer, chunked (the last dimension, or the channels with `use_conv`), the gate
+    the second half (`gate_last`) or the first."""
+
+    def __init__(self, dim, hidden, act=nn.SiLU, gate_last=True, use_conv=False):
+        super().__init__()
+        layer = (lambda i, o: nn.Conv2d(i, o, 1)) if use_conv else nn.Linear
+        self.chunk_dim, self.gate_last = (1 if use_conv else -1), gate_last
+        self.fc1 = layer(dim, 2 * hidden)
+        self.act = act()
+        self.drop1 = nn.Dropout(0.0)
+        self.norm = nn.Identity()
+        self.fc2 = layer(hidden, dim)
+        self.drop2 = nn.Dropout(0.0)
+
+    def forward(self, x):
+        x1, x2 = self.fc1(x).chunk(2, dim=self.chunk_dim)
+        x = x1 * self.act(x2) if self.gate_last else self.act(x1) * x2
+        return self.drop2(self.fc2(self.norm(self.drop1(x))))
+
+
 class EvaBlock(nn.Module):
-    def __init__(self, dim, heads, **kw):
+    def __init__(self, dim, heads, glu=False, **kw):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = EvaAttention(dim, heads, **kw)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.SiLU(), nn.Linear(4 * dim, dim))
+        self.mlp = GluMlp(dim, 2 * dim, gate_last=False) if glu else nn.Sequential(
+            nn.Linear(dim, 4 * dim), nn.SiLU(), nn.Linear(4 * dim, dim))
 
     def forward(self, x, rope=None):
         x = x + self.attn(self.norm1(x), rope=rope)
@@ -926,26 +949,45 @@ class EvaBlock(nn.Module):
 class TinyEva(nn.Module):
     """timm's EVA-02 in small: patches and a class token, a fixed rotary embedding of the
     patch positions handed to every block; swapped as `ticketsmith.models.build` does
-    (EvaAttention). `kw` goes to the attention (scale_norm, gated, qk_norm, half)."""
+    (EvaAttention; `glu`: EVA-02's SwiGLU MLP, a GluMlp, becomes a SplitGluMlp). `kw` goes to
+    the attention (scale_norm, gated, qk_norm, half)."""
 
-    def __init__(self, classes=10, dim=16, patch=8, image=32, heads=4, **kw):
+    def __init__(self, classes=10, dim=16, patch=8, image=32, heads=4, glu=False, **kw):
         super().__init__()
         self.patch = nn.Conv2d(3, dim, patch, stride=patch)
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
         n, hd = (image // patch) ** 2, dim // heads
         angle = torch.arange(n)[:, None] * (0.5 ** torch.arange(hd // 2))[None].repeat_interleave(2, 1)
         self.register_buffer("rope", torch.cat([angle.sin(), angle.cos()], -1), persistent=False)
-        self.blocks = nn.ModuleList([EvaBlock(dim, heads, **kw) for _ in range(2)])
+        self.blocks = nn.ModuleList([EvaBlock(dim, heads, glu, **kw) for _ in range(2)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, classes)
-        from ticketsmith.models import prunable_attention
+        from ticketsmith.models import prunable_attention, prunable_mlp
         prunable_attention(self)
+        prunable_mlp(self)
 
     def forward(self, x):
         x = class_and_patch_tokens(self, x)
         for block in self.blocks:
             x = block(x, rope=self.rope)
         return self.head(self.norm(x)[:, 0])
+
+
+class ConvGlu(nn.Module):
+    """A conv stem, a convolutional GluMlp (1x1 convs, channels chunked; the gate first, a
+    sigmoid: the original GLU) with a residual, pooling and a head; swapped by prunable_mlp."""
+
+    def __init__(self, classes=10, dim=8):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, dim, 3, padding=1), nn.BatchNorm2d(dim), nn.ReLU())
+        self.mlp = GluMlp(dim, 12, act=nn.Sigmoid, gate_last=False, use_conv=True)
+        self.head = nn.Linear(dim, classes)
+        from ticketsmith.models import prunable_mlp
+        assert prunable_mlp(self) == 1
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head((x + self.mlp(x)).mean((2, 3)))
 
 
 class TinySwinWindows(TinySwin):
@@ -1140,6 +1182,8 @@ FAMILIES = {
     "beit_shared_bias": (builder(TinyBeit, shared=True), (2, 3, 32, 32), [(3, 3, 32, 32)]),
     "eva": (builder(TinyEva), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 32, 32)]),
     "eva_scale_norm": (builder(TinyEva, scale_norm=True, half=True), (2, 3, 32, 32), [(3, 3, 32, 32)]),
+    "eva_glu": (builder(TinyEva, glu=True), (2, 3, 32, 32), [(3, 3, 32, 32)]),
+    "glu_conv": (builder(ConvGlu), (2, 3, 8, 8), [(3, 3, 8, 8), (1, 3, 11, 11)]),
     "unet": (builder(TinyUNet), (2, 3, 8, 8), [(3, 3, 8, 8), (1, 3, 16, 16)]),
     "pvt_mix_ffn": (builder(TinyPVT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 20, 20)]),
     "vit_mha": (builder(TinyViT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),

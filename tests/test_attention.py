@@ -427,3 +427,29 @@ def test_eva_attention_is_swapped_for_one_computing_the_same(kw):
         assert torch.allclose(g_ref[3], g_got[3][:16], atol=1e-4)
         assert torch.allclose(g_ref[4], g_got[3][32:], atol=1e-4)
         assert g_got[3][16:32].abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("gate_last,use_conv", [(True, False), (False, False), (False, True)])
+def test_glu_mlp_is_swapped_for_one_computing_the_same(gate_last, use_conv):
+    """timm's GluMlp (the replica in families.py) swapped for a SplitGluMlp: the same outputs,
+    and gradients whose value and gate rows are the halves of fc1's (the gate the second half
+    with `gate_last`, else the first); fc2, the activation and the norm are the original's."""
+    from families import GluMlp
+
+    from ticketsmith.models import SplitGluMlp, prunable_mlp
+    torch.manual_seed(0)
+    timm = GluMlp(6, 5, gate_last=gate_last, use_conv=use_conv)
+    holder = nn.Sequential(timm)
+    assert prunable_mlp(holder) == 1
+    ours = holder[0]
+    assert isinstance(ours, SplitGluMlp) and ours.fc2 is timm.fc2 and ours.act is timm.act
+    x = torch.randn((2, 6, 3, 3) if use_conv else (2, 4, 6), requires_grad=True)
+    ref, got = timm(x), ours(x)
+    assert torch.allclose(ref, got, atol=1e-6)
+    g_ref = torch.autograd.grad(ref.square().sum(), [x, timm.fc1.weight, timm.fc1.bias])
+    g_got = torch.autograd.grad(got.square().sum(), [x, ours.fc1_x.weight, ours.fc1_g.weight,
+                                                     ours.fc1_x.bias, ours.fc1_g.bias])
+    assert torch.allclose(g_ref[0], g_got[0], atol=1e-5)
+    halves = lambda a, b: torch.cat([a, b] if gate_last else [b, a])  # noqa: E731
+    assert torch.allclose(g_ref[1], halves(g_got[1], g_got[2]), atol=1e-5)
+    assert torch.allclose(g_ref[2], halves(g_got[3], g_got[4]), atol=1e-5)

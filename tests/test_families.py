@@ -546,6 +546,9 @@ def test_zoo_model_refill_compacts_exactly(lib, name):
     assert math.isfinite(small.ticketsmith_compact["verified_rel_err"])
     if "vit" in name or "swin" in name or "eva" in name:  # timm's Attention, the swapped ones
         assert small.ticketsmith_compact["removed_heads"], "no attention head was removed"
+    if "eva" in name:  # the GluMlp's hidden units, its fc1 split in two (SplitGluMlp)
+        mlp = "blocks.0.mlp"
+        assert small.get_submodule(mlp).fc1_x.out_features < model.get_submodule(mlp).fc1_x.out_features
     if "pvt" in name:  # the MLP's hidden units, through its depthwise conv on the tokens as a map
         fc1 = "stages.0.blocks.0.mlp.fc1"
         assert small.get_submodule(fc1).out_features < model.get_submodule(fc1).out_features
@@ -651,3 +654,20 @@ def test_heads_stay_where_they_depend_on_each_other():
         if not removed:
             assert any("computes another function" in h for h in heads.values()), heads
         assert_matches_masked(model, masks, small, others)
+
+
+@pytest.mark.parametrize("family,mlp", [("eva_glu", "blocks.0.mlp"), ("glu_conv", "mlp")])
+def test_gated_mlp_hidden_units_are_refilled_and_removed(family, mlp):
+    """timm's GluMlp (one fc1 for both halves, chunked) swapped for a SplitGluMlp: a channel
+    ticket drops hidden units from the value half, the gate half and fc2's inputs together,
+    and the compact model is exact."""
+    build, shape, others = FAMILIES[family]
+    model = build()
+    x = torch.randn(shape)
+    masks = structured("refill", model, x)
+    small = C.compact(model, masks, x)
+    before, after = model.get_submodule(mlp), small.get_submodule(mlp)
+    width = lambda m: getattr(m, "out_features", None) or m.out_channels  # noqa: E731
+    assert width(after.fc1_x) == width(after.fc1_g) < width(before.fc1_x)
+    assert after.fc2.weight.shape[1] == width(after.fc1_x)
+    assert_matches_masked(model, masks, small, others)

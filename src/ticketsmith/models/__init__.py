@@ -10,7 +10,7 @@ A user's model is named by a builder spec instead of a zoo name (`build`, `ticke
 Its nn.MultiheadAttention modules become `QKVAttention`, torchvision's Swin (V1, V2) window
 attention `WindowAttention`, timm's Swin V2 window attention `TimmWindowAttentionV2`, timm's
 BEiT and EVA attention `BeitAttention` and `EvaAttention` (`attention.py`: same function,
-prunable heads).
+prunable heads), timm's GluMlp a `SplitGluMlp` (`glu.py`: prunable hidden units).
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from ..errors import UsageError
 from .attention import (BeitAttention, EvaAttention, QKVAttention,  # noqa: F401  (API)
                         TimmWindowAttentionV2, WindowAttention, fused_attention,
                         prunable_attention)
+from .glu import SplitGluMlp, prunable_mlp  # noqa: F401  (API)
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -191,7 +192,8 @@ def build(spec: str, kwargs: dict[str, Any] | None = None, *, in_channels: int =
     cannot swap (kdim / vdim, add_bias_kv, add_zero_attn) stays, with a warning.
     torchvision's Swin ShiftedWindowAttention (V1, V2) becomes a `WindowAttention` likewise,
     timm's Swin V2 WindowAttention a `TimmWindowAttentionV2`, timm's BEiT Attention a
-    `BeitAttention`, timm's EvaAttention an `EvaAttention`.
+    `BeitAttention`, timm's EvaAttention an `EvaAttention`, and timm's GluMlp (one Linear
+    for both halves of a gated MLP) a `SplitGluMlp` (`prunable_mlp`).
     A module that does not import, a missing callable, a builder that raises or returns no
     `nn.Module`: UsageError in one line.
     """
@@ -240,6 +242,7 @@ def build(spec: str, kwargs: dict[str, Any] | None = None, *, in_channels: int =
                          f"{type(model).__name__}, not an nn.Module")
     # the heads and in-projection of nn.MultiheadAttention become prunable (same function)
     left = prunable_attention(model)
+    prunable_mlp(model)  # and the hidden units of a gated MLP computed by one Linear
     if left:
         warnings.warn(f"model {spec}: {len(left)} nn.MultiheadAttention module(s) keep their "
                       "in-projection dense and all their heads: " + "; ".join(
