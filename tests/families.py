@@ -640,21 +640,94 @@ class MixFFN(nn.Module):
         return self.fc2(self.act(x))
 
 
-class TinyPVT(nn.Module):
-    """A patch embedding conv, one pre-norm MixFFN block on its tokens, a mean over tokens."""
+class PvtV2Attention(nn.Module):
+    """timm's PVT-v2 Attention (its class name, attributes and forward): q from the tokens,
+    k and v (one `kv` Linear) from the tokens viewed as a map and reduced by a strided conv
+    and a LayerNorm (or, `linear`, pooled to 2 x 2, a 1x1 conv, a LayerNorm and a GELU), the
+    heads' output reshaped to the input width C."""
 
-    def __init__(self, classes=10, dim=16, scrambled=False):
+    def __init__(self, dim, num_heads, sr_ratio=2, linear=False):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.attn_drop = nn.Dropout(0.0)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(0.0)
+        self.pool = nn.AdaptiveAvgPool2d(2) if linear else None
+        self.sr = nn.Conv2d(dim, dim, 1 if linear else sr_ratio, stride=1 if linear else sr_ratio)
+        self.norm = nn.LayerNorm(dim)
+        self.act = nn.GELU() if linear else None
+
+    def forward(self, x, feat_size):
+        B, N, C = x.shape
+        q = self.q(x).reshape(B, N, self.num_heads, -1).permute(0, 2, 1, 3)
+        x = x.permute(0, 2, 1).reshape(B, C, *feat_size)
+        x = self.sr(self.pool(x) if self.pool is not None else x).reshape(B, C, -1).permute(0, 2, 1)
+        x = self.norm(x)
+        if self.act is not None:
+            x = self.act(x)
+        k, v = self.kv(x).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        x = (self.attn_drop(attn) @ v).transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+PvtV2Attention.__name__ = PvtV2Attention.__qualname__ = "Attention"  # timm's class name
+
+
+class GlobalSubSampleAttn(nn.Module):
+    """Twins' GlobalSubSampleAttn (its class name, attributes and forward): PVT's attention
+    without pooling, no head_dim attribute (C // num_heads in the forward), the map size
+    argument named `size`, no reduction (sr None, norm None) at sr_ratio 1."""
+
+    def __init__(self, dim, num_heads, sr_ratio=2):
+        super().__init__()
+        self.num_heads, self.scale = num_heads, (dim // num_heads) ** -0.5
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.attn_drop = nn.Dropout(0.0)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(0.0)
+        self.sr = nn.Conv2d(dim, dim, sr_ratio, stride=sr_ratio) if sr_ratio > 1 else None
+        self.norm = nn.LayerNorm(dim) if sr_ratio > 1 else None
+
+    def forward(self, x, size):
+        B, N, C = x.shape
+        q = self.q(x).reshape(B, N, self.num_heads, C // self.num_heads).permute(0, 2, 1, 3)
+        if self.sr is not None:
+            x = self.norm(self.sr(x.permute(0, 2, 1).reshape(B, C, *size)).reshape(B, C, -1).permute(0, 2, 1))
+        k, v = self.kv(x).reshape(B, -1, 2, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        return self.proj_drop(self.proj((self.attn_drop(attn) @ v).transpose(1, 2).reshape(B, N, C)))
+
+
+class TinyPVT(nn.Module):
+    """A patch embedding conv, one pre-norm MixFFN block on its tokens, a mean over tokens;
+    `attn` (None, "sr" or "linear"): a pre-norm PVT-v2 attention before it, swapped as
+    `ticketsmith.models.build` does (PvtAttention)."""
+
+    def __init__(self, classes=10, dim=16, scrambled=False, attn=None):
         super().__init__()
         self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        if attn:
+            self.norm0 = nn.LayerNorm(dim)
+            self.attn = PvtV2Attention(dim, 4, linear=attn == "linear")
         self.norm1 = nn.LayerNorm(dim)
         self.mlp = MixFFN(dim, 4 * dim, scrambled)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, classes)
+        if attn:
+            from ticketsmith.models import prunable_attention
+            prunable_attention(self)
 
     def forward(self, x):
         x = self.patch(x)
         H, W = x.shape[2:]
         x = x.flatten(2).transpose(1, 2)
+        if hasattr(self, "attn"):
+            x = x + self.attn(self.norm0(x), (H, W))
         x = x + self.mlp(self.norm1(x), (H, W))
         return self.head(self.norm(x).mean(1))
 
@@ -1186,6 +1259,8 @@ FAMILIES = {
     "glu_conv": (builder(ConvGlu), (2, 3, 8, 8), [(3, 3, 8, 8), (1, 3, 11, 11)]),
     "unet": (builder(TinyUNet), (2, 3, 8, 8), [(3, 3, 8, 8), (1, 3, 16, 16)]),
     "pvt_mix_ffn": (builder(TinyPVT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 20, 20)]),
+    "pvt_attention": (builder(TinyPVT, attn="sr"), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 40, 40)]),
+    "pvt_linear_attention": (builder(TinyPVT, attn="linear"), (2, 3, 32, 32), [(3, 3, 32, 32)]),
     "vit_mha": (builder(TinyViT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "vit_qkv": (builder(TinyViTQKV), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "vit_timm": (builder(TimmViT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),

@@ -453,3 +453,32 @@ def test_glu_mlp_is_swapped_for_one_computing_the_same(gate_last, use_conv):
     halves = lambda a, b: torch.cat([a, b] if gate_last else [b, a])  # noqa: E731
     assert torch.allclose(g_ref[1], halves(g_got[1], g_got[2]), atol=1e-5)
     assert torch.allclose(g_ref[2], halves(g_got[3], g_got[4]), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["pvt", "pvt-linear", "twins", "twins-no-reduction"])
+def test_pvt_attention_is_swapped_for_one_computing_the_same(kind):
+    """timm's PVT-v2 Attention and Twins' GlobalSubSampleAttn (the replicas in families.py)
+    swapped for a PvtAttention: the same outputs and gradients on maps of two sizes, with the
+    strided reduction, the pooled one (PVT's `linear_attn`) or none (Twins at sr_ratio 1); its
+    Linears and reduction layers are the original's."""
+    from families import GlobalSubSampleAttn, PvtV2Attention
+
+    from ticketsmith.models import PvtAttention
+    torch.manual_seed(0)
+    timm = (PvtV2Attention(16, 4, linear=kind == "pvt-linear") if kind.startswith("pvt")
+            else GlobalSubSampleAttn(16, 4, sr_ratio=1 if kind == "twins-no-reduction" else 2))
+    holder = nn.Sequential(timm)
+    assert not prunable_attention(holder)
+    ours = holder[0]
+    assert isinstance(ours, PvtAttention) and ours.kv is timm.kv and ours.sr is timm.sr
+    assert ours.head_dim == 4
+    params = list(timm.parameters())
+    assert {id(p) for p in ours.parameters()} == {id(p) for p in params}
+    for h, w in [(4, 6), (8, 8)]:
+        x = torch.randn(2, h * w, 16, requires_grad=True)
+        ref, got = timm(x, (h, w)), ours(x, (h, w))
+        assert torch.allclose(ref, got, atol=1e-5)
+        g_ref = torch.autograd.grad(ref.square().sum(), [x] + params)
+        g_got = torch.autograd.grad(got.square().sum(), [x] + params)
+        for a, b in zip(g_ref, g_got):
+            assert torch.allclose(a, b, atol=1e-4)

@@ -544,7 +544,7 @@ def test_zoo_model_refill_compacts_exactly(lib, name):
         assert rel_err(masked(xi), small(xi)) < 1e-4
     assert n_params(small) <= n_params(model)
     assert math.isfinite(small.ticketsmith_compact["verified_rel_err"])
-    if "vit" in name or "swin" in name or "eva" in name:  # timm's Attention, the swapped ones
+    if any(k in name for k in ("vit", "swin", "eva", "pvt")):  # timm's Attention, swapped ones
         assert small.ticketsmith_compact["removed_heads"], "no attention head was removed"
     if "eva" in name:  # the GluMlp's hidden units, its fc1 split in two (SplitGluMlp)
         mlp = "blocks.0.mlp"
@@ -671,3 +671,36 @@ def test_gated_mlp_hidden_units_are_refilled_and_removed(family, mlp):
     assert width(after.fc1_x) == width(after.fc1_g) < width(before.fc1_x)
     assert after.fc2.weight.shape[1] == width(after.fc1_x)
     assert_matches_masked(model, masks, small, others)
+
+
+def test_heads_of_separate_q_and_kv_linears_are_refilled_and_removed(tmp_path):
+    """PVT-v2's attention (swapped for a PvtAttention) computes q from the tokens and k, v (one
+    `kv` Linear) from the reduced map: a channel ticket keeps or drops whole heads across both
+    Linears (a head's q rows, its k and v rows, its projection columns), and compaction removes
+    the dropped ones from all three, exact on another batch and map size and through save /
+    load."""
+    build, shape, others = FAMILIES["pvt_attention"]
+    model = build()
+    x = torch.randn(shape)
+    masks = structured("refill", model, x)
+    nh, hd, dim = 4, 4, 16
+    q = masks["attn.q.weight"].reshape(1, nh, hd, dim)
+    kv = masks["attn.kv.weight"].reshape(2, nh, hd, dim)
+    per_head = torch.cat([q, kv])
+    assert bool((per_head.all(dim=(0, 2, 3)) | ~per_head.any(dim=(0, 2, 3))).all())  # whole heads
+    kept = per_head.all(dim=(0, 2, 3))
+    k = int(kept.sum())
+    assert 0 < k < nh
+    assert not bool(masks["attn.proj.weight"].reshape(dim, nh, hd)[:, ~kept].any())
+    small = C.compact(model, masks, x)
+    a = small.attn
+    assert (a.num_heads, a.q.out_features, a.kv.out_features, a.proj.in_features) == (
+        k, k * hd, 2 * k * hd, k * hd)
+    notes = {r["layer"]: r.get("heads") for r in C.describe(small)}
+    assert notes["attn.kv"] == notes["attn.q"] == f"kept {k} of {nh} heads of attn"
+    assert_matches_masked(model, masks, small, others)
+    C.save(small, tmp_path / "ticket")
+    again = C.load(tmp_path / "ticket", build=build)
+    xi = torch.randn(others[-1])
+    with torch.no_grad():
+        assert torch.equal(small(xi), again(xi))

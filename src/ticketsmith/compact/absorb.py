@@ -50,7 +50,8 @@ from torch.nn import functional as F
 
 from ..errors import TicketsmithError, UsageError
 from ..masks import copy_module
-from ..models.attention import BeitAttention, EvaAttention, QKVAttention, WindowAttention
+from ..models.attention import (BeitAttention, EvaAttention, PvtAttention, QKVAttention,
+                                WindowAttention)
 from .blocks import BlockConv2d, Executor, _check_config
 
 __all__ = ["absorb_gathers", "GroupedConv2d"]
@@ -212,7 +213,7 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, (Executor, QKVAttention, WindowAttention, BeitAttention,
-                              EvaAttention)) \
+                              EvaAttention, PvtAttention)) \
             or super().is_leaf_module(m, qualname)
 
 

@@ -15,7 +15,8 @@ computed (on random inputs of the example's shape, of another batch size and of 
 length): a forward that lays the heads out otherwise, or that holds another width-sized part (a
 norm over all heads, a gate, heads mixed by a Linear), fails the check and the module keeps all
 its heads, with the reason on record. So does a forward that reshapes the heads' output to its
-input width (many of timm's: EVA, BEiT, Swin V2, CaiT). nn.MultiheadAttention keeps its heads (its fused in_proj
+input width (many of timm's: CaiT, Twins; `ticketsmith.models.prunable_attention` swaps those
+of Swin V2, BEiT, EVA and PVT-v2 for modules that do not). nn.MultiheadAttention keeps its heads (its fused in_proj
 weight and the embed_dim = num_heads * head_dim rule inside torch's kernels leave no module to
 cut); `ticketsmith.models.prunable_attention` swaps it for a QKVAttention, which follows the
 pattern.
@@ -53,11 +54,13 @@ class HeadReport:
 def dead_heads(model: nn.Module, att: AttentionHeads) -> torch.Tensor:
     """Per head: True if it adds exactly zero (v rows and v bias zero, or projection columns
     zero)."""
-    qkv, proj = model.get_submodule(att.qkv), model.get_submodule(att.proj)
-    w = qkv.weight.detach().reshape(3, att.num_heads, att.head_dim, -1)[2]
+    name, parts = att.inputs()[-1]  # the Linear holding v, its last part
+    v_lin, proj = model.get_submodule(name), model.get_submodule(att.proj)
+    n = len(parts)
+    w = v_lin.weight.detach().reshape(n, att.num_heads, att.head_dim, -1)[n - 1]
     v_zero = (w == 0).flatten(1).all(dim=1)
-    if qkv.bias is not None:
-        v_zero &= (qkv.bias.detach().reshape(3, att.num_heads, att.head_dim)[2] == 0).all(dim=1)
+    if v_lin.bias is not None:
+        v_zero &= (v_lin.bias.detach().reshape(n, att.num_heads, att.head_dim)[n - 1] == 0).all(dim=1)
     cols = proj.weight.detach().reshape(proj.out_features, att.num_heads, att.head_dim)
     return v_zero | (cols == 0).all(dim=2).all(dim=0)
 
@@ -147,7 +150,8 @@ def cut_heads(module: nn.Module, att: AttentionHeads, keep: torch.Tensor) -> dic
     the heads kept (`kept`) and the other Linears whose rows went (`linears`)."""
     tensors = per_head_tensors(module, att)  # found on the module as it is, before the cut
     prefix = len(att.module) + 1 if att.module else 0
-    _cut_linear(module.get_submodule(att.qkv[prefix:]), att.qkv_rows(keep), None)
+    for name, rows in att.input_rows(keep).items():
+        _cut_linear(module.get_submodule(name[prefix:]), rows, None)
     _cut_linear(module.get_submodule(att.proj[prefix:]), None, att.proj_cols(keep))
     settings = _settings(module, att, len(keep))
     for a, v in settings.items():
@@ -159,13 +163,17 @@ def cut_heads(module: nn.Module, att: AttentionHeads, keep: torch.Tensor) -> dic
 
 
 def _variants(args: tuple, kwargs: dict) -> list[tuple]:
-    """Random arguments like the captured ones: the same shapes, then (where no keyword argument
-    is a tensor whose shape would have to follow) one more sample and two more tokens."""
-    if not args or not all(isinstance(a, torch.Tensor) and a.is_floating_point() for a in args):
+    """Random arguments like the captured ones: the same shapes, then (where every argument is
+    a tensor and no keyword argument is one, so no other shape has to follow) one more sample
+    and two more tokens. Arguments other than tensors (PVT's map size) are passed as captured."""
+    floats = [isinstance(a, torch.Tensor) and a.is_floating_point() for a in args]
+    if not any(floats) or any(isinstance(a, torch.Tensor) and not f for a, f in zip(args, floats)):
         return []
     g = torch.Generator().manual_seed(0)
 
     def like(t, grow):
+        if not isinstance(t, torch.Tensor):
+            return t
         shape = list(t.shape)
         if grow and len(shape) >= 3:
             shape[0] += 1
@@ -173,7 +181,7 @@ def _variants(args: tuple, kwargs: dict) -> list[tuple]:
         return torch.randn(shape, generator=g).to(t)
 
     out = [tuple(like(a, False) for a in args)]
-    if not any(isinstance(v, torch.Tensor) for v in kwargs.values()):
+    if all(floats) and not any(isinstance(v, torch.Tensor) for v in kwargs.values()):
         out.append(tuple(like(a, True) for a in args))
     return out
 
@@ -183,7 +191,8 @@ def _differs(module: nn.Module, cut: nn.Module, args: tuple, kwargs: dict) -> st
     ones (None if it does)."""
     variants = _variants(args, kwargs)
     if not variants:
-        return "its inputs are not floating-point tensors: no random inputs to check a cut on"
+        return ("its inputs hold no floating-point tensor (or an integer one): no random inputs "
+                "to check a cut on")
     with torch.no_grad():
         for x in variants:
             try:
@@ -233,7 +242,7 @@ def remove_dead_heads(model: nn.Module, inputs: tuple) -> HeadReport:
         if bool(dead.any()):
             dying.append((att, dead))
         else:
-            for layer in (att.qkv, att.proj):
+            for layer in _layers(att):
                 report.notes[layer] = f"no dead head in {att.module or 'the model'}"
     if not dying:
         return report
@@ -254,18 +263,24 @@ def remove_dead_heads(model: nn.Module, inputs: tuple) -> HeadReport:
             why = f"{where}: {why}" if why else None
         if why is not None:
             report.whole[att.module] = why
-            for layer in (att.qkv, att.proj):
+            for layer in _layers(att):
                 report.notes[layer] = f"kept all {att.num_heads} heads: {why}"
             continue
         cut_heads(model.get_submodule(att.module), att, keep)  # as the copy that passed
-        report.cuts[att.qkv] = (att.qkv_rows(keep), None)
+        for name, rows in att.input_rows(keep).items():
+            report.cuts[name] = (rows, None)
         report.cuts[att.proj] = (None, att.proj_cols(keep))
         report.removed[att.module] = {"heads": [att.num_heads, int(keep.numel())], **done}
         for lin in done["linears"]:  # a bias MLP's last Linear: its rows are heads
             report.cuts[_join(att.module, lin)] = (keep.clone(), None)
-        for layer in (att.qkv, att.proj):
+        for layer in _layers(att):
             report.notes[layer] = f"kept {keep.numel()} of {att.num_heads} heads of {where}"
     return report
+
+
+def _layers(att: AttentionHeads) -> list[str]:
+    """The module's Linears whose rows or columns are heads: q, k, v and the projection."""
+    return [name for name, _ in att.inputs()] + [att.proj]
 
 
 def _join(parent: str, child: str) -> str:

@@ -19,7 +19,8 @@ and proj weights to a function and derive the head width from the input width: `
 is the same function with the Linears called as modules and a fixed `head_dim` (the timm pattern
 again), and `prunable_attention` swaps it in as well. timm's Swin V2 `WindowAttention` reads its
 qkv weight itself and reshapes to the input width too: `TimmWindowAttentionV2` is swapped in;
-timm's BEiT and EVA attention likewise become a `BeitAttention` and an `EvaAttention`.
+timm's BEiT, EVA and PVT-v2 attention likewise become a `BeitAttention`, an `EvaAttention`
+and a `PvtAttention`.
 """
 from __future__ import annotations
 
@@ -524,6 +525,49 @@ class EvaAttention(nn.Module):
         return F.dropout(self.proj(x), p=self.dropout, training=self.training)
 
 
+class PvtAttention(nn.Module):
+    """timm's PVT-v2 `Attention` (`timm.models.pvt_v2`) or Twins' `GlobalSubSampleAttn` (the
+    same function): queries from the tokens, keys and values (`kv`) from the tokens spatially
+    reduced (a strided conv and a LayerNorm; with PVT's `linear_attn` a 7 x 7 pooling, a 1x1
+    conv, a LayerNorm and a GELU). The same function with
+    the heads' output kept at num_heads * head_dim (timm reshapes it to the input width), so
+    its heads can be refilled and removed: their q rows, k and v rows of `kv` and columns of
+    `proj` (the q / kv pattern of `ticketsmith.structure.heads`)."""
+
+    @classmethod
+    def from_timm(cls, m: nn.Module) -> "PvtAttention":
+        """The same module (its Linears, reduction conv, norm, pooling and activation
+        themselves) as a PvtAttention."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.num_heads = m.num_heads
+        new.head_dim = m.q.out_features // m.num_heads
+        new.attention_dropout, new.dropout = float(m.attn_drop.p), float(m.proj_drop.p)
+        new.q, new.kv, new.proj = m.q, m.kv, m.proj
+        # (Twins' has no pooling or activation, and no norm where it does not reduce)
+        new.sr, new.norm = m.sr, getattr(m, "norm", None)
+        new.pool, new.act = getattr(m, "pool", None), getattr(m, "act", None)
+        new.train(m.training)
+        return new
+
+    def forward(self, x: torch.Tensor, feat_size) -> torch.Tensor:
+        b, n, c = x.shape
+        heads, hd = self.num_heads, self.head_dim
+        q = self.q(x).reshape(b, n, heads, hd).transpose(1, 2)
+        if self.sr is not None:  # the keys' and values' tokens: the map, reduced
+            x = x.transpose(1, 2).reshape(b, c, *feat_size)
+            if self.pool is not None:
+                x = self.pool(x)
+            x = self.norm(self.sr(x).reshape(b, c, -1).transpose(1, 2))
+            if self.act is not None:
+                x = self.act(x)
+        k, v = self.kv(x).reshape(b, -1, 2, heads, hd).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v,
+                                           dropout_p=self.attention_dropout if self.training else 0.0)
+        x = self.proj(x.transpose(1, 2).reshape(b, n, heads * hd))
+        return F.dropout(x, p=self.dropout, training=self.training)
+
+
 def _shift_mask(x: torch.Tensor, ph: int, pw: int, window, shift) -> torch.Tensor:
     """Swin's attention mask of shifted windows, [windows, n, n]: -100 between tokens
     that the roll brought together from different regions of the map."""
@@ -595,6 +639,25 @@ def _is_eva_attention(m: nn.Module) -> bool:
             and callable(getattr(sys.modules.get(type(m).__module__), "apply_rot_embed_cat", None)))
 
 
+def _is_pvt_attention(m: nn.Module) -> bool:
+    """timm's PVT-v2 Attention or Twins' GlobalSubSampleAttn (by class name, what it holds
+    and its forward's arguments)."""
+    import inspect
+    pvt = type(m).__name__ == "Attention" and all(hasattr(m, a) for a in ("norm", "pool", "act"))
+    twins = type(m).__name__ == "GlobalSubSampleAttn"
+    if not ((pvt or twins) and all(hasattr(m, a) for a in (
+            "q", "kv", "proj", "sr", "num_heads", "scale", "attn_drop", "proj_drop"))
+            and all(type(getattr(m, a)) is nn.Linear for a in ("q", "kv", "proj"))
+            and m.q.out_features % m.num_heads == 0):
+        return False
+    width, hd = m.q.out_features, m.q.out_features // m.num_heads
+    args = inspect.signature(m.forward).parameters
+    return (m.kv.out_features == 2 * width and m.proj.in_features == width
+            and math.isclose(m.scale, hd ** -0.5) and getattr(m, "head_dim", hd) == hd
+            and (m.sr is not None or getattr(m, "pool", None) is None)
+            and ("feat_size" in args if pvt else "size" in args))
+
+
 def _is_swin_attention(m: nn.Module) -> bool:
     """torchvision's Swin ShiftedWindowAttention (V1) or ShiftedWindowAttentionV2 (by class
     name and what it holds)."""
@@ -612,7 +675,8 @@ def prunable_attention(model: nn.Module) -> dict[str, str]:
     can be refilled and removed. torchvision's Swin ShiftedWindowAttention (V1 and V2) becomes
     a WindowAttention (the same module, its Linears called as modules) for the same reason,
     timm's Swin V2 WindowAttention a TimmWindowAttentionV2, timm's BEiT Attention a
-    BeitAttention and timm's EvaAttention (fused qkv) an EvaAttention. Returns the modules left as they were, with the reason (an
+    BeitAttention, timm's EvaAttention (fused qkv) an EvaAttention and timm's PVT-v2
+    Attention (and Twins' GlobalSubSampleAttn) a PvtAttention. Returns the modules left as they were, with the reason (an
     unusual configuration: kdim / vdim, add_bias_kv, add_zero_attn). A model that is itself
     an nn.MultiheadAttention is not swapped (there is no parent to hold the new one)."""
     left = {}
@@ -620,7 +684,8 @@ def prunable_attention(model: nn.Module) -> dict[str, str]:
         swap = (WindowAttention.from_swin if _is_swin_attention(m) else
                 TimmWindowAttentionV2.from_timm if _is_timm_swin_v2(m) else
                 BeitAttention.from_timm if _is_beit_attention(m) else
-                EvaAttention.from_timm if _is_eva_attention(m) else None)
+                EvaAttention.from_timm if _is_eva_attention(m) else
+                PvtAttention.from_timm if _is_pvt_attention(m) else None)
         if name and swap is not None:
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr, swap(m))
@@ -656,4 +721,4 @@ def fused_attention(model: nn.Module) -> int:
 
 
 __all__ = ["QKVAttention", "WindowAttention", "TimmWindowAttentionV2", "BeitAttention",
-           "EvaAttention", "prunable_attention", "fused_attention"]
+           "EvaAttention", "PvtAttention", "prunable_attention", "fused_attention"]

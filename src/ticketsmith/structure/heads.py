@@ -9,7 +9,11 @@ of the qkv weight (s = 0, 1, 2 for q, k, v; A = num_heads * head_dim) and the co
 
 The modules are recognised by that shape pattern (not by class or attribute names): an integer
 `num_heads`, exactly one direct Linear child with 3 * A outputs and exactly one other with A
-inputs (A from `head_dim` where the module has one). Whether the forward really lays the rows
+inputs (A from `head_dim` where the module has one). Attention that computes keys and values
+from other tokens than the queries (PVT's and Twins' spatial reduction) holds q in one Linear
+and k, v in another: there the pattern is three Linear children named `q` (A outputs), `kv`
+(2 * A outputs, the k rows then the v rows, head by head in each) and `proj` (A inputs), names
+being the only way to tell `q` from `proj` when both map A features to A. Whether the forward really lays the rows
 out that way is not read from the code: refill only masks rows by this layout, and compaction
 accepts a cut only where a copy of the module, cut this way, computes what it computed before
 (checked on random inputs).
@@ -25,16 +29,28 @@ from torch import nn
 @dataclass(frozen=True)
 class AttentionHeads:
     """One attention module of the timm pattern: its name, its qkv and projection Linears
-    (module names) and its head geometry."""
+    (module names) and its head geometry. Where `kv` is set, `qkv` holds the queries only and
+    `kv` the keys and values."""
     module: str
     qkv: str
     proj: str
     num_heads: int
     head_dim: int
+    kv: str | None = None
 
     @property
     def width(self) -> int:
         return self.num_heads * self.head_dim
+
+    def inputs(self) -> list[tuple[str, tuple[int, ...]]]:
+        """The Linears computing q, k and v, each with the parts it holds in its rows, in
+        order (0 = q, 1 = k, 2 = v)."""
+        return [(self.qkv, (0, 1, 2))] if self.kv is None else [(self.qkv, (0,)), (self.kv, (1, 2))]
+
+    def input_rows(self, heads: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per Linear of `inputs()`, the weight rows of `heads` (int64, ascending within each
+        part it holds)."""
+        return {name: self.qkv_rows(heads, tuple(range(len(parts)))) for name, parts in self.inputs()}
 
     def qkv_rows(self, heads: torch.Tensor, parts=(0, 1, 2)) -> torch.Tensor:
         """The qkv weight rows of `heads` (int64, ascending within q, then k, then v)."""
@@ -68,6 +84,9 @@ def attention_heads(model: nn.Module) -> list[AttentionHeads]:
         qkv = [(c, lin) for c, lin in linears if lin.out_features % (3 * nh) == 0
                and (not isinstance(hd, int) or lin.out_features == 3 * nh * hd)]
         if len(qkv) != 1:
+            split = _split_qkv(name, m, nh, hd)
+            if split is not None:
+                found.append(split)
             continue
         width = qkv[0][1].out_features // 3
         proj = [(c, lin) for c, lin in linears if lin is not qkv[0][1] and lin.in_features == width]
@@ -76,6 +95,20 @@ def attention_heads(model: nn.Module) -> list[AttentionHeads]:
         found.append(AttentionHeads(name, _name(name, qkv[0][0]), _name(name, proj[0][0]),
                                     nh, width // nh))
     return found
+
+
+def _split_qkv(name: str, m: nn.Module, nh: int, hd) -> AttentionHeads | None:
+    """The q / kv / proj pattern (see the module docstring), or None."""
+    q, kv, proj = (getattr(m, c, None) for c in ("q", "kv", "proj"))
+    if not all(type(t) is nn.Linear for t in (q, kv, proj)) or q.out_features % nh:
+        return None
+    width = q.out_features
+    if isinstance(hd, int) and hd * nh != width:
+        return None
+    if kv.out_features != 2 * width or proj.in_features != width or kv.in_features != q.in_features:
+        return None
+    return AttentionHeads(name, _name(name, "q"), _name(name, "proj"), nh, width // nh,
+                          kv=_name(name, "kv"))
 
 
 __all__ = ["AttentionHeads", "attention_heads"]

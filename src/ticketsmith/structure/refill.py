@@ -118,13 +118,14 @@ def refill(model: nn.Module, masks: Masks, criterion: str = "l1", extra: float =
     work = Masks({n: _out_major(masks[n], n in transposed) for n in chosen})
     scores = channel_scores(model, masks, criterion, x, y, layers=chosen)
     new = {}
-    attention = [a for a in attention_heads(model) if f"{a.qkv}.weight" in work
-                 and not graph.groups[graph.group_of[f"{a.qkv}.weight"]].output]
+    attention = [a for a in attention_heads(model)
+                 if all(f"{n}.weight" in work and not graph.groups[graph.group_of[f"{n}.weight"]].output
+                        for n, _ in a.inputs())]
     dropped_cols = {}  # projection weight name -> columns of the dropped heads
     for a in attention:
-        key = f"{a.qkv}.weight"
-        new[key], dropped_cols[f"{a.proj}.weight"] = _refill_heads(a, work[key], scores[key], extra)
-    by_heads = {f"{a.qkv}.weight" for a in attention}
+        rows, dropped_cols[f"{a.proj}.weight"] = _refill_heads(a, work, scores, extra)
+        new.update(rows)
+    by_heads = {f"{n}.weight" for a in attention for n, _ in a.inputs()}
     for group in graph.groups:
         names = [n for n in group.layers if n in work and n not in by_heads]
         if not names or group.output:
@@ -214,19 +215,25 @@ def _refill_unit(group: ChannelGroup, unit: list[str], masks: Masks,
     return out
 
 
-def _refill_heads(att: AttentionHeads, mask: torch.Tensor, scores: torch.Tensor,
-                  extra: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The qkv mask keeping whole heads (as many as the layer's density warrants, the best by
-    the summed scores of their q, k and v rows) and the projection columns of the dropped ones."""
-    per_row = scores.reshape(3, att.num_heads, att.head_dim)
-    head_score = per_row.sum(dim=(0, 2))
-    keep_n = refill_counts(att.num_heads, int(mask.sum()), mask.numel(), extra)
+def _refill_heads(att: AttentionHeads, masks: Masks, scores: dict[str, torch.Tensor],
+                  extra: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The masks of the q, k, v Linears (`att.inputs()`) keeping whole heads (as many as their
+    joint density warrants, the best by the summed scores of their q, k and v rows) and the
+    projection columns of the dropped ones."""
+    keys = [(f"{n}.weight", parts) for n, parts in att.inputs()]
+    head_score = sum(scores[k].reshape(len(parts), att.num_heads, att.head_dim).sum(dim=(0, 2))
+                     for k, parts in keys)
+    keep_n = refill_counts(att.num_heads, sum(int(masks[k].sum()) for k, _ in keys),
+                           sum(masks[k].numel() for k, _ in keys), extra)
     # stable sort: equal scores keep ascending head order, so ties go to the lower index
     order = torch.sort(head_score, descending=True, stable=True).indices
     kept, dropped = order[:keep_n], order[keep_n:]
-    rows = torch.zeros(mask.shape[0], dtype=torch.bool)
-    rows[att.qkv_rows(kept)] = True
-    new = rows.to(mask.device).unsqueeze(1).expand_as(mask).clone()
+    new = {}
+    for (k, _), rows_kept in zip(keys, att.input_rows(kept).values()):
+        mask = masks[k]
+        rows = torch.zeros(mask.shape[0], dtype=torch.bool)
+        rows[rows_kept] = True
+        new[k] = rows.to(mask.device).unsqueeze(1).expand_as(mask).clone()
     return new, att.proj_cols(dropped)
 
 
