@@ -1063,6 +1063,61 @@ class ConvGlu(nn.Module):
         return self.head((x + self.mlp(x)).mean((2, 3)))
 
 
+# -- torchvision's MaxViT: attention on [B, groups, tokens, D], n_heads, width-scaled ----------
+class RelativePositionalMultiHeadAttention(nn.Module):
+    """torchvision's MaxViT attention (its class name, attributes and forward): to_qkv chunked
+    into q, k, v, `n_heads` heads, k scaled by the model width's -0.5 power, a relative position
+    bias table of one column per head, the heads' output reshaped to the input width D."""
+
+    def __init__(self, feat_dim, head_dim, max_seq_len):
+        super().__init__()
+        self.n_heads, self.head_dim = feat_dim // head_dim, head_dim
+        self.size, self.max_seq_len = int(math.sqrt(max_seq_len)), max_seq_len
+        self.to_qkv = nn.Linear(feat_dim, 3 * feat_dim)
+        self.scale_factor = feat_dim ** -0.5
+        self.merge = nn.Linear(feat_dim, feat_dim)
+        s = self.size
+        self.relative_position_bias_table = nn.Parameter(torch.randn((2 * s - 1) ** 2, self.n_heads))
+        self.register_buffer("relative_position_index", beit_relative_position_index(s, s)[1:, 1:].contiguous())
+
+    def forward(self, x):
+        B, G, P, D = x.shape
+        q, k, v = torch.chunk(self.to_qkv(x), 3, dim=-1)
+        q, k, v = (t.reshape(B, G, P, self.n_heads, self.head_dim).permute(0, 1, 3, 2, 4)
+                   for t in (q, k, v))
+        k = k * self.scale_factor
+        n = self.max_seq_len
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
+        attn = F.softmax(torch.einsum("bghid,bghjd->bghij", q, k) + bias.permute(2, 0, 1), dim=-1)
+        out = torch.einsum("bghij,bghjd->bghid", attn, v)
+        return self.merge(out.permute(0, 1, 3, 2, 4).reshape(B, G, P, D))
+
+
+class TinyMaxViT(nn.Module):
+    """A patch conv, its map cut into 2 x 2 windows ([B, windows, 4, C]: MaxViT's block
+    attention), a pre-norm residual attention and MLP, a head; swapped as
+    `ticketsmith.models.build` does (GridAttention)."""
+
+    def __init__(self, classes=10, dim=16):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.norm = nn.LayerNorm(dim)
+        self.attn = RelativePositionalMultiHeadAttention(dim, 4, 4)
+        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.GELU(),
+                                 nn.Linear(4 * dim, dim))
+        self.head = nn.Linear(dim, classes)
+        from ticketsmith.models import prunable_attention
+        prunable_attention(self)
+
+    def forward(self, x):
+        x = self.patch(x)
+        B, C, H, W = x.shape
+        w = x.view(B, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 3, 5, 1).reshape(B, -1, 4, C)
+        w = w + self.attn(self.norm(w))
+        w = w + self.mlp(w)
+        return self.head(w.mean((1, 2)))
+
+
 class TinySwinWindows(TinySwin):
     """TinySwin with its ShiftedWindowAttention (V1, or V2 with kind="v2") swapped for
     ticketsmith's WindowAttention (what `ticketsmith.models.build` does to torchvision's Swin)."""
@@ -1261,6 +1316,7 @@ FAMILIES = {
     "pvt_mix_ffn": (builder(TinyPVT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 20, 20)]),
     "pvt_attention": (builder(TinyPVT, attn="sr"), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 40, 40)]),
     "pvt_linear_attention": (builder(TinyPVT, attn="linear"), (2, 3, 32, 32), [(3, 3, 32, 32)]),
+    "maxvit_attention": (builder(TinyMaxViT), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 48, 48)]),
     "vit_mha": (builder(TinyViT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "vit_qkv": (builder(TinyViTQKV), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "vit_timm": (builder(TimmViT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),

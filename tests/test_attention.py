@@ -482,3 +482,28 @@ def test_pvt_attention_is_swapped_for_one_computing_the_same(kind):
         g_got = torch.autograd.grad(got.square().sum(), [x] + params)
         for a, b in zip(g_ref, g_got):
             assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_maxvit_attention_is_swapped_for_one_computing_the_same():
+    """torchvision's MaxViT attention (the replica in families.py) swapped for a GridAttention:
+    the same outputs and gradients, the scale it was built with (the model width's) kept, its
+    Linears and bias table the original's, with a `num_heads` the head pattern finds."""
+    from families import RelativePositionalMultiHeadAttention as Replica
+
+    from ticketsmith.models import GridAttention
+    from ticketsmith.structure.heads import attention_heads
+    torch.manual_seed(0)
+    tv = Replica(16, 4, 4)
+    holder = nn.Sequential(tv)
+    assert not prunable_attention(holder)
+    ours = holder[0]
+    assert isinstance(ours, GridAttention) and ours.scale == 16 ** -0.5
+    params = list(tv.parameters())
+    assert {id(p) for p in ours.parameters()} == {id(p) for p in params}
+    assert [(a.qkv, a.proj, a.num_heads) for a in attention_heads(holder)] == [("0.to_qkv", "0.merge", 4)]
+    x = torch.randn(2, 3, 4, 16, requires_grad=True)
+    ref, got = tv(x), ours(x)
+    assert torch.allclose(ref, got, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(ref.square().sum(), [x] + params),
+                    torch.autograd.grad(got.square().sum(), [x] + params)):
+        assert torch.allclose(a, b, atol=1e-4)

@@ -268,13 +268,15 @@ def test_a_view_that_mixes_tokens_into_channels_keeps_the_group_whole():
                                                  ("swin_timm", "qkv", "proj", "block3.attn.attn"),
                                                  ("swin_v2_timm", "qkv", "proj", "block3.attn.attn"),
                                                  ("beit", "qkv", "proj", "blocks.1.attn"),
-                                                 ("eva", "qkv", "proj", "blocks.0.attn")])
+                                                 ("eva", "qkv", "proj", "blocks.0.attn"),
+                                                 ("maxvit_attention", "to_qkv", "merge", "attn")])
 def test_attention_heads_are_refilled_and_removed(family, qkv, proj, at, tmp_path):
     """A channel ticket of a timm-style attention (or of nn.MultiheadAttention swapped for a
     QKVAttention, or of torchvision's Swin V1 / V2 window attention swapped for a
     WindowAttention, or timm's Swin window attention as it is, or timm's Swin V2 window
     attention swapped for a TimmWindowAttentionV2, or timm's BEiT / EVA attention swapped for a
-    BeitAttention / EvaAttention) keeps or drops whole heads (q, k,
+    BeitAttention / EvaAttention, or torchvision's MaxViT attention swapped for a
+    GridAttention) keeps or drops whole heads (q, k,
     v rows and the projection's columns), and compaction removes the dropped ones: num_heads goes
     down, the parameters by the heads' share (Swin: with their columns of the relative position
     bias table, found by shape in timm's; Swin V2: their logit scales and rows of the bias MLP),
@@ -512,7 +514,7 @@ def _zoo_models():
     if importlib.util.find_spec("torchvision") is not None:
         out += [("torchvision", n) for n in ("resnet18", "mobilenet_v2", "shufflenet_v2_x0_5",
                                              "vit_b_16", "swin_t", "regnet_y_400mf",
-                                             "efficientnet_v2_s", "swin_v2_t")]
+                                             "efficientnet_v2_s", "swin_v2_t", "maxvit_t")]
     return out or [pytest.param(None, None, marks=pytest.mark.skip(
         reason="neither timm nor torchvision is installed (PyPI's torchvision does not import "
                "beside the CPU torch wheel used here); install the `zoo` extra to run these"))]

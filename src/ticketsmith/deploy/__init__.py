@@ -92,8 +92,8 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
     from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
     from ..compact.condensed import CondensedSequential
-    from ..models.attention import (BeitAttention, EvaAttention, PvtAttention, QKVAttention,
-                                    WindowAttention)
+    from ..models.attention import (BeitAttention, EvaAttention, GridAttention, PvtAttention,
+                                    QKVAttention, WindowAttention)
 
     model = copy_module(model).eval()
 
@@ -101,7 +101,8 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
         def is_leaf_module(self, m, name):  # condensed chains (traced through: run unchained)
             return (hasattr(m, "executor")  # attention: branches on shapes fx can't trace
                     or isinstance(m, (CondensedSequential, QKVAttention, WindowAttention,
-                                       BeitAttention, EvaAttention, PvtAttention))
+                                       BeitAttention, EvaAttention, PvtAttention,
+                                       GridAttention))
                     or super().is_leaf_module(m, name))
 
     try:

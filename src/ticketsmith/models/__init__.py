@@ -9,8 +9,8 @@ A user's model is named by a builder spec instead of a zoo name (`build`, `ticke
 `torchvision:NAME` (when those libraries are installed; random init, nothing is downloaded).
 Its nn.MultiheadAttention modules become `QKVAttention`, torchvision's Swin (V1, V2) window
 attention `WindowAttention`, timm's Swin V2 window attention `TimmWindowAttentionV2`, timm's
-BEiT, EVA and PVT-v2 attention `BeitAttention`, `EvaAttention`, `PvtAttention` (`attention.py`:
-same function, prunable heads), timm's GluMlp a `SplitGluMlp` (`glu.py`: prunable hidden units).
+BEiT, EVA and PVT-v2 attention `BeitAttention`, `EvaAttention`, `PvtAttention`, torchvision's
+MaxViT attention `GridAttention` (`attention.py`: same function, prunable heads), timm's GluMlp a `SplitGluMlp` (`glu.py`: prunable hidden units).
 """
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ from typing import Any, Callable
 from torch import nn
 
 from ..errors import UsageError
-from .attention import (BeitAttention, EvaAttention, PvtAttention,  # noqa: F401  (API)
-                        QKVAttention, TimmWindowAttentionV2, WindowAttention, fused_attention,
-                        prunable_attention)
+from .attention import (BeitAttention, EvaAttention, GridAttention,  # noqa: F401  (API)
+                        PvtAttention, QKVAttention, TimmWindowAttentionV2, WindowAttention,
+                        fused_attention, prunable_attention)
 from .glu import SplitGluMlp, prunable_mlp  # noqa: F401  (API)
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -193,7 +193,7 @@ def build(spec: str, kwargs: dict[str, Any] | None = None, *, in_channels: int =
     torchvision's Swin ShiftedWindowAttention (V1, V2) becomes a `WindowAttention` likewise,
     timm's Swin V2 WindowAttention a `TimmWindowAttentionV2`, timm's BEiT Attention a
     `BeitAttention`, timm's EvaAttention an `EvaAttention`, timm's PVT-v2 Attention a
-    `PvtAttention`, and timm's GluMlp (one Linear
+    `PvtAttention`, torchvision's MaxViT attention a `GridAttention`, and timm's GluMlp (one Linear
     for both halves of a gated MLP) a `SplitGluMlp` (`prunable_mlp`).
     A module that does not import, a missing callable, a builder that raises or returns no
     `nn.Module`: UsageError in one line.

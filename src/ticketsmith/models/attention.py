@@ -20,7 +20,7 @@ is the same function with the Linears called as modules and a fixed `head_dim` (
 again), and `prunable_attention` swaps it in as well. timm's Swin V2 `WindowAttention` reads its
 qkv weight itself and reshapes to the input width too: `TimmWindowAttentionV2` is swapped in;
 timm's BEiT, EVA and PVT-v2 attention likewise become a `BeitAttention`, an `EvaAttention`
-and a `PvtAttention`.
+and a `PvtAttention`, torchvision's MaxViT attention a `GridAttention`.
 """
 from __future__ import annotations
 
@@ -568,6 +568,43 @@ class PvtAttention(nn.Module):
         return F.dropout(x, p=self.dropout, training=self.training)
 
 
+class GridAttention(nn.Module):
+    """torchvision's MaxViT `RelativePositionalMultiHeadAttention` (its block and grid
+    attention, on [B, groups, tokens, D]): the same function with a `num_heads` the head
+    pattern reads (torchvision's is `n_heads`), the scale it was built with kept (torchvision
+    scales by the model width, not the head width) and the heads' output kept at num_heads *
+    head_dim (torchvision reshapes it to the input width). Each head's column of the relative
+    position bias table goes with it (`per_head_params`). Its Linears keep their names
+    (`to_qkv`, `merge`)."""
+
+    per_head_params = (("relative_position_bias_table", 1),)
+
+    @classmethod
+    def from_torchvision(cls, m: nn.Module) -> "GridAttention":
+        """The same module (its Linears, bias table and index themselves) as a GridAttention."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.num_heads, new.head_dim = m.n_heads, m.head_dim
+        new.scale, new.max_seq_len = float(m.scale_factor), m.max_seq_len
+        new.to_qkv, new.merge = m.to_qkv, m.merge
+        new.relative_position_bias_table = m.relative_position_bias_table
+        new.register_buffer("relative_position_index", m.relative_position_index,
+                            persistent="relative_position_index" not in m._non_persistent_buffers_set)
+        new.train(m.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, g, p, _ = x.shape
+        heads, hd = self.num_heads, self.head_dim
+        # groups folded into the batch: 4-D products (a 5-D one broadcasts through an expand
+        # that torch-pruning maps as grouped-query heads, wrongly)
+        q, k, v = self.to_qkv(x).reshape(b * g, p, 3, heads, hd).permute(2, 0, 3, 1, 4)
+        n = self.max_seq_len
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
+        attn = F.softmax(q @ (k * self.scale).transpose(-2, -1) + bias.permute(2, 0, 1), dim=-1)
+        return self.merge((attn @ v).transpose(1, 2).reshape(b, g, p, heads * hd))
+
+
 def _shift_mask(x: torch.Tensor, ph: int, pw: int, window, shift) -> torch.Tensor:
     """Swin's attention mask of shifted windows, [windows, n, n]: -100 between tokens
     that the roll brought together from different regions of the map."""
@@ -658,6 +695,19 @@ def _is_pvt_attention(m: nn.Module) -> bool:
             and ("feat_size" in args if pvt else "size" in args))
 
 
+def _is_maxvit_attention(m: nn.Module) -> bool:
+    """torchvision's MaxViT RelativePositionalMultiHeadAttention (by class name and what it
+    holds)."""
+    if not (type(m).__name__ == "RelativePositionalMultiHeadAttention" and all(hasattr(m, a) for a in (
+            "n_heads", "head_dim", "to_qkv", "merge", "scale_factor", "max_seq_len",
+            "relative_position_bias_table", "relative_position_index"))
+            and type(m.to_qkv) is nn.Linear and type(m.merge) is nn.Linear):
+        return False
+    width = m.n_heads * m.head_dim
+    return (m.to_qkv.out_features == 3 * width and m.merge.in_features == width
+            and tuple(m.relative_position_bias_table.shape[1:]) == (m.n_heads,))
+
+
 def _is_swin_attention(m: nn.Module) -> bool:
     """torchvision's Swin ShiftedWindowAttention (V1) or ShiftedWindowAttentionV2 (by class
     name and what it holds)."""
@@ -676,7 +726,8 @@ def prunable_attention(model: nn.Module) -> dict[str, str]:
     a WindowAttention (the same module, its Linears called as modules) for the same reason,
     timm's Swin V2 WindowAttention a TimmWindowAttentionV2, timm's BEiT Attention a
     BeitAttention, timm's EvaAttention (fused qkv) an EvaAttention and timm's PVT-v2
-    Attention (and Twins' GlobalSubSampleAttn) a PvtAttention. Returns the modules left as they were, with the reason (an
+    Attention (and Twins' GlobalSubSampleAttn) a PvtAttention, torchvision's MaxViT attention a
+    GridAttention. Returns the modules left as they were, with the reason (an
     unusual configuration: kdim / vdim, add_bias_kv, add_zero_attn). A model that is itself
     an nn.MultiheadAttention is not swapped (there is no parent to hold the new one)."""
     left = {}
@@ -685,7 +736,8 @@ def prunable_attention(model: nn.Module) -> dict[str, str]:
                 TimmWindowAttentionV2.from_timm if _is_timm_swin_v2(m) else
                 BeitAttention.from_timm if _is_beit_attention(m) else
                 EvaAttention.from_timm if _is_eva_attention(m) else
-                PvtAttention.from_timm if _is_pvt_attention(m) else None)
+                PvtAttention.from_timm if _is_pvt_attention(m) else
+                GridAttention.from_torchvision if _is_maxvit_attention(m) else None)
         if name and swap is not None:
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr, swap(m))
@@ -721,4 +773,5 @@ def fused_attention(model: nn.Module) -> int:
 
 
 __all__ = ["QKVAttention", "WindowAttention", "TimmWindowAttentionV2", "BeitAttention",
-           "EvaAttention", "PvtAttention", "prunable_attention", "fused_attention"]
+           "EvaAttention", "PvtAttention", "GridAttention", "prunable_attention",
+           "fused_attention"]
