@@ -71,7 +71,12 @@ def window_heads_ticket(family="swin_windows"):
 
 TICKETS = {"channel": channel_ticket, "block": block_ticket, "fan-in": fan_in_ticket,
            "heads": heads_ticket, "window-heads": window_heads_ticket,
-           "window-heads-v2": lambda: window_heads_ticket("swin_v2_windows")}
+           "window-heads-v2": lambda: window_heads_ticket("swin_v2_windows"),
+           # the swapped timm / torchvision attention: Swin V2's, BEiT's (class token, bias
+           # table), EVA-02's (rotary embedding, split GLU MLP), PVT-v2's (q and kv from a
+           # reduced map), MaxViT's (windows as groups)
+           **{f"window-heads-{f}": (lambda f=f: window_heads_ticket(f))
+              for f in ("swin_v2_timm", "beit", "eva_glu", "pvt_attention", "maxvit_attention")}}
 
 
 def reference(model, masks):
