@@ -3,6 +3,7 @@ torch-pruning's graph with its reshape / split sizes read from torch 2.x autogra
 every index mapping bounded (issue 18: Swin-T ran out of memory, ShuffleNet-v2 was refused)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -179,3 +180,27 @@ def test_concatenation_sizes_come_from_autograd():
     cats = [n for n in graph.module2node.values() if n.type == G.OPTYPE.CONCAT]
     assert [G._concat_sizes(n) for n in cats] == [[4, 6]]
     assert cats[0].module.concat_sizes == [4, 6] and cats[0].module.offsets == [0, 4, 10]
+
+
+@pytest.mark.parametrize("family", ["mobilenet_v2_se", "dpn", "swin_timm", "pvt_attention"])
+def test_indexed_groups_are_torch_prunings_groups(family, monkeypatch):
+    """The groups built with dict lookups (`_IndexedGroup`) hold the same items, in the same
+    order, with the same indices and root indices, as torch-pruning's own Group builds."""
+    build_model, shape, _ = FAMILIES[family]
+    model = build_model()
+    graph = build(model, torch.randn(shape))
+
+    def all_groups():
+        out = []
+        for m in graph.module2node:
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                n = graph.get_pruner_of_module(m).get_out_channels(m)
+                g = graph.get_pruning_group(m, graph.get_pruner_of_module(m).prune_out_channels,
+                                            list(range(n)))
+                out.append([(it.dep.target.name, it.dep.handler.__name__, list(it.idxs),
+                             list(it.root_idxs)) for it in g])
+        return out
+
+    indexed = all_groups()
+    monkeypatch.setattr(G, "_indexed_groups", contextlib.nullcontext)
+    assert all_groups() == indexed
