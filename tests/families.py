@@ -1118,6 +1118,52 @@ class TinyMaxViT(nn.Module):
         return self.head(w.mean((1, 2)))
 
 
+# -- timm's XCiT: cross-covariance attention (heads attend over their channels) --------------
+class XCA(nn.Module):
+    """timm's XCiT XCA (its class name, attributes and forward): per head, the tokens' L2-
+    normalised q and k give a channel-by-channel map scaled by the head's temperature, the
+    heads' output reshaped to the input width C."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.temperature = nn.Parameter(0.5 + torch.rand(num_heads, 1, 1))
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.attn_drop = nn.Dropout(0.0)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(0.0)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 4, 1)
+        q, k, v = qkv.unbind(0)
+        attn = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * self.temperature
+        x = (self.attn_drop(attn.softmax(dim=-1)) @ v).permute(0, 3, 1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+class TinyXCiT(nn.Module):
+    """Patches, one pre-norm residual XCA and MLP, a mean over tokens; swapped as
+    `ticketsmith.models.build` does (XcaAttention)."""
+
+    def __init__(self, classes=10, dim=16):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = XCA(dim, 4)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.head = nn.Linear(dim, classes)
+        from ticketsmith.models import prunable_attention
+        prunable_attention(self)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = x + self.attn(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return self.head(x.mean(1))
+
+
 class TinySwinWindows(TinySwin):
     """TinySwin with its ShiftedWindowAttention (V1, or V2 with kind="v2") swapped for
     ticketsmith's WindowAttention (what `ticketsmith.models.build` does to torchvision's Swin)."""
@@ -1317,6 +1363,7 @@ FAMILIES = {
     "pvt_attention": (builder(TinyPVT, attn="sr"), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 40, 40)]),
     "pvt_linear_attention": (builder(TinyPVT, attn="linear"), (2, 3, 32, 32), [(3, 3, 32, 32)]),
     "maxvit_attention": (builder(TinyMaxViT), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 48, 48)]),
+    "xcit": (builder(TinyXCiT), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 40, 40)]),
     "vit_mha": (builder(TinyViT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "vit_qkv": (builder(TinyViTQKV), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "vit_timm": (builder(TimmViT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),

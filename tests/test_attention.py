@@ -507,3 +507,27 @@ def test_maxvit_attention_is_swapped_for_one_computing_the_same():
     for a, b in zip(torch.autograd.grad(ref.square().sum(), [x] + params),
                     torch.autograd.grad(got.square().sum(), [x] + params)):
         assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_xca_is_swapped_for_one_computing_the_same():
+    """timm's XCiT XCA (the replica in families.py) swapped for an XcaAttention: the same
+    outputs and gradients on two sequence lengths; its Linears and per-head temperature are
+    the original's."""
+    from families import XCA
+
+    from ticketsmith.models import XcaAttention
+    torch.manual_seed(0)
+    timm = XCA(16, 4)
+    holder = nn.Sequential(timm)
+    assert not prunable_attention(holder)
+    ours = holder[0]
+    assert isinstance(ours, XcaAttention) and ours.head_dim == 4
+    params = list(timm.parameters())
+    assert {id(p) for p in ours.parameters()} == {id(p) for p in params}
+    for n in (5, 9):
+        x = torch.randn(2, n, 16, requires_grad=True)
+        ref, got = timm(x), ours(x)
+        assert torch.allclose(ref, got, atol=1e-5)
+        for a, b in zip(torch.autograd.grad(ref.square().sum(), [x] + params),
+                        torch.autograd.grad(got.square().sum(), [x] + params)):
+            assert torch.allclose(a, b, atol=1e-4)

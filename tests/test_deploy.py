@@ -76,7 +76,8 @@ TICKETS = {"channel": channel_ticket, "block": block_ticket, "fan-in": fan_in_ti
            # table), EVA-02's (rotary embedding, split GLU MLP), PVT-v2's (q and kv from a
            # reduced map), MaxViT's (windows as groups)
            **{f"window-heads-{f}": (lambda f=f: window_heads_ticket(f))
-              for f in ("swin_v2_timm", "beit", "eva_glu", "pvt_attention", "maxvit_attention")}}
+              for f in ("swin_v2_timm", "beit", "eva_glu", "pvt_attention", "maxvit_attention",
+                        "xcit")}}
 
 
 def reference(model, masks):

@@ -93,7 +93,7 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
 
     from ..compact.condensed import CondensedSequential
     from ..models.attention import (BeitAttention, EvaAttention, GridAttention, PvtAttention,
-                                    QKVAttention, WindowAttention)
+                                    QKVAttention, WindowAttention, XcaAttention)
 
     model = copy_module(model).eval()
 
@@ -102,7 +102,7 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
             return (hasattr(m, "executor")  # attention: branches on shapes fx can't trace
                     or isinstance(m, (CondensedSequential, QKVAttention, WindowAttention,
                                        BeitAttention, EvaAttention, PvtAttention,
-                                       GridAttention))
+                                       GridAttention, XcaAttention))
                     or super().is_leaf_module(m, name))
 
     try:

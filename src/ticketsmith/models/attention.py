@@ -20,7 +20,8 @@ is the same function with the Linears called as modules and a fixed `head_dim` (
 again), and `prunable_attention` swaps it in as well. timm's Swin V2 `WindowAttention` reads its
 qkv weight itself and reshapes to the input width too: `TimmWindowAttentionV2` is swapped in;
 timm's BEiT, EVA and PVT-v2 attention likewise become a `BeitAttention`, an `EvaAttention`
-and a `PvtAttention`, torchvision's MaxViT attention a `GridAttention`.
+and a `PvtAttention`, timm's XCiT attention an `XcaAttention`, torchvision's MaxViT attention a
+`GridAttention`.
 """
 from __future__ import annotations
 
@@ -605,6 +606,37 @@ class GridAttention(nn.Module):
         return self.merge((attn @ v).transpose(1, 2).reshape(b, g, p, heads * hd))
 
 
+class XcaAttention(nn.Module):
+    """timm's XCiT `XCA` (cross-covariance attention: each head attends over its channels, the
+    tokens' L2-normalised q and k giving a head_dim x head_dim map, scaled by a per-head
+    `temperature`). The same function with the heads' output kept at num_heads * head_dim
+    (timm reshapes it to the input width), so its heads can be refilled and removed, each
+    with its temperature (`per_head_params`)."""
+
+    per_head_params = (("temperature", 0),)
+
+    @classmethod
+    def from_timm(cls, m: nn.Module) -> "XcaAttention":
+        """The same module (its Linears and temperature themselves) as an XcaAttention."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.num_heads = m.num_heads
+        new.head_dim = m.qkv.out_features // (3 * m.num_heads)
+        new.attention_dropout, new.dropout = float(m.attn_drop.p), float(m.proj_drop.p)
+        new.qkv, new.proj, new.temperature = m.qkv, m.proj, m.temperature
+        new.train(m.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        heads, hd = self.num_heads, self.head_dim
+        q, k, v = self.qkv(x).reshape(b, n, 3, heads, hd).permute(2, 0, 3, 4, 1)  # [B, H, hd, N]
+        attn = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * self.temperature
+        attn = F.dropout(attn.softmax(dim=-1), p=self.attention_dropout, training=self.training)
+        x = self.proj((attn @ v).permute(0, 3, 1, 2).reshape(b, n, heads * hd))
+        return F.dropout(x, p=self.dropout, training=self.training)
+
+
 def _shift_mask(x: torch.Tensor, ph: int, pw: int, window, shift) -> torch.Tensor:
     """Swin's attention mask of shifted windows, [windows, n, n]: -100 between tokens
     that the roll brought together from different regions of the map."""
@@ -708,6 +740,17 @@ def _is_maxvit_attention(m: nn.Module) -> bool:
             and tuple(m.relative_position_bias_table.shape[1:]) == (m.n_heads,))
 
 
+def _is_xca(m: nn.Module) -> bool:
+    """timm's XCiT XCA (by class name and what it holds)."""
+    if not (type(m).__name__ == "XCA" and all(hasattr(m, a) for a in (
+            "num_heads", "temperature", "qkv", "proj", "attn_drop", "proj_drop"))
+            and type(m.qkv) is nn.Linear and type(m.proj) is nn.Linear):
+        return False
+    width = m.qkv.in_features
+    return (m.qkv.out_features == 3 * width and m.proj.in_features == width
+            and width % m.num_heads == 0 and tuple(m.temperature.shape) == (m.num_heads, 1, 1))
+
+
 def _is_swin_attention(m: nn.Module) -> bool:
     """torchvision's Swin ShiftedWindowAttention (V1) or ShiftedWindowAttentionV2 (by class
     name and what it holds)."""
@@ -727,7 +770,7 @@ def prunable_attention(model: nn.Module) -> dict[str, str]:
     timm's Swin V2 WindowAttention a TimmWindowAttentionV2, timm's BEiT Attention a
     BeitAttention, timm's EvaAttention (fused qkv) an EvaAttention and timm's PVT-v2
     Attention (and Twins' GlobalSubSampleAttn) a PvtAttention, torchvision's MaxViT attention a
-    GridAttention. Returns the modules left as they were, with the reason (an
+    GridAttention, timm's XCiT XCA an XcaAttention. Returns the modules left as they were, with the reason (an
     unusual configuration: kdim / vdim, add_bias_kv, add_zero_attn). A model that is itself
     an nn.MultiheadAttention is not swapped (there is no parent to hold the new one)."""
     left = {}
@@ -737,7 +780,8 @@ def prunable_attention(model: nn.Module) -> dict[str, str]:
                 BeitAttention.from_timm if _is_beit_attention(m) else
                 EvaAttention.from_timm if _is_eva_attention(m) else
                 PvtAttention.from_timm if _is_pvt_attention(m) else
-                GridAttention.from_torchvision if _is_maxvit_attention(m) else None)
+                GridAttention.from_torchvision if _is_maxvit_attention(m) else
+                XcaAttention.from_timm if _is_xca(m) else None)
         if name and swap is not None:
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr, swap(m))
@@ -773,5 +817,5 @@ def fused_attention(model: nn.Module) -> int:
 
 
 __all__ = ["QKVAttention", "WindowAttention", "TimmWindowAttentionV2", "BeitAttention",
-           "EvaAttention", "PvtAttention", "GridAttention", "prunable_attention",
+           "EvaAttention", "PvtAttention", "GridAttention", "XcaAttention", "prunable_attention",
            "fused_attention"]
