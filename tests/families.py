@@ -703,6 +703,60 @@ class GlobalSubSampleAttn(nn.Module):
         return self.proj_drop(self.proj((self.attn_drop(attn) @ v).transpose(1, 2).reshape(B, N, C)))
 
 
+class LocallyGroupedAttn(nn.Module):
+    """Twins' LocallyGroupedAttn (its class name, attributes and forward): the [B, H * W, C]
+    tokens as a map padded to whole ws x ws windows, attention within each window (6-D
+    tensors), the heads' output reshaped to the input width C, the padding cut off."""
+
+    def __init__(self, dim, num_heads, ws=2):
+        super().__init__()
+        self.num_heads, self.ws, self.scale = num_heads, ws, (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.attn_drop = nn.Dropout(0.0)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(0.0)
+
+    def forward(self, x, size):
+        B, N, C = x.shape
+        H, W = size
+        ws = self.ws
+        x = F.pad(x.view(B, H, W, C), (0, 0, 0, (ws - W % ws) % ws, 0, (ws - H % ws) % ws))
+        _, Hp, Wp, _ = x.shape
+        _h, _w = Hp // ws, Wp // ws
+        x = x.reshape(B, _h, ws, _w, ws, C).transpose(2, 3)
+        qkv = self.qkv(x).reshape(B, _h * _w, ws * ws, 3, self.num_heads, C // self.num_heads)
+        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        x = (self.attn_drop(attn) @ v).transpose(2, 3).reshape(B, _h, _w, ws, ws, C)
+        x = x.transpose(2, 3).reshape(B, _h * ws, _w * ws, C)[:, :H, :W].contiguous()
+        return self.proj_drop(self.proj(x.reshape(B, N, C)))
+
+
+class TinyTwins(nn.Module):
+    """Patches, a pre-norm residual locally grouped attention (Twins-SVT's) on a map that is
+    not a multiple of the window, an MLP, a head; swapped as `ticketsmith.models.build` does
+    (GroupedWindowAttention)."""
+
+    def __init__(self, classes=10, dim=16):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = LocallyGroupedAttn(dim, 4, ws=3)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.head = nn.Linear(dim, classes)
+        from ticketsmith.models import prunable_attention
+        prunable_attention(self)
+
+    def forward(self, x):
+        x = self.patch(x)
+        size = x.shape[2:]
+        x = x.flatten(2).transpose(1, 2)
+        x = x + self.attn(self.norm1(x), size)
+        x = x + self.mlp(self.norm2(x))
+        return self.head(x.mean(1))
+
+
 class TinyPVT(nn.Module):
     """A patch embedding conv, one pre-norm MixFFN block on its tokens, a mean over tokens;
     `attn` (None, "sr" or "linear"): a pre-norm PVT-v2 attention before it, swapped as
@@ -1364,6 +1418,7 @@ FAMILIES = {
     "pvt_linear_attention": (builder(TinyPVT, attn="linear"), (2, 3, 32, 32), [(3, 3, 32, 32)]),
     "maxvit_attention": (builder(TinyMaxViT), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 48, 48)]),
     "xcit": (builder(TinyXCiT), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 40, 40)]),
+    "twins_local": (builder(TinyTwins), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 44, 36)]),
     "vit_mha": (builder(TinyViT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "vit_qkv": (builder(TinyViTQKV), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "vit_timm": (builder(TimmViT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),

@@ -455,6 +455,30 @@ def test_glu_mlp_is_swapped_for_one_computing_the_same(gate_last, use_conv):
     assert torch.allclose(g_ref[2], halves(g_got[3], g_got[4]), atol=1e-5)
 
 
+def swapped(original: nn.Module, cls) -> nn.Module:
+    """`original` swapped by prunable_attention (nothing left unswapped) for a `cls`, holding
+    the original's parameters themselves."""
+    holder = nn.Sequential(original)
+    assert not prunable_attention(holder)
+    ours = holder[0]
+    assert isinstance(ours, cls)
+    assert {id(p) for p in ours.parameters()} == {id(p) for p in original.parameters()}
+    return ours
+
+
+def assert_same_function(original: nn.Module, ours: nn.Module, calls) -> None:
+    """The same outputs, and the same gradients for the input and every parameter, on each
+    call's arguments (the first a fresh input tensor of that shape)."""
+    params = list(original.parameters())
+    for shape, *rest in calls:
+        x = torch.randn(shape, requires_grad=True)
+        ref, got = original(x, *rest), ours(x, *rest)
+        assert torch.allclose(ref, got, atol=1e-5)
+        for a, b in zip(torch.autograd.grad(ref.square().sum(), [x] + params),
+                        torch.autograd.grad(got.square().sum(), [x] + params)):
+            assert torch.allclose(a, b, atol=1e-4)
+
+
 @pytest.mark.parametrize("kind", ["pvt", "pvt-linear", "twins", "twins-no-reduction"])
 def test_pvt_attention_is_swapped_for_one_computing_the_same(kind):
     """timm's PVT-v2 Attention and Twins' GlobalSubSampleAttn (the replicas in families.py)
@@ -467,21 +491,9 @@ def test_pvt_attention_is_swapped_for_one_computing_the_same(kind):
     torch.manual_seed(0)
     timm = (PvtV2Attention(16, 4, linear=kind == "pvt-linear") if kind.startswith("pvt")
             else GlobalSubSampleAttn(16, 4, sr_ratio=1 if kind == "twins-no-reduction" else 2))
-    holder = nn.Sequential(timm)
-    assert not prunable_attention(holder)
-    ours = holder[0]
-    assert isinstance(ours, PvtAttention) and ours.kv is timm.kv and ours.sr is timm.sr
-    assert ours.head_dim == 4
-    params = list(timm.parameters())
-    assert {id(p) for p in ours.parameters()} == {id(p) for p in params}
-    for h, w in [(4, 6), (8, 8)]:
-        x = torch.randn(2, h * w, 16, requires_grad=True)
-        ref, got = timm(x, (h, w)), ours(x, (h, w))
-        assert torch.allclose(ref, got, atol=1e-5)
-        g_ref = torch.autograd.grad(ref.square().sum(), [x] + params)
-        g_got = torch.autograd.grad(got.square().sum(), [x] + params)
-        for a, b in zip(g_ref, g_got):
-            assert torch.allclose(a, b, atol=1e-4)
+    ours = swapped(timm, PvtAttention)
+    assert ours.kv is timm.kv and ours.sr is timm.sr and ours.head_dim == 4
+    assert_same_function(timm, ours, [((2, 24, 16), (4, 6)), ((2, 64, 16), (8, 8))])
 
 
 def test_maxvit_attention_is_swapped_for_one_computing_the_same():
@@ -494,19 +506,11 @@ def test_maxvit_attention_is_swapped_for_one_computing_the_same():
     from ticketsmith.structure.heads import attention_heads
     torch.manual_seed(0)
     tv = Replica(16, 4, 4)
-    holder = nn.Sequential(tv)
-    assert not prunable_attention(holder)
-    ours = holder[0]
-    assert isinstance(ours, GridAttention) and ours.scale == 16 ** -0.5
-    params = list(tv.parameters())
-    assert {id(p) for p in ours.parameters()} == {id(p) for p in params}
-    assert [(a.qkv, a.proj, a.num_heads) for a in attention_heads(holder)] == [("0.to_qkv", "0.merge", 4)]
-    x = torch.randn(2, 3, 4, 16, requires_grad=True)
-    ref, got = tv(x), ours(x)
-    assert torch.allclose(ref, got, atol=1e-5)
-    for a, b in zip(torch.autograd.grad(ref.square().sum(), [x] + params),
-                    torch.autograd.grad(got.square().sum(), [x] + params)):
-        assert torch.allclose(a, b, atol=1e-4)
+    ours = swapped(tv, GridAttention)
+    assert ours.scale == 16 ** -0.5
+    assert [(a.qkv, a.proj, a.num_heads) for a in attention_heads(nn.Sequential(ours))] == [
+        ("0.to_qkv", "0.merge", 4)]
+    assert_same_function(tv, ours, [((2, 3, 4, 16),)])
 
 
 def test_xca_is_swapped_for_one_computing_the_same():
@@ -518,16 +522,20 @@ def test_xca_is_swapped_for_one_computing_the_same():
     from ticketsmith.models import XcaAttention
     torch.manual_seed(0)
     timm = XCA(16, 4)
-    holder = nn.Sequential(timm)
-    assert not prunable_attention(holder)
-    ours = holder[0]
-    assert isinstance(ours, XcaAttention) and ours.head_dim == 4
-    params = list(timm.parameters())
-    assert {id(p) for p in ours.parameters()} == {id(p) for p in params}
-    for n in (5, 9):
-        x = torch.randn(2, n, 16, requires_grad=True)
-        ref, got = timm(x), ours(x)
-        assert torch.allclose(ref, got, atol=1e-5)
-        for a, b in zip(torch.autograd.grad(ref.square().sum(), [x] + params),
-                        torch.autograd.grad(got.square().sum(), [x] + params)):
-            assert torch.allclose(a, b, atol=1e-4)
+    ours = swapped(timm, XcaAttention)
+    assert ours.head_dim == 4
+    assert_same_function(timm, ours, [((2, 5, 16),), ((2, 9, 16),)])
+
+
+def test_twins_locally_grouped_attention_is_swapped_for_one_computing_the_same():
+    """Twins' LocallyGroupedAttn (the replica in families.py) swapped for a
+    GroupedWindowAttention: the same outputs and gradients on maps that are and are not
+    multiples of the window; its Linears are the original's."""
+    from families import LocallyGroupedAttn
+
+    from ticketsmith.models import GroupedWindowAttention
+    torch.manual_seed(0)
+    timm = LocallyGroupedAttn(16, 4, ws=3)
+    ours = swapped(timm, GroupedWindowAttention)
+    assert (ours.ws, ours.head_dim) == (3, 4)
+    assert_same_function(timm, ours, [((2, 36, 16), (6, 6)), ((2, 35, 16), (5, 7))])

@@ -77,7 +77,7 @@ TICKETS = {"channel": channel_ticket, "block": block_ticket, "fan-in": fan_in_ti
            # reduced map), MaxViT's (windows as groups)
            **{f"window-heads-{f}": (lambda f=f: window_heads_ticket(f))
               for f in ("swin_v2_timm", "beit", "eva_glu", "pvt_attention", "maxvit_attention",
-                        "xcit")}}
+                        "xcit", "twins_local")}}
 
 
 def reference(model, masks):

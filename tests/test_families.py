@@ -270,14 +270,16 @@ def test_a_view_that_mixes_tokens_into_channels_keeps_the_group_whole():
                                                  ("beit", "qkv", "proj", "blocks.1.attn"),
                                                  ("eva", "qkv", "proj", "blocks.0.attn"),
                                                  ("maxvit_attention", "to_qkv", "merge", "attn"),
-                                                 ("xcit", "qkv", "proj", "attn")])
+                                                 ("xcit", "qkv", "proj", "attn"),
+                                                 ("twins_local", "qkv", "proj", "attn")])
 def test_attention_heads_are_refilled_and_removed(family, qkv, proj, at, tmp_path):
     """A channel ticket of a timm-style attention (or of nn.MultiheadAttention swapped for a
     QKVAttention, or of torchvision's Swin V1 / V2 window attention swapped for a
     WindowAttention, or timm's Swin window attention as it is, or timm's Swin V2 window
     attention swapped for a TimmWindowAttentionV2, or timm's BEiT / EVA attention swapped for a
     BeitAttention / EvaAttention, or torchvision's MaxViT attention swapped for a
-    GridAttention, or XCiT's swapped for an XcaAttention) keeps or drops whole heads (q, k,
+    GridAttention, or XCiT's / Twins' local attention swapped for an XcaAttention /
+    GroupedWindowAttention) keeps or drops whole heads (q, k,
     v rows and the projection's columns), and compaction removes the dropped ones: num_heads goes
     down, the parameters by the heads' share (Swin: with their columns of the relative position
     bias table, found by shape in timm's; Swin V2: their logit scales and rows of the bias MLP),

@@ -50,8 +50,9 @@ from torch.nn import functional as F
 
 from ..errors import TicketsmithError, UsageError
 from ..masks import copy_module
-from ..models.attention import (BeitAttention, EvaAttention, GridAttention, PvtAttention,
-                                QKVAttention, WindowAttention, XcaAttention)
+from ..models.attention import (BeitAttention, EvaAttention, GridAttention,
+                                GroupedWindowAttention, PvtAttention, QKVAttention,
+                                WindowAttention, XcaAttention)
 from .blocks import BlockConv2d, Executor, _check_config
 
 __all__ = ["absorb_gathers", "GroupedConv2d"]
@@ -213,7 +214,8 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, (Executor, QKVAttention, WindowAttention, BeitAttention,
-                              EvaAttention, PvtAttention, GridAttention, XcaAttention)) \
+                              EvaAttention, PvtAttention, GridAttention, XcaAttention,
+                              GroupedWindowAttention)) \
             or super().is_leaf_module(m, qualname)
 
 

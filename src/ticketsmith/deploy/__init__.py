@@ -92,8 +92,9 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
     from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
     from ..compact.condensed import CondensedSequential
-    from ..models.attention import (BeitAttention, EvaAttention, GridAttention, PvtAttention,
-                                    QKVAttention, WindowAttention, XcaAttention)
+    from ..models.attention import (BeitAttention, EvaAttention, GridAttention,
+                                    GroupedWindowAttention, PvtAttention, QKVAttention,
+                                    WindowAttention, XcaAttention)
 
     model = copy_module(model).eval()
 
@@ -102,7 +103,8 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
             return (hasattr(m, "executor")  # attention: branches on shapes fx can't trace
                     or isinstance(m, (CondensedSequential, QKVAttention, WindowAttention,
                                        BeitAttention, EvaAttention, PvtAttention,
-                                       GridAttention, XcaAttention))
+                                       GridAttention, XcaAttention,
+                                       GroupedWindowAttention))
                     or super().is_leaf_module(m, name))
 
     try:

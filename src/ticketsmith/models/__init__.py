@@ -10,8 +10,8 @@ A user's model is named by a builder spec instead of a zoo name (`build`, `ticke
 Its nn.MultiheadAttention modules become `QKVAttention`, torchvision's Swin (V1, V2) window
 attention `WindowAttention`, timm's Swin V2 window attention `TimmWindowAttentionV2`, timm's
 BEiT, EVA, PVT-v2 and XCiT attention `BeitAttention`, `EvaAttention`, `PvtAttention`,
-`XcaAttention`, torchvision's MaxViT attention `GridAttention` (`attention.py`: same function,
-prunable heads), timm's GluMlp a `SplitGluMlp` (`glu.py`: prunable hidden units).
+`XcaAttention`, Twins' locally grouped attention `GroupedWindowAttention`, torchvision's MaxViT
+attention `GridAttention` (`attention.py`: same function, prunable heads), timm's GluMlp a `SplitGluMlp` (`glu.py`: prunable hidden units).
 """
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ from torch import nn
 
 from ..errors import UsageError
 from .attention import (BeitAttention, EvaAttention, GridAttention,  # noqa: F401  (API)
-                        PvtAttention, QKVAttention, TimmWindowAttentionV2, WindowAttention,
-                        XcaAttention, fused_attention, prunable_attention)
+                        GroupedWindowAttention, PvtAttention, QKVAttention,
+                        TimmWindowAttentionV2, WindowAttention, XcaAttention, fused_attention,
+                        prunable_attention)
 from .glu import SplitGluMlp, prunable_mlp  # noqa: F401  (API)
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -194,7 +195,8 @@ def build(spec: str, kwargs: dict[str, Any] | None = None, *, in_channels: int =
     torchvision's Swin ShiftedWindowAttention (V1, V2) becomes a `WindowAttention` likewise,
     timm's Swin V2 WindowAttention a `TimmWindowAttentionV2`, timm's BEiT Attention a
     `BeitAttention`, timm's EvaAttention an `EvaAttention`, timm's PVT-v2 Attention a
-    `PvtAttention`, timm's XCiT XCA an `XcaAttention`, torchvision's MaxViT attention a
+    `PvtAttention`, timm's XCiT XCA an `XcaAttention`, Twins' LocallyGroupedAttn a
+    `GroupedWindowAttention`, torchvision's MaxViT attention a
     `GridAttention`, and timm's GluMlp (one Linear
     for both halves of a gated MLP) a `SplitGluMlp` (`prunable_mlp`).
     A module that does not import, a missing callable, a builder that raises or returns no

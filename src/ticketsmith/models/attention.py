@@ -20,8 +20,8 @@ is the same function with the Linears called as modules and a fixed `head_dim` (
 again), and `prunable_attention` swaps it in as well. timm's Swin V2 `WindowAttention` reads its
 qkv weight itself and reshapes to the input width too: `TimmWindowAttentionV2` is swapped in;
 timm's BEiT, EVA and PVT-v2 attention likewise become a `BeitAttention`, an `EvaAttention`
-and a `PvtAttention`, timm's XCiT attention an `XcaAttention`, torchvision's MaxViT attention a
-`GridAttention`.
+and a `PvtAttention`, timm's XCiT attention an `XcaAttention`, Twins' locally grouped
+attention a `GroupedWindowAttention`, torchvision's MaxViT attention a `GridAttention`.
 """
 from __future__ import annotations
 
@@ -637,6 +637,40 @@ class XcaAttention(nn.Module):
         return F.dropout(x, p=self.dropout, training=self.training)
 
 
+class GroupedWindowAttention(nn.Module):
+    """Twins' `LocallyGroupedAttn` (`timm.models.twins`): the map ([B, H * W, C] tokens of
+    an H x W map) padded to whole ws x ws windows, attention within each window, the padding
+    cut off again. The same function with the windows folded into the batch and the heads'
+    output kept at num_heads * head_dim (timm reshapes it to the input width), so its heads
+    can be refilled and removed."""
+
+    @classmethod
+    def from_timm(cls, m: nn.Module) -> "GroupedWindowAttention":
+        """The same module (its Linears themselves) as a GroupedWindowAttention."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.ws, new.num_heads = int(m.ws), m.num_heads
+        new.head_dim = m.qkv.out_features // (3 * m.num_heads)
+        new.attention_dropout, new.dropout = float(m.attn_drop.p), float(m.proj_drop.p)
+        new.qkv, new.proj = m.qkv, m.proj
+        new.train(m.training)
+        return new
+
+    def forward(self, x: torch.Tensor, size) -> torch.Tensor:
+        b, n, c = x.shape
+        h, w = size
+        ws, heads, hd = self.ws, self.num_heads, self.head_dim
+        x = F.pad(x.view(b, h, w, c), (0, 0, 0, (ws - w % ws) % ws, 0, (ws - h % ws) % ws))
+        gh, gw = x.shape[1] // ws, x.shape[2] // ws
+        x = x.reshape(b, gh, ws, gw, ws, c).transpose(2, 3).reshape(b * gh * gw, ws * ws, c)
+        q, k, v = self.qkv(x).reshape(b * gh * gw, ws * ws, 3, heads, hd).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v,
+                                           dropout_p=self.attention_dropout if self.training else 0.0)
+        x = x.transpose(1, 2).reshape(b, gh, gw, ws, ws, heads * hd).transpose(2, 3)
+        x = x.reshape(b, gh * ws, gw * ws, heads * hd)[:, :h, :w].reshape(b, n, heads * hd)
+        return F.dropout(self.proj(x), p=self.dropout, training=self.training)
+
+
 def _shift_mask(x: torch.Tensor, ph: int, pw: int, window, shift) -> torch.Tensor:
     """Swin's attention mask of shifted windows, [windows, n, n]: -100 between tokens
     that the roll brought together from different regions of the map."""
@@ -751,6 +785,19 @@ def _is_xca(m: nn.Module) -> bool:
             and width % m.num_heads == 0 and tuple(m.temperature.shape) == (m.num_heads, 1, 1))
 
 
+def _is_twins_local(m: nn.Module) -> bool:
+    """Twins' LocallyGroupedAttn (by class name, what it holds and its forward's arguments)."""
+    import inspect
+    if not (type(m).__name__ == "LocallyGroupedAttn" and all(hasattr(m, a) for a in (
+            "ws", "num_heads", "qkv", "proj", "scale", "attn_drop", "proj_drop"))
+            and type(m.qkv) is nn.Linear and type(m.proj) is nn.Linear):
+        return False
+    width = m.qkv.in_features
+    return (m.qkv.out_features == 3 * width and m.proj.in_features == width
+            and width % m.num_heads == 0 and math.isclose(m.scale, (width // m.num_heads) ** -0.5)
+            and "size" in inspect.signature(m.forward).parameters)
+
+
 def _is_swin_attention(m: nn.Module) -> bool:
     """torchvision's Swin ShiftedWindowAttention (V1) or ShiftedWindowAttentionV2 (by class
     name and what it holds)."""
@@ -770,7 +817,8 @@ def prunable_attention(model: nn.Module) -> dict[str, str]:
     timm's Swin V2 WindowAttention a TimmWindowAttentionV2, timm's BEiT Attention a
     BeitAttention, timm's EvaAttention (fused qkv) an EvaAttention and timm's PVT-v2
     Attention (and Twins' GlobalSubSampleAttn) a PvtAttention, torchvision's MaxViT attention a
-    GridAttention, timm's XCiT XCA an XcaAttention. Returns the modules left as they were, with the reason (an
+    GridAttention, timm's XCiT XCA an XcaAttention, Twins' LocallyGroupedAttn a
+    GroupedWindowAttention. Returns the modules left as they were, with the reason (an
     unusual configuration: kdim / vdim, add_bias_kv, add_zero_attn). A model that is itself
     an nn.MultiheadAttention is not swapped (there is no parent to hold the new one)."""
     left = {}
@@ -781,7 +829,8 @@ def prunable_attention(model: nn.Module) -> dict[str, str]:
                 EvaAttention.from_timm if _is_eva_attention(m) else
                 PvtAttention.from_timm if _is_pvt_attention(m) else
                 GridAttention.from_torchvision if _is_maxvit_attention(m) else
-                XcaAttention.from_timm if _is_xca(m) else None)
+                XcaAttention.from_timm if _is_xca(m) else
+                GroupedWindowAttention.from_timm if _is_twins_local(m) else None)
         if name and swap is not None:
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr, swap(m))
@@ -817,5 +866,5 @@ def fused_attention(model: nn.Module) -> int:
 
 
 __all__ = ["QKVAttention", "WindowAttention", "TimmWindowAttentionV2", "BeitAttention",
-           "EvaAttention", "PvtAttention", "GridAttention", "XcaAttention", "prunable_attention",
-           "fused_attention"]
+           "EvaAttention", "PvtAttention", "GridAttention", "XcaAttention",
+           "GroupedWindowAttention", "prunable_attention", "fused_attention"]
