@@ -101,7 +101,9 @@ def condensed_mlp() -> str:
 SECTIONS = {"channel_tickets_runtimes": lambda: fastest_rows("channel_tickets_runtimes"),
             "vit_heads": lambda: fastest_rows("vit_heads"),
             "grouped_tickets": lambda: fastest_rows("grouped_tickets"),
-            "zoo_tickets": lambda: fastest_rows("zoo_tickets"), "dense_runtimes": dense_runtimes,
+            "zoo_tickets": lambda: fastest_rows("zoo_tickets"),
+            "zoo_transformer_tickets": lambda: fastest_rows("zoo_transformer_tickets"),
+            "dense_runtimes": dense_runtimes,
             "int8_ticket": int8_ticket, "absorbed_conv": absorbed_conv, "condensed_mlp": condensed_mlp}
 
 
