@@ -50,9 +50,8 @@ from torch.nn import functional as F
 
 from ..errors import TicketsmithError, UsageError
 from ..masks import copy_module
-from ..models.attention import (BeitAttention, EvaAttention, GridAttention,
-                                GroupedWindowAttention, PvtAttention, QKVAttention,
-                                WindowAttention, XcaAttention)
+from ..models.attention import QKVAttention, WindowAttention
+from ..models.zoo_attention import SWAPPED
 from .blocks import BlockConv2d, Executor, _check_config
 
 __all__ = ["absorb_gathers", "GroupedConv2d"]
@@ -213,9 +212,7 @@ class _Tracer(fx.Tracer):
     every torch.nn layer stay single call_module nodes."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (Executor, QKVAttention, WindowAttention, BeitAttention,
-                              EvaAttention, PvtAttention, GridAttention, XcaAttention,
-                              GroupedWindowAttention)) \
+        return isinstance(m, (Executor, QKVAttention, WindowAttention, *SWAPPED)) \
             or super().is_leaf_module(m, qualname)
 
 

@@ -92,19 +92,15 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
     from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
     from ..compact.condensed import CondensedSequential
-    from ..models.attention import (BeitAttention, EvaAttention, GridAttention,
-                                    GroupedWindowAttention, PvtAttention, QKVAttention,
-                                    WindowAttention, XcaAttention)
+    from ..models.attention import QKVAttention, WindowAttention
+    from ..models.zoo_attention import SWAPPED
 
     model = copy_module(model).eval()
 
     class Tracer(fx.Tracer):  # executors stay opaque: their internals are not conv + BN; so do
         def is_leaf_module(self, m, name):  # condensed chains (traced through: run unchained)
             return (hasattr(m, "executor")  # attention: branches on shapes fx can't trace
-                    or isinstance(m, (CondensedSequential, QKVAttention, WindowAttention,
-                                       BeitAttention, EvaAttention, PvtAttention,
-                                       GridAttention, XcaAttention,
-                                       GroupedWindowAttention))
+                    or isinstance(m, (CondensedSequential, QKVAttention, WindowAttention, *SWAPPED))
                     or super().is_leaf_module(m, name))
 
     try:

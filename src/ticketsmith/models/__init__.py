@@ -11,7 +11,7 @@ Its nn.MultiheadAttention modules become `QKVAttention`, torchvision's Swin (V1,
 attention `WindowAttention`, timm's Swin V2 window attention `TimmWindowAttentionV2`, timm's
 BEiT, EVA, PVT-v2 and XCiT attention `BeitAttention`, `EvaAttention`, `PvtAttention`,
 `XcaAttention`, Twins' locally grouped attention `GroupedWindowAttention`, torchvision's MaxViT
-attention `GridAttention` (`attention.py`: same function, prunable heads), timm's GluMlp a `SplitGluMlp` (`glu.py`: prunable hidden units).
+attention `GridAttention` (`attention.py`, `zoo_attention.py`: same function, prunable heads), timm's GluMlp a `SplitGluMlp` (`glu.py`: prunable hidden units).
 """
 from __future__ import annotations
 
@@ -25,10 +25,11 @@ from typing import Any, Callable
 from torch import nn
 
 from ..errors import UsageError
-from .attention import (BeitAttention, EvaAttention, GridAttention,  # noqa: F401  (API)
-                        GroupedWindowAttention, PvtAttention, QKVAttention,
-                        TimmWindowAttentionV2, WindowAttention, XcaAttention, fused_attention,
+from .attention import (QKVAttention, WindowAttention, fused_attention,  # noqa: F401  (API)
                         prunable_attention)
+from .zoo_attention import (BeitAttention, EvaAttention, GridAttention,  # noqa: F401  (API)
+                            GroupedWindowAttention, PvtAttention, TimmWindowAttentionV2,
+                            XcaAttention)
 from .glu import SplitGluMlp, prunable_mlp  # noqa: F401  (API)
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
