@@ -260,9 +260,14 @@ def _build_original(desc: dict, build, description: Path) -> nn.Module:
         diff = next((f"{a} vs {b}" for a, b in zip(tree, desc["tree"]) if a != b),
                     f"{len(tree)} vs {len(desc['tree'])} modules")
         what = "build()" if build is not None else f"zoo model {src.get('zoo')!r}"
-        hint = ("; the compacted model's nn.MultiheadAttention was swapped for a QKVAttention: "
-                "call ticketsmith.models.prunable_attention(model) in build()"
-                if "QKVAttention" in diff else "")
+        # the compacted model held prunable swaps (ticketsmith.models.build makes them) that
+        # the rebuilt one lacks
+        from ..models import prunable_swap_names
+        built = {t for _, t in tree}
+        lacking = sorted({t for _, t in desc["tree"]} & prunable_swap_names() - built)
+        hint = (f"; the compacted model held {', '.join(lacking)} (prunable swaps that "
+                "ticketsmith.models.build makes): call ticketsmith.models.prunable_attention(model) "
+                "and prunable_mlp(model) in build()" if lacking else "")
         raise UsageError(f"{what} does not rebuild the architecture that was compacted "
                          f"(first difference: {diff}){hint}")
     return model

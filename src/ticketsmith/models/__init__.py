@@ -35,6 +35,12 @@ from .glu import SplitGluMlp, prunable_mlp  # noqa: F401  (API)
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
+def prunable_swap_names() -> set[str]:
+    """The class names of the modules `prunable_attention` and `prunable_mlp` swap in."""
+    from .zoo_attention import SWAPPED
+    return {c.__name__ for c in (QKVAttention, WindowAttention, SplitGluMlp, *SWAPPED)}
+
+
 def register(name: str):
     def deco(fn):
         _REGISTRY[name] = fn
