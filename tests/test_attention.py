@@ -244,7 +244,8 @@ def test_loading_with_a_build_that_does_not_swap_says_what_to_add(tmp_path):
     x = torch.randn(2, 3, 16, 16)
     C.save(C.compact(model, ts.refill(model, ts.prune.omp(model, 0.6), example_inputs=x), x),
            tmp_path / "ticket")
-    with pytest.raises(ts.UsageError, match=r"QKVAttention: call ticketsmith.models.prunable_attention"):
+    with pytest.raises(ts.UsageError, match=r"held QKVAttention \(prunable swaps.*call "
+                       r"ticketsmith.models.prunable_attention\(model\) and prunable_mlp\(model\)"):
         C.load(tmp_path / "ticket", build=build)  # the build without the swap
 
 

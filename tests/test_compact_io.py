@@ -168,17 +168,3 @@ def test_zoo_block_and_fan_in_tickets_match_save_load_and_onnx(name, width, shap
         assert torch.equal(again(x2), small(x2))
         assert rel_err(small(x2), y) < 1e-4
 
-
-def test_loading_with_a_build_that_does_not_swap_the_attention_says_what_to_call(tmp_path):
-    """A model compacted after its nn.MultiheadAttention became a QKVAttention (what
-    ticketsmith.models.build does), loaded with a build() returning the model as it was: one
-    UsageError naming the calls that make build() rebuild it."""
-    from families import FAMILIES
-    build, shape, _ = FAMILIES["vit_qkv"]
-    unswapped, _, _ = FAMILIES["vit_mha"]
-    model = build()
-    x = torch.randn(shape)
-    small = C.compact(model, ts.refill(model, ts.prune.omp(model, 0.5), example_inputs=x), x)
-    C.save(small, tmp_path / "ticket")
-    with pytest.raises(UsageError, match=r"prunable_attention\(model\) and prunable_mlp\(model\)"):
-        C.load(tmp_path / "ticket", build=unswapped)
