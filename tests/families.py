@@ -437,6 +437,15 @@ class ShiftedWindowAttentionV2(ShiftedWindowAttention):
         return 16 * torch.sigmoid(bias.unsqueeze(0))
 
 
+def window_relative_position_index(wh, ww):
+    """Swin's index of each (query, key) token pair of a wh x ww window into its relative
+    position bias table ((2 wh - 1) (2 ww - 1) rows), as a (wh ww) x (wh ww) matrix."""
+    r_h, r_w = torch.arange(wh), torch.arange(ww)
+    coords = torch.flatten(torch.stack(torch.meshgrid(r_h, r_w, indexing="ij")), 1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + torch.tensor([wh - 1, ww - 1])
+    return rel[..., 0] * (2 * ww - 1) + rel[..., 1]
+
+
 class TimmWindowAttention(nn.Module):
     """timm's Swin WindowAttention: on windows already cut out ([B * windows, N, C]), its qkv
     Linear called as a module, the heads' output reshaped with -1, and a relative position bias
@@ -449,11 +458,8 @@ class TimmWindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.relative_position_bias_table = nn.Parameter(
             torch.randn((2 * window - 1) ** 2, num_heads) * 0.5)
-        r = torch.arange(window)
-        coords = torch.flatten(torch.stack(torch.meshgrid(r, r, indexing="ij")), 1)
-        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
-        self.register_buffer("relative_position_index", rel[..., 0] * (2 * window - 1) + rel[..., 1],
-                             persistent=False)
+        self.register_buffer("relative_position_index",
+                             window_relative_position_index(window, window), persistent=False)
 
     def forward(self, x, mask=None):
         B_, N, C = x.shape
@@ -508,11 +514,8 @@ class TimmWindowAttentionV2(nn.Module):
         table = table / (window - 1) * 8
         self.register_buffer("relative_coords_table",
                              torch.sign(table) * torch.log2(table.abs() + 1.0) / 3.0, persistent=False)
-        c = torch.arange(window)
-        coords = torch.flatten(torch.stack(torch.meshgrid(c, c, indexing="ij")), 1)
-        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
-        self.register_buffer("relative_position_index", rel[..., 0] * (2 * window - 1) + rel[..., 1],
-                             persistent=False)
+        self.register_buffer("relative_position_index",
+                             window_relative_position_index(window, window), persistent=False)
 
     def forward(self, x, mask=None):
         B_, N, C = x.shape
@@ -873,15 +876,9 @@ class TinyViT(nn.Module):
 def beit_relative_position_index(wh, ww):
     """timm's BEiT index into its bias table: Swin's relative positions between patches, and
     three more rows for the class token (to the patches, from them, itself)."""
-    r_h, r_w = torch.arange(wh), torch.arange(ww)
-    coords = torch.flatten(torch.stack(torch.meshgrid(r_h, r_w, indexing="ij")), 1)
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0).contiguous()
-    rel[:, :, 0] += wh - 1
-    rel[:, :, 1] += ww - 1
-    rel[:, :, 0] *= 2 * ww - 1
     n = (2 * wh - 1) * (2 * ww - 1) + 3
     index = torch.zeros((wh * ww + 1,) * 2, dtype=torch.long)
-    index[1:, 1:] = rel.sum(-1)
+    index[1:, 1:] = window_relative_position_index(wh, ww)
     index[0, 0:] = n - 3
     index[0:, 0] = n - 2
     index[0, 0] = n - 1
@@ -1132,7 +1129,7 @@ class RelativePositionalMultiHeadAttention(nn.Module):
         self.merge = nn.Linear(feat_dim, feat_dim)
         s = self.size
         self.relative_position_bias_table = nn.Parameter(torch.randn((2 * s - 1) ** 2, self.n_heads))
-        self.register_buffer("relative_position_index", beit_relative_position_index(s, s)[1:, 1:].contiguous())
+        self.register_buffer("relative_position_index", window_relative_position_index(s, s))
 
     def forward(self, x):
         B, G, P, D = x.shape

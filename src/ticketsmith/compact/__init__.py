@@ -62,6 +62,7 @@ from torch import nn
 
 from ..errors import TicketsmithError, UsageError
 from ..masks import Block, Masks, copy_module
+from ..models.attention import replace_module as _set_module
 from .channel import (ChannelMap, SurgeryReport, as_inputs, flat_tensors, grouped_in_select,
                       opaque_reason, out_in_view, remove_dead_channels)
 from .heads import HeadReport, remove_dead_heads
@@ -200,12 +201,6 @@ def _channel_granular(blocks: Sequence[Block], k: int) -> bool:
 def _params(module: nn.Module) -> int:
     """Stored floating-point values of a layer (weights, biases, block / condensed values)."""
     return sum(t.numel() for t in module.state_dict().values() if t.is_floating_point())
-
-
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, attr, new)
 
 
 def _kind(module: nn.Module) -> str:

@@ -8,10 +8,9 @@ A user's model is named by a builder spec instead of a zoo name (`build`, `ticke
 --model`): `package.module:function` (any callable returning an `nn.Module`), `timm:NAME` or
 `torchvision:NAME` (when those libraries are installed; random init, nothing is downloaded).
 Its nn.MultiheadAttention modules become `QKVAttention`, torchvision's Swin (V1, V2) window
-attention `WindowAttention`, timm's Swin V2 window attention `TimmWindowAttentionV2`, timm's
-BEiT, EVA, PVT-v2 and XCiT attention `BeitAttention`, `EvaAttention`, `PvtAttention`,
-`XcaAttention`, Twins' locally grouped attention `GroupedWindowAttention`, torchvision's MaxViT
-attention `GridAttention` (`attention.py`, `zoo_attention.py`: same function, prunable heads), timm's GluMlp a `SplitGluMlp` (`glu.py`: prunable hidden units).
+attention `WindowAttention` (`attention.py`), the attention of the torchvision / timm models
+listed in `zoo_attention.py` its swap (same function, prunable heads), timm's GluMlp a
+`SplitGluMlp` (`glu.py`: prunable hidden units).
 """
 from __future__ import annotations
 
@@ -27,9 +26,9 @@ from torch import nn
 from ..errors import UsageError
 from .attention import (QKVAttention, WindowAttention, fused_attention,  # noqa: F401  (API)
                         prunable_attention)
-from .zoo_attention import (BeitAttention, EvaAttention, GridAttention,  # noqa: F401  (API)
-                            GroupedWindowAttention, PvtAttention, TimmWindowAttentionV2,
-                            XcaAttention)
+from .zoo_attention import (SWAPPED, BeitAttention, EvaAttention,  # noqa: F401  (API)
+                            GridAttention, GroupedWindowAttention, PvtAttention,
+                            TimmWindowAttentionV2, XcaAttention)
 from .glu import SplitGluMlp, prunable_mlp  # noqa: F401  (API)
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -37,7 +36,6 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 def prunable_swap_names() -> set[str]:
     """The class names of the modules `prunable_attention` and `prunable_mlp` swap in."""
-    from .zoo_attention import SWAPPED
     return {c.__name__ for c in (QKVAttention, WindowAttention, SplitGluMlp, *SWAPPED)}
 
 
@@ -200,12 +198,8 @@ def build(spec: str, kwargs: dict[str, Any] | None = None, *, in_channels: int =
     the same (`prunable_attention`), so its in-projection and heads are prunable; one it
     cannot swap (kdim / vdim, add_bias_kv, add_zero_attn) stays, with a warning.
     torchvision's Swin ShiftedWindowAttention (V1, V2) becomes a `WindowAttention` likewise,
-    timm's Swin V2 WindowAttention a `TimmWindowAttentionV2`, timm's BEiT Attention a
-    `BeitAttention`, timm's EvaAttention an `EvaAttention`, timm's PVT-v2 Attention a
-    `PvtAttention`, timm's XCiT XCA an `XcaAttention`, Twins' LocallyGroupedAttn a
-    `GroupedWindowAttention`, torchvision's MaxViT attention a
-    `GridAttention`, and timm's GluMlp (one Linear
-    for both halves of a gated MLP) a `SplitGluMlp` (`prunable_mlp`).
+    the attention listed in `zoo_attention` its swap, and timm's GluMlp (one Linear for both
+    halves of a gated MLP) a `SplitGluMlp` (`prunable_mlp`).
     A module that does not import, a missing callable, a builder that raises or returns no
     `nn.Module`: UsageError in one line.
     """

@@ -375,6 +375,12 @@ def _is_swin_attention(m: nn.Module) -> bool:
     return _is_swin_v2(m)
 
 
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule `name` of `model` is."""
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
+
+
 def prunable_attention(model: nn.Module) -> dict[str, str]:
     """Swap, in place, every nn.MultiheadAttention of `model` for a QKVAttention computing the
     same (same weights): its in-projection becomes a Linear that masks reach and its heads
@@ -391,8 +397,7 @@ def prunable_attention(model: nn.Module) -> dict[str, str]:
         if name:
             new = WindowAttention.from_swin(m) if _is_swin_attention(m) else zoo_swap(m)
         if new is not None:
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr, new)
+            replace_module(model, name, new)
             continue
         if not name or not isinstance(m, nn.MultiheadAttention):
             continue
@@ -400,8 +405,7 @@ def prunable_attention(model: nn.Module) -> dict[str, str]:
         if why:
             left[name] = why
             continue
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, QKVAttention.from_mha(m))
+        replace_module(model, name, QKVAttention.from_mha(m))
     for m in model.modules():
         if isinstance(m, nn.TransformerEncoder) and any(
                 isinstance(getattr(layer, "self_attn", None), QKVAttention) for layer in m.layers):
@@ -418,8 +422,7 @@ def fused_attention(model: nn.Module) -> int:
     swapped = 0
     for name, m in list(model.named_modules()):
         if name and isinstance(m, QKVAttention) and m.num_heads * m.head_dim == m.embed_dim:
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr, m.to_mha())
+            replace_module(model, name, m.to_mha())
             swapped += 1
     return swapped
 

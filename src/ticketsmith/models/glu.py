@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .attention import replace_module
+
 
 class SplitGluMlp(nn.Module):
     """timm's GluMlp (`act(gate) * value`, dropout, norm, `fc2`, dropout) with `fc1` split into
@@ -86,8 +88,7 @@ def prunable_mlp(model: nn.Module) -> int:
     swapped = 0
     for name, m in list(model.named_modules()):
         if name and _is_glu_mlp(m):
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr, SplitGluMlp.from_glu(m))
+            replace_module(model, name, SplitGluMlp.from_glu(m))
             swapped += 1
     return swapped
 

@@ -229,11 +229,11 @@ def _refill_heads(att: AttentionHeads, masks: Masks, scores: dict[str, torch.Ten
     order = torch.sort(head_score, descending=True, stable=True).indices
     kept, dropped = order[:keep_n], order[keep_n:]
     new = {}
-    for (k, _), rows_kept in zip(keys, att.input_rows(kept).values()):
-        mask = masks[k]
+    for name, rows_kept in att.input_rows(kept).items():
+        mask = masks[f"{name}.weight"]
         rows = torch.zeros(mask.shape[0], dtype=torch.bool)
         rows[rows_kept] = True
-        new[k] = rows.to(mask.device).unsqueeze(1).expand_as(mask).clone()
+        new[f"{name}.weight"] = rows.to(mask.device).unsqueeze(1).expand_as(mask).clone()
     return new, att.proj_cols(dropped)
 
 
