@@ -1215,6 +1215,194 @@ class TinyXCiT(nn.Module):
         return self.head(x.mean(1))
 
 
+# -- timm's MaxViT / CoAtNet: attention on channels-last windows or NCHW maps, bias modules ----
+class RelPosBias(nn.Module):
+    """timm's RelPosBias (its class name, attributes and get_bias): a Swin bias table of one
+    column per head, shaped by the `bias_shape` it was built with."""
+
+    def __init__(self, window_size, num_heads):
+        super().__init__()
+        self.window_size = window_size
+        self.window_area = window_size[0] * window_size[1]
+        self.bias_shape = (self.window_area,) * 2 + (num_heads,)
+        n = (2 * window_size[0] - 1) * (2 * window_size[1] - 1)
+        self.relative_position_bias_table = nn.Parameter(torch.randn(n, num_heads))
+        self.register_buffer("relative_position_index",
+                             window_relative_position_index(*window_size).reshape(-1), persistent=False)
+
+    def get_bias(self):
+        bias = self.relative_position_bias_table[self.relative_position_index]
+        return bias.view(self.bias_shape).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+    def forward(self, attn, shared_rel_pos=None):
+        return attn + self.get_bias()
+
+
+def one_hot_lookup(length):
+    """timm's generate_lookup_tensor: [i, x, x - i + length - 1] = 1."""
+    ret = torch.zeros(length, length, 2 * length - 1)
+    for i in range(length):
+        for x in range(length):
+            ret[i, x, x - i + length - 1] = 1
+    return ret
+
+
+class RelPosBiasTf(nn.Module):
+    """timm's RelPosBiasTf (its class name, attributes and get_bias): a [num_heads, 2h-1, 2w-1]
+    table read through one-hot height and width lookups."""
+
+    def __init__(self, window_size, num_heads):
+        super().__init__()
+        self.window_size, self.num_heads = window_size, num_heads
+        self.window_area = window_size[0] * window_size[1]
+        self.bias_shape = (num_heads, 2 * window_size[0] - 1, 2 * window_size[1] - 1)
+        self.relative_position_bias_table = nn.Parameter(torch.randn(self.bias_shape))
+        self.register_buffer("height_lookup", one_hot_lookup(window_size[0]), persistent=False)
+        self.register_buffer("width_lookup", one_hot_lookup(window_size[1]), persistent=False)
+
+    def get_bias(self):
+        t = torch.einsum("nhw,ixh->nixw", self.relative_position_bias_table, self.height_lookup)
+        t = torch.einsum("nixw,jyw->nijxy", t, self.width_lookup)
+        return t.reshape(t.shape[0], self.window_area, self.window_area)
+
+    def forward(self, attn, shared_rel_pos=None):
+        return attn + self.get_bias()
+
+
+class RelPosMlpInner(nn.Module):
+    """timm's Mlp as RelPosMlp builds it: fc1, ReLU, dropout, fc2 (one output per head)."""
+
+    def __init__(self, hidden, heads, bias2=True):
+        super().__init__()
+        self.fc1, self.act, self.drop1 = nn.Linear(2, hidden), nn.ReLU(), nn.Dropout(0.125)
+        self.fc2 = nn.Linear(hidden, heads, bias=bias2)
+
+    def forward(self, x):
+        return self.fc2(self.drop1(self.act(self.fc1(x))))
+
+
+class RelPosMlp(nn.Module):
+    """timm's RelPosMlp (its class name, attributes and get_bias): an MLP from the log
+    relative coordinates to one bias per head ('swin' mode: a sigmoid, a gain of 16 and no
+    bias in the last Linear), indexed and shaped by `num_heads` and `bias_shape`."""
+
+    def __init__(self, window_size, num_heads, mode="cr"):
+        super().__init__()
+        self.window_size, self.num_heads = window_size, num_heads
+        self.window_area = window_size[0] * window_size[1]
+        self.bias_shape = (self.window_area,) * 2 + (num_heads,)
+        self.bias_act = nn.Sigmoid() if mode == "swin" else nn.Identity()
+        self.bias_gain = 16 if mode == "swin" else None
+        self.mlp = RelPosMlpInner(8, num_heads, bias2=mode != "swin")
+        self.register_buffer("relative_position_index",
+                             window_relative_position_index(*window_size).reshape(-1), persistent=False)
+        h, w = window_size
+        grid = torch.stack(torch.meshgrid(torch.arange(-(h - 1), h).float(),
+                                          torch.arange(-(w - 1), w).float(), indexing="ij"), -1)
+        self.register_buffer("rel_coords_log", torch.sign(grid) * torch.log(1 + grid.abs()),
+                             persistent=False)
+
+    def get_bias(self):
+        bias = self.mlp(self.rel_coords_log).view(-1, self.num_heads)[self.relative_position_index]
+        bias = self.bias_act(bias.view(self.bias_shape).permute(2, 0, 1))
+        if self.bias_gain is not None:
+            bias = self.bias_gain * bias
+        return bias.unsqueeze(0)
+
+    def forward(self, attn, shared_rel_pos=None):
+        return attn + self.get_bias()
+
+
+class AttentionCl(nn.Module):
+    """timm's MaxViT AttentionCl (its class name, attributes and fused forward): channels-last
+    tokens [B, ..., C], qkv laid out head by head where `head_first` ("rw" models) or q, k, v
+    ("tf" models), the bias module's bias as the attention mask."""
+
+    def __init__(self, dim, dim_head=4, head_first=True, rel_pos=None):
+        super().__init__()
+        self.num_heads, self.dim_head, self.head_first = dim // dim_head, dim_head, head_first
+        self.scale = dim_head ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.rel_pos = rel_pos(num_heads=self.num_heads) if rel_pos else None
+        self.attn_drop = nn.Dropout(0.0)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(0.0)
+
+    def forward(self, x, shared_rel_pos=None):
+        B = x.shape[0]
+        restore_shape = x.shape[:-1]
+        if self.head_first:
+            q, k, v = self.qkv(x).view(B, -1, self.num_heads, self.dim_head * 3).transpose(1, 2).chunk(3, dim=3)
+        else:
+            q, k, v = self.qkv(x).reshape(B, -1, 3, self.num_heads, self.dim_head).transpose(1, 3).unbind(2)
+        bias = self.rel_pos.get_bias() if self.rel_pos is not None else shared_rel_pos
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        x = x.transpose(1, 2).reshape(restore_shape + (-1,))
+        return self.proj_drop(self.proj(x))
+
+
+class Attention2d(nn.Module):
+    """timm's CoAtNet Attention2d (its class name, attributes and fused forward): NCHW maps,
+    1x1 conv qkv and projection, heads first in the channels where `head_first`."""
+
+    def __init__(self, dim, dim_head=4, head_first=True, rel_pos=None):
+        super().__init__()
+        self.num_heads, self.dim_head, self.head_first = dim // dim_head, dim_head, head_first
+        self.scale = dim_head ** -0.5
+        self.qkv = nn.Conv2d(dim, 3 * dim, 1)
+        self.rel_pos = rel_pos(num_heads=self.num_heads) if rel_pos else None
+        self.attn_drop = nn.Dropout(0.0)
+        self.proj = nn.Conv2d(dim, dim, 1)
+        self.proj_drop = nn.Dropout(0.0)
+
+    def forward(self, x, shared_rel_pos=None):
+        B, C, H, W = x.shape
+        if self.head_first:
+            q, k, v = self.qkv(x).view(B, self.num_heads, self.dim_head * 3, -1).chunk(3, dim=2)
+        else:
+            q, k, v = self.qkv(x).reshape(B, 3, self.num_heads, self.dim_head, -1).unbind(1)
+        bias = self.rel_pos.get_bias() if self.rel_pos is not None else shared_rel_pos
+        x = F.scaled_dot_product_attention(
+            q.transpose(-1, -2).contiguous(), k.transpose(-1, -2).contiguous(),
+            v.transpose(-1, -2).contiguous(), attn_mask=bias).transpose(-1, -2).reshape(B, -1, H, W)
+        return self.proj_drop(self.proj(x))
+
+
+class TinyMaxxViT(nn.Module):
+    """A patch conv, a CoAtNet-style pre-norm residual Attention2d on the whole 4 x 4 map (NCHW,
+    a 1x1-conv MLP), then MaxViT-style AttentionCl on its 2 x 2 windows (channels-last), a
+    head; swapped as `ticketsmith.models.build` does (MaxxVitAttention). `bias`: the bias module
+    class of both ("tf": RelPosBiasTf with the q, k, v layout; "mlp": RelPosMlp; else
+    RelPosBias), heads first unless "tf"."""
+
+    def __init__(self, classes=10, dim=16, bias="table"):
+        super().__init__()
+        from functools import partial
+        cls = {"tf": RelPosBiasTf, "mlp": RelPosMlp, "mlp_swin": partial(RelPosMlp, mode="swin")}.get(bias, RelPosBias)
+        head_first = bias != "tf"
+        self.patch = nn.Conv2d(3, dim, 8, stride=8)
+        self.norm1 = nn.BatchNorm2d(dim)
+        self.attn2d = Attention2d(dim, head_first=head_first, rel_pos=partial(cls, (4, 4)))
+        self.mlp2d = nn.Sequential(nn.Conv2d(dim, 2 * dim, 1), nn.GELU(), nn.Conv2d(2 * dim, dim, 1))
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn = AttentionCl(dim, head_first=head_first, rel_pos=partial(cls, (2, 2)))
+        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.GELU(),
+                                 nn.Linear(4 * dim, dim))
+        self.head = nn.Linear(dim, classes)
+        from ticketsmith.models import prunable_attention
+        prunable_attention(self)
+
+    def forward(self, x):
+        x = self.patch(x)  # 32 px: a 4 x 4 map
+        x = x + self.attn2d(self.norm1(x))
+        x = x + self.mlp2d(x)
+        B, C, H, W = x.shape
+        w = x.view(B, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 3, 5, 1).reshape(B * H * W // 4, 2, 2, C)
+        w = w + self.attn(self.norm2(w))
+        w = w + self.mlp(w)
+        return self.head(w.reshape(B, -1, C).mean(1))
+
+
 class TinySwinWindows(TinySwin):
     """TinySwin with its ShiftedWindowAttention (V1, or V2 with kind="v2") swapped for
     ticketsmith's WindowAttention (what `ticketsmith.models.build` does to torchvision's Swin)."""
@@ -1415,6 +1603,8 @@ FAMILIES = {
     "pvt_linear_attention": (builder(TinyPVT, attn="linear"), (2, 3, 32, 32), [(3, 3, 32, 32)]),
     "maxvit_attention": (builder(TinyMaxViT), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 48, 48)]),
     "xcit": (builder(TinyXCiT), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 40, 40)]),
+    "maxxvit": (builder(TinyMaxxViT), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 32, 32)]),
+    "maxxvit_tf": (builder(TinyMaxxViT, bias="tf"), (2, 3, 32, 32), [(3, 3, 32, 32)]),
     "twins_local": (builder(TinyTwins), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 44, 36)]),
     "vit_mha": (builder(TinyViT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "vit_qkv": (builder(TinyViTQKV), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),

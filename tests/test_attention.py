@@ -540,3 +540,46 @@ def test_twins_locally_grouped_attention_is_swapped_for_one_computing_the_same()
     ours = swapped(timm, GroupedWindowAttention)
     assert (ours.ws, ours.head_dim) == (3, 4)
     assert_same_function(timm, ours, [((2, 36, 16), (6, 6)), ((2, 35, 16), (5, 7))])
+
+
+@pytest.mark.parametrize("kind,bias,head_first", [
+    ("cl", "table", True), ("cl", "tf", False), ("cl", "mlp", True), ("cl", "mlp_swin", True),
+    ("cl", None, False), ("2d", "table", True), ("2d", "tf", False), ("2d", "mlp", True)])
+def test_maxxvit_attention_is_swapped_for_one_computing_the_same(kind, bias, head_first):
+    """timm's MaxViT AttentionCl and CoAtNet Attention2d (the replicas in families.py), with
+    each of timm's bias modules or none, swapped for a MaxxVitAttention: the same outputs and
+    gradients (a shared bias handed in where it has none); its layers and bias module are the
+    original's, the head pattern finds it with timm's layout, and setting `num_heads` (as head
+    surgery does) resizes the bias module's output."""
+    from functools import partial
+
+    from families import Attention2d, AttentionCl, RelPosBias, RelPosBiasTf, RelPosMlp
+
+    from ticketsmith.compact.heads import cut_heads
+    from ticketsmith.masks import copy_module
+    from ticketsmith.models import MaxxVitAttention
+    from ticketsmith.structure.heads import attention_heads
+    torch.manual_seed(0)
+    window = (2, 3)
+    cls = {"table": RelPosBias, "tf": RelPosBiasTf, "mlp": RelPosMlp,
+           "mlp_swin": partial(RelPosMlp, mode="swin")}.get(bias)
+    rel_pos = partial(cls, window) if cls else None
+    timm = (AttentionCl if kind == "cl" else Attention2d)(16, 4, head_first, rel_pos)
+    ours = swapped(timm, MaxxVitAttention)
+    assert ours.rel_pos is timm.rel_pos and ours.channels_first == (kind == "2d")
+    (att,) = attention_heads(nn.Sequential(ours))
+    assert (att.qkv, att.proj, att.num_heads, att.head_dim, att.head_first) == (
+        "0.qkv", "0.proj", 4, 4, head_first)
+    shape = (3, 2, 3, 16) if kind == "cl" else (3, 16, 2, 3)
+    timm.eval(), ours.eval()  # RelPosMlp's MLP has dropout
+    if bias is None:
+        shared = torch.randn(1, 4, 6, 6)
+        assert_same_function(timm, ours, [(shape, shared)])
+    else:
+        assert_same_function(timm, ours, [(shape,)])
+        keep = torch.tensor([0, 2, 3])
+        cut = nn.Sequential(copy_module(ours))
+        cut_heads(cut[0], attention_heads(cut)[0], keep)
+        assert cut[0].num_heads == 3
+        with torch.no_grad():
+            assert torch.allclose(cut[0].rel_pos.get_bias(), ours.rel_pos.get_bias()[..., keep, :, :])

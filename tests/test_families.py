@@ -513,7 +513,8 @@ def _zoo_models():
                                       "convnext_atto", "vit_tiny_patch16_224", "regnetx_002",
                                       "ghostnet_100", "dpn68", "swin_tiny_patch4_window7_224",
                                       "pvt_v2_b0", "swinv2_tiny_window8_256",
-                                      "eva02_tiny_patch14_224")]
+                                      "eva02_tiny_patch14_224", "maxvit_rmlp_nano_rw_256",
+                                      "coatnet_nano_rw_224")]
     if importlib.util.find_spec("torchvision") is not None:
         out += [("torchvision", n) for n in ("resnet18", "mobilenet_v2", "shufflenet_v2_x0_5",
                                              "vit_b_16", "swin_t", "regnet_y_400mf",
@@ -537,7 +538,7 @@ def test_zoo_model_refill_compacts_exactly(lib, name):
     torch.manual_seed(0)
     model = _zoo_model(lib, name).eval()
     size = 64  # timm's ViT and Swin fix their input size
-    if "vit" in name or "eva" in name or (lib == "timm" and "swin" in name):
+    if any(k in name for k in ("vit", "eva", "coatnet")) or (lib == "timm" and "swin" in name):
         size = 256 if name.endswith("_256") else 224
     x = torch.randn(1, 3, size, size)
     masks = ts.refill(model, magnitude(model, 0.5), example_inputs=x)
@@ -549,7 +550,7 @@ def test_zoo_model_refill_compacts_exactly(lib, name):
         assert rel_err(masked(xi), small(xi)) < 1e-4
     assert n_params(small) <= n_params(model)
     assert math.isfinite(small.ticketsmith_compact["verified_rel_err"])
-    if any(k in name for k in ("vit", "swin", "eva", "pvt")):  # timm's Attention, swapped ones
+    if any(k in name for k in ("vit", "swin", "eva", "pvt", "coatnet")):  # timm's, swapped ones
         assert small.ticketsmith_compact["removed_heads"], "no attention head was removed"
     if "eva" in name:  # the GluMlp's hidden units, its fc1 split in two (SplitGluMlp)
         mlp = "blocks.0.mlp"
@@ -707,5 +708,44 @@ def test_heads_of_separate_q_and_kv_linears_are_refilled_and_removed(tmp_path):
     C.save(small, tmp_path / "ticket")
     again = C.load(tmp_path / "ticket", build=build)
     xi = torch.randn(others[-1])
+    with torch.no_grad():
+        assert torch.equal(small(xi), again(xi))
+
+
+@pytest.mark.parametrize("bias", ["table", "tf", "mlp"])
+def test_maxxvit_heads_are_refilled_and_removed(bias, tmp_path):
+    """timm's CoAtNet Attention2d (1x1 convs on NCHW maps) and MaxViT AttentionCl (Linears on
+    channels-last windows), swapped for MaxxVitAttention, with timm's layouts (heads first,
+    or q, k, v with "tf") and bias modules: a channel ticket keeps or drops whole heads, and
+    compaction removes the dropped ones with their slices of the bias module (table column
+    or row, or the bias MLP's output row), exact on another batch and through save / load."""
+    from families import TinyMaxxViT, builder
+
+    from ticketsmith.structure.heads import attention_heads
+    build = builder(TinyMaxxViT, bias=bias)
+    model = build()
+    x = torch.randn(2, 3, 32, 32)
+    params = dict(model.named_parameters())  # half of each layer: two heads of four stay
+    masks = ts.refill(model, ts.Masks({n: params[n].detach().abs() >= params[n].detach().abs().median()
+                                       for n in ts.prunable_names(model)}), example_inputs=x)
+    found = {a.module: a for a in attention_heads(model)}
+    assert set(found) == {"attn2d", "attn"}
+    kept = {}
+    for name, att in found.items():
+        assert att.head_first == (bias != "tf")
+        per_head = att.by_head(masks[f"{att.qkv}.weight"], 3).flatten(1)
+        assert bool((per_head.all(dim=1) | ~per_head.any(dim=1)).all())  # whole heads
+        kept[name] = per_head.all(dim=1)
+        assert 0 < int(kept[name].sum()) < att.num_heads, name
+    small = C.compact(model, masks, x)
+    for name, att in found.items():
+        k = int(kept[name].sum())
+        a = small.get_submodule(name)
+        assert small.ticketsmith_compact["removed_heads"][name]["heads"] == [att.num_heads, k]
+        assert a.num_heads == k and a.rel_pos.get_bias().shape[-3] == k
+    assert_matches_masked(model, masks, small, [(3, 3, 32, 32), (1, 3, 32, 32)])
+    C.save(small, tmp_path / "ticket")
+    again = C.load(tmp_path / "ticket", build=build)
+    xi = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(small(xi), again(xi))

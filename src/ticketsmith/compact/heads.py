@@ -16,7 +16,8 @@ length): a forward that lays the heads out otherwise, or that holds another widt
 norm over all heads, a gate, heads mixed by a Linear), fails the check and the module keeps all
 its heads, with the reason on record. So does a forward that reshapes the heads' output to its
 input width (many of timm's: CaiT, Twins; `ticketsmith.models.prunable_attention` swaps those
-of Swin V2, BEiT, EVA and PVT-v2 for modules that do not). nn.MultiheadAttention keeps its heads (its fused in_proj
+of Swin V2, BEiT, EVA and PVT-v2 for modules that do not). The qkv and projection layers may be
+1x1 convolutions (`structure.heads.features`): their channels are cut as a Linear's features. nn.MultiheadAttention keeps its heads (its fused in_proj
 weight and the embed_dim = num_heads * head_dim rule inside torch's kernels leave no module to
 cut); `ticketsmith.models.prunable_attention` swaps it for a QKVAttention, which follows the
 pattern.
@@ -57,15 +58,16 @@ def dead_heads(model: nn.Module, att: AttentionHeads) -> torch.Tensor:
     name, parts = att.inputs()[-1]  # the Linear holding v, its last part
     v_lin, proj = model.get_submodule(name), model.get_submodule(att.proj)
     n = len(parts)
-    w = v_lin.weight.detach().reshape(n, att.num_heads, att.head_dim, -1)[n - 1]
-    v_zero = (w == 0).flatten(1).all(dim=1)
+    v_zero = (att.by_head(v_lin.weight.detach(), n)[:, n - 1] == 0).flatten(1).all(dim=1)
     if v_lin.bias is not None:
-        v_zero &= (v_lin.bias.detach().reshape(n, att.num_heads, att.head_dim)[n - 1] == 0).all(dim=1)
-    cols = proj.weight.detach().reshape(proj.out_features, att.num_heads, att.head_dim)
-    return v_zero | (cols == 0).all(dim=2).all(dim=0)
+        v_zero &= (att.by_head(v_lin.bias.detach(), n)[:, n - 1] == 0).all(dim=1)
+    w = proj.weight.detach()  # (a 1x1 conv's: [out, in, 1, 1])
+    cols = w.reshape(w.shape[0], att.num_heads, att.head_dim, -1)
+    return v_zero | (cols == 0).flatten(2).all(dim=2).all(dim=0)
 
 
-def _cut_linear(lin: nn.Linear, out: torch.Tensor | None, inp: torch.Tensor | None) -> None:
+def _cut_linear(lin: nn.Module, out: torch.Tensor | None, inp: torch.Tensor | None) -> None:
+    """Keep rows `out` and columns `inp` of a Linear (or of a 1x1 conv: its channels)."""
     with torch.no_grad():
         w = lin.weight
         if out is not None:
@@ -76,7 +78,10 @@ def _cut_linear(lin: nn.Linear, out: torch.Tensor | None, inp: torch.Tensor | No
         if inp is not None:
             w = w.index_select(1, inp.to(w.device))
         lin.weight = nn.Parameter(w.contiguous(), requires_grad=lin.weight.requires_grad)
-    lin.out_features, lin.in_features = lin.weight.shape
+    if isinstance(lin, nn.Linear):
+        lin.out_features, lin.in_features = lin.weight.shape
+    else:
+        lin.out_channels, lin.in_channels = lin.weight.shape[:2]
 
 
 def _settings(module: nn.Module, att: AttentionHeads, n_keep: int) -> dict:

@@ -14,7 +14,9 @@ holds, and computes the same outputs and gradients (tests against replicas of ea
 - timm's PVT-v2 `Attention` and Twins' `GlobalSubSampleAttn` -> `PvtAttention` (q and kv in two
   Linears: `ticketsmith.structure.heads`' q / kv pattern);
 - Twins' `LocallyGroupedAttn` -> `GroupedWindowAttention`; timm's XCiT `XCA` -> `XcaAttention`;
-- torchvision's MaxViT `RelativePositionalMultiHeadAttention` -> `GridAttention`.
+- torchvision's MaxViT `RelativePositionalMultiHeadAttention` -> `GridAttention`;
+- timm's MaxViT / CoAtNet `AttentionCl` and `Attention2d` -> `MaxxVitAttention` (their relative
+  position bias modules size the bias by the head count they were built with).
 """
 from __future__ import annotations
 
@@ -362,6 +364,85 @@ class GroupedWindowAttention(nn.Module):
 
 
 
+class MaxxVitAttention(nn.Module):
+    """timm's MaxViT / CoAtNet attention (`timm.models.maxxvit`): `AttentionCl` on channels-last
+    tokens ([B, ..., C], Linears) and `Attention2d` on NCHW maps (1x1 convs), with their
+    relative position bias (`rel_pos`: timm's `RelPosBias`, `RelPosBiasTf` or `RelPosMlp`) or
+    none. timm sizes the bias by the head count its bias module was built with (its
+    `bias_shape` and `num_heads`), so no cut reaches the heads; here `num_heads` is handed on to
+    the bias module whenever it is set (as head surgery does), its per-head tensors are declared
+    (`per_head_params`) and the bias is still timm's own (`rel_pos.get_bias()`). The qkv layout
+    stays timm's: head by head where `head_first` (the "rw" models: `structure.heads` reads it),
+    else q, k, v. Its Linears / convs and bias module are the original's."""
+
+    # where each bias module keeps its heads: (its per-head tensors, the head axis of bias_shape)
+    REL_POS = {"RelPosBias": ((("relative_position_bias_table", 1),), -1),
+               "RelPosBiasTf": ((("relative_position_bias_table", 0),), 0),
+               "RelPosMlp": ((("mlp.fc2.weight", 0), ("mlp.fc2.bias", 0)), -1)}
+
+    @classmethod
+    def from_timm(cls, m: nn.Module) -> "MaxxVitAttention":
+        """The same module (its qkv, projection and bias module themselves) as a
+        MaxxVitAttention."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.channels_first = isinstance(m.qkv, nn.Conv2d)
+        new.head_first, new.head_dim = bool(m.head_first), int(m.dim_head)
+        new.attention_dropout, new.dropout = float(m.attn_drop.p), float(m.proj_drop.p)
+        new.qkv, new.proj, new.rel_pos = m.qkv, m.proj, m.rel_pos
+        new._heads = m.num_heads
+        per_head = cls.REL_POS[type(m.rel_pos).__name__][0] if m.rel_pos is not None else ()
+        new.per_head_params = tuple((f"rel_pos.{path}", dim) for path, dim in per_head
+                                    if _has_tensor(m.rel_pos, path))
+        new.train(m.training)
+        return new
+
+    @property
+    def num_heads(self) -> int:
+        return self._heads
+
+    @num_heads.setter
+    def num_heads(self, n: int) -> None:
+        self._heads = n
+        rel_pos = self.rel_pos
+        if rel_pos is not None:  # timm's bias module shapes its bias by its own head count
+            shape = list(rel_pos.bias_shape)
+            shape[self.REL_POS[type(rel_pos).__name__][1]] = n
+            rel_pos.bias_shape = tuple(shape)
+            if hasattr(rel_pos, "num_heads"):
+                rel_pos.num_heads = n
+
+    def forward(self, x: torch.Tensor, shared_rel_pos: torch.Tensor | None = None) -> torch.Tensor:
+        heads, hd = self.num_heads, self.head_dim
+        b = x.shape[0]
+        if self.channels_first:  # [B, C, H, W]: tokens are the map's positions
+            qkv = self.qkv(x).flatten(2).transpose(1, 2)
+        else:  # [B, ..., C]
+            qkv = self.qkv(x).reshape(b, -1, 3 * heads * hd)
+        n = qkv.shape[1]
+        if self.head_first:
+            q, k, v = qkv.reshape(b, n, heads, 3, hd).permute(3, 0, 2, 1, 4)
+        else:
+            q, k, v = qkv.reshape(b, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
+        bias = self.rel_pos.get_bias() if self.rel_pos is not None else shared_rel_pos
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                             dropout_p=self.attention_dropout if self.training else 0.0)
+        out = out.transpose(1, 2).reshape(b, n, heads * hd)
+        if self.channels_first:
+            out = out.transpose(1, 2).reshape(b, heads * hd, *x.shape[2:])
+        else:
+            out = out.reshape(*x.shape[:-1], heads * hd)
+        return F.dropout(self.proj(out), p=self.dropout, training=self.training)
+
+
+def _has_tensor(module: nn.Module, path: str) -> bool:
+    owner, _, leaf = path.rpartition(".")
+    try:
+        return getattr(module.get_submodule(owner) if owner else module, leaf, None) is not None
+    except AttributeError:
+        return False
+
+
 def _is_timm_swin_v2(m: nn.Module) -> bool:
     """timm's Swin V2 WindowAttention (by class name and what it holds)."""
     return type(m).__name__ == "WindowAttention" and not isinstance(m, WindowAttention) and all(
@@ -457,6 +538,29 @@ def _is_twins_local(m: nn.Module) -> bool:
             and "size" in inspect.signature(m.forward).parameters)
 
 
+def _is_maxxvit_attention(m: nn.Module) -> bool:
+    """timm's MaxViT / CoAtNet AttentionCl or Attention2d (by class name, what it holds, its
+    bias module and its forward's arguments)."""
+    cl = type(m).__name__ == "AttentionCl"
+    if not ((cl or type(m).__name__ == "Attention2d") and all(hasattr(m, a) for a in (
+            "num_heads", "dim_head", "head_first", "scale", "qkv", "proj", "rel_pos", "attn_drop",
+            "proj_drop"))):
+        return False
+    from ..structure.heads import features
+    kind = nn.Linear if cl else nn.Conv2d
+    io = [features(t) if type(t) is kind else None for t in (m.qkv, m.proj)]
+    if None in io or not isinstance(m.num_heads, int) or not isinstance(m.dim_head, int):
+        return False
+    width, rel_pos = m.num_heads * m.dim_head, m.rel_pos
+    if rel_pos is not None:
+        known = MaxxVitAttention.REL_POS.get(type(rel_pos).__name__)
+        if known is None or not isinstance(getattr(rel_pos, "bias_shape", None), tuple) \
+                or rel_pos.bias_shape[known[1]] != m.num_heads or not callable(getattr(rel_pos, "get_bias", None)):
+            return False
+    return (io[0][1] == 3 * width and io[1][0] == width and math.isclose(m.scale, m.dim_head ** -0.5)
+            and "shared_rel_pos" in inspect.signature(m.forward).parameters)
+
+
 # (is it the original?, the swap) in the order they are tried
 SWAPS = ((_is_timm_swin_v2, TimmWindowAttentionV2.from_timm),
          (_is_beit_attention, BeitAttention.from_timm),
@@ -464,11 +568,12 @@ SWAPS = ((_is_timm_swin_v2, TimmWindowAttentionV2.from_timm),
          (_is_pvt_attention, PvtAttention.from_timm),
          (_is_twins_local, GroupedWindowAttention.from_timm),
          (_is_xca, XcaAttention.from_timm),
-         (_is_maxvit_attention, GridAttention.from_torchvision))
+         (_is_maxvit_attention, GridAttention.from_torchvision),
+         (_is_maxxvit_attention, MaxxVitAttention.from_timm))
 
 # the swapped modules (their forwards branch on shapes: torch.fx keeps them whole)
 SWAPPED = (TimmWindowAttentionV2, BeitAttention, EvaAttention, PvtAttention,
-           GroupedWindowAttention, XcaAttention, GridAttention)
+           GroupedWindowAttention, XcaAttention, GridAttention, MaxxVitAttention)
 
 
 def swap(m: nn.Module) -> nn.Module | None:
@@ -481,4 +586,5 @@ def swap(m: nn.Module) -> nn.Module | None:
 
 
 __all__ = ["TimmWindowAttentionV2", "BeitAttention", "EvaAttention", "PvtAttention",
-           "GroupedWindowAttention", "XcaAttention", "GridAttention", "swap", "SWAPPED"]
+           "GroupedWindowAttention", "XcaAttention", "GridAttention", "MaxxVitAttention", "swap",
+           "SWAPPED"]

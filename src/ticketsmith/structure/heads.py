@@ -9,7 +9,11 @@ of the qkv weight (s = 0, 1, 2 for q, k, v; A = num_heads * head_dim) and the co
 
 The modules are recognised by that shape pattern (not by class or attribute names): an integer
 `num_heads`, exactly one direct Linear child with 3 * A outputs and exactly one other with A
-inputs (A from `head_dim` where the module has one). Attention that computes keys and values
+inputs (A from `head_dim` where the module has one). A 1x1 convolution (stride 1, no padding, one
+group) counts as a Linear over channels (timm's CoAtNet attention on NCHW maps). A module whose
+`head_first` is True lays the qkv rows out head by head instead ([num_heads, 3, head_dim]: timm's
+MaxViT / CoAtNet "rw" models): head h owns rows `h * 3 * head_dim + s * head_dim + (0 ..
+head_dim-1)`. Attention that computes keys and values
 from other tokens than the queries (PVT's and Twins' spatial reduction) holds q in one Linear
 and k, v in another: there the pattern is three Linear children named `q` (A outputs), `kv`
 (2 * A outputs, the k rows then the v rows, head by head in each) and `proj` (A inputs), names
@@ -37,6 +41,7 @@ class AttentionHeads:
     num_heads: int
     head_dim: int
     kv: str | None = None
+    head_first: bool = False
 
     @property
     def width(self) -> int:
@@ -53,11 +58,23 @@ class AttentionHeads:
         return {name: self.qkv_rows(heads, tuple(range(len(parts)))) for name, parts in self.inputs()}
 
     def qkv_rows(self, heads: torch.Tensor, parts=(0, 1, 2)) -> torch.Tensor:
-        """The qkv weight rows of `heads` (int64, ascending within q, then k, then v)."""
+        """The qkv weight rows of `heads` (int64, ascending: within q, then k, then v; head by
+        head where `head_first`), so that the rows kept keep the layout."""
         heads = torch.as_tensor(heads, dtype=torch.int64).sort().values
         within = torch.arange(self.head_dim)
+        if self.head_first:
+            at = heads.view(-1, 1, 1) * 3 + torch.as_tensor(parts).view(1, -1, 1)  # (a fused qkv)
+            return (at * self.head_dim + within).flatten()
         return torch.cat([(s * self.width + heads.unsqueeze(1) * self.head_dim + within).flatten()
                           for s in parts])
+
+    def by_head(self, t: torch.Tensor, parts: int) -> torch.Tensor:
+        """`t` (rows first: a weight, bias or per-row score of a Linear holding `parts` of q, k,
+        v) as [num_heads, parts, head_dim, ...]."""
+        rest = t.shape[1:]
+        if self.head_first:
+            return t.reshape(self.num_heads, parts, self.head_dim, *rest)
+        return t.reshape(parts, self.num_heads, self.head_dim, *rest).transpose(0, 1)
 
     def proj_cols(self, heads: torch.Tensor) -> torch.Tensor:
         """The projection's input columns reading `heads` (int64, ascending)."""
@@ -67,6 +84,17 @@ class AttentionHeads:
 
 def _name(parent: str, child: str) -> str:
     return f"{parent}.{child}" if parent else child
+
+
+def features(layer: nn.Module) -> tuple[int, int] | None:
+    """(in, out) features of a Linear or of a 1x1 convolution (stride 1, no padding, one group:
+    a Linear over channels); None for any other module."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    if type(layer) is nn.Conv2d and layer.kernel_size == (1, 1) and layer.stride == (1, 1) \
+            and layer.padding in ((0, 0), "valid") and layer.groups == 1:
+        return layer.in_channels, layer.out_channels
+    return None
 
 
 def attention_heads(model: nn.Module) -> list[AttentionHeads]:
@@ -79,21 +107,21 @@ def attention_heads(model: nn.Module) -> list[AttentionHeads]:
         nh = getattr(m, "num_heads", None)
         if isinstance(nh, bool) or not isinstance(nh, int) or nh < 1:
             continue
-        linears = [(c, lin) for c, lin in m.named_children() if isinstance(lin, nn.Linear)]
+        linears = [(c, features(lin)) for c, lin in m.named_children() if features(lin)]
         hd = getattr(m, "head_dim", None)
-        qkv = [(c, lin) for c, lin in linears if lin.out_features % (3 * nh) == 0
-               and (not isinstance(hd, int) or lin.out_features == 3 * nh * hd)]
+        qkv = [(c, io) for c, io in linears if io[1] % (3 * nh) == 0
+               and (not isinstance(hd, int) or io[1] == 3 * nh * hd)]
         if len(qkv) != 1:
             split = _split_qkv(name, m, nh, hd)
             if split is not None:
                 found.append(split)
             continue
-        width = qkv[0][1].out_features // 3
-        proj = [(c, lin) for c, lin in linears if lin is not qkv[0][1] and lin.in_features == width]
+        width = qkv[0][1][1] // 3
+        proj = [c for c, io in linears if c != qkv[0][0] and io[0] == width]
         if len(proj) != 1:
             continue  # no projection, or several Linears reading the heads (a gate): not the pattern
-        found.append(AttentionHeads(name, _name(name, qkv[0][0]), _name(name, proj[0][0]),
-                                    nh, width // nh))
+        found.append(AttentionHeads(name, _name(name, qkv[0][0]), _name(name, proj[0]),
+                                    nh, width // nh, head_first=getattr(m, "head_first", False) is True))
     return found
 
 
@@ -111,4 +139,4 @@ def _split_qkv(name: str, m: nn.Module, nh: int, hd) -> AttentionHeads | None:
                           kv=_name(name, "kv"))
 
 
-__all__ = ["AttentionHeads", "attention_heads"]
+__all__ = ["AttentionHeads", "attention_heads", "features"]

@@ -221,8 +221,7 @@ def _refill_heads(att: AttentionHeads, masks: Masks, scores: dict[str, torch.Ten
     joint density warrants, the best by the summed scores of their q, k and v rows) and the
     projection columns of the dropped ones."""
     keys = [(f"{n}.weight", parts) for n, parts in att.inputs()]
-    head_score = sum(scores[k].reshape(len(parts), att.num_heads, att.head_dim).sum(dim=(0, 2))
-                     for k, parts in keys)
+    head_score = sum(att.by_head(scores[k], len(parts)).sum(dim=(1, 2)) for k, parts in keys)
     keep_n = refill_counts(att.num_heads, sum(int(masks[k].sum()) for k, _ in keys),
                            sum(masks[k].numel() for k, _ in keys), extra)
     # stable sort: equal scores keep ascending head order, so ties go to the lower index
@@ -233,7 +232,7 @@ def _refill_heads(att: AttentionHeads, masks: Masks, scores: dict[str, torch.Ten
         mask = masks[f"{name}.weight"]
         rows = torch.zeros(mask.shape[0], dtype=torch.bool)
         rows[rows_kept] = True
-        new[f"{name}.weight"] = rows.to(mask.device).unsqueeze(1).expand_as(mask).clone()
+        new[f"{name}.weight"] = rows.to(mask.device).view(-1, *[1] * (mask.dim() - 1)).expand_as(mask).clone()
     return new, att.proj_cols(dropped)
 
 
