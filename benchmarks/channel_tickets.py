@@ -14,7 +14,8 @@ with fewer channels in each (refill keeps them evenly over the groups).
 `--models torchvision:resnet50,timm:...`: a real torchvision / timm model, built as `ticketsmith
 run --model` builds it (10 classes, random weights: the speed depends on the shapes only), on
 images of `--image-size` (224 for these); torchvision needs the venv of
-benchmarks/zoo_models.py.
+benchmarks/zoo_models.py. Its dense candidates include the model as its library builds it
+(before the prunable swaps of its attention): the user's own modules are a baseline too.
 
 The channel masks are what Refill makes of a layer-wise uniform mask at sparsity s (random, seed 0;
 refill then keeps the channels with the largest L1 of He-initialised weights, coupled=True), so
@@ -106,6 +107,12 @@ def channel_ticket(name: str, width: float, sparsity: float, shape: tuple = SHAP
     return model, ts.compact(model, masks, x), masks
 
 
+def original(name: str) -> torch.nn.Module | None:
+    """A torchvision / timm model as its library builds it, before the prunable swaps: a dense
+    baseline the user could pick too (`compare`'s `original`)."""
+    return ts.models.build(name, num_classes=10, prunable=False).eval() if ":" in name else None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="vgg16,resnet18")
@@ -130,7 +137,7 @@ def main() -> None:
             print(f"{name} at {s:.0%} channel sparsity", flush=True)
             r = compare(dense, small, lambda b: torch.randn(b, *shape), batch_sizes=batches,
                         threads=threads, pairs=a.pairs, layerwise=a.layerwise, runtimes=runtimes,
-                        progress=lambda msg: print("  " + msg, flush=True))
+                        original=original(name), progress=lambda msg: print("  " + msg, flush=True))
             r.update(model=name, width=a.width, channel_sparsity=s, image_size=a.image_size,
                      weight_sparsity=1 - r["compact"]["params"] / r["dense"]["params"])
             for row in r["results"]:

@@ -166,10 +166,13 @@ def test_build_swaps_a_users_attention_and_warns_about_what_stays(user_module):
     with pytest.warns(UserWarning, match=r"extra: its keys or values have another width"):
         model = ts.models.build("my_transformer:with_kdim")
     assert type(model.extra) is nn.MultiheadAttention
+    original = ts.models.build("my_transformer:Net", in_channels=1, prunable=False)
+    assert type(original.encoder.layers[0].self_attn) is nn.MultiheadAttention
 
 
 def test_the_cli_prunes_whole_heads_of_a_users_transformer(user_module):
-    """`ticketsmith run --model` with Refill: the in-projection is masked, by whole heads."""
+    """`ticketsmith run --model` with Refill: the in-projection is masked, by whole heads; `bench`
+    times the user's own modules as a dense candidate too."""
     out = user_module / "run"
     code = main(["run", "--model", "my_transformer:Net", "--dataset", "digits", "--epochs", "1",
                  "--rounds", "1", "--prune-fraction", "0.6", "--structure", "refill", "--lr", "0.02",
@@ -182,6 +185,13 @@ def test_the_cli_prunes_whole_heads_of_a_users_transformer(user_module):
     assert 0 < int(kept.sum()) < 4
     summary = json.loads((out / "summary.json").read_text())
     assert summary["complete"]
+    assert main(["bench", str(out), "--batch-sizes", "2", "--pairs", "3", "--runtimes", "torch",
+                 "--no-layerwise"]) == 0
+    (row,) = [r for r in json.loads((out / "round_01" / "bench.json").read_text())["results"]
+              if r["backend"] == "fastest"]
+    dense_ms = {k.split(" ", 1)[1]: v for k, v in row["candidates_ms"].items() if k.startswith("dense ")}
+    assert set(dense_ms) == {"torch", "torch, original modules"}
+    assert row["dense_runtime"] == min(dense_ms, key=dense_ms.get)
 
 
 def test_fused_attention_swaps_back_where_all_heads_are_there():

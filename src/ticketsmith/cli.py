@@ -171,6 +171,7 @@ def cmd_bench(args) -> int:
         if not rounds:
             raise UsageError(f"{run_dir}: no finished sparse round to bench")
         dense = run.new_model()
+        kw["original"] = run.original_model()  # the user's modules may be the faster baseline
         if (round_dir(run_dir, 0) / "weights.safetensors").exists() and run.cfg.method not in ("srigl", "rigl", "set"):
             dense = run.trained(round_dir(run_dir, 0))
         shape = (run.ds.in_channels, *run.ds.image_size)

@@ -444,6 +444,20 @@ class Run:
         return tsmodels.for_dataset(self.cfg.model, self.ds, self.cfg.width,
                                     tsmodels.parse_kwargs(self.cfg.model_kwargs))
 
+    def original_model(self) -> nn.Module | None:
+        """The run's model as its builder made it, before `ts.models.build` swapped modules for
+        prunable ones (a dense baseline to time: `bench.compare`'s `original`); None where
+        nothing was swapped (a zoo model, or a builder's model holding no such module)."""
+        if not tsmodels.is_builder(self.cfg.model):
+            return None
+        torch.manual_seed(self.cfg.seed)
+        swapped = self.new_model()
+        if not tsmodels.prunable_swap_names() & {type(m).__name__ for m in swapped.modules()}:
+            return None
+        torch.manual_seed(self.cfg.seed)
+        return tsmodels.for_dataset(self.cfg.model, self.ds, self.cfg.width,
+                                    tsmodels.parse_kwargs(self.cfg.model_kwargs), prunable=False)
+
     def wrap(self, model: nn.Module) -> nn.Module:
         """The model as trained: DistributedDataParallel when there are several processes."""
         model.to(self.dist.device)

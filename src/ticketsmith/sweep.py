@@ -66,6 +66,7 @@ def sweep(imp_run: str | Path, round_: int, values: Mapping[str, Sequence], out:
     unstructured = Masks.load(src / "masks.safetensors")
     trained = run.trained(prev)
     dense = run.trained(round_dir(imp_run, 0))
+    original = run.original_model()
     x, _ = run.structure_batch()
     shape = (run.ds.in_channels, *run.ds.image_size)
     settings = [("default", None)] + [(name, v) for name, vs in values.items() for v in vs]
@@ -103,7 +104,7 @@ def sweep(imp_run: str | Path, round_: int, values: Mapping[str, Sequence], out:
         ticket = run.trained(src) if epochs == 0 else _retrain(run, masks, epochs, key, progress, row)
         log(f"sweep {key}: bench at batch {batch_size}")
         res = bench.bench_ticket(dense, ticket, masks, shape, batch_sizes=(batch_size,), pairs=pairs,
-                                 layerwise=False, runtimes=runtimes)
+                                 layerwise=False, runtimes=runtimes, original=original)
         head = bench.headline(res)  # fastest dense of any runtime vs fastest compact
         row.update(ideal_speedup=res["ideal_speedup"], speedup=head["speedup_median"],
                    speedup_min=head["speedup_min"], speedup_max=head["speedup_max"],

@@ -214,7 +214,7 @@ def compare(dense: nn.Module, compact: nn.Module, make_input: Callable[[int], to
             batch_sizes: Sequence[int] = (1, 64), threads: Sequence[int] | None = None,
             pairs: int = 20, layerwise: bool = True, progress: Callable[[str], None] | None = None,
             burst_s: float = 0.02, select_per_batch: bool = True,
-            runtimes: Sequence[str] | None = None) -> dict:
+            runtimes: Sequence[str] | None = None, original: nn.Module | None = None) -> dict:
     """Time `dense` against `compact` for each batch size and thread count, in each runtime.
 
     `runtimes`: the runtimes both models are deployed in (`ts.deploy.RUNTIMES`; None: every one
@@ -225,6 +225,12 @@ def compare(dense: nn.Module, compact: nn.Module, make_input: Callable[[int], to
     never a ticket in a fast runtime against a dense model in a slow one. Every deployment folds
     BatchNorm and picks its memory format (torch); a runtime that cannot take a model is listed
     in the row's `unavailable` with the reason.
+
+    `original`: the dense model with the user's own modules, before `ts.models.build` swapped
+    some for prunable ones (`build(..., prunable=False)`; its weights do not change its speed).
+    It is deployed in every runtime too, and the fastest-vs-fastest row takes the fastest dense
+    of both (its runtime then reads "RUNTIME, original modules"): a swap must not make the
+    baseline slower than what the user had.
 
     With `select_per_batch`, every executor of `compact` switches to the kernel its measured
     rule picks for each batch size before that batch is timed (CSR at batch 1, embedding_bag at
@@ -267,7 +273,7 @@ def compare(dense: nn.Module, compact: nn.Module, make_input: Callable[[int], to
                     if hasattr(m, "executor") and hasattr(m, "select"):
                         kernels[n] = m.select(b) if select_per_batch else m.executor
                 out["results"] += _runtime_rows(timed_dense, compact, x, b, t, runtimes, pairs, burst_s,
-                                                ideal, kernels, progress)
+                                                ideal, kernels, progress, original)
                 if layerwise:
                     cl_d, _ = fastest_format(dense, x, burst_s=burst_s / 2)
                     cl_c, _ = fastest_format(compact, x, burst_s=burst_s / 2)
@@ -289,17 +295,22 @@ def _row(r: dict, b: int, t: int, ideal: float, pairs: int, **extra) -> dict:
             "pairs": pairs, "reps": r["reps"], **extra}
 
 
-def _runtime_rows(dense, compact, x, b, t, runtimes, pairs, burst_s, ideal, kernels, progress) -> list[dict]:
-    """The rows of one (batch, threads): one per runtime, then the fastest-vs-fastest row."""
+def _runtime_rows(dense, compact, x, b, t, runtimes, pairs, burst_s, ideal, kernels, progress,
+                  original=None) -> list[dict]:
+    """The rows of one (batch, threads): one per runtime, then the fastest-vs-fastest row (its
+    dense candidates: `dense`, and `original` where given, in every runtime)."""
     from .. import deploy as tsdeploy
     deps: dict[str, dict[str, tsdeploy.Deployment]] = {"dense": {}, "compact": {}}
     unavailable: dict[str, str] = {}
     for rt in runtimes:
-        for kind, model in (("dense", dense), ("compact", compact)):
+        for kind, key, model in (("dense", rt, dense), ("dense", f"{rt}, original modules", original),
+                                 ("compact", rt, compact)):
+            if model is None:
+                continue
             try:
-                deps[kind][rt] = tsdeploy.deploy(model, x[:2], rt, threads=t, batch_size=b)
+                deps[kind][key] = tsdeploy.deploy(model, x[:2], rt, threads=t, batch_size=b)
             except (UsageError, TicketsmithError) as e:
-                unavailable[f"{kind} {rt}"] = str(e)
+                unavailable[f"{kind} {key}"] = str(e)
     rows = []
     both = [rt for rt in runtimes if rt in deps["dense"] and rt in deps["compact"]]
     for rt in both:
@@ -407,11 +418,11 @@ def to_markdown(result: dict, title: str = "Benchmark") -> str:
 def bench_ticket(dense: nn.Module, ticket: nn.Module, masks, input_shape: Sequence[int], *,
                  batch_sizes: Sequence[int] = (1, 64), threads: Sequence[int] | None = None,
                  pairs: int = 20, layerwise: bool = True, autotune: bool = False,
-                 runtimes: Sequence[str] | None = None,
+                 runtimes: Sequence[str] | None = None, original: nn.Module | None = None,
                  progress: Callable[[str], None] | None = None) -> dict:
     """Compact `ticket` under `masks` and time it against `dense` (same architecture, dense).
 
-    `runtimes` as in `compare` (None: every runtime available here). The compact model is
+    `runtimes` and `original` as in `compare` (None: every runtime available here). The compact model is
     checked against the masked ticket on random inputs first. Executors
     follow their measured rule for each batch size timed; with `autotune` they are instead tuned
     once, at the largest batch size (the result records the choices)."""
@@ -427,7 +438,7 @@ def bench_ticket(dense: nn.Module, ticket: nn.Module, masks, input_shape: Sequen
         ref, got = ticket(x), compact(x)
         rel_err = float((ref - got).norm() / ref.norm().clamp_min(1e-12))
     result = compare(dense, compact, make, batch_sizes, threads, pairs, layerwise, progress,
-                     select_per_batch=not autotune, runtimes=runtimes)
+                     select_per_batch=not autotune, runtimes=runtimes, original=original)
     result["check_rel_err"] = rel_err
     result["executors"] = dict(getattr(compact, "ticketsmith_executors", {}))
     result["sparsity"] = masks.sparsity()

@@ -65,12 +65,13 @@ def create(name: str, in_channels: int = 3, num_classes: int = 10,
     return model
 
 
-def for_dataset(name: str, ds, width: float = 1.0, kwargs: dict[str, Any] | None = None) -> nn.Module:
+def for_dataset(name: str, ds, width: float = 1.0, kwargs: dict[str, Any] | None = None,
+                prunable: bool = True) -> nn.Module:
     """A model shaped for a `ticketsmith.data.Dataset` (input channels, size and classes): a zoo
-    model, or a builder spec (see `build`) called with `kwargs`."""
+    model, or a builder spec (see `build`, and its `prunable`) called with `kwargs`."""
     if is_builder(name):
         return build(name, kwargs, in_channels=ds.in_channels, num_classes=ds.num_classes,
-                     image_size=tuple(ds.image_size))
+                     image_size=tuple(ds.image_size), prunable=prunable)
     if kwargs:
         raise UsageError(f"model kwargs are for a builder (--model package.module:function); "
                          f"the zoo model {name!r} takes --width only")
@@ -183,7 +184,8 @@ def _import(name: str):
 
 
 def build(spec: str, kwargs: dict[str, Any] | None = None, *, in_channels: int = 3,
-          num_classes: int = 10, image_size: tuple[int, int] = (32, 32)) -> nn.Module:
+          num_classes: int = 10, image_size: tuple[int, int] = (32, 32),
+          prunable: bool = True) -> nn.Module:
     """Build a user's model from a builder spec, with `kwargs` (a dict, e.g. from --model-kwargs).
 
     - `package.module:function`: the module is imported (from sys.path, else from the current
@@ -199,7 +201,8 @@ def build(spec: str, kwargs: dict[str, Any] | None = None, *, in_channels: int =
     cannot swap (kdim / vdim, add_bias_kv, add_zero_attn) stays, with a warning.
     torchvision's Swin ShiftedWindowAttention (V1, V2) becomes a `WindowAttention` likewise,
     the attention listed in `zoo_attention` its swap, and timm's GluMlp (one Linear for both
-    halves of a gated MLP) a `SplitGluMlp` (`prunable_mlp`).
+    halves of a gated MLP) a `SplitGluMlp` (`prunable_mlp`). With `prunable=False` nothing is
+    swapped: the model as its builder made it (the user's own modules: a dense baseline to time).
     A module that does not import, a missing callable, a builder that raises or returns no
     `nn.Module`: UsageError in one line.
     """
@@ -246,6 +249,8 @@ def build(spec: str, kwargs: dict[str, Any] | None = None, *, in_channels: int =
     if not isinstance(model, nn.Module):
         raise UsageError(f"model {spec}: the builder returned an object of type "
                          f"{type(model).__name__}, not an nn.Module")
+    if not prunable:
+        return model
     # the heads and in-projection of nn.MultiheadAttention become prunable (same function)
     left = prunable_attention(model)
     prunable_mlp(model)  # and the hidden units of a gated MLP computed by one Linear
