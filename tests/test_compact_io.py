@@ -105,6 +105,31 @@ def test_onnx_matches_pytorch(name, width, shape, tmp_path):
             assert rel_err(small(inp), y) < 1e-4
 
 
+class CausalFlag(nn.Module):
+    """A forward with optional arguments after its input, as timm's EVA has (attn_mask=None,
+    is_causal=False): torch's exporter must not trace their defaults as inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(8, 24), nn.Linear(8, 8)
+
+    def forward(self, x, attn_mask=None, is_causal: bool = False):
+        q, k, v = self.qkv(x).reshape(x.shape[0], x.shape[1], 3, 2, 4).permute(2, 0, 3, 1, 4)
+        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        return self.proj(out.transpose(1, 2).reshape(x.shape))
+
+
+def test_onnx_export_of_a_forward_with_optional_arguments(tmp_path):
+    torch.manual_seed(0)
+    model = CausalFlag().eval()
+    x = torch.randn(2, 5, 8)
+    path = C.export_onnx(model, x, tmp_path / "flag.onnx")
+    xb = torch.randn(3, 5, 8)  # another batch, other values
+    (y,) = C.run_onnx(path, xb)
+    with torch.no_grad():
+        assert rel_err(model(xb), y) < 1e-4
+
+
 def test_onnx_inline_models(tmp_path):
     torch.manual_seed(0)
     model = randomize(MLP())

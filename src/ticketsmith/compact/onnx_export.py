@@ -5,6 +5,7 @@ dense layers export as they are. The batch dimension is exported as dynamic by d
 """
 from __future__ import annotations
 
+import inspect
 import os
 import tempfile
 import warnings
@@ -16,6 +17,32 @@ from torch import nn
 
 from ..errors import UsageError
 from .channel import as_inputs, flat_tensors
+
+
+class _InputsOnly(nn.Module):
+    """`model` called with the example's inputs only. torch's TorchScript exporter passes the
+    defaults of a forward's other parameters as traced inputs: timm's EVA `forward(x,
+    attn_mask=None, is_causal=False)` then hands scaled_dot_product_attention a tensor for
+    `is_causal`, and the export fails."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs):
+        return self.model(*inputs)
+
+
+def _more_parameters(model: nn.Module, n_inputs: int) -> bool:
+    """Whether `model.forward` takes parameters (with defaults) besides `n_inputs` inputs."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return False
+    named = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return len(named) > n_inputs
 
 
 def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
@@ -34,6 +61,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     n_out = len(flat_tensors(run_model(model, inputs)))
     in_names = [f"input{i}" for i in range(len(inputs))]
     out_names = [f"output{i}" for i in range(n_out)]
+    traced = _InputsOnly(model) if not dynamo and _more_parameters(model, len(inputs)) else model
     from ..io import TMP_SUFFIX
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
@@ -56,7 +84,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
             else:
                 axes = ({n: {0: "batch"} for n in in_names + out_names} if dynamic_batch
                         else None)
-                torch.onnx.export(model, inputs, tmp, dynamo=False, input_names=in_names,
+                torch.onnx.export(traced, inputs, tmp, dynamo=False, input_names=in_names,
                                   output_names=out_names, dynamic_axes=axes,
                                   opset_version=opset_version)
         from ..io import file_mode
