@@ -331,6 +331,41 @@ def test_unsupported_operations_leave_their_groups_whole():
     assert "channel dimension" in skipped["c3"]
 
 
+class ZeroBranches(nn.Module):
+    """timm's MobileOne block without a skip or scale branch: a Python 0 in their place, added
+    in place (`out = 0; out += conv(x); out += 0`) and to a zero tensor; zero added keeps a
+    dead channel dead. `plus`: a constant other than zero there, which does not."""
+
+    def __init__(self, plus: float = 0.0):
+        super().__init__()
+        self.plus = plus
+        self.c1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        identity = 0
+        out = 0
+        out += self.bn1(self.c1(x))
+        out += identity
+        out = F.relu(self.c2(out) + torch.zeros(1) + self.plus)
+        return self.fc(out.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("plus", [0.0, 1.0])
+def test_a_constant_zero_added_leaves_the_channels_removable(plus):
+    torch.manual_seed(0)
+    model = randomize(ZeroBranches(plus))
+    masks: dict = {}
+    for layer in ("c1", "c2"):
+        kill_rows(model, masks, layer, torch.tensor([0, 1, 2]))
+    small = check_compact(model, ts.Masks(masks), torch.randn(2, 3, 8, 8), expect_smaller=not plus)
+    kept = [small.get_submodule(n).weight.shape[0] for n in ("c1", "c2")]
+    assert kept == ([5, 8] if plus else [5, 5])
+    if plus:
+        assert "constant" in small.ticketsmith_compact["skipped_groups"]["c2"]
+
+
 class PositionsLinear(nn.Module):
     """A linear layer over spatial positions (flatten(2)): channels are not its features."""
 

@@ -467,7 +467,7 @@ class _Group:
             if t == OPTYPE.ELEMENTWISE:
                 op = op_name(node)
                 if op in ("add", "sub"):
-                    if _untraced_operand(node):
+                    if _untraced_operand(node) and node.grad_fn not in self.graph.zero_adds:
                         return f"operation {op} with a constant operand"
                 elif op == "mul":
                     if _untraced_operand(node) and not _mul_scalar_ok(node):

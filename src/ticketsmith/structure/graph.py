@@ -34,6 +34,10 @@ It then falls back to channel counts inferred from the neighbouring layers, righ
   group: torch-pruning recomputes all of them for every group, a second or more on a
   transformer; and looks up what a group holds in a dict, not by a scan of every item
   (`_IndexedGroup`: quadratic in the group's size otherwise);
+- records the additions and subtractions whose other operand is a constant zero (`zero_adds`:
+  their autograd nodes): timm's MobileOne adds a Python 0 where a block has no skip branch,
+  which autograd shows as any constant operand would, and adding zero keeps a removed channel
+  zero;
 - bounds every index mapping: none may produce more indices than `max_indices` (a few times
   the widest layer of the model: a list longer than any tensor dimension is no channel list).
   Past it `IndexMappingTooLarge` is raised, naming the dependency, before the list grows into
@@ -48,6 +52,7 @@ from contextlib import contextmanager
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch_pruning import _helpers
 from torch_pruning.dependency import graph as tp_graph
 from torch_pruning.dependency import index_mapping, shape_infer
@@ -290,6 +295,34 @@ def _quiet():
         yield
 
 
+_ADDS = {"add", "add_", "sub", "sub_", "__add__", "__radd__", "__iadd__", "__sub__", "__isub__"}
+
+
+def _is_zero(a) -> bool:
+    if isinstance(a, torch.Tensor):
+        return not a.requires_grad and a.numel() > 0 and not bool(a.count_nonzero())
+    return isinstance(a, (int, float)) and not isinstance(a, bool) and a == 0
+
+
+class _ZeroOperands(TorchFunctionMode):
+    """Collects the autograd nodes of additions / subtractions of a constant zero (a number or
+    a tensor without gradient, all zeros) to a traced tensor, during the traced forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.nodes: set = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if getattr(func, "__name__", "") in _ADDS and isinstance(out, torch.Tensor) \
+                and out.grad_fn is not None:
+            operands = list(args[:2]) + ([kwargs["other"]] if kwargs and "other" in kwargs else [])
+            untraced = [a for a in operands if not (isinstance(a, torch.Tensor) and a.requires_grad)]
+            if untraced and all(_is_zero(a) for a in untraced):
+                self.nodes.add(out.grad_fn)
+        return out
+
+
 class DependencyGraph(tp.DependencyGraph):
     """torch-pruning's graph with the fixes and bounds of the module docstring."""
 
@@ -300,6 +333,7 @@ class DependencyGraph(tp.DependencyGraph):
         self.unmapped: dict = {}
         self._chunk_of: dict = {}  # id(dependency) -> (split node, chunk its edge carries)
         self._mapped_state = None
+        self.zero_adds: set = set()  # autograd nodes adding a constant zero (module docstring)
 
     def _state(self) -> tuple:
         """What the index mappings depend on that can change after tracing: the channel counts
@@ -315,8 +349,9 @@ class DependencyGraph(tp.DependencyGraph):
         try:
             # (`_build_dependency` fills `unmapped` and hides the reshapes in it for the rest
             # of the build; they are reshapes again below)
-            with _quiet():
+            with _quiet(), _ZeroOperands() as zeros:
                 super().build_dependency(model, example_inputs, *args, **kwargs)
+            self.zero_adds = zeros.nodes
         finally:
             for node in self._hidden_reshapes():
                 node.type = OPTYPE.RESHAPE
