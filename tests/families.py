@@ -1403,6 +1403,45 @@ class TinyMaxxViT(nn.Module):
         return self.head(w.reshape(B, -1, C).mean(1))
 
 
+# -- attention as users write it: q, k, v and the output in four Linears -----------------------
+class SeparateQKVAttention(nn.Module):
+    """q_proj, k_proj, v_proj and o_proj (LLaMA-style names), heads reshaped by num_heads and
+    head_dim, the heads' output reshaped with -1 (or, `input_width=True`, to the input width
+    C, so that a module with fewer heads cannot run)."""
+
+    def __init__(self, dim, num_heads, input_width=False):
+        super().__init__()
+        self.num_heads, self.head_dim, self.input_width = num_heads, dim // num_heads, input_width
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim) for _ in range(3))
+        self.o_proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = (p(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        return self.o_proj(out.reshape(B, N, C) if self.input_width else out.reshape(B, N, -1))
+
+
+class TinySeparateQKV(nn.Module):
+    """Patches, one pre-norm residual SeparateQKVAttention and MLP, a mean over tokens."""
+
+    def __init__(self, classes=10, dim=16, input_width=False):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SeparateQKVAttention(dim, 4, input_width)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = x + self.attn(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return self.head(x.mean(1))
+
+
 class TinySwinWindows(TinySwin):
     """TinySwin with its ShiftedWindowAttention (V1, or V2 with kind="v2") swapped for
     ticketsmith's WindowAttention (what `ticketsmith.models.build` does to torchvision's Swin)."""
@@ -1604,6 +1643,7 @@ FAMILIES = {
     "maxvit_attention": (builder(TinyMaxViT), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 48, 48)]),
     "xcit": (builder(TinyXCiT), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 40, 40)]),
     "maxxvit": (builder(TinyMaxxViT), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 32, 32)]),
+    "separate_qkv": (builder(TinySeparateQKV), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "maxxvit_tf": (builder(TinyMaxxViT, bias="tf"), (2, 3, 32, 32), [(3, 3, 32, 32)]),
     "twins_local": (builder(TinyTwins), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 44, 36)]),
     "vit_mha": (builder(TinyViT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),

@@ -75,10 +75,10 @@ TICKETS = {"channel": channel_ticket, "block": block_ticket, "fan-in": fan_in_ti
            # the swapped timm / torchvision attention: Swin V2's, BEiT's (class token, bias
            # table), EVA-02's (rotary embedding, split GLU MLP), PVT-v2's (q and kv from a
            # reduced map), MaxViT's (windows as groups), timm's MaxViT / CoAtNet (1x1 convs,
-           # heads first; the TF one's einsum bias)
+           # heads first; the TF one's einsum bias), a user's q / k / v / o Linears
            **{f"window-heads-{f}": (lambda f=f: window_heads_ticket(f))
               for f in ("swin_v2_timm", "beit", "eva_glu", "pvt_attention", "maxvit_attention",
-                        "xcit", "twins_local", "maxxvit", "maxxvit_tf")}}
+                        "xcit", "twins_local", "maxxvit", "maxxvit_tf", "separate_qkv")}}
 
 
 def reference(model, masks):

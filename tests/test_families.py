@@ -749,3 +749,45 @@ def test_maxxvit_heads_are_refilled_and_removed(bias, tmp_path):
     xi = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(small(xi), again(xi))
+
+
+@pytest.mark.parametrize("input_width", [False, True])
+def test_heads_of_separate_q_k_v_linears_are_refilled_and_removed(input_width, tmp_path):
+    """Attention as users write it (q_proj, k_proj, v_proj, o_proj): a channel ticket keeps or
+    drops whole heads across the three input Linears, and compaction removes the dropped ones
+    from all four, exact on another batch and token count and through save / load; where the
+    forward reshapes the heads' output to the input width, the heads stay, with the reason."""
+    from families import TinySeparateQKV, builder
+
+    from ticketsmith.structure.heads import attention_heads
+    build = builder(TinySeparateQKV, input_width=input_width)
+    model = build()
+    x = torch.randn(2, 3, 16, 16)
+    (att,) = attention_heads(model)
+    assert [n for n, _ in att.inputs()] == ["attn.q_proj", "attn.k_proj", "attn.v_proj"]
+    assert att.proj == "attn.o_proj"
+    params = dict(model.named_parameters())  # half of each layer: two heads of four stay
+    masks = ts.refill(model, ts.Masks({n: params[n].detach().abs() >= params[n].detach().abs().median()
+                                       for n in ts.prunable_names(model)}), example_inputs=x)
+    per_head = torch.stack([masks[f"attn.{p}.weight"].reshape(4, 4, 16)
+                            for p in ("q_proj", "k_proj", "v_proj")], dim=1).flatten(1)
+    assert bool((per_head.all(dim=1) | ~per_head.any(dim=1)).all())  # whole heads
+    kept = per_head.all(dim=1)
+    k = int(kept.sum())
+    assert 0 < k < 4
+    assert not bool(masks["attn.o_proj.weight"].reshape(16, 4, 4)[:, ~kept].any())
+    small = C.compact(model, masks, x)
+    a = small.attn
+    if input_width:
+        assert a.num_heads == 4 and "computes another function" in C.describe(small)[
+            [r["layer"] for r in C.describe(small)].index("attn.q_proj")]["heads"]
+    else:
+        assert a.num_heads == k
+        assert [getattr(a, p).out_features for p in ("q_proj", "k_proj", "v_proj")] == [4 * k] * 3
+        assert a.o_proj.in_features == 4 * k
+    assert_matches_masked(model, masks, small, [(3, 3, 16, 16), (1, 3, 24, 24)])
+    C.save(small, tmp_path / "ticket")
+    again = C.load(tmp_path / "ticket", build=build)
+    xi = torch.randn(3, 3, 24, 24)
+    with torch.no_grad():
+        assert torch.equal(small(xi), again(xi))

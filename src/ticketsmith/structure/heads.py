@@ -17,7 +17,10 @@ head_dim-1)`. Attention that computes keys and values
 from other tokens than the queries (PVT's and Twins' spatial reduction) holds q in one Linear
 and k, v in another: there the pattern is three Linear children named `q` (A outputs), `kv`
 (2 * A outputs, the k rows then the v rows, head by head in each) and `proj` (A inputs), names
-being the only way to tell `q` from `proj` when both map A features to A. Whether the forward really lays the rows
+being the only way to tell `q` from `proj` when both map A features to A. Attention written
+with q, k and v in three Linears of A outputs each (as many users write it) is found by names
+too: one each of `q` / `query` / `q_proj`, `k` / `key` / `k_proj`, `v` / `value` / `v_proj` and
+`proj` / `out_proj` / `o_proj` / `out` (A inputs). Whether the forward really lays the rows
 out that way is not read from the code: refill only masks rows by this layout, and compaction
 accepts a cut only where a copy of the module, cut this way, computes what it computed before
 (checked on random inputs).
@@ -34,7 +37,7 @@ from torch import nn
 class AttentionHeads:
     """One attention module of the timm pattern: its name, its qkv and projection Linears
     (module names) and its head geometry. Where `kv` is set, `qkv` holds the queries only and
-    `kv` the keys and values."""
+    `kv` the keys and values (the keys only where `v` is set too)."""
     module: str
     qkv: str
     proj: str
@@ -42,6 +45,7 @@ class AttentionHeads:
     head_dim: int
     kv: str | None = None
     head_first: bool = False
+    v: str | None = None  # where set, `kv` holds the keys only and `v` the values
 
     @property
     def width(self) -> int:
@@ -50,7 +54,11 @@ class AttentionHeads:
     def inputs(self) -> list[tuple[str, tuple[int, ...]]]:
         """The Linears computing q, k and v, each with the parts it holds in its rows, in
         order (0 = q, 1 = k, 2 = v)."""
-        return [(self.qkv, (0, 1, 2))] if self.kv is None else [(self.qkv, (0,)), (self.kv, (1, 2))]
+        if self.kv is None:
+            return [(self.qkv, (0, 1, 2))]
+        if self.v is None:
+            return [(self.qkv, (0,)), (self.kv, (1, 2))]
+        return [(self.qkv, (0,)), (self.kv, (1,)), (self.v, (2,))]
 
     def input_rows(self, heads: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per Linear of `inputs()`, the weight rows of `heads` (int64, ascending within each
@@ -125,8 +133,35 @@ def attention_heads(model: nn.Module) -> list[AttentionHeads]:
     return found
 
 
+# the names of separate q, k, v and output Linears (see the module docstring)
+SEPARATE = (("q", "query", "q_proj"), ("k", "key", "k_proj"), ("v", "value", "v_proj"),
+            ("proj", "out_proj", "o_proj", "out"))
+
+
+def _separate_qkv(name: str, m: nn.Module, nh: int, hd) -> AttentionHeads | None:
+    """The q / k / v / proj pattern (see the module docstring), or None."""
+    found = []
+    for names in SEPARATE:
+        children = [c for c in names if type(getattr(m, c, None)) is nn.Linear]
+        if len(children) != 1:
+            return None
+        found.append(children[0])
+    q, k, v, proj = (getattr(m, c) for c in found)
+    width = q.out_features
+    if width % nh or (isinstance(hd, int) and hd * nh != width):
+        return None
+    if k.out_features != width or v.out_features != width or proj.in_features != width \
+            or k.in_features != v.in_features:
+        return None
+    return AttentionHeads(name, _name(name, found[0]), _name(name, found[3]), nh, width // nh,
+                          kv=_name(name, found[1]), v=_name(name, found[2]))
+
+
 def _split_qkv(name: str, m: nn.Module, nh: int, hd) -> AttentionHeads | None:
-    """The q / kv / proj pattern (see the module docstring), or None."""
+    """The q / kv / proj pattern, or the q / k / v / proj one (see the module docstring), or
+    None."""
+    if getattr(m, "kv", None) is None:
+        return _separate_qkv(name, m, nh, hd)
     q, kv, proj = (getattr(m, c, None) for c in ("q", "kv", "proj"))
     if not all(type(t) is nn.Linear for t in (q, kv, proj)) or q.out_features % nh:
         return None
