@@ -109,8 +109,9 @@ def channel_ticket(name: str, width: float, sparsity: float, shape: tuple = SHAP
 
 def original(name: str) -> torch.nn.Module | None:
     """A torchvision / timm model as its library builds it, before the prunable swaps: a dense
-    baseline the user could pick too (`compare`'s `original`)."""
-    return ts.models.build(name, num_classes=10, prunable=False).eval() if ":" in name else None
+    baseline the user could pick too (`compare`'s `original`); None where nothing is swapped."""
+    model = ts.models.original(name, num_classes=10) if ":" in name else None
+    return model.eval() if model is not None else None
 
 
 def main() -> None:

@@ -166,7 +166,7 @@ def test_build_swaps_a_users_attention_and_warns_about_what_stays(user_module):
     with pytest.warns(UserWarning, match=r"extra: its keys or values have another width"):
         model = ts.models.build("my_transformer:with_kdim")
     assert type(model.extra) is nn.MultiheadAttention
-    original = ts.models.build("my_transformer:Net", in_channels=1, prunable=False)
+    original = ts.models.original("my_transformer:Net", in_channels=1)  # as its builder made it
     assert type(original.encoder.layers[0].self_attn) is nn.MultiheadAttention
 
 

@@ -136,6 +136,8 @@ def test_library_builders_get_the_datasets_shape(user_module):
     assert model(torch.randn(2, 3, 5, 5)).shape == (2, 7)
     # a builder that names none of the dataset's arguments gets only its kwargs
     assert ts.models.build("my_models.nets:plain", {"hidden": 3})[1].out_features == 3
+    # nothing swapped: no other dense baseline to time
+    assert ts.models.original("my_models.nets:plain", {"hidden": 3}) is None
 
 
 def test_torchvision_models_never_load_backbone_weights(monkeypatch):

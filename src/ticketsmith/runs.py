@@ -451,12 +451,9 @@ class Run:
         if not tsmodels.is_builder(self.cfg.model):
             return None
         torch.manual_seed(self.cfg.seed)
-        swapped = self.new_model()
-        if not tsmodels.prunable_swap_names() & {type(m).__name__ for m in swapped.modules()}:
-            return None
-        torch.manual_seed(self.cfg.seed)
-        return tsmodels.for_dataset(self.cfg.model, self.ds, self.cfg.width,
-                                    tsmodels.parse_kwargs(self.cfg.model_kwargs), prunable=False)
+        return tsmodels.original(self.cfg.model, tsmodels.parse_kwargs(self.cfg.model_kwargs),
+                                 in_channels=self.ds.in_channels, num_classes=self.ds.num_classes,
+                                 image_size=tuple(self.ds.image_size))
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """The model as trained: DistributedDataParallel when there are several processes."""

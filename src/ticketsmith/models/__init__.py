@@ -65,13 +65,12 @@ def create(name: str, in_channels: int = 3, num_classes: int = 10,
     return model
 
 
-def for_dataset(name: str, ds, width: float = 1.0, kwargs: dict[str, Any] | None = None,
-                prunable: bool = True) -> nn.Module:
+def for_dataset(name: str, ds, width: float = 1.0, kwargs: dict[str, Any] | None = None) -> nn.Module:
     """A model shaped for a `ticketsmith.data.Dataset` (input channels, size and classes): a zoo
-    model, or a builder spec (see `build`, and its `prunable`) called with `kwargs`."""
+    model, or a builder spec (see `build`) called with `kwargs`."""
     if is_builder(name):
         return build(name, kwargs, in_channels=ds.in_channels, num_classes=ds.num_classes,
-                     image_size=tuple(ds.image_size), prunable=prunable)
+                     image_size=tuple(ds.image_size))
     if kwargs:
         raise UsageError(f"model kwargs are for a builder (--model package.module:function); "
                          f"the zoo model {name!r} takes --width only")
@@ -259,6 +258,16 @@ def build(spec: str, kwargs: dict[str, Any] | None = None, *, in_channels: int =
                       "in-projection dense and all their heads: " + "; ".join(
                           f"{n}: {why}" for n, why in left.items()), stacklevel=2)
     return model
+
+
+def original(spec: str, kwargs: dict[str, Any] | None = None, **shape) -> nn.Module | None:
+    """The model of a builder spec as its builder made it (`build(..., prunable=False)`: the
+    user's own modules, a dense baseline to time), or None where `build` swaps none of its
+    modules. `shape`: build's in_channels / num_classes / image_size."""
+    built = build(spec, kwargs, **shape)
+    if not prunable_swap_names() & {type(m).__name__ for m in built.modules()}:
+        return None
+    return build(spec, kwargs, prunable=False, **shape)
 
 
 # SGD learning rates that train each zoo model (momentum 0.9, batch 128, the step schedule):
