@@ -1442,6 +1442,54 @@ class TinySeparateQKV(nn.Module):
         return self.head(x.mean(1))
 
 
+# -- timm's CaiT / XCiT class attention: the class token's query over all tokens ---------------
+class ClassAttn(nn.Module):
+    """timm's ClassAttn (its class name, attributes and fused forward): q from token 0, k and v
+    from all tokens, three Linears, the heads' output reshaped to the input width C."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.q, self.k, self.v = (nn.Linear(dim, dim) for _ in range(3))
+        self.attn_drop = nn.Dropout(0.0)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(0.0)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q = self.q(x[:, 0]).unsqueeze(1).reshape(B, 1, self.num_heads, C // self.num_heads).permute(0, 2, 1, 3)
+        k = self.k(x).reshape(B, N, self.num_heads, C // self.num_heads).permute(0, 2, 1, 3)
+        v = self.v(x).reshape(B, N, self.num_heads, C // self.num_heads).permute(0, 2, 1, 3)
+        x_cls = F.scaled_dot_product_attention(q, k, v)
+        return self.proj_drop(self.proj(x_cls.transpose(1, 2).reshape(B, 1, C)))
+
+
+class TinyCaiT(nn.Module):
+    """Patches and a class token, one residual class-attention step updating the class token
+    (CaiT's / XCiT's last blocks), a head on it; swapped as `ticketsmith.models.build` does
+    (ClassAttention)."""
+
+    def __init__(self, classes=10, dim=16):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.norm = nn.LayerNorm(dim)
+        self.attn = ClassAttn(dim, 4)
+        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.GELU(),
+                                 nn.Linear(4 * dim, dim))
+        self.head = nn.Linear(dim, classes)
+        from ticketsmith.models import prunable_attention
+        prunable_attention(self)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        u = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        cls = u[:, :1] + self.attn(self.norm(u))
+        cls = cls + self.mlp(cls)
+        return self.head(cls[:, 0])
+
+
 class TinySwinWindows(TinySwin):
     """TinySwin with its ShiftedWindowAttention (V1, or V2 with kind="v2") swapped for
     ticketsmith's WindowAttention (what `ticketsmith.models.build` does to torchvision's Swin)."""
@@ -1644,6 +1692,7 @@ FAMILIES = {
     "xcit": (builder(TinyXCiT), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 40, 40)]),
     "maxxvit": (builder(TinyMaxxViT), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 32, 32)]),
     "separate_qkv": (builder(TinySeparateQKV), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
+    "class_attn": (builder(TinyCaiT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "maxxvit_tf": (builder(TinyMaxxViT, bias="tf"), (2, 3, 32, 32), [(3, 3, 32, 32)]),
     "twins_local": (builder(TinyTwins), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 44, 36)]),
     "vit_mha": (builder(TinyViT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),

@@ -593,3 +593,20 @@ def test_maxxvit_attention_is_swapped_for_one_computing_the_same(kind, bias, hea
         assert cut[0].num_heads == 3
         with torch.no_grad():
             assert torch.allclose(cut[0].rel_pos.get_bias(), ours.rel_pos.get_bias()[..., keep, :, :])
+
+
+def test_class_attention_is_swapped_for_one_computing_the_same():
+    """timm's CaiT / XCiT ClassAttn (the replica in families.py) swapped for a ClassAttention:
+    the same outputs and gradients on two token counts; its Linears are the original's, and
+    the head pattern finds its q / k / v Linears."""
+    from families import ClassAttn
+
+    from ticketsmith.models import ClassAttention
+    from ticketsmith.structure.heads import attention_heads
+    torch.manual_seed(0)
+    timm = ClassAttn(16, 4)
+    ours = swapped(timm, ClassAttention)
+    assert ours.head_dim == 4
+    (att,) = attention_heads(nn.Sequential(ours))
+    assert [n for n, _ in att.inputs()] == ["0.q", "0.k", "0.v"] and att.proj == "0.proj"
+    assert_same_function(timm, ours, [((2, 5, 16),), ((3, 9, 16),)])

@@ -75,10 +75,12 @@ TICKETS = {"channel": channel_ticket, "block": block_ticket, "fan-in": fan_in_ti
            # the swapped timm / torchvision attention: Swin V2's, BEiT's (class token, bias
            # table), EVA-02's (rotary embedding, split GLU MLP), PVT-v2's (q and kv from a
            # reduced map), MaxViT's (windows as groups), timm's MaxViT / CoAtNet (1x1 convs,
-           # heads first; the TF one's einsum bias), a user's q / k / v / o Linears
+           # heads first; the TF one's einsum bias), a user's q / k / v / o Linears, CaiT's class
+           # attention
            **{f"window-heads-{f}": (lambda f=f: window_heads_ticket(f))
               for f in ("swin_v2_timm", "beit", "eva_glu", "pvt_attention", "maxvit_attention",
-                        "xcit", "twins_local", "maxxvit", "maxxvit_tf", "separate_qkv")}}
+                        "xcit", "twins_local", "maxxvit", "maxxvit_tf", "separate_qkv",
+                        "class_attn")}}
 
 
 def reference(model, masks):

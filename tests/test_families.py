@@ -751,6 +751,23 @@ def test_maxxvit_heads_are_refilled_and_removed(bias, tmp_path):
         assert torch.equal(small(xi), again(xi))
 
 
+def test_class_attention_heads_are_removed():
+    """CaiT's / XCiT's class attention, swapped for a ClassAttention: a channel ticket drops
+    whole heads and compaction removes them, exact on another batch and token count."""
+    build, shape, others = FAMILIES["class_attn"]
+    model = build()
+    x = torch.randn(shape)
+    params = dict(model.named_parameters())  # half of each layer: two heads of four stay
+    masks = ts.refill(model, ts.Masks({n: params[n].detach().abs() >= params[n].detach().abs().median()
+                                       for n in ts.prunable_names(model)}), example_inputs=x)
+    k = int(masks["attn.q.weight"].reshape(4, -1).all(dim=1).sum())  # heads kept
+    assert 0 < k < 4
+    small = C.compact(model, masks, x)
+    assert small.ticketsmith_compact["removed_heads"]["attn"]["heads"] == [4, k]
+    assert small.attn.num_heads == k and small.attn.proj.in_features == 4 * k
+    assert_matches_masked(model, masks, small, others)
+
+
 @pytest.mark.parametrize("input_width", [False, True])
 def test_heads_of_separate_q_k_v_linears_are_refilled_and_removed(input_width, tmp_path):
     """Attention as users write it (q_proj, k_proj, v_proj, o_proj): a channel ticket keeps or

@@ -26,8 +26,8 @@ from torch import nn
 from ..errors import UsageError
 from .attention import (QKVAttention, WindowAttention, fused_attention,  # noqa: F401  (API)
                         prunable_attention)
-from .zoo_attention import (SWAPPED, BeitAttention, EvaAttention,  # noqa: F401  (API)
-                            GridAttention, GroupedWindowAttention, MaxxVitAttention,
+from .zoo_attention import (SWAPPED, BeitAttention, ClassAttention,  # noqa: F401  (API)
+                            EvaAttention, GridAttention, GroupedWindowAttention, MaxxVitAttention,
                             PvtAttention, TimmWindowAttentionV2, XcaAttention)
 from .glu import SplitGluMlp, prunable_mlp  # noqa: F401  (API)
 

@@ -16,7 +16,8 @@ holds, and computes the same outputs and gradients (tests against replicas of ea
 - Twins' `LocallyGroupedAttn` -> `GroupedWindowAttention`; timm's XCiT `XCA` -> `XcaAttention`;
 - torchvision's MaxViT `RelativePositionalMultiHeadAttention` -> `GridAttention`;
 - timm's MaxViT / CoAtNet `AttentionCl` and `Attention2d` -> `MaxxVitAttention` (their relative
-  position bias modules size the bias by the head count they were built with).
+  position bias modules size the bias by the head count they were built with);
+- timm's CaiT / XCiT `ClassAttn` -> `ClassAttention`.
 """
 from __future__ import annotations
 
@@ -435,6 +436,37 @@ class MaxxVitAttention(nn.Module):
         return F.dropout(self.proj(out), p=self.dropout, training=self.training)
 
 
+class ClassAttention(nn.Module):
+    """timm's CaiT / XCiT `ClassAttn`: the class token's query (from token 0) attends over all
+    tokens, q, k and v in three Linears. The same function with the heads' output kept at
+    num_heads * head_dim (timm reshapes it to the input width), so its heads can be refilled
+    and removed (the q / k / v pattern of `ticketsmith.structure.heads`). Its Linears are the
+    original's."""
+
+    @classmethod
+    def from_timm(cls, m: nn.Module) -> "ClassAttention":
+        """The same module (its Linears themselves) as a ClassAttention."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.num_heads = m.num_heads
+        new.head_dim = m.q.out_features // m.num_heads
+        new.attention_dropout, new.dropout = float(m.attn_drop.p), float(m.proj_drop.p)
+        new.q, new.k, new.v, new.proj = m.q, m.k, m.v, m.proj
+        new.train(m.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, N, C] (token 0 the class token) -> [B, 1, C]."""
+        b, n, _ = x.shape
+        heads, hd = self.num_heads, self.head_dim
+        q = self.q(x[:, :1]).reshape(b, 1, heads, hd).transpose(1, 2)
+        k, v = (t(x).reshape(b, n, heads, hd).transpose(1, 2) for t in (self.k, self.v))
+        out = F.scaled_dot_product_attention(q, k, v,
+                                             dropout_p=self.attention_dropout if self.training else 0.0)
+        out = self.proj(out.transpose(1, 2).reshape(b, 1, heads * hd))
+        return F.dropout(out, p=self.dropout, training=self.training)
+
+
 def _has_tensor(module: nn.Module, path: str) -> bool:
     owner, _, leaf = path.rpartition(".")
     try:
@@ -561,6 +593,18 @@ def _is_maxxvit_attention(m: nn.Module) -> bool:
             and "shared_rel_pos" in inspect.signature(m.forward).parameters)
 
 
+def _is_class_attn(m: nn.Module) -> bool:
+    """timm's CaiT / XCiT ClassAttn (by class name and what it holds)."""
+    if not (type(m).__name__ == "ClassAttn" and all(hasattr(m, a) for a in (
+            "num_heads", "scale", "q", "k", "v", "proj", "attn_drop", "proj_drop"))
+            and all(type(getattr(m, a)) is nn.Linear for a in ("q", "k", "v", "proj"))):
+        return False
+    width = m.q.in_features
+    return (all(getattr(m, a).out_features == width for a in ("q", "k", "v"))
+            and m.proj.in_features == width and width % m.num_heads == 0
+            and math.isclose(m.scale, (width // m.num_heads) ** -0.5))
+
+
 # (is it the original?, the swap) in the order they are tried
 SWAPS = ((_is_timm_swin_v2, TimmWindowAttentionV2.from_timm),
          (_is_beit_attention, BeitAttention.from_timm),
@@ -569,11 +613,12 @@ SWAPS = ((_is_timm_swin_v2, TimmWindowAttentionV2.from_timm),
          (_is_twins_local, GroupedWindowAttention.from_timm),
          (_is_xca, XcaAttention.from_timm),
          (_is_maxvit_attention, GridAttention.from_torchvision),
-         (_is_maxxvit_attention, MaxxVitAttention.from_timm))
+         (_is_maxxvit_attention, MaxxVitAttention.from_timm),
+         (_is_class_attn, ClassAttention.from_timm))
 
 # the swapped modules (their forwards branch on shapes: torch.fx keeps them whole)
 SWAPPED = (TimmWindowAttentionV2, BeitAttention, EvaAttention, PvtAttention,
-           GroupedWindowAttention, XcaAttention, GridAttention, MaxxVitAttention)
+           GroupedWindowAttention, XcaAttention, GridAttention, MaxxVitAttention, ClassAttention)
 
 
 def swap(m: nn.Module) -> nn.Module | None:
@@ -586,5 +631,6 @@ def swap(m: nn.Module) -> nn.Module | None:
 
 
 __all__ = ["TimmWindowAttentionV2", "BeitAttention", "EvaAttention", "PvtAttention",
-           "GroupedWindowAttention", "XcaAttention", "GridAttention", "MaxxVitAttention", "swap",
+           "GroupedWindowAttention", "XcaAttention", "GridAttention", "MaxxVitAttention",
+           "ClassAttention", "swap",
            "SWAPPED"]
