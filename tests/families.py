@@ -1490,6 +1490,51 @@ class TinyCaiT(nn.Module):
         return self.head(cls[:, 0])
 
 
+# -- timm's TNT: q and k in one Linear, v in another ------------------------------------------
+class TntAttention(nn.Module):
+    """timm's TNT Attention (its attributes and forward; timm names it Attention): `qk` (2 x
+    hidden) reshaped by num_heads and head_dim, `v` by num_heads and -1, the heads' output
+    reshaped with -1."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.hidden_dim, self.num_heads = dim, num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qk = nn.Linear(dim, 2 * dim)
+        self.v = nn.Linear(dim, dim)
+        self.attn_drop = nn.Dropout(0.0)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(0.0)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qk = self.qk(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = qk.unbind(0)
+        v = self.v(x).reshape(B, N, self.num_heads, -1).permute(0, 2, 1, 3)
+        attn = self.attn_drop(((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1))
+        return self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(B, N, -1)))
+
+
+class TinyTNT(nn.Module):
+    """Patches, one pre-norm residual TNT attention and MLP, a mean over tokens."""
+
+    def __init__(self, classes=10, dim=16):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = TntAttention(dim, 4)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = x + self.attn(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return self.head(x.mean(1))
+
+
 class TinySwinWindows(TinySwin):
     """TinySwin with its ShiftedWindowAttention (V1, or V2 with kind="v2") swapped for
     ticketsmith's WindowAttention (what `ticketsmith.models.build` does to torchvision's Swin)."""
@@ -1693,6 +1738,7 @@ FAMILIES = {
     "maxxvit": (builder(TinyMaxxViT), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 32, 32)]),
     "separate_qkv": (builder(TinySeparateQKV), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "class_attn": (builder(TinyCaiT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
+    "tnt_attention": (builder(TinyTNT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "maxxvit_tf": (builder(TinyMaxxViT, bias="tf"), (2, 3, 32, 32), [(3, 3, 32, 32)]),
     "twins_local": (builder(TinyTwins), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 44, 36)]),
     "vit_mha": (builder(TinyViT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),

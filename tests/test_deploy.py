@@ -80,7 +80,7 @@ TICKETS = {"channel": channel_ticket, "block": block_ticket, "fan-in": fan_in_ti
            **{f"window-heads-{f}": (lambda f=f: window_heads_ticket(f))
               for f in ("swin_v2_timm", "beit", "eva_glu", "pvt_attention", "maxvit_attention",
                         "xcit", "twins_local", "maxxvit", "maxxvit_tf", "separate_qkv",
-                        "class_attn")}}
+                        "class_attn", "tnt_attention")}}
 
 
 def reference(model, masks):

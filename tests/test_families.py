@@ -751,16 +751,20 @@ def test_maxxvit_heads_are_refilled_and_removed(bias, tmp_path):
         assert torch.equal(small(xi), again(xi))
 
 
-def test_class_attention_heads_are_removed():
-    """CaiT's / XCiT's class attention, swapped for a ClassAttention: a channel ticket drops
-    whole heads and compaction removes them, exact on another batch and token count."""
-    build, shape, others = FAMILIES["class_attn"]
+@pytest.mark.parametrize("family,q", [("class_attn", "attn.q"), ("tnt_attention", "attn.qk")])
+def test_class_attention_heads_are_removed(family, q):
+    """CaiT's / XCiT's class attention, swapped for a ClassAttention, and TNT's (q and k in one
+    Linear `qk`, v in another): a channel ticket drops whole heads and compaction removes
+    them, exact on another batch and token count."""
+    build, shape, others = FAMILIES[family]
     model = build()
     x = torch.randn(shape)
     params = dict(model.named_parameters())  # half of each layer: two heads of four stay
     masks = ts.refill(model, ts.Masks({n: params[n].detach().abs() >= params[n].detach().abs().median()
                                        for n in ts.prunable_names(model)}), example_inputs=x)
-    k = int(masks["attn.q.weight"].reshape(4, -1).all(dim=1).sum())  # heads kept
+    k = int(masks["attn.v.weight"].reshape(4, -1).all(dim=1).sum())  # heads kept
+    assert bool((masks[f"{q}.weight"].reshape(-1, 4, 4 * 16).all(dim=2)
+                 == masks["attn.v.weight"].reshape(4, -1).all(dim=1)).all())  # whole heads
     assert 0 < k < 4
     small = C.compact(model, masks, x)
     assert small.ticketsmith_compact["removed_heads"]["attn"]["heads"] == [4, k]

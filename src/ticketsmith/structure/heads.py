@@ -20,7 +20,8 @@ and k, v in another: there the pattern is three Linear children named `q` (A out
 being the only way to tell `q` from `proj` when both map A features to A. Attention written
 with q, k and v in three Linears of A outputs each (as many users write it) is found by names
 too: one each of `q` / `query` / `q_proj`, `k` / `key` / `k_proj`, `v` / `value` / `v_proj` and
-`proj` / `out_proj` / `o_proj` / `out` (A inputs). Whether the forward really lays the rows
+`proj` / `out_proj` / `o_proj` / `out` (A inputs); so is q and k in one Linear `qk` (2 * A
+outputs, the q rows then the k rows) beside `v` and `proj` (timm's TNT). Whether the forward really lays the rows
 out that way is not read from the code: refill only masks rows by this layout, and compaction
 accepts a cut only where a copy of the module, cut this way, computes what it computed before
 (checked on random inputs).
@@ -37,7 +38,8 @@ from torch import nn
 class AttentionHeads:
     """One attention module of the timm pattern: its name, its qkv and projection Linears
     (module names) and its head geometry. Where `kv` is set, `qkv` holds the queries only and
-    `kv` the keys and values (the keys only where `v` is set too)."""
+    `kv` the keys and values (the keys only where `v` is set too); where only `v` is set,
+    `qkv` holds the queries and keys and `v` the values."""
     module: str
     qkv: str
     proj: str
@@ -45,7 +47,7 @@ class AttentionHeads:
     head_dim: int
     kv: str | None = None
     head_first: bool = False
-    v: str | None = None  # where set, `kv` holds the keys only and `v` the values
+    v: str | None = None  # the values' Linear, where they have one of their own
 
     @property
     def width(self) -> int:
@@ -55,7 +57,7 @@ class AttentionHeads:
         """The Linears computing q, k and v, each with the parts it holds in its rows, in
         order (0 = q, 1 = k, 2 = v)."""
         if self.kv is None:
-            return [(self.qkv, (0, 1, 2))]
+            return [(self.qkv, (0, 1, 2))] if self.v is None else [(self.qkv, (0, 1)), (self.v, (2,))]
         if self.v is None:
             return [(self.qkv, (0,)), (self.kv, (1, 2))]
         return [(self.qkv, (0,)), (self.kv, (1,)), (self.v, (2,))]
@@ -157,9 +159,25 @@ def _separate_qkv(name: str, m: nn.Module, nh: int, hd) -> AttentionHeads | None
                           kv=_name(name, found[1]), v=_name(name, found[2]))
 
 
+def _qk_v(name: str, m: nn.Module, nh: int, hd) -> AttentionHeads | None:
+    """The qk / v / proj pattern (see the module docstring), or None."""
+    qk, v, proj = (getattr(m, c, None) for c in ("qk", "v", "proj"))
+    if not all(type(t) is nn.Linear for t in (qk, v, proj)) or v.out_features % nh:
+        return None
+    width = v.out_features
+    if isinstance(hd, int) and hd * nh != width:
+        return None
+    if qk.out_features != 2 * width or proj.in_features != width or qk.in_features != v.in_features:
+        return None
+    return AttentionHeads(name, _name(name, "qk"), _name(name, "proj"), nh, width // nh,
+                          v=_name(name, "v"))
+
+
 def _split_qkv(name: str, m: nn.Module, nh: int, hd) -> AttentionHeads | None:
-    """The q / kv / proj pattern, or the q / k / v / proj one (see the module docstring), or
-    None."""
+    """The q / kv / proj pattern, or the q / k / v / proj or qk / v / proj one (see the module
+    docstring), or None."""
+    if getattr(m, "qk", None) is not None:
+        return _qk_v(name, m, nh, hd)
     if getattr(m, "kv", None) is None:
         return _separate_qkv(name, m, nh, hd)
     q, kv, proj = (getattr(m, c, None) for c in ("q", "kv", "proj"))
