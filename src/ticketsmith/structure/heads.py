@@ -9,22 +9,25 @@ of the qkv weight (s = 0, 1, 2 for q, k, v; A = num_heads * head_dim) and the co
 
 The modules are recognised by that shape pattern (not by class or attribute names): an integer
 `num_heads`, exactly one direct Linear child with 3 * A outputs and exactly one other with A
-inputs (A from `head_dim` where the module has one). A 1x1 convolution (stride 1, no padding, one
-group) counts as a Linear over channels (timm's CoAtNet attention on NCHW maps). A module whose
-`head_first` is True lays the qkv rows out head by head instead ([num_heads, 3, head_dim]: timm's
-MaxViT / CoAtNet "rw" models): head h owns rows `h * 3 * head_dim + s * head_dim + (0 ..
-head_dim-1)`. Attention that computes keys and values
-from other tokens than the queries (PVT's and Twins' spatial reduction) holds q in one Linear
-and k, v in another: there the pattern is three Linear children named `q` (A outputs), `kv`
-(2 * A outputs, the k rows then the v rows, head by head in each) and `proj` (A inputs), names
-being the only way to tell `q` from `proj` when both map A features to A. Attention written
-with q, k and v in three Linears of A outputs each (as many users write it) is found by names
-too: one each of `q` / `query` / `q_proj`, `k` / `key` / `k_proj`, `v` / `value` / `v_proj` and
-`proj` / `out_proj` / `o_proj` / `out` (A inputs); so is q and k in one Linear `qk` (2 * A
-outputs, the q rows then the k rows) beside `v` and `proj` (timm's TNT). Whether the forward really lays the rows
-out that way is not read from the code: refill only masks rows by this layout, and compaction
-accepts a cut only where a copy of the module, cut this way, computes what it computed before
-(checked on random inputs).
+inputs (A from `head_dim` where the module has one). A 1x1 convolution (stride 1, no padding,
+one group) counts as a Linear over channels (timm's CoAtNet attention on NCHW maps). A module
+whose `head_first` is True lays the qkv rows out head by head instead ([num_heads, 3,
+head_dim]: timm's MaxViT / CoAtNet "rw" models): head h owns rows `h * 3 * head_dim + s *
+head_dim + (0 .. head_dim-1)`.
+
+Where q, k and v come from more than one Linear, the Linears are found by their names (the only
+way to tell `q` from `proj` when both map A features to A):
+- `q` (A outputs), `kv` (2 * A outputs, the k rows then the v rows) and `proj` (A inputs):
+  attention computing keys and values from other tokens than the queries (PVT's and Twins'
+  spatial reduction);
+- one each of `q` / `query` / `q_proj`, `k` / `key` / `k_proj`, `v` / `value` / `v_proj` (A
+  outputs each) and `proj` / `out_proj` / `o_proj` / `out` (A inputs): attention as many users
+  write it;
+- `qk` (2 * A outputs, the q rows then the k rows), `v` and `proj` (timm's TNT).
+
+Whether the forward really lays the rows out that way is not read from the code: refill only
+masks rows by this layout, and compaction accepts a cut only where a copy of the module, cut
+this way, computes what it computed before (checked on random inputs).
 """
 from __future__ import annotations
 
