@@ -1193,26 +1193,33 @@ class XCA(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
-class TinyXCiT(nn.Module):
-    """Patches, one pre-norm residual XCA and MLP, a mean over tokens; swapped as
-    `ticketsmith.models.build` does (XcaAttention)."""
+class TinyTokens(nn.Module):
+    """Patches as tokens, one pre-norm residual attention (`make_attn(dim)`) and MLP, a mean
+    over tokens."""
 
-    def __init__(self, classes=10, dim=16):
+    def __init__(self, make_attn, classes=10, dim=16):
         super().__init__()
         self.patch = nn.Conv2d(3, dim, 4, stride=4)
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = XCA(dim, 4)
+        self.attn = make_attn(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
         self.head = nn.Linear(dim, classes)
-        from ticketsmith.models import prunable_attention
-        prunable_attention(self)
 
     def forward(self, x):
         x = self.patch(x).flatten(2).transpose(1, 2)
         x = x + self.attn(self.norm1(x))
         x = x + self.mlp(self.norm2(x))
         return self.head(x.mean(1))
+
+
+class TinyXCiT(TinyTokens):
+    """TinyTokens with XCiT's XCA, swapped as `ticketsmith.models.build` does (XcaAttention)."""
+
+    def __init__(self, classes=10, dim=16):
+        super().__init__(lambda d: XCA(d, 4), classes, dim)
+        from ticketsmith.models import prunable_attention
+        prunable_attention(self)
 
 
 # -- timm's MaxViT / CoAtNet: attention on channels-last windows or NCHW maps, bias modules ----
@@ -1423,23 +1430,11 @@ class SeparateQKVAttention(nn.Module):
         return self.o_proj(out.reshape(B, N, C) if self.input_width else out.reshape(B, N, -1))
 
 
-class TinySeparateQKV(nn.Module):
-    """Patches, one pre-norm residual SeparateQKVAttention and MLP, a mean over tokens."""
+class TinySeparateQKV(TinyTokens):
+    """TinyTokens with a SeparateQKVAttention."""
 
     def __init__(self, classes=10, dim=16, input_width=False):
-        super().__init__()
-        self.patch = nn.Conv2d(3, dim, 4, stride=4)
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = SeparateQKVAttention(dim, 4, input_width)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
-        self.head = nn.Linear(dim, classes)
-
-    def forward(self, x):
-        x = self.patch(x).flatten(2).transpose(1, 2)
-        x = x + self.attn(self.norm1(x))
-        x = x + self.mlp(self.norm2(x))
-        return self.head(x.mean(1))
+        super().__init__(lambda d: SeparateQKVAttention(d, 4, input_width), classes, dim)
 
 
 # -- timm's CaiT / XCiT class attention: the class token's query over all tokens ---------------
@@ -1516,23 +1511,11 @@ class TntAttention(nn.Module):
         return self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(B, N, -1)))
 
 
-class TinyTNT(nn.Module):
-    """Patches, one pre-norm residual TNT attention and MLP, a mean over tokens."""
+class TinyTNT(TinyTokens):
+    """TinyTokens with TNT's attention."""
 
     def __init__(self, classes=10, dim=16):
-        super().__init__()
-        self.patch = nn.Conv2d(3, dim, 4, stride=4)
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = TntAttention(dim, 4)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
-        self.head = nn.Linear(dim, classes)
-
-    def forward(self, x):
-        x = self.patch(x).flatten(2).transpose(1, 2)
-        x = x + self.attn(self.norm1(x))
-        x = x + self.mlp(self.norm2(x))
-        return self.head(x.mean(1))
+        super().__init__(lambda d: TntAttention(d, 4), classes, dim)
 
 
 class TinySwinWindows(TinySwin):

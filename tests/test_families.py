@@ -87,6 +87,14 @@ def assert_matches_masked(model: nn.Module, masks, small: nn.Module, shapes) -> 
             assert rel_err(masked(xi), small(xi)) < 1e-4
 
 
+def half_per_layer(model: nn.Module, x: torch.Tensor) -> ts.Masks:
+    """Refill of a magnitude mask keeping half of each layer (of four heads, two or three
+    stay: ties at the median are kept)."""
+    params = {n: p.detach().abs() for n, p in model.named_parameters()}
+    return ts.refill(model, ts.Masks({n: params[n] >= params[n].median() for n in ts.prunable_names(model)}),
+                     example_inputs=x)
+
+
 def n_params(model: nn.Module) -> int:
     return sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())
 
@@ -725,9 +733,7 @@ def test_maxxvit_heads_are_refilled_and_removed(bias, tmp_path):
     build = builder(TinyMaxxViT, bias=bias)
     model = build()
     x = torch.randn(2, 3, 32, 32)
-    params = dict(model.named_parameters())  # half of each layer: two heads of four stay
-    masks = ts.refill(model, ts.Masks({n: params[n].detach().abs() >= params[n].detach().abs().median()
-                                       for n in ts.prunable_names(model)}), example_inputs=x)
+    masks = half_per_layer(model, x)
     found = {a.module: a for a in attention_heads(model)}
     assert set(found) == {"attn2d", "attn"}
     kept = {}
@@ -759,9 +765,7 @@ def test_class_attention_heads_are_removed(family, q):
     build, shape, others = FAMILIES[family]
     model = build()
     x = torch.randn(shape)
-    params = dict(model.named_parameters())  # half of each layer: two heads of four stay
-    masks = ts.refill(model, ts.Masks({n: params[n].detach().abs() >= params[n].detach().abs().median()
-                                       for n in ts.prunable_names(model)}), example_inputs=x)
+    masks = half_per_layer(model, x)
     k = int(masks["attn.v.weight"].reshape(4, -1).all(dim=1).sum())  # heads kept
     assert bool((masks[f"{q}.weight"].reshape(-1, 4, 4 * 16).all(dim=2)
                  == masks["attn.v.weight"].reshape(4, -1).all(dim=1)).all())  # whole heads
@@ -787,9 +791,7 @@ def test_heads_of_separate_q_k_v_linears_are_refilled_and_removed(input_width, t
     (att,) = attention_heads(model)
     assert [n for n, _ in att.inputs()] == ["attn.q_proj", "attn.k_proj", "attn.v_proj"]
     assert att.proj == "attn.o_proj"
-    params = dict(model.named_parameters())  # half of each layer: two heads of four stay
-    masks = ts.refill(model, ts.Masks({n: params[n].detach().abs() >= params[n].detach().abs().median()
-                                       for n in ts.prunable_names(model)}), example_inputs=x)
+    masks = half_per_layer(model, x)
     per_head = torch.stack([masks[f"attn.{p}.weight"].reshape(4, 4, 16)
                             for p in ("q_proj", "k_proj", "v_proj")], dim=1).flatten(1)
     assert bool((per_head.all(dim=1) | ~per_head.any(dim=1)).all())  # whole heads

@@ -138,61 +138,42 @@ def attention_heads(model: nn.Module) -> list[AttentionHeads]:
     return found
 
 
-# the names of separate q, k, v and output Linears (see the module docstring)
-SEPARATE = (("q", "query", "q_proj"), ("k", "key", "k_proj"), ("v", "value", "v_proj"),
-            ("proj", "out_proj", "o_proj", "out"))
+# The name-based patterns (see the module docstring), tried in order: the Linears computing q,
+# k and v (the names each may have, the parts of q, k, v it holds) and the projection's names.
+PATTERNS = (
+    (((("q",), 1), (("kv",), 2)), ("proj",)),
+    (((("qk",), 2), (("v",), 1)), ("proj",)),
+    (((("q", "query", "q_proj"), 1), (("k", "key", "k_proj"), 1), (("v", "value", "v_proj"), 1)),
+     ("proj", "out_proj", "o_proj", "out")),
+)
 
 
-def _separate_qkv(name: str, m: nn.Module, nh: int, hd) -> AttentionHeads | None:
-    """The q / k / v / proj pattern (see the module docstring), or None."""
-    found = []
-    for names in SEPARATE:
-        children = [c for c in names if type(getattr(m, c, None)) is nn.Linear]
-        if len(children) != 1:
-            return None
-        found.append(children[0])
-    q, k, v, proj = (getattr(m, c) for c in found)
-    width = q.out_features
-    if width % nh or (isinstance(hd, int) and hd * nh != width):
-        return None
-    if k.out_features != width or v.out_features != width or proj.in_features != width \
-            or k.in_features != v.in_features:
-        return None
-    return AttentionHeads(name, _name(name, found[0]), _name(name, found[3]), nh, width // nh,
-                          kv=_name(name, found[1]), v=_name(name, found[2]))
-
-
-def _qk_v(name: str, m: nn.Module, nh: int, hd) -> AttentionHeads | None:
-    """The qk / v / proj pattern (see the module docstring), or None."""
-    qk, v, proj = (getattr(m, c, None) for c in ("qk", "v", "proj"))
-    if not all(type(t) is nn.Linear for t in (qk, v, proj)) or v.out_features % nh:
-        return None
-    width = v.out_features
-    if isinstance(hd, int) and hd * nh != width:
-        return None
-    if qk.out_features != 2 * width or proj.in_features != width or qk.in_features != v.in_features:
-        return None
-    return AttentionHeads(name, _name(name, "qk"), _name(name, "proj"), nh, width // nh,
-                          v=_name(name, "v"))
+def _one_linear(m: nn.Module, names) -> str | None:
+    """The one child of `m` among `names` that is a Linear, or None (none, or several)."""
+    found = [c for c in names if type(getattr(m, c, None)) is nn.Linear]
+    return found[0] if len(found) == 1 else None
 
 
 def _split_qkv(name: str, m: nn.Module, nh: int, hd) -> AttentionHeads | None:
-    """The q / kv / proj pattern, or the q / k / v / proj or qk / v / proj one (see the module
-    docstring), or None."""
-    if getattr(m, "qk", None) is not None:
-        return _qk_v(name, m, nh, hd)
-    if getattr(m, "kv", None) is None:
-        return _separate_qkv(name, m, nh, hd)
-    q, kv, proj = (getattr(m, c, None) for c in ("q", "kv", "proj"))
-    if not all(type(t) is nn.Linear for t in (q, kv, proj)) or q.out_features % nh:
-        return None
-    width = q.out_features
-    if isinstance(hd, int) and hd * nh != width:
-        return None
-    if kv.out_features != 2 * width or proj.in_features != width or kv.in_features != q.in_features:
-        return None
-    return AttentionHeads(name, _name(name, "q"), _name(name, "proj"), nh, width // nh,
-                          kv=_name(name, "kv"))
+    """The first name-based pattern (see the module docstring) `m` follows, or None."""
+    for inputs, proj_names in PATTERNS:
+        children = [_one_linear(m, names) for names, _ in inputs]
+        proj = _one_linear(m, proj_names)
+        if proj is None or None in children:
+            continue
+        linears = [getattr(m, c) for c in children]
+        width = linears[0].out_features // inputs[0][1]
+        if width % nh or (isinstance(hd, int) and hd * nh != width):
+            return None
+        if any(lin.out_features != parts * width for lin, (_, parts) in zip(linears, inputs)) \
+                or getattr(m, proj).in_features != width or len({lin.in_features for lin in linears}) != 1:
+            return None
+        names = [_name(name, c) for c in children]
+        # the first Linear holds q (and k where it holds two parts); then k (and v), or v alone
+        return AttentionHeads(name, names[0], _name(name, proj), nh, width // nh,
+                              kv=names[1] if inputs[0][1] == 1 else None,
+                              v=names[-1] if inputs[-1][1] == 1 else None)
+    return None
 
 
 __all__ = ["AttentionHeads", "attention_heads", "features"]
