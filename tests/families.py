@@ -1518,6 +1518,61 @@ class TinyTNT(TinyTokens):
         super().__init__(lambda d: TntAttention(d, 4), classes, dim)
 
 
+class EfficientFormerAttention(nn.Module):
+    """timm's EfficientFormer Attention (its attributes and forward; timm names it Attention;
+    TinyViT's is the same with attn_ratio 1): per head, q and k `key_dim` wide and v `val_dim`,
+    in one qkv Linear laid out head by head, a learned bias per head and relative offset of the
+    tokens of a fixed resolution x resolution map, gathered once per device in eval mode."""
+
+    def __init__(self, dim, key_dim=4, num_heads=4, attn_ratio=2, resolution=4):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = key_dim ** -0.5
+        self.key_dim = key_dim
+        self.key_attn_dim = key_dim * num_heads
+        self.val_dim = int(attn_ratio * key_dim)
+        self.val_attn_dim = self.val_dim * num_heads
+        self.attn_ratio = attn_ratio
+        self.qkv = nn.Linear(dim, self.key_attn_dim * 2 + self.val_attn_dim)
+        self.proj = nn.Linear(self.val_attn_dim, dim)
+        pos = torch.stack(torch.meshgrid(torch.arange(resolution), torch.arange(resolution),
+                                         indexing="ij")).flatten(1)
+        rel_pos = (pos[..., :, None] - pos[..., None, :]).abs()
+        self.attention_biases = nn.Parameter(torch.randn(num_heads, resolution * resolution))
+        self.register_buffer("attention_bias_idxs", rel_pos[0] * resolution + rel_pos[1])
+        self.attention_bias_cache = {}
+
+    @torch.no_grad()
+    def train(self, mode=True):
+        super().train(mode)
+        if mode and self.attention_bias_cache:
+            self.attention_bias_cache = {}
+        return self
+
+    def get_attention_biases(self, device):
+        if torch.jit.is_tracing() or self.training:
+            return self.attention_biases[:, self.attention_bias_idxs]
+        key = str(device)
+        if key not in self.attention_bias_cache:
+            self.attention_bias_cache[key] = self.attention_biases[:, self.attention_bias_idxs]
+        return self.attention_bias_cache[key]
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, self.num_heads, -1).permute(0, 2, 1, 3)
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=3)
+        attn = (q @ k.transpose(-2, -1)) * self.scale + self.get_attention_biases(x.device)
+        x = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, N, self.val_attn_dim)
+        return self.proj(x)
+
+
+class TinyEfficientFormer(TinyTokens):
+    """TinyTokens (16 x 16 images: a 4 x 4 map) with EfficientFormer's attention."""
+
+    def __init__(self, classes=10, dim=16):
+        super().__init__(lambda d: EfficientFormerAttention(d), classes, dim)
+
+
 class TinySwinWindows(TinySwin):
     """TinySwin with its ShiftedWindowAttention (V1, or V2 with kind="v2") swapped for
     ticketsmith's WindowAttention (what `ticketsmith.models.build` does to torchvision's Swin)."""
@@ -1722,6 +1777,7 @@ FAMILIES = {
     "separate_qkv": (builder(TinySeparateQKV), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "class_attn": (builder(TinyCaiT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "tnt_attention": (builder(TinyTNT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
+    "efficientformer_attention": (builder(TinyEfficientFormer), (2, 3, 16, 16), [(3, 3, 16, 16)]),
     "maxxvit_tf": (builder(TinyMaxxViT, bias="tf"), (2, 3, 32, 32), [(3, 3, 32, 32)]),
     "twins_local": (builder(TinyTwins), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 44, 36)]),
     "vit_mha": (builder(TinyViT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),

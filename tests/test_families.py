@@ -7,7 +7,6 @@ a channel or block could go, survives save/load (with `build=`) and ONNX export.
 The real torchvision / timm models run under the optional `zoo` marker when installed."""
 from __future__ import annotations
 
-import copy
 import importlib.util
 import math
 import warnings
@@ -20,6 +19,7 @@ from torch.nn import functional as F
 import ticketsmith as ts
 from ticketsmith import compact as C
 from ticketsmith.errors import UsageError
+from ticketsmith.masks import copy_module
 
 from families import FAMILIES, BatchNormAct2d, Conv2dSame, StdConv2d
 
@@ -79,7 +79,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def assert_matches_masked(model: nn.Module, masks, small: nn.Module, shapes) -> None:
     """`small` computes what `model` with `masks` applied computes, on random inputs of `shapes`."""
-    masked = copy.deepcopy(model)
+    masked = copy_module(model)
     masks.apply(masked)
     with torch.no_grad():
         for s in shapes:
@@ -106,7 +106,7 @@ def test_family_through_structure(family, structure, small_executors, tmp_path):
     model = build()
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     masks = structured(structure, model, x)
-    masked = copy.deepcopy(model)
+    masked = copy_module(model)
     masks.apply(masked)
     small = C.compact(model, masks, x)
 
@@ -164,7 +164,7 @@ def test_forward_overriding_convs_keep_their_class(granularity, small_executors)
     assert type(small.conv_stem) is Conv2dSame and type(small.conv_std) is StdConv2d
     assert "Conv2dSame overrides the forward" in rows["conv_stem"]["reason"]
     assert "StdConv2d overrides the forward" in rows["conv_std"]["reason"]
-    masked = copy.deepcopy(model)
+    masked = copy_module(model)
     masks.apply(masked)
     with torch.no_grad():
         for s in others:  # 19 px: TF-"same" padding is asymmetric there
@@ -321,7 +321,7 @@ def test_attention_heads_are_refilled_and_removed(family, qkv, proj, at, tmp_pat
         table = attn.relative_position_bias_table
         assert torch.equal(a.relative_position_bias_table, table[:, kept])
 
-    masked = copy.deepcopy(model)
+    masked = copy_module(model)
     masks.apply(masked)
     if hasattr(attn, "logit_scale"):  # Swin V2: per head, a logit scale and a bias MLP output
         assert torch.equal(a.logit_scale, attn.logit_scale[kept])
@@ -408,7 +408,7 @@ def test_attention_whose_cut_computes_otherwise_keeps_its_heads():
     rows = {r["layer"]: r for r in C.describe(small)}
     assert "computes another function" in rows["block.attn.qkv"]["heads"]
     assert "block.attn" in small.ticketsmith_compact["heads_left_whole"]
-    masked = copy.deepcopy(model)
+    masked = copy_module(model)
     masks.apply(masked)
     with torch.no_grad():
         xi = torch.randn(1, 3, 24, 24)
@@ -435,7 +435,7 @@ def test_norm_act_dropped_channels_are_dead_and_removed(tmp_path):
     assert 0 < int(dropped.sum()) < 32
     assert torch.equal(masks["block.bn1.weight"], ~dropped)
     assert torch.equal(masks["block.bn1.bias"], ~dropped)
-    masked = copy.deepcopy(model)
+    masked = copy_module(model)
     masks.apply(masked)
     seen = {}
     masked.block.bn1.register_forward_hook(lambda m, a, out: seen.setdefault("out", out))
@@ -473,7 +473,7 @@ def test_conv_transpose_compacts_and_refills_by_output_channel():
     assert torch.equal(masks["up.bias"], per_out.any(dim=1))
     small = C.compact(model, masks, x)
     assert small.up.out_channels == int(per_out.any(dim=1).sum()) < 8
-    masked = copy.deepcopy(model)
+    masked = copy_module(model)
     masks.apply(masked)
     with torch.no_grad():
         xi = torch.randn(others[1])
@@ -550,7 +550,7 @@ def test_zoo_model_refill_compacts_exactly(lib, name):
         size = 256 if name.endswith("_256") else 224
     x = torch.randn(1, 3, size, size)
     masks = ts.refill(model, magnitude(model, 0.5), example_inputs=x)
-    masked = copy.deepcopy(model)
+    masked = copy_module(model)
     masks.apply(masked)
     small = C.compact(model, masks, x)
     with torch.no_grad():
@@ -589,7 +589,7 @@ def test_a_deviating_executor_is_replaced_by_the_dense_layer(small_executors, mo
     rows = {r["layer"]: r for r in C.describe(small)}
     assert type(small.block.fc1) is nn.Linear
     assert "with executors, compact model deviates" in rows["block.fc1"]["reason"]
-    masked = copy.deepcopy(model)
+    masked = copy_module(model)
     masks.apply(masked)
     with torch.no_grad():
         xi = torch.randn(others[0])
@@ -739,7 +739,7 @@ def test_maxxvit_heads_are_refilled_and_removed(bias, tmp_path):
     kept = {}
     for name, att in found.items():
         assert att.head_first == (bias != "tf")
-        per_head = att.by_head(masks[f"{att.qkv}.weight"], 3).flatten(1)
+        per_head = torch.cat([att.part(masks[f"{att.qkv}.weight"], (0, 1, 2), p).flatten(1) for p in range(3)], 1)
         assert bool((per_head.all(dim=1) | ~per_head.any(dim=1)).all())  # whole heads
         kept[name] = per_head.all(dim=1)
         assert 0 < int(kept[name].sum()) < att.num_heads, name
@@ -812,5 +812,38 @@ def test_heads_of_separate_q_k_v_linears_are_refilled_and_removed(input_width, t
     C.save(small, tmp_path / "ticket")
     again = C.load(tmp_path / "ticket", build=build)
     xi = torch.randn(3, 3, 24, 24)
+    with torch.no_grad():
+        assert torch.equal(small(xi), again(xi))
+
+
+def test_heads_with_a_wider_v_are_refilled_and_removed(tmp_path):
+    """EfficientFormer's attention (timm's LeViT family: per head, q and k key_dim wide and v
+    val_dim, head by head in one qkv Linear, a bias per head gathered once per device in eval
+    mode): a channel ticket keeps or drops whole heads, and compaction removes the dropped ones
+    with their bias rows and the widths the forward reshapes to, exact on another batch and
+    through save / load, also after an eval forward has cached the biases of all heads."""
+    from ticketsmith.structure.heads import attention_heads
+    build, shape, others = FAMILIES["efficientformer_attention"]
+    model = build()
+    x = torch.randn(shape)
+    with torch.no_grad():
+        model(x)  # eval mode: the attention caches its biases, of all four heads
+    (att,) = attention_heads(model)
+    assert (att.qkv, att.proj, att.head_dim, att.v_dim, att.head_first) == \
+        ("attn.qkv", "attn.proj", 4, 8, True)
+    masks = half_per_layer(model, x)
+    per_head = masks["attn.qkv.weight"].reshape(4, 4 + 4 + 8, -1).flatten(1)  # head by head
+    assert bool((per_head.all(dim=1) | ~per_head.any(dim=1)).all())  # whole heads
+    k = int(per_head.all(dim=1).sum())
+    assert 0 < k < 4
+    small = C.compact(model, masks, x)
+    assert small.ticketsmith_compact["removed_heads"]["attn"]["heads"] == [4, k]
+    a = small.attn
+    assert (a.num_heads, a.key_attn_dim, a.val_attn_dim, a.proj.in_features) == (k, 4 * k, 8 * k, 8 * k)
+    assert a.attention_biases.shape[0] == k and a.qkv.out_features == 16 * k
+    assert_matches_masked(model, masks, small, others)
+    C.save(small, tmp_path / "ticket")
+    again = C.load(tmp_path / "ticket", build=build)
+    xi = torch.randn(others[0])
     with torch.no_grad():
         assert torch.equal(small(xi), again(xi))

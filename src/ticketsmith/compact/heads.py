@@ -32,8 +32,10 @@ from torch import nn
 from ..masks import copy_module
 from ..structure.heads import AttentionHeads, attention_heads
 
-# Attributes holding num_heads * head_dim in timm's attention modules: they shrink with the heads.
-WIDTH_ATTRS = ("attn_dim", "all_head_dim")
+# Attributes holding the width of all heads in timm's attention modules: they shrink with the
+# heads. `key_attn_dim` is that of q (and k): num_heads * head_dim; the others that of v, which
+# the projection reads: num_heads * v_dim (the same where v is as wide as q).
+WIDTH_ATTRS = ("attn_dim", "all_head_dim", "val_attn_dim", "key_attn_dim")
 
 MHA_REASON = ("nn.MultiheadAttention keeps all its heads: it reads its fused in_proj weight "
               "itself and torch's kernels need embed_dim = num_heads * head_dim; "
@@ -55,14 +57,13 @@ class HeadReport:
 def dead_heads(model: nn.Module, att: AttentionHeads) -> torch.Tensor:
     """Per head: True if it adds exactly zero (v rows and v bias zero, or projection columns
     zero)."""
-    name, parts = att.inputs()[-1]  # the Linear holding v, its last part
+    name, held = att.inputs()[-1]  # the Linear holding v, its last part
     v_lin, proj = model.get_submodule(name), model.get_submodule(att.proj)
-    n = len(parts)
-    v_zero = (att.by_head(v_lin.weight.detach(), n)[:, n - 1] == 0).flatten(1).all(dim=1)
+    v_zero = (att.part(v_lin.weight.detach(), held, 2) == 0).flatten(1).all(dim=1)
     if v_lin.bias is not None:
-        v_zero &= (att.by_head(v_lin.bias.detach(), n)[:, n - 1] == 0).all(dim=1)
+        v_zero &= (att.part(v_lin.bias.detach(), held, 2) == 0).all(dim=1)
     w = proj.weight.detach()  # (a 1x1 conv's: [out, in, 1, 1])
-    cols = w.reshape(w.shape[0], att.num_heads, att.head_dim, -1)
+    cols = w.reshape(w.shape[0], att.num_heads, att.dim(2), -1)
     return v_zero | (cols == 0).flatten(2).all(dim=2).all(dim=0)
 
 
@@ -88,8 +89,9 @@ def _settings(module: nn.Module, att: AttentionHeads, n_keep: int) -> dict:
     """The attributes of `module` that change with the head count, and their new values."""
     new = {"num_heads": n_keep}
     for a in WIDTH_ATTRS:
-        if getattr(module, a, None) == att.width:
-            new[a] = n_keep * att.head_dim
+        part = 0 if a == "key_attn_dim" else 2
+        if getattr(module, a, None) == att.num_heads * att.dim(part):
+            new[a] = n_keep * att.dim(part)
     return new
 
 
@@ -162,9 +164,17 @@ def cut_heads(module: nn.Module, att: AttentionHeads, keep: torch.Tensor) -> dic
     for a, v in settings.items():
         setattr(module, a, v)
     _slice_per_head(module, tensors, keep)
+    _forget_bias_cache(module)
     return {"set": settings, "kept": [int(h) for h in keep],
             "per_head": [[ph.path, ph.dim] for ph in tensors],
             "linears": sorted({ph.linear for ph in tensors if ph.linear})}
+
+
+def _forget_bias_cache(module: nn.Module) -> None:
+    """timm's LeViT family keeps, in eval mode, its gathered attention biases per device
+    (`attention_bias_cache`, emptied only by train()): of the heads before the cut."""
+    if isinstance(getattr(module, "attention_bias_cache", None), dict):
+        module.attention_bias_cache = {}
 
 
 def _variants(args: tuple, kwargs: dict) -> list[tuple]:

@@ -15,6 +15,10 @@ whose `head_first` is True lays the qkv rows out head by head instead ([num_head
 head_dim]: timm's MaxViT / CoAtNet "rw" models): head h owns rows `h * 3 * head_dim + s *
 head_dim + (0 .. head_dim-1)`.
 
+timm's LeViT family (EfficientFormer, TinyViT) gives each head's q and k `key_dim` features and
+its v `val_dim` (`AttentionHeads.v_dim`), in one fused Linear laid out head by head; a module
+naming both widths is read that way.
+
 Where q, k and v come from more than one Linear, the Linears are found by their names (the only
 way to tell `q` from `proj` when both map A features to A):
 - `q` (A outputs), `kv` (2 * A outputs, the k rows then the v rows) and `proj` (A inputs):
@@ -52,9 +56,21 @@ class AttentionHeads:
     head_first: bool = False
     v: str | None = None  # the values' Linear, where they have one of their own
 
+    v_dim: int | None = None  # each head's value width, where it is not head_dim (LeViT family)
+
     @property
     def width(self) -> int:
+        """The width of q and of k (num_heads * head_dim)."""
         return self.num_heads * self.head_dim
+
+    @property
+    def v_width(self) -> int:
+        """The width of v, which the projection reads (num_heads * v_dim)."""
+        return self.num_heads * (self.v_dim or self.head_dim)
+
+    def dim(self, part: int) -> int:
+        """Each head's width in `part` (0 = q, 1 = k, 2 = v)."""
+        return (self.v_dim or self.head_dim) if part == 2 else self.head_dim
 
     def inputs(self) -> list[tuple[str, tuple[int, ...]]]:
         """The Linears computing q, k and v, each with the parts it holds in its rows, in
@@ -65,34 +81,35 @@ class AttentionHeads:
             return [(self.qkv, (0,)), (self.kv, (1, 2))]
         return [(self.qkv, (0,)), (self.kv, (1,)), (self.v, (2,))]
 
+    def part_rows(self, held: tuple[int, ...], part: int) -> torch.Tensor:
+        """The rows of `part` in a Linear holding the parts `held` (as `inputs()` gives them),
+        per head: int64 [num_heads, dim(part)]. The parts lie one after the other (all heads'
+        q, then all heads' k, ...), or head by head where `head_first`."""
+        i = held.index(part)
+        heads = torch.arange(self.num_heads).unsqueeze(1)
+        if self.head_first:
+            start = heads * sum(self.dim(p) for p in held) + sum(self.dim(p) for p in held[:i])
+        else:
+            start = sum(self.num_heads * self.dim(p) for p in held[:i]) + heads * self.dim(part)
+        return start + torch.arange(self.dim(part))
+
     def input_rows(self, heads: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per Linear of `inputs()`, the weight rows of `heads` (int64, ascending within each
-        part it holds)."""
-        return {name: self.qkv_rows(heads, tuple(range(len(parts)))) for name, parts in self.inputs()}
+        """Per Linear of `inputs()`, the weight rows of `heads` (int64, ascending: the rows
+        kept keep the layout)."""
+        heads = torch.as_tensor(heads, dtype=torch.int64)
+        return {name: torch.cat([self.part_rows(held, p)[heads].flatten() for p in held]).sort().values
+                for name, held in self.inputs()}
 
-    def qkv_rows(self, heads: torch.Tensor, parts=(0, 1, 2)) -> torch.Tensor:
-        """The qkv weight rows of `heads` (int64, ascending: within q, then k, then v; head by
-        head where `head_first`), so that the rows kept keep the layout."""
-        heads = torch.as_tensor(heads, dtype=torch.int64).sort().values
-        within = torch.arange(self.head_dim)
-        if self.head_first:
-            at = heads.view(-1, 1, 1) * 3 + torch.as_tensor(parts).view(1, -1, 1)  # (a fused qkv)
-            return (at * self.head_dim + within).flatten()
-        return torch.cat([(s * self.width + heads.unsqueeze(1) * self.head_dim + within).flatten()
-                          for s in parts])
-
-    def by_head(self, t: torch.Tensor, parts: int) -> torch.Tensor:
-        """`t` (rows first: a weight, bias or per-row score of a Linear holding `parts` of q, k,
-        v) as [num_heads, parts, head_dim, ...]."""
-        rest = t.shape[1:]
-        if self.head_first:
-            return t.reshape(self.num_heads, parts, self.head_dim, *rest)
-        return t.reshape(parts, self.num_heads, self.head_dim, *rest).transpose(0, 1)
+    def part(self, t: torch.Tensor, held: tuple[int, ...], part: int) -> torch.Tensor:
+        """`t` (rows first: a weight, bias or per-row score of a Linear holding the parts
+        `held`), its rows of `part` per head: [num_heads, dim(part), ...]."""
+        return t[self.part_rows(held, part).to(t.device)]
 
     def proj_cols(self, heads: torch.Tensor) -> torch.Tensor:
         """The projection's input columns reading `heads` (int64, ascending)."""
         heads = torch.as_tensor(heads, dtype=torch.int64).sort().values
-        return (heads.unsqueeze(1) * self.head_dim + torch.arange(self.head_dim)).flatten()
+        d = self.dim(2)
+        return (heads.unsqueeze(1) * d + torch.arange(d)).flatten()
 
 
 def _name(parent: str, child: str) -> str:
@@ -121,6 +138,10 @@ def attention_heads(model: nn.Module) -> list[AttentionHeads]:
         if isinstance(nh, bool) or not isinstance(nh, int) or nh < 1:
             continue
         linears = [(c, features(lin)) for c, lin in m.named_children() if features(lin)]
+        per_part = _key_val_heads(name, m, nh, linears)
+        if per_part is not None:
+            found.append(per_part)
+            continue
         hd = getattr(m, "head_dim", None)
         qkv = [(c, io) for c, io in linears if io[1] % (3 * nh) == 0
                and (not isinstance(hd, int) or io[1] == 3 * nh * hd)]
@@ -137,6 +158,21 @@ def attention_heads(model: nn.Module) -> list[AttentionHeads]:
                                     nh, width // nh, head_first=getattr(m, "head_first", False) is True))
     return found
 
+
+def _key_val_heads(name: str, m: nn.Module, nh: int, linears) -> AttentionHeads | None:
+    """timm's LeViT family (EfficientFormer, TinyViT, LeViT): each head's q and k are `key_dim`
+    wide and its v `val_dim`, one fused Linear of num_heads * (2 * key_dim + val_dim) outputs
+    lays them out head by head, and the projection reads num_heads * val_dim; None where `m`
+    names no such widths or has no such pair of Linears."""
+    kd, vd = getattr(m, "key_dim", None), getattr(m, "val_dim", None)
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in (kd, vd)):
+        return None
+    qkv = [c for c, (_, out) in linears if out == nh * (2 * kd + vd)]
+    proj = [c for c, (inp, _) in linears if inp == nh * vd and c not in qkv]
+    if len(qkv) != 1 or len(proj) != 1:
+        return None
+    return AttentionHeads(name, _name(name, qkv[0]), _name(name, proj[0]), nh, kd,
+                          head_first=True, v_dim=vd)
 
 # The name-based patterns (see the module docstring), tried in order: the Linears computing q,
 # k and v (the names each may have, the parts of q, k, v it holds) and the projection's names.

@@ -221,7 +221,7 @@ def _refill_heads(att: AttentionHeads, masks: Masks, scores: dict[str, torch.Ten
     joint density warrants, the best by the summed scores of their q, k and v rows) and the
     projection columns of the dropped ones."""
     keys = [(f"{n}.weight", parts) for n, parts in att.inputs()]
-    head_score = sum(att.by_head(scores[k], len(parts)).sum(dim=(1, 2)) for k, parts in keys)
+    head_score = sum(att.part(scores[k], held, p).flatten(1).sum(dim=1) for k, held in keys for p in held)
     keep_n = refill_counts(att.num_heads, sum(int(masks[k].sum()) for k, _ in keys),
                            sum(masks[k].numel() for k, _ in keys), extra)
     # stable sort: equal scores keep ascending head order, so ties go to the lower index
