@@ -7,6 +7,7 @@ same weights), `example_shape` is the input compaction sees, `other_shapes` are 
 runs on besides it (another batch size, another spatial size where the model allows)."""
 from __future__ import annotations
 
+import collections
 import math
 
 import torch
@@ -1573,6 +1574,41 @@ class TinyEfficientFormer(TinyTokens):
         super().__init__(lambda d: EfficientFormerAttention(d), classes, dim)
 
 
+class LevitAttention(EfficientFormerAttention):
+    """timm's LeViT Attention on tokens (its class name, attributes and forward): as
+    EfficientFormer's, but `qkv` a LinearNorm (a Linear without bias, a BatchNorm1d over the
+    tokens flattened) and `proj` an activation and a LinearNorm."""
+
+    def __init__(self, dim, key_dim=4, num_heads=4, attn_ratio=2, resolution=4):
+        super().__init__(dim, key_dim, num_heads, attn_ratio, resolution)
+        self.use_conv = False
+        self.qkv = LinearNorm(dim, self.key_attn_dim * 2 + self.val_attn_dim)
+        self.proj = nn.Sequential(collections.OrderedDict(
+            [("act", nn.Hardswish()), ("ln", LinearNorm(self.val_attn_dim, dim))]))
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, self.num_heads, -1).split(
+            [self.key_dim, self.key_dim, self.val_dim], dim=3)
+        q, k, v = q.permute(0, 2, 1, 3), k.permute(0, 2, 3, 1), v.permute(0, 2, 1, 3)
+        attn = q @ k * self.scale + self.get_attention_biases(x.device)
+        x = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, N, self.val_attn_dim)
+        return self.proj(x)
+
+
+LevitAttention.__name__ = LevitAttention.__qualname__ = "Attention"  # timm's class name
+
+
+class TinyLevitAttention(TinyTokens):
+    """TinyTokens (16 x 16 images: a 4 x 4 map) with LeViT's attention, swapped as
+    `ticketsmith.models.build` does (LevitAttention)."""
+
+    def __init__(self, classes=10, dim=16):
+        super().__init__(lambda d: LevitAttention(d), classes, dim)
+        from ticketsmith.models import prunable_attention
+        prunable_attention(self)
+
+
 class TinySwinWindows(TinySwin):
     """TinySwin with its ShiftedWindowAttention (V1, or V2 with kind="v2") swapped for
     ticketsmith's WindowAttention (what `ticketsmith.models.build` does to torchvision's Swin)."""
@@ -1778,6 +1814,7 @@ FAMILIES = {
     "class_attn": (builder(TinyCaiT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "tnt_attention": (builder(TinyTNT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "efficientformer_attention": (builder(TinyEfficientFormer), (2, 3, 16, 16), [(3, 3, 16, 16)]),
+    "levit_attention": (builder(TinyLevitAttention), (2, 3, 16, 16), [(3, 3, 16, 16)]),
     "maxxvit_tf": (builder(TinyMaxxViT, bias="tf"), (2, 3, 32, 32), [(3, 3, 32, 32)]),
     "twins_local": (builder(TinyTwins), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 44, 36)]),
     "vit_mha": (builder(TinyViT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),

@@ -610,3 +610,44 @@ def test_class_attention_is_swapped_for_one_computing_the_same():
     (att,) = attention_heads(nn.Sequential(ours))
     assert [n for n, _ in att.inputs()] == ["0.q", "0.k", "0.v"] and att.proj == "0.proj"
     assert_same_function(timm, ours, [((2, 5, 16),), ((3, 9, 16),)])
+
+
+def test_levit_attention_is_swapped_for_one_computing_the_same():
+    """timm's LeViT Attention (the replica in families.py: LinearNorms for qkv and proj)
+    swapped for a LevitAttention: the same outputs and gradients in train and eval mode (the
+    norms' batch statistics, then their running ones; the biases cached); its Linears and norms
+    are the original's, the head pattern finds them (v wider than q and k, head by head), and
+    cutting heads cuts the qkv norm's channels with their rows."""
+    from families import LevitAttention as TimmLevitAttention
+
+    from ticketsmith.compact.heads import cut_heads
+    from ticketsmith.masks import copy_module
+    from ticketsmith.models import LevitAttention
+    from ticketsmith.structure.heads import attention_heads
+    torch.manual_seed(0)
+    timm = TimmLevitAttention(16).train()
+    ours = swapped(timm, LevitAttention)
+    assert ours.qkv is timm.qkv.linear and ours.qkv_norm is timm.qkv.bn and ours.proj is timm.proj.ln.linear
+    (att,) = attention_heads(nn.Sequential(ours))
+    assert (att.qkv, att.proj, att.head_dim, att.v_dim, att.head_first) == ("0.qkv", "0.proj", 4, 8, True)
+    assert_same_function(timm, ours, [((5, 16, 16),)])
+    timm.eval(), ours.eval()
+    assert_same_function(timm, ours, [((3, 16, 16),)])
+    assert ours.attention_bias_cache  # eval mode: gathered once
+    keep = torch.tensor([1, 3])
+    cut = nn.Sequential(copy_module(ours))
+    cut_heads(cut[0], attention_heads(cut)[0], keep)
+    rows = torch.cat([torch.arange(16) + 16 * h for h in keep])  # head by head: 4 + 4 + 8 rows
+    assert cut[0].qkv_norm.num_features == 32 and cut[0].val_attn_dim == 16
+    assert torch.equal(cut[0].qkv_norm.running_var, ours.qkv_norm.running_var[rows])
+    assert torch.equal(cut[0].attention_biases, ours.attention_biases[keep])
+    # a head whose v rows are zero is not dead under the norm (its shift is v); zero
+    # projection columns make it dead
+    from ticketsmith.compact.heads import dead_heads
+    model = nn.Sequential(copy_module(ours))
+    (att,) = attention_heads(model)
+    with torch.no_grad():
+        model[0].qkv.weight[8:16] = 0  # head 0's v
+        assert not dead_heads(model, att).any()
+        model[0].proj.weight[:, 8:16] = 0  # head 1's columns
+        assert dead_heads(model, att).tolist() == [False, True, False, False]

@@ -76,11 +76,13 @@ TICKETS = {"channel": channel_ticket, "block": block_ticket, "fan-in": fan_in_ti
            # table), EVA-02's (rotary embedding, split GLU MLP), PVT-v2's (q and kv from a
            # reduced map), MaxViT's (windows as groups), timm's MaxViT / CoAtNet (1x1 convs,
            # heads first; the TF one's einsum bias), a user's q / k / v / o Linears, CaiT's class
-           # attention, EfficientFormer's (v wider than q and k, heads first, biases cached)
+           # attention, EfficientFormer's (v wider than q and k, heads first, biases cached), LeViT's
+           # (a BatchNorm over the qkv rows)
            **{f"window-heads-{f}": (lambda f=f: window_heads_ticket(f))
               for f in ("swin_v2_timm", "beit", "eva_glu", "pvt_attention", "maxvit_attention",
                         "xcit", "twins_local", "maxxvit", "maxxvit_tf", "separate_qkv",
-                        "class_attn", "tnt_attention", "efficientformer_attention")}}
+                        "class_attn", "tnt_attention", "efficientformer_attention",
+                        "levit_attention")}}
 
 
 def reference(model, masks):

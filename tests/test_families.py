@@ -816,14 +816,16 @@ def test_heads_of_separate_q_k_v_linears_are_refilled_and_removed(input_width, t
         assert torch.equal(small(xi), again(xi))
 
 
-def test_heads_with_a_wider_v_are_refilled_and_removed(tmp_path):
+@pytest.mark.parametrize("family", ["efficientformer_attention", "levit_attention"])
+def test_heads_with_a_wider_v_are_refilled_and_removed(family, tmp_path):
     """EfficientFormer's attention (timm's LeViT family: per head, q and k key_dim wide and v
     val_dim, head by head in one qkv Linear, a bias per head gathered once per device in eval
-    mode): a channel ticket keeps or drops whole heads, and compaction removes the dropped ones
-    with their bias rows and the widths the forward reshapes to, exact on another batch and
-    through save / load, also after an eval forward has cached the biases of all heads."""
+    mode) and LeViT's (swapped: a BatchNorm1d over the qkv rows): a channel ticket keeps or
+    drops whole heads, and compaction removes the dropped ones with their bias rows, their
+    norm channels and the widths the forward reshapes to, exact on another batch and through
+    save / load, also after an eval forward has cached the biases of all heads."""
     from ticketsmith.structure.heads import attention_heads
-    build, shape, others = FAMILIES["efficientformer_attention"]
+    build, shape, others = FAMILIES[family]
     model = build()
     x = torch.randn(shape)
     with torch.no_grad():
@@ -841,6 +843,8 @@ def test_heads_with_a_wider_v_are_refilled_and_removed(tmp_path):
     a = small.attn
     assert (a.num_heads, a.key_attn_dim, a.val_attn_dim, a.proj.in_features) == (k, 4 * k, 8 * k, 8 * k)
     assert a.attention_biases.shape[0] == k and a.qkv.out_features == 16 * k
+    if family == "levit_attention":
+        assert a.qkv_norm.num_features == 16 * k
     assert_matches_masked(model, masks, small, others)
     C.save(small, tmp_path / "ticket")
     again = C.load(tmp_path / "ticket", build=build)

@@ -8,7 +8,9 @@ alone give a uniform softmax, not a zero output). Such heads go: their q, k and 
 qkv Linear, their columns of the projection, and the module's `num_heads` (and `attn_dim` /
 `all_head_dim`, the derived widths) shrink, with every other tensor of the module that holds one
 slice per head (`per_head_tensors`): a Swin relative position bias table's column, a Swin V2
-logit scale and the row of its bias MLP's last Linear.
+logit scale and the row of its bias MLP's last Linear, the LeViT family's attention biases. A
+BatchNorm the module declares over the rows of its qkv Linear (`row_norms`: LeViT's, as
+`LevitAttention` holds it) loses the dropped heads' channels with their rows.
 
 A cut is accepted only where a copy of the module, cut this way, computes what the module
 computed (on random inputs of the example's shape, of another batch size and of another sequence
@@ -36,6 +38,8 @@ from ..structure.heads import AttentionHeads, attention_heads
 # heads. `key_attn_dim` is that of q (and k): num_heads * head_dim; the others that of v, which
 # the projection reads: num_heads * v_dim (the same where v is as wide as q).
 WIDTH_ATTRS = ("attn_dim", "all_head_dim", "val_attn_dim", "key_attn_dim")
+# TinyViT names its v width `out_dim`: a name too common to touch in other modules.
+KEY_VAL_WIDTH_ATTRS = ("out_dim",)
 
 MHA_REASON = ("nn.MultiheadAttention keeps all its heads: it reads its fused in_proj weight "
               "itself and torch's kernels need embed_dim = num_heads * head_dim; "
@@ -62,6 +66,8 @@ def dead_heads(model: nn.Module, att: AttentionHeads) -> torch.Tensor:
     v_zero = (att.part(v_lin.weight.detach(), held, 2) == 0).flatten(1).all(dim=1)
     if v_lin.bias is not None:
         v_zero &= (att.part(v_lin.bias.detach(), held, 2) == 0).all(dim=1)
+    if _local(att, name) in _row_norms(model.get_submodule(att.module)):
+        v_zero[:] = False  # a norm's shift follows the zero rows: v is not zero
     w = proj.weight.detach()  # (a 1x1 conv's: [out, in, 1, 1])
     cols = w.reshape(w.shape[0], att.num_heads, att.dim(2), -1)
     return v_zero | (cols == 0).flatten(2).all(dim=2).all(dim=0)
@@ -85,10 +91,34 @@ def _cut_linear(lin: nn.Module, out: torch.Tensor | None, inp: torch.Tensor | No
         lin.out_channels, lin.in_channels = lin.weight.shape[:2]
 
 
+def _local(att: AttentionHeads, name: str) -> str:
+    """A layer's name relative to the attention module."""
+    return name[len(att.module) + 1:] if att.module else name
+
+
+def _row_norms(module: nn.Module) -> dict[str, str]:
+    """The norms a module declares over the rows of its q, k, v Linears (`row_norms`: Linear ->
+    norm, relative names; LeViT's BatchNorm1d after qkv): their channels go with the rows."""
+    return dict(getattr(module, "row_norms", None) or {})
+
+
+def _cut_norm(norm: nn.Module, rows: torch.Tensor) -> None:
+    """Keep channels `rows` of a BatchNorm (its affine parameters and running statistics)."""
+    with torch.no_grad():
+        for leaf in ("weight", "bias", "running_mean", "running_var"):
+            t = getattr(norm, leaf, None)
+            if t is None:
+                continue
+            new = t.detach().index_select(0, rows.to(t.device)).contiguous()
+            setattr(norm, leaf, nn.Parameter(new, requires_grad=t.requires_grad)
+                    if isinstance(t, nn.Parameter) else new)
+    norm.num_features = int(rows.numel())
+
+
 def _settings(module: nn.Module, att: AttentionHeads, n_keep: int) -> dict:
     """The attributes of `module` that change with the head count, and their new values."""
     new = {"num_heads": n_keep}
-    for a in WIDTH_ATTRS:
+    for a in WIDTH_ATTRS + (KEY_VAL_WIDTH_ATTRS if att.v_dim is not None else ()):
         part = 0 if a == "key_attn_dim" else 2
         if getattr(module, a, None) == att.num_heads * att.dim(part):
             new[a] = n_keep * att.dim(part)
@@ -156,10 +186,12 @@ def cut_heads(module: nn.Module, att: AttentionHeads, keep: torch.Tensor) -> dic
     what `restore` needs: the attributes set (`set`), the per-head tensors cut (`per_head`) and
     the heads kept (`kept`) and the other Linears whose rows went (`linears`)."""
     tensors = per_head_tensors(module, att)  # found on the module as it is, before the cut
-    prefix = len(att.module) + 1 if att.module else 0
+    norms = _row_norms(module)
     for name, rows in att.input_rows(keep).items():
-        _cut_linear(module.get_submodule(name[prefix:]), rows, None)
-    _cut_linear(module.get_submodule(att.proj[prefix:]), None, att.proj_cols(keep))
+        _cut_linear(module.get_submodule(_local(att, name)), rows, None)
+        if _local(att, name) in norms:
+            _cut_norm(module.get_submodule(norms[_local(att, name)]), rows)
+    _cut_linear(module.get_submodule(_local(att, att.proj)), None, att.proj_cols(keep))
     settings = _settings(module, att, len(keep))
     for a, v in settings.items():
         setattr(module, a, v)
@@ -311,7 +343,8 @@ def restore(model: nn.Module, removed: dict) -> None:
         module = model.get_submodule(name)
         before, after = (int(n) for n in info["heads"])
         for a, v in info["set"].items():
-            if a not in ("num_heads",) + WIDTH_ATTRS or isinstance(v, bool) or not isinstance(v, int):
+            if a not in ("num_heads",) + WIDTH_ATTRS + KEY_VAL_WIDTH_ATTRS or isinstance(v, bool) \
+                    or not isinstance(v, int):
                 raise ValueError(f"bad head attribute {a}={v!r}")
             setattr(module, a, v)
         keep = torch.as_tensor(info.get("kept", range(after)), dtype=torch.int64)

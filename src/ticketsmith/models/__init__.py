@@ -27,8 +27,8 @@ from ..errors import UsageError
 from .attention import (QKVAttention, WindowAttention, fused_attention,  # noqa: F401  (API)
                         prunable_attention)
 from .zoo_attention import (SWAPPED, BeitAttention, ClassAttention,  # noqa: F401  (API)
-                            EvaAttention, GridAttention, GroupedWindowAttention, MaxxVitAttention,
-                            PvtAttention, TimmWindowAttentionV2, XcaAttention)
+                            EvaAttention, GridAttention, GroupedWindowAttention, LevitAttention,
+                            MaxxVitAttention, PvtAttention, TimmWindowAttentionV2, XcaAttention)
 from .glu import SplitGluMlp, prunable_mlp  # noqa: F401  (API)
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}

@@ -17,7 +17,8 @@ holds, and computes the same outputs and gradients (tests against replicas of ea
 - torchvision's MaxViT `RelativePositionalMultiHeadAttention` -> `GridAttention`;
 - timm's MaxViT / CoAtNet `AttentionCl` and `Attention2d` -> `MaxxVitAttention` (their relative
   position bias modules size the bias by the head count they were built with);
-- timm's CaiT / XCiT `ClassAttn` -> `ClassAttention`.
+- timm's CaiT / XCiT `ClassAttn` -> `ClassAttention`;
+- timm's LeViT `Attention` (on tokens) -> `LevitAttention` (its Linears hide in LinearNorms).
 """
 from __future__ import annotations
 
@@ -467,6 +468,63 @@ class ClassAttention(nn.Module):
         return F.dropout(out, p=self.dropout, training=self.training)
 
 
+class LevitAttention(nn.Module):
+    """timm's LeViT `Attention` on tokens (not its `use_conv` variant): per head, q and k
+    `key_dim` wide and v `val_dim`, head by head in one qkv layer, and a learned bias per head
+    and relative offset. Its `qkv` and `proj` are LinearNorms (a Linear, then a BatchNorm1d over
+    the tokens flattened into the batch), so no Linear of the module itself holds the heads;
+    here the Linears and norms are its own children (`qkv`, `qkv_norm`, `proj_act`, `proj`,
+    `proj_norm`: timm's, moved), which `structure.heads` reads as the LeViT family's heads, and
+    `row_norms` tells head surgery that `qkv_norm` normalises the rows of `qkv` (its channels
+    go with their heads; a head's v is then not zero where its rows are, so only its projection
+    columns make it dead). The biases are gathered once per device in eval mode, as timm does."""
+
+    row_norms = {"qkv": "qkv_norm"}
+
+    @classmethod
+    def from_timm(cls, m: nn.Module) -> "LevitAttention":
+        """The same module (its Linears, norms, activation and biases themselves) as a
+        LevitAttention."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for a in ("num_heads", "scale", "key_dim", "key_attn_dim", "val_dim", "val_attn_dim"):
+            setattr(new, a, getattr(m, a))
+        new.qkv, new.qkv_norm = m.qkv.linear, m.qkv.bn
+        new.proj_act, new.proj, new.proj_norm = m.proj.act, m.proj.ln.linear, m.proj.ln.bn
+        new.attention_biases = m.attention_biases
+        new.register_buffer("attention_bias_idxs", m.attention_bias_idxs,
+                            persistent="attention_bias_idxs" not in m._non_persistent_buffers_set)
+        new.attention_bias_cache = {}
+        new.train(m.training)
+        return new
+
+    def train(self, mode: bool = True) -> "LevitAttention":
+        self.attention_bias_cache = {}  # (the cache holds biases of eval mode only)
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.attention_bias_cache = {}  # another device or dtype
+        return super()._apply(fn, *args, **kwargs)
+
+    def get_attention_biases(self, device: torch.device) -> torch.Tensor:
+        if torch.jit.is_tracing() or self.training:
+            return self.attention_biases[:, self.attention_bias_idxs]
+        key = str(device)
+        if key not in self.attention_bias_cache:
+            self.attention_bias_cache[key] = self.attention_biases[:, self.attention_bias_idxs]
+        return self.attention_bias_cache[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, N, C] -> [B, N, C]."""
+        b, n, _ = x.shape
+        qkv = self.qkv_norm(self.qkv(x).flatten(0, 1)).view(b, n, self.num_heads, -1)
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=3)
+        q, k, v = q.permute(0, 2, 1, 3), k.permute(0, 2, 3, 1), v.permute(0, 2, 1, 3)
+        attn = (q @ k * self.scale + self.get_attention_biases(x.device)).softmax(dim=-1)
+        out = self.proj(self.proj_act((attn @ v).transpose(1, 2).reshape(b, n, self.val_attn_dim)))
+        return self.proj_norm(out.flatten(0, 1)).reshape_as(out)
+
+
 def _has_tensor(module: nn.Module, path: str) -> bool:
     owner, _, leaf = path.rpartition(".")
     try:
@@ -605,6 +663,26 @@ def _is_class_attn(m: nn.Module) -> bool:
             and math.isclose(m.scale, (width // m.num_heads) ** -0.5))
 
 
+def _is_levit_attention(m: nn.Module) -> bool:
+    """timm's LeViT Attention on tokens (by class name, what it holds and its LinearNorms)."""
+    if not (type(m).__name__ == "Attention" and all(hasattr(m, a) for a in (
+            "use_conv", "num_heads", "scale", "key_dim", "key_attn_dim", "val_dim", "val_attn_dim",
+            "qkv", "proj", "attention_biases", "attention_bias_idxs", "attention_bias_cache"))
+            and m.use_conv is False):
+        return False
+
+    def linear_norm(t):  # timm's LinearNorm: a Linear without bias, a BatchNorm1d
+        return type(t).__name__ == "LinearNorm" and type(getattr(t, "linear", None)) is nn.Linear \
+            and t.linear.bias is None and type(getattr(t, "bn", None)) is nn.BatchNorm1d
+    qkv, proj = m.qkv, m.proj
+    nh, kd, vd = m.num_heads, m.key_dim, m.val_dim
+    return (linear_norm(qkv) and isinstance(proj, nn.Sequential) and linear_norm(getattr(proj, "ln", None))
+            and hasattr(proj, "act") and len(proj) == 2
+            and qkv.linear.out_features == nh * (2 * kd + vd) and m.val_attn_dim == nh * vd
+            and proj.ln.linear.in_features == nh * vd and math.isclose(m.scale, kd ** -0.5)
+            and tuple(m.attention_biases.shape[:1]) == (nh,))
+
+
 # (is it the original?, the swap) in the order they are tried
 SWAPS = ((_is_timm_swin_v2, TimmWindowAttentionV2.from_timm),
          (_is_beit_attention, BeitAttention.from_timm),
@@ -614,11 +692,13 @@ SWAPS = ((_is_timm_swin_v2, TimmWindowAttentionV2.from_timm),
          (_is_xca, XcaAttention.from_timm),
          (_is_maxvit_attention, GridAttention.from_torchvision),
          (_is_maxxvit_attention, MaxxVitAttention.from_timm),
-         (_is_class_attn, ClassAttention.from_timm))
+         (_is_class_attn, ClassAttention.from_timm),
+         (_is_levit_attention, LevitAttention.from_timm))
 
 # the swapped modules (their forwards branch on shapes: torch.fx keeps them whole)
 SWAPPED = (TimmWindowAttentionV2, BeitAttention, EvaAttention, PvtAttention,
-           GroupedWindowAttention, XcaAttention, GridAttention, MaxxVitAttention, ClassAttention)
+           GroupedWindowAttention, XcaAttention, GridAttention, MaxxVitAttention, ClassAttention,
+           LevitAttention)
 
 
 def swap(m: nn.Module) -> nn.Module | None:
@@ -632,5 +712,5 @@ def swap(m: nn.Module) -> nn.Module | None:
 
 __all__ = ["TimmWindowAttentionV2", "BeitAttention", "EvaAttention", "PvtAttention",
            "GroupedWindowAttention", "XcaAttention", "GridAttention", "MaxxVitAttention",
-           "ClassAttention", "swap",
+           "ClassAttention", "LevitAttention", "swap",
            "SWAPPED"]
