@@ -1461,17 +1461,39 @@ class ClassAttn(nn.Module):
         return self.proj_drop(self.proj(x_cls.transpose(1, 2).reshape(B, 1, C)))
 
 
+class CrossAttention(nn.Module):
+    """timm's CrossViT CrossAttention (its class name, attributes and forward): ClassAttn's
+    function, its Linears named wq, wk, wv (no bias), the attention written out."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.wq, self.wk, self.wv = (nn.Linear(dim, dim, bias=False) for _ in range(3))
+        self.attn_drop = nn.Dropout(0.0)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(0.0)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q = self.wq(x[:, 0:1, ...]).reshape(B, 1, self.num_heads, C // self.num_heads).permute(0, 2, 1, 3)
+        k = self.wk(x).reshape(B, N, self.num_heads, C // self.num_heads).permute(0, 2, 1, 3)
+        v = self.wv(x).reshape(B, N, self.num_heads, C // self.num_heads).permute(0, 2, 1, 3)
+        attn = self.attn_drop(((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1))
+        return self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(B, 1, C)))
+
+
 class TinyCaiT(nn.Module):
     """Patches and a class token, one residual class-attention step updating the class token
-    (CaiT's / XCiT's last blocks), a head on it; swapped as `ticketsmith.models.build` does
-    (ClassAttention)."""
+    (CaiT's / XCiT's last blocks; with `cross`, CrossViT's cross attention), a head on it;
+    swapped as `ticketsmith.models.build` does (ClassAttention)."""
 
-    def __init__(self, classes=10, dim=16):
+    def __init__(self, classes=10, dim=16, cross=False):
         super().__init__()
         self.patch = nn.Conv2d(3, dim, 4, stride=4)
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
         self.norm = nn.LayerNorm(dim)
-        self.attn = ClassAttn(dim, 4)
+        self.attn = (CrossAttention if cross else ClassAttn)(dim, 4)
         self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.GELU(),
                                  nn.Linear(4 * dim, dim))
         self.head = nn.Linear(dim, classes)
@@ -1814,6 +1836,7 @@ FAMILIES = {
     "class_attn": (builder(TinyCaiT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "tnt_attention": (builder(TinyTNT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "efficientformer_attention": (builder(TinyEfficientFormer), (2, 3, 16, 16), [(3, 3, 16, 16)]),
+    "cross_attention": (builder(TinyCaiT, cross=True), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "levit_attention": (builder(TinyLevitAttention), (2, 3, 16, 16), [(3, 3, 16, 16)]),
     "maxxvit_tf": (builder(TinyMaxxViT, bias="tf"), (2, 3, 32, 32), [(3, 3, 32, 32)]),
     "twins_local": (builder(TinyTwins), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 44, 36)]),

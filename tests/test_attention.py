@@ -595,16 +595,17 @@ def test_maxxvit_attention_is_swapped_for_one_computing_the_same(kind, bias, hea
             assert torch.allclose(cut[0].rel_pos.get_bias(), ours.rel_pos.get_bias()[..., keep, :, :])
 
 
-def test_class_attention_is_swapped_for_one_computing_the_same():
-    """timm's CaiT / XCiT ClassAttn (the replica in families.py) swapped for a ClassAttention:
-    the same outputs and gradients on two token counts; its Linears are the original's, and
-    the head pattern finds its q / k / v Linears."""
-    from families import ClassAttn
+@pytest.mark.parametrize("cross", [False, True])
+def test_class_attention_is_swapped_for_one_computing_the_same(cross):
+    """timm's CaiT / XCiT ClassAttn and CrossViT's CrossAttention (the replicas in families.py)
+    swapped for a ClassAttention: the same outputs and gradients on two token counts; its
+    Linears are the original's, and the head pattern finds its q / k / v Linears."""
+    from families import ClassAttn, CrossAttention
 
     from ticketsmith.models import ClassAttention
     from ticketsmith.structure.heads import attention_heads
     torch.manual_seed(0)
-    timm = ClassAttn(16, 4)
+    timm = (CrossAttention if cross else ClassAttn)(16, 4)
     ours = swapped(timm, ClassAttention)
     assert ours.head_dim == 4
     (att,) = attention_heads(nn.Sequential(ours))

@@ -522,7 +522,8 @@ def _zoo_models():
                                       "ghostnet_100", "dpn68", "swin_tiny_patch4_window7_224",
                                       "pvt_v2_b0", "swinv2_tiny_window8_256",
                                       "eva02_tiny_patch14_224", "maxvit_rmlp_nano_rw_256",
-                                      "coatnet_nano_rw_224")]
+                                      "coatnet_nano_rw_224", "levit_128s", "efficientformer_l1",
+                                      "tiny_vit_5m_224", "crossvit_tiny_240")]
     if importlib.util.find_spec("torchvision") is not None:
         out += [("torchvision", n) for n in ("resnet18", "mobilenet_v2", "shufflenet_v2_x0_5",
                                              "vit_b_16", "swin_t", "regnet_y_400mf",
@@ -546,7 +547,8 @@ def test_zoo_model_refill_compacts_exactly(lib, name):
     torch.manual_seed(0)
     model = _zoo_model(lib, name).eval()
     size = 64  # timm's ViT and Swin fix their input size
-    if any(k in name for k in ("vit", "eva", "coatnet")) or (lib == "timm" and "swin" in name):
+    if any(k in name for k in ("vit", "eva", "coatnet", "levit", "efficientformer")) \
+            or (lib == "timm" and "swin" in name):
         size = 256 if name.endswith("_256") else 224
     x = torch.randn(1, 3, size, size)
     masks = ts.refill(model, magnitude(model, 0.5), example_inputs=x)
@@ -558,7 +560,8 @@ def test_zoo_model_refill_compacts_exactly(lib, name):
         assert rel_err(masked(xi), small(xi)) < 1e-4
     assert n_params(small) <= n_params(model)
     assert math.isfinite(small.ticketsmith_compact["verified_rel_err"])
-    if any(k in name for k in ("vit", "swin", "eva", "pvt", "coatnet")):  # timm's, swapped ones
+    if any(k in name for k in ("vit", "swin", "eva", "pvt", "coatnet", "efficientformer")):
+        # timm's (some swapped), the LeViT family's (v wider than q and k)
         assert small.ticketsmith_compact["removed_heads"], "no attention head was removed"
     if "eva" in name:  # the GluMlp's hidden units, its fc1 split in two (SplitGluMlp)
         mlp = "blocks.0.mlp"
@@ -757,7 +760,8 @@ def test_maxxvit_heads_are_refilled_and_removed(bias, tmp_path):
         assert torch.equal(small(xi), again(xi))
 
 
-@pytest.mark.parametrize("family,q", [("class_attn", "attn.q"), ("tnt_attention", "attn.qk")])
+@pytest.mark.parametrize("family,q", [("class_attn", "attn.q"), ("cross_attention", "attn.q"),
+                                      ("tnt_attention", "attn.qk")])
 def test_class_attention_heads_are_removed(family, q):
     """CaiT's / XCiT's class attention, swapped for a ClassAttention, and TNT's (q and k in one
     Linear `qk`, v in another): a channel ticket drops whole heads and compaction removes

@@ -17,7 +17,7 @@ holds, and computes the same outputs and gradients (tests against replicas of ea
 - torchvision's MaxViT `RelativePositionalMultiHeadAttention` -> `GridAttention`;
 - timm's MaxViT / CoAtNet `AttentionCl` and `Attention2d` -> `MaxxVitAttention` (their relative
   position bias modules size the bias by the head count they were built with);
-- timm's CaiT / XCiT `ClassAttn` -> `ClassAttention`;
+- timm's CaiT / XCiT `ClassAttn` and CrossViT's `CrossAttention` -> `ClassAttention`;
 - timm's LeViT `Attention` (on tokens) -> `LevitAttention` (its Linears hide in LinearNorms).
 """
 from __future__ import annotations
@@ -438,21 +438,23 @@ class MaxxVitAttention(nn.Module):
 
 
 class ClassAttention(nn.Module):
-    """timm's CaiT / XCiT `ClassAttn`: the class token's query (from token 0) attends over all
-    tokens, q, k and v in three Linears. The same function with the heads' output kept at
+    """timm's CaiT / XCiT `ClassAttn` and CrossViT's `CrossAttention` (the same function): the
+    class token's query (from token 0) attends over all tokens, q, k and v in three Linears. The same function with the heads' output kept at
     num_heads * head_dim (timm reshapes it to the input width), so its heads can be refilled
     and removed (the q / k / v pattern of `ticketsmith.structure.heads`). Its Linears are the
     original's."""
 
     @classmethod
     def from_timm(cls, m: nn.Module) -> "ClassAttention":
-        """The same module (its Linears themselves) as a ClassAttention."""
+        """The same module (its Linears themselves: CrossViT's `wq`, `wk`, `wv` become `q`,
+        `k`, `v`) as a ClassAttention."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.num_heads = m.num_heads
-        new.head_dim = m.q.out_features // m.num_heads
+        new.q, new.k, new.v = (getattr(m, a) for a in _class_attn_names(m))
+        new.head_dim = new.q.out_features // m.num_heads
         new.attention_dropout, new.dropout = float(m.attn_drop.p), float(m.proj_drop.p)
-        new.q, new.k, new.v, new.proj = m.q, m.k, m.v, m.proj
+        new.proj = m.proj
         new.train(m.training)
         return new
 
@@ -651,14 +653,21 @@ def _is_maxxvit_attention(m: nn.Module) -> bool:
             and "shared_rel_pos" in inspect.signature(m.forward).parameters)
 
 
+def _class_attn_names(m: nn.Module) -> tuple[str, str, str]:
+    """The q, k, v Linears' names: timm's ClassAttn's, or CrossViT's CrossAttention's."""
+    return ("wq", "wk", "wv") if type(m).__name__ == "CrossAttention" else ("q", "k", "v")
+
+
 def _is_class_attn(m: nn.Module) -> bool:
-    """timm's CaiT / XCiT ClassAttn (by class name and what it holds)."""
-    if not (type(m).__name__ == "ClassAttn" and all(hasattr(m, a) for a in (
-            "num_heads", "scale", "q", "k", "v", "proj", "attn_drop", "proj_drop"))
-            and all(type(getattr(m, a)) is nn.Linear for a in ("q", "k", "v", "proj"))):
+    """timm's CaiT / XCiT ClassAttn or CrossViT CrossAttention (by class name and what it
+    holds)."""
+    qkv = _class_attn_names(m)
+    if not (type(m).__name__ in ("ClassAttn", "CrossAttention") and all(hasattr(m, a) for a in (
+            "num_heads", "scale", *qkv, "proj", "attn_drop", "proj_drop"))
+            and all(type(getattr(m, a)) is nn.Linear for a in (*qkv, "proj"))):
         return False
-    width = m.q.in_features
-    return (all(getattr(m, a).out_features == width for a in ("q", "k", "v"))
+    width = getattr(m, qkv[0]).in_features
+    return (all(getattr(m, a).out_features == width for a in qkv)
             and m.proj.in_features == width and width % m.num_heads == 0
             and math.isclose(m.scale, (width // m.num_heads) ** -0.5))
 
