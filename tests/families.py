@@ -1621,6 +1621,84 @@ class LevitAttention(EfficientFormerAttention):
 LevitAttention.__name__ = LevitAttention.__qualname__ = "Attention"  # timm's class name
 
 
+class Downsample(nn.Module):
+    """timm's LeViT Downsample (its class name and forward): the tokens as their map, every
+    `stride`-th row and column kept, as tokens again."""
+
+    def __init__(self, stride, resolution):
+        super().__init__()
+        self.stride, self.resolution, self.pool = stride, (resolution, resolution), None
+
+    def forward(self, x):
+        B, N, C = x.shape
+        x = x.view(B, self.resolution[0], self.resolution[1], C)[:, ::self.stride, ::self.stride]
+        return x.reshape(B, -1, C)
+
+
+class AttentionDownsample(nn.Module):
+    """timm's LeViT AttentionDownsample on tokens (its class name, attributes and forward): q
+    from the subsampled tokens (a LinearNorm of num_heads * key_dim), k and v from all tokens
+    (one LinearNorm, head by head: key_dim, then val_dim), biases per head and offset, the
+    output `out_dim` wide on the subsampled tokens."""
+
+    def __init__(self, in_dim, out_dim, key_dim=4, num_heads=4, attn_ratio=2, stride=2, resolution=4):
+        super().__init__()
+        self.stride, self.resolution, self.use_conv = stride, (resolution, resolution), False
+        self.num_heads, self.key_dim = num_heads, key_dim
+        self.key_attn_dim = key_dim * num_heads
+        self.val_dim = int(attn_ratio * key_dim)
+        self.val_attn_dim = self.val_dim * num_heads
+        self.scale = key_dim ** -0.5
+        self.kv = LinearNorm(in_dim, self.val_attn_dim + self.key_attn_dim)
+        self.q = nn.Sequential(collections.OrderedDict(
+            [("down", Downsample(stride, resolution)), ("ln", LinearNorm(in_dim, self.key_attn_dim))]))
+        self.proj = nn.Sequential(collections.OrderedDict(
+            [("act", nn.Hardswish()), ("ln", LinearNorm(self.val_attn_dim, out_dim))]))
+        k_pos = torch.stack(torch.meshgrid(torch.arange(resolution), torch.arange(resolution),
+                                           indexing="ij")).flatten(1)
+        q_pos = torch.stack(torch.meshgrid(torch.arange(0, resolution, stride),
+                                           torch.arange(0, resolution, stride), indexing="ij")).flatten(1)
+        rel_pos = (q_pos[..., :, None] - k_pos[..., None, :]).abs()
+        self.attention_biases = nn.Parameter(torch.randn(num_heads, resolution * resolution))
+        self.register_buffer("attention_bias_idxs", rel_pos[0] * resolution + rel_pos[1], persistent=False)
+        self.attention_bias_cache = {}
+
+    @torch.no_grad()
+    def train(self, mode=True):
+        super().train(mode)
+        self.attention_bias_cache = {}
+        return self
+
+    get_attention_biases = EfficientFormerAttention.get_attention_biases
+
+    def forward(self, x):
+        B, N, C = x.shape
+        k, v = self.kv(x).view(B, N, self.num_heads, -1).split([self.key_dim, self.val_dim], dim=3)
+        k, v = k.permute(0, 2, 3, 1), v.permute(0, 2, 1, 3)
+        q = self.q(x).view(B, -1, self.num_heads, self.key_dim).permute(0, 2, 1, 3)
+        attn = (q @ k * self.scale + self.get_attention_biases(x.device)).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, -1, self.val_attn_dim))
+
+
+class TinyLevitDownsample(nn.Module):
+    """Patches (16 x 16 images: a 4 x 4 map of tokens), LeViT's AttentionDownsample to a 2 x 2
+    map of wider tokens, a residual MLP, a mean over them; swapped as `ticketsmith.models.build` does
+    (LevitAttentionDownsample)."""
+
+    def __init__(self, classes=10, dim=16):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.attn = AttentionDownsample(dim, 24)
+        self.mlp = nn.Sequential(nn.Linear(24, 48), nn.GELU(), nn.Linear(48, 24))
+        self.head = nn.Linear(24, classes)
+        from ticketsmith.models import prunable_attention
+        prunable_attention(self)
+
+    def forward(self, x):
+        x = self.attn(self.patch(x).flatten(2).transpose(1, 2))
+        return self.head((x + self.mlp(x)).mean(1))
+
+
 class TinyLevitAttention(TinyTokens):
     """TinyTokens (16 x 16 images: a 4 x 4 map) with LeViT's attention, swapped as
     `ticketsmith.models.build` does (LevitAttention)."""
@@ -1838,6 +1916,7 @@ FAMILIES = {
     "efficientformer_attention": (builder(TinyEfficientFormer), (2, 3, 16, 16), [(3, 3, 16, 16)]),
     "cross_attention": (builder(TinyCaiT, cross=True), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "levit_attention": (builder(TinyLevitAttention), (2, 3, 16, 16), [(3, 3, 16, 16)]),
+    "levit_downsample": (builder(TinyLevitDownsample), (2, 3, 16, 16), [(3, 3, 16, 16)]),
     "maxxvit_tf": (builder(TinyMaxxViT, bias="tf"), (2, 3, 32, 32), [(3, 3, 32, 32)]),
     "twins_local": (builder(TinyTwins), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 44, 36)]),
     "vit_mha": (builder(TinyViT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),

@@ -652,3 +652,25 @@ def test_levit_attention_is_swapped_for_one_computing_the_same():
         assert not dead_heads(model, att).any()
         model[0].proj.weight[:, 8:16] = 0  # head 1's columns
         assert dead_heads(model, att).tolist() == [False, True, False, False]
+
+
+def test_levit_attention_downsample_is_swapped_for_one_computing_the_same():
+    """timm's LeViT AttentionDownsample (the replica in families.py: q from the subsampled
+    tokens, k and v from all, LinearNorms) swapped for a LevitAttentionDownsample: the same
+    outputs and gradients in train and eval mode; the head pattern finds `q` and `kv` (k and v
+    head by head) with their norms over the rows."""
+    from families import AttentionDownsample
+
+    from ticketsmith.models import LevitAttentionDownsample
+    from ticketsmith.structure.heads import attention_heads
+    torch.manual_seed(0)
+    timm = AttentionDownsample(16, 24).train()
+    ours = swapped(timm, LevitAttentionDownsample)
+    assert ours.q_down is timm.q.down and ours.kv_norm is timm.kv.bn
+    assert ours.row_norms == {"q": "q_norm", "kv": "kv_norm"}
+    (att,) = attention_heads(nn.Sequential(ours))
+    assert [n for n, _ in att.inputs()] == ["0.q", "0.kv"] and att.proj == "0.proj"
+    assert (att.head_dim, att.v_dim, att.head_first) == (4, 8, True)
+    assert_same_function(timm, ours, [((5, 16, 16),)])
+    timm.eval(), ours.eval()
+    assert_same_function(timm, ours, [((3, 16, 16),)])

@@ -82,7 +82,7 @@ TICKETS = {"channel": channel_ticket, "block": block_ticket, "fan-in": fan_in_ti
               for f in ("swin_v2_timm", "beit", "eva_glu", "pvt_attention", "maxvit_attention",
                         "xcit", "twins_local", "maxxvit", "maxxvit_tf", "separate_qkv",
                         "class_attn", "tnt_attention", "efficientformer_attention",
-                        "levit_attention", "cross_attention")}}
+                        "levit_attention", "levit_downsample", "cross_attention")}}
 
 
 def reference(model, masks):

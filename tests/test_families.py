@@ -820,7 +820,7 @@ def test_heads_of_separate_q_k_v_linears_are_refilled_and_removed(input_width, t
         assert torch.equal(small(xi), again(xi))
 
 
-@pytest.mark.parametrize("family", ["efficientformer_attention", "levit_attention"])
+@pytest.mark.parametrize("family", ["efficientformer_attention", "levit_attention", "levit_downsample"])
 def test_heads_with_a_wider_v_are_refilled_and_removed(family, tmp_path):
     """EfficientFormer's attention (timm's LeViT family: per head, q and k key_dim wide and v
     val_dim, head by head in one qkv Linear, a bias per head gathered once per device in eval
@@ -835,10 +835,15 @@ def test_heads_with_a_wider_v_are_refilled_and_removed(family, tmp_path):
     with torch.no_grad():
         model(x)  # eval mode: the attention caches its biases, of all four heads
     (att,) = attention_heads(model)
-    assert (att.qkv, att.proj, att.head_dim, att.v_dim, att.head_first) == \
-        ("attn.qkv", "attn.proj", 4, 8, True)
+    down = family == "levit_downsample"  # q from the subsampled tokens, k and v in `kv`
+    assert (att.qkv, att.kv, att.proj, att.head_dim, att.v_dim, att.head_first) == \
+        ("attn.q" if down else "attn.qkv", "attn.kv" if down else None, "attn.proj", 4, 8, True)
     masks = half_per_layer(model, x)
-    per_head = masks["attn.qkv.weight"].reshape(4, 4 + 4 + 8, -1).flatten(1)  # head by head
+    if down:  # head by head: 4 rows of q; 4 + 8 rows of kv
+        per_head = torch.cat([masks["attn.q.weight"].reshape(4, -1),
+                              masks["attn.kv.weight"].reshape(4, -1)], dim=1)
+    else:  # head by head: 4 + 4 + 8 rows
+        per_head = masks["attn.qkv.weight"].reshape(4, 4 + 4 + 8, -1).flatten(1)
     assert bool((per_head.all(dim=1) | ~per_head.any(dim=1)).all())  # whole heads
     k = int(per_head.all(dim=1).sum())
     assert 0 < k < 4
@@ -846,7 +851,12 @@ def test_heads_with_a_wider_v_are_refilled_and_removed(family, tmp_path):
     assert small.ticketsmith_compact["removed_heads"]["attn"]["heads"] == [4, k]
     a = small.attn
     assert (a.num_heads, a.key_attn_dim, a.val_attn_dim, a.proj.in_features) == (k, 4 * k, 8 * k, 8 * k)
-    assert a.attention_biases.shape[0] == k and a.qkv.out_features == 16 * k
+    assert a.attention_biases.shape[0] == k
+    if down:
+        assert a.q.out_features == a.q_norm.num_features == 4 * k
+        assert a.kv.out_features == a.kv_norm.num_features == 12 * k
+    else:
+        assert a.qkv.out_features == 16 * k
     if family == "levit_attention":
         assert a.qkv_norm.num_features == 16 * k
     assert_matches_masked(model, masks, small, others)

@@ -28,7 +28,8 @@ from .attention import (QKVAttention, WindowAttention, fused_attention,  # noqa:
                         prunable_attention)
 from .zoo_attention import (SWAPPED, BeitAttention, ClassAttention,  # noqa: F401  (API)
                             EvaAttention, GridAttention, GroupedWindowAttention, LevitAttention,
-                            MaxxVitAttention, PvtAttention, TimmWindowAttentionV2, XcaAttention)
+                            LevitAttentionDownsample, MaxxVitAttention, PvtAttention,
+                            TimmWindowAttentionV2, XcaAttention)
 from .glu import SplitGluMlp, prunable_mlp  # noqa: F401  (API)
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}

@@ -18,7 +18,8 @@ holds, and computes the same outputs and gradients (tests against replicas of ea
 - timm's MaxViT / CoAtNet `AttentionCl` and `Attention2d` -> `MaxxVitAttention` (their relative
   position bias modules size the bias by the head count they were built with);
 - timm's CaiT / XCiT `ClassAttn` and CrossViT's `CrossAttention` -> `ClassAttention`;
-- timm's LeViT `Attention` (on tokens) -> `LevitAttention` (its Linears hide in LinearNorms).
+- timm's LeViT `Attention` and `AttentionDownsample` (on tokens) -> `LevitAttention`,
+  `LevitAttentionDownsample` (their Linears hide in LinearNorms).
 """
 from __future__ import annotations
 
@@ -492,13 +493,16 @@ class LevitAttention(nn.Module):
         for a in ("num_heads", "scale", "key_dim", "key_attn_dim", "val_dim", "val_attn_dim"):
             setattr(new, a, getattr(m, a))
         new.qkv, new.qkv_norm = m.qkv.linear, m.qkv.bn
-        new.proj_act, new.proj, new.proj_norm = m.proj.act, m.proj.ln.linear, m.proj.ln.bn
-        new.attention_biases = m.attention_biases
-        new.register_buffer("attention_bias_idxs", m.attention_bias_idxs,
-                            persistent="attention_bias_idxs" not in m._non_persistent_buffers_set)
-        new.attention_bias_cache = {}
-        new.train(m.training)
+        new._take_proj_and_biases(m)
         return new
+
+    def _take_proj_and_biases(self, m: nn.Module) -> None:
+        self.proj_act, self.proj, self.proj_norm = m.proj.act, m.proj.ln.linear, m.proj.ln.bn
+        self.attention_biases = m.attention_biases
+        self.register_buffer("attention_bias_idxs", m.attention_bias_idxs,
+                             persistent="attention_bias_idxs" not in m._non_persistent_buffers_set)
+        self.attention_bias_cache = {}
+        self.train(m.training)
 
     def train(self, mode: bool = True) -> "LevitAttention":
         self.attention_bias_cache = {}  # (the cache holds biases of eval mode only)
@@ -519,12 +523,54 @@ class LevitAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, N, C] -> [B, N, C]."""
         b, n, _ = x.shape
-        qkv = self.qkv_norm(self.qkv(x).flatten(0, 1)).view(b, n, self.num_heads, -1)
+        qkv = _linear_norm(self.qkv, self.qkv_norm, x).view(b, n, self.num_heads, -1)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=3)
         q, k, v = q.permute(0, 2, 1, 3), k.permute(0, 2, 3, 1), v.permute(0, 2, 1, 3)
-        attn = (q @ k * self.scale + self.get_attention_biases(x.device)).softmax(dim=-1)
-        out = self.proj(self.proj_act((attn @ v).transpose(1, 2).reshape(b, n, self.val_attn_dim)))
-        return self.proj_norm(out.flatten(0, 1)).reshape_as(out)
+        return self._attend(q, k, v, x.device)
+
+    def _attend(self, q, k, v, device) -> torch.Tensor:
+        """Heads' attention with the biases, then the projection (an activation, a LinearNorm)."""
+        attn = (q @ k * self.scale + self.get_attention_biases(device)).softmax(dim=-1)
+        out = (attn @ v).transpose(1, 2).reshape(q.shape[0], q.shape[2], self.val_attn_dim)
+        return _linear_norm(self.proj, self.proj_norm, self.proj_act(out))
+
+
+class LevitAttentionDownsample(LevitAttention):
+    """timm's LeViT `AttentionDownsample` on tokens (not its `use_conv` variant): as
+    `LevitAttention`, but the queries come from the tokens subsampled (timm's `Downsample`,
+    kept as `q_down`) through a LinearNorm `q` (num_heads * key_dim), the keys and values from
+    all tokens through a LinearNorm `kv` (head by head, key_dim then val_dim), so the tokens
+    and the width change. Its Linears and norms become children of its own (`q`, `q_norm`,
+    `kv`, `kv_norm`, `proj_act`, `proj`, `proj_norm`)."""
+
+    row_norms = {"q": "q_norm", "kv": "kv_norm"}
+
+    @classmethod
+    def from_timm(cls, m: nn.Module) -> "LevitAttentionDownsample":
+        """The same module (its layers and biases themselves) as a LevitAttentionDownsample."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for a in ("num_heads", "scale", "key_dim", "key_attn_dim", "val_dim", "val_attn_dim"):
+            setattr(new, a, getattr(m, a))
+        new.q_down, new.q, new.q_norm = m.q.down, m.q.ln.linear, m.q.ln.bn
+        new.kv, new.kv_norm = m.kv.linear, m.kv.bn
+        new._take_proj_and_biases(m)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, N, C_in] -> [B, N_q, C_out]."""
+        b, n, _ = x.shape
+        k, v = _linear_norm(self.kv, self.kv_norm, x).view(b, n, self.num_heads, -1).split(
+            [self.key_dim, self.val_dim], dim=3)
+        q = _linear_norm(self.q, self.q_norm, self.q_down(x))
+        q = q.view(b, -1, self.num_heads, self.key_dim).permute(0, 2, 1, 3)
+        return self._attend(q, k.permute(0, 2, 3, 1), v.permute(0, 2, 1, 3), x.device)
+
+
+def _linear_norm(linear: nn.Linear, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's LinearNorm: the Linear on [B, N, C] tokens, the norm over them flattened."""
+    y = linear(x)
+    return norm(y.flatten(0, 1)).reshape_as(y)
 
 
 def _has_tensor(module: nn.Module, path: str) -> bool:
@@ -677,19 +723,40 @@ def _is_levit_attention(m: nn.Module) -> bool:
     if not (type(m).__name__ == "Attention" and all(hasattr(m, a) for a in (
             "use_conv", "num_heads", "scale", "key_dim", "key_attn_dim", "val_dim", "val_attn_dim",
             "qkv", "proj", "attention_biases", "attention_bias_idxs", "attention_bias_cache"))
-            and m.use_conv is False):
+            and m.use_conv is False and _is_linear_norm(m.qkv) and _is_levit_proj(m.proj)):
         return False
-
-    def linear_norm(t):  # timm's LinearNorm: a Linear without bias, a BatchNorm1d
-        return type(t).__name__ == "LinearNorm" and type(getattr(t, "linear", None)) is nn.Linear \
-            and t.linear.bias is None and type(getattr(t, "bn", None)) is nn.BatchNorm1d
-    qkv, proj = m.qkv, m.proj
     nh, kd, vd = m.num_heads, m.key_dim, m.val_dim
-    return (linear_norm(qkv) and isinstance(proj, nn.Sequential) and linear_norm(getattr(proj, "ln", None))
-            and hasattr(proj, "act") and len(proj) == 2
-            and qkv.linear.out_features == nh * (2 * kd + vd) and m.val_attn_dim == nh * vd
-            and proj.ln.linear.in_features == nh * vd and math.isclose(m.scale, kd ** -0.5)
+    return (m.qkv.linear.out_features == nh * (2 * kd + vd) and m.val_attn_dim == nh * vd
+            and m.proj.ln.linear.in_features == nh * vd and math.isclose(m.scale, kd ** -0.5)
             and tuple(m.attention_biases.shape[:1]) == (nh,))
+
+
+def _is_linear_norm(t) -> bool:
+    """timm's LinearNorm: a Linear without bias, then a BatchNorm1d."""
+    return type(t).__name__ == "LinearNorm" and type(getattr(t, "linear", None)) is nn.Linear \
+        and t.linear.bias is None and type(getattr(t, "bn", None)) is nn.BatchNorm1d
+
+
+def _is_levit_proj(t) -> bool:
+    """LeViT's projection: an activation `act`, then a LinearNorm `ln`."""
+    return isinstance(t, nn.Sequential) and len(t) == 2 and hasattr(t, "act") \
+        and _is_linear_norm(getattr(t, "ln", None))
+
+
+def _is_levit_attention_downsample(m: nn.Module) -> bool:
+    """timm's LeViT AttentionDownsample on tokens (by class name, what it holds and its
+    LinearNorms)."""
+    if not (type(m).__name__ == "AttentionDownsample" and all(hasattr(m, a) for a in (
+            "use_conv", "num_heads", "scale", "key_dim", "key_attn_dim", "val_dim", "val_attn_dim",
+            "q", "kv", "proj", "attention_biases", "attention_bias_idxs", "attention_bias_cache"))
+            and m.use_conv is False and isinstance(m.q, nn.Sequential) and len(m.q) == 2
+            and hasattr(m.q, "down") and _is_linear_norm(getattr(m.q, "ln", None))
+            and _is_linear_norm(m.kv) and _is_levit_proj(m.proj)):
+        return False
+    nh, kd, vd = m.num_heads, m.key_dim, m.val_dim
+    return (m.q.ln.linear.out_features == nh * kd and m.kv.linear.out_features == nh * (kd + vd)
+            and m.val_attn_dim == nh * vd and m.proj.ln.linear.in_features == nh * vd
+            and math.isclose(m.scale, kd ** -0.5) and tuple(m.attention_biases.shape[:1]) == (nh,))
 
 
 # (is it the original?, the swap) in the order they are tried
@@ -702,12 +769,13 @@ SWAPS = ((_is_timm_swin_v2, TimmWindowAttentionV2.from_timm),
          (_is_maxvit_attention, GridAttention.from_torchvision),
          (_is_maxxvit_attention, MaxxVitAttention.from_timm),
          (_is_class_attn, ClassAttention.from_timm),
-         (_is_levit_attention, LevitAttention.from_timm))
+         (_is_levit_attention, LevitAttention.from_timm),
+         (_is_levit_attention_downsample, LevitAttentionDownsample.from_timm))
 
 # the swapped modules (their forwards branch on shapes: torch.fx keeps them whole)
 SWAPPED = (TimmWindowAttentionV2, BeitAttention, EvaAttention, PvtAttention,
            GroupedWindowAttention, XcaAttention, GridAttention, MaxxVitAttention, ClassAttention,
-           LevitAttention)
+           LevitAttention, LevitAttentionDownsample)
 
 
 def swap(m: nn.Module) -> nn.Module | None:
@@ -721,5 +789,5 @@ def swap(m: nn.Module) -> nn.Module | None:
 
 __all__ = ["TimmWindowAttentionV2", "BeitAttention", "EvaAttention", "PvtAttention",
            "GroupedWindowAttention", "XcaAttention", "GridAttention", "MaxxVitAttention",
-           "ClassAttention", "LevitAttention", "swap",
+           "ClassAttention", "LevitAttention", "LevitAttentionDownsample", "swap",
            "SWAPPED"]

@@ -15,9 +15,10 @@ whose `head_first` is True lays the qkv rows out head by head instead ([num_head
 head_dim]: timm's MaxViT / CoAtNet "rw" models): head h owns rows `h * 3 * head_dim + s *
 head_dim + (0 .. head_dim-1)`.
 
-timm's LeViT family (EfficientFormer, TinyViT) gives each head's q and k `key_dim` features and
-its v `val_dim` (`AttentionHeads.v_dim`), in one fused Linear laid out head by head; a module
-naming both widths is read that way.
+timm's LeViT family (EfficientFormer, TinyViT, LeViT) gives each head's q and k `key_dim`
+features and its v `val_dim` (`AttentionHeads.v_dim`), in one fused Linear laid out head by
+head (LeViT's downsampling attention: `q`, and `kv` head by head); a module naming both widths
+is read that way.
 
 Where q, k and v come from more than one Linear, the Linears are found by their names (the only
 way to tell `q` from `proj` when both map A features to A):
@@ -162,16 +163,22 @@ def attention_heads(model: nn.Module) -> list[AttentionHeads]:
 def _key_val_heads(name: str, m: nn.Module, nh: int, linears) -> AttentionHeads | None:
     """timm's LeViT family (EfficientFormer, TinyViT, LeViT): each head's q and k are `key_dim`
     wide and its v `val_dim`, one fused Linear of num_heads * (2 * key_dim + val_dim) outputs
-    lays them out head by head, and the projection reads num_heads * val_dim; None where `m`
-    names no such widths or has no such pair of Linears."""
+    lays them out head by head (or, LeViT's downsampling attention, a Linear `q` of num_heads *
+    key_dim outputs beside a Linear `kv` of num_heads * (key_dim + val_dim), head by head), and
+    the projection reads num_heads * val_dim; None where `m` names no such widths or has no
+    such Linears."""
     kd, vd = getattr(m, "key_dim", None), getattr(m, "val_dim", None)
     if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in (kd, vd)):
         return None
-    qkv = [c for c, (_, out) in linears if out == nh * (2 * kd + vd)]
-    proj = [c for c, (inp, _) in linears if inp == nh * vd and c not in qkv]
-    if len(qkv) != 1 or len(proj) != 1:
+    out = dict((c, io[1]) for c, io in linears)
+    if out.get("q") == nh * kd and out.get("kv") == nh * (kd + vd):
+        inputs, kv = ["q", "kv"], _name(name, "kv")
+    else:
+        inputs, kv = [c for c, o in out.items() if o == nh * (2 * kd + vd)], None
+    proj = [c for c, (inp, _) in linears if inp == nh * vd and c not in inputs]
+    if len(inputs) != (1 if kv is None else 2) or len(proj) != 1:
         return None
-    return AttentionHeads(name, _name(name, qkv[0]), _name(name, proj[0]), nh, kd,
+    return AttentionHeads(name, _name(name, inputs[0]), _name(name, proj[0]), nh, kd, kv=kv,
                           head_first=True, v_dim=vd)
 
 # The name-based patterns (see the module docstring), tried in order: the Linears computing q,
