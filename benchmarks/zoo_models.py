@@ -54,7 +54,9 @@ MODELS = [("torchvision", n, s) for n, s in [
         ("twins_pcpvt_small", 96), ("crossvit_tiny_240", 96), ("xcit_nano_12_p16_224", 224),
         ("cait_xxs24_224", 224), ("tnt_s_patch16_224", 224), ("visformer_tiny", 224),
         ("swinv2_tiny_window8_256", 256), ("beit_base_patch16_224", 224), ("twins_svt_small", 96),
-        ("maxvit_rmlp_nano_rw_256", 256), ("tiny_vit_5m_224", 224)]]
+        ("maxvit_rmlp_nano_rw_256", 256), ("tiny_vit_5m_224", 224),
+        ("nextvit_small", 96), ("gcvit_xxtiny", 224), ("hiera_tiny_224", 224),
+        ("efficientvit_m0", 224), ("mvitv2_tiny", 224), ("davit_tiny", 224)]]
 MEMORY_LIMIT = 8 << 30   # bytes of resident memory per child (watched; the CUDA build of torch
                          # reserves far more address space than it uses, so no RLIMIT_AS)
 TIME_LIMIT = 600         # seconds per child

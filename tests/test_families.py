@@ -523,7 +523,8 @@ def _zoo_models():
                                       "pvt_v2_b0", "swinv2_tiny_window8_256",
                                       "eva02_tiny_patch14_224", "maxvit_rmlp_nano_rw_256",
                                       "coatnet_nano_rw_224", "levit_128s", "efficientformer_l1",
-                                      "tiny_vit_5m_224", "crossvit_tiny_240")]
+                                      "tiny_vit_5m_224", "crossvit_tiny_240", "nextvit_small",
+                                      "gcvit_xxtiny", "hiera_tiny_224")]
     if importlib.util.find_spec("torchvision") is not None:
         out += [("torchvision", n) for n in ("resnet18", "mobilenet_v2", "shufflenet_v2_x0_5",
                                              "vit_b_16", "swin_t", "regnet_y_400mf",
@@ -547,7 +548,7 @@ def test_zoo_model_refill_compacts_exactly(lib, name):
     torch.manual_seed(0)
     model = _zoo_model(lib, name).eval()
     size = 64  # timm's ViT and Swin fix their input size
-    if any(k in name for k in ("vit", "eva", "coatnet", "levit", "efficientformer")) \
+    if any(k in name for k in ("vit", "eva", "coatnet", "levit", "efficientformer", "gcvit", "hiera")) \
             or (lib == "timm" and "swin" in name):
         size = 256 if name.endswith("_256") else 224
     x = torch.randn(1, 3, size, size)
@@ -560,8 +561,10 @@ def test_zoo_model_refill_compacts_exactly(lib, name):
         assert rel_err(masked(xi), small(xi)) < 1e-4
     assert n_params(small) <= n_params(model)
     assert math.isfinite(small.ticketsmith_compact["verified_rel_err"])
-    if any(k in name for k in ("vit", "swin", "eva", "pvt", "coatnet", "efficientformer")):
-        # timm's (some swapped), the LeViT family's (v wider than q and k)
+    if any(k in name for k in ("vit", "swin", "eva", "pvt", "coatnet", "efficientformer")) \
+            and not any(k in name for k in ("nextvit", "gcvit")):
+        # timm's (some swapped), the LeViT family's (v wider than q and k); NeXt-ViT's and
+        # GCViT's keep their heads (output reshaped to the input width; a global query)
         assert small.ticketsmith_compact["removed_heads"], "no attention head was removed"
     if "eva" in name:  # the GluMlp's hidden units, its fc1 split in two (SplitGluMlp)
         mlp = "blocks.0.mlp"

@@ -204,3 +204,74 @@ def test_indexed_groups_are_torch_prunings_groups(family, monkeypatch):
     indexed = all_groups()
     monkeypatch.setattr(G, "_indexed_groups", contextlib.nullcontext)
     assert all_groups() == indexed
+
+
+class ReadsItsOwnGroup(nn.Module):
+    """NeXt-ViT's pattern in small: the stream concatenated after a branch's output, projected
+    back onto the stream by a conv whose input and output are both in the stream's group."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 1)
+        self.branch = nn.Conv2d(4, 4, 3, padding=1)
+        self.back = nn.Conv2d(8, 4, 1)
+        self.head = nn.Linear(4, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.back(torch.cat([F.relu(self.branch(x)), x], 1))
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_layer_reading_the_group_it_writes_keeps_its_output_index():
+    """`back` writes the stream's group and reads it (inputs 4-7, past its 4 outputs): its index
+    stays over its output rows (it once took its input positions, out of bounds), refill and
+    compaction go through, exact on other inputs."""
+    from ticketsmith.structure.coupling import analyse
+    torch.manual_seed(0)
+    model = ReadsItsOwnGroup().eval()
+    x = torch.randn(2, 3, 6, 6)
+    (group,) = [g for g in analyse(model, x).groups if "back.weight" in g.layers]
+    assert set(group.layers) == {"stem.weight", "back.weight"}
+    assert "back.weight" not in group.consumers and "branch.weight" in group.consumers
+    assert torch.equal(group.index["back.weight"], group.index["stem.weight"])
+    params = {n: p.detach().abs() for n, p in model.named_parameters()}
+    masks = ts.refill(model, ts.Masks({n: params[n] >= params[n].median() for n in ts.prunable_names(model)}),
+                      example_inputs=x)
+    small = C.compact(model, masks, x)
+    masked = copy.deepcopy(model)
+    masks.apply(masked)
+    with torch.no_grad():
+        xi = torch.randn(3, 3, 7, 7)
+        assert torch.allclose(masked(xi), small(xi), atol=1e-5)
+
+
+def test_an_index_mapping_that_raises_leaves_its_group_whole(monkeypatch):
+    """torch-pruning's own mapping raising (its grouped-query mapping divides by a head width it
+    read as 0 on timm's GCViT and Hiera) is IndexMappingFailed, naming the dependency: refill
+    and compaction leave that group whole and go on."""
+    torch.manual_seed(0)
+    model = Flat().eval()
+    x = torch.randn(2, 3, 4, 4)
+    graph = build(model, x)
+    real = G._Bounded.__call__
+
+    def fail(idxs):
+        raise ZeroDivisionError("integer division or modulo by zero")
+
+    def broken(self, idxs):  # the flatten after c2 (the only mapping with a stride here) fails
+        if getattr(self.fn, "_stride", None) is not None:
+            return real(G._Bounded(fail, self.limit, self.dep), idxs)
+        return real(self, idxs)
+    monkeypatch.setattr(G._Bounded, "__call__", broken)
+    with pytest.raises(G.IndexMappingFailed, match="ZeroDivisionError"):
+        graph.get_pruning_group(model.c2, graph.get_pruner_of_module(model.c2).prune_out_channels,
+                                list(range(4)))
+    keep = torch.tensor([True, False, True, False])
+    masks = ts.Masks({"c1.weight": keep.view(4, 1, 1, 1).expand(4, 3, 3, 3).clone(),
+                      "c2.weight": keep.view(4, 1, 1, 1).expand(4, 4, 3, 3).clone()})
+    masks = ts.channel_companions(model, masks, x)
+    small = C.compact(model, masks, x)
+    assert small.c1.out_channels == 2 and small.c2.out_channels == 4
+    assert "ZeroDivisionError" in small.ticketsmith_compact["skipped_groups"]["c2"]
+    assert set(ts.refill(model, masks, example_inputs=x).weight_names) == set(masks.weight_names)

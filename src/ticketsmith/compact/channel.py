@@ -49,7 +49,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..masks import copy_module
-from ..structure.graph import (DependencyGraph, IndexMappingTooLarge, axis_through, op_name,
+from ..structure.graph import (DependencyGraph, IndexMappingFailed, axis_through, op_name,
                                output_shape)
 
 OPTYPE = tp.ops.OPTYPE
@@ -744,7 +744,7 @@ def remove_dead_channels(model: nn.Module, example_inputs: Sequence[torch.Tensor
                     stale = set()
                     group = graph.get_pruning_group(module, handler, list(range(n_out)))
                 g = _Group(graph, group, out_nodes)
-            except IndexMappingTooLarge as e:
+            except IndexMappingFailed as e:
                 skipped[root_name] = str(e)
                 continue
             reason = g.unsupported()
@@ -842,7 +842,7 @@ def _out_members(g: _Group, names: dict) -> list[str]:
 def _group_roots(graph, names: dict, skipped: dict) -> list:
     """(root module, handler, full group) of every coupled group, found as torch-pruning's
     `get_all_groups` finds them (each conv / linear layer whose output channels no earlier
-    group holds). A root whose group the graph cannot map (`IndexMappingTooLarge`) is left
+    group holds). A root whose group the graph cannot map (`IndexMappingFailed`) is left
     whole, the reason in `skipped`, and the other groups go on."""
     held: set = set()
     out = []
@@ -855,7 +855,7 @@ def _group_roots(graph, names: dict, skipped: dict) -> list:
             continue
         try:
             group = graph.get_pruning_group(m, pruner.prune_out_channels, list(range(n_out)))
-        except IndexMappingTooLarge as e:
+        except IndexMappingFailed as e:
             skipped[names.get(m, str(m))] = str(e)
             held.add(m)
             continue

@@ -25,7 +25,7 @@ from torch_pruning._helpers import _HybridIndex
 
 from ..errors import UsageError
 from ..masks import PRUNABLE_TYPES, Masks
-from .graph import DependencyGraph, IndexMappingTooLarge, axis_through, op_name, output_shape
+from .graph import DependencyGraph, IndexMappingFailed, axis_through, op_name, output_shape
 
 # Norms that act on each channel separately: zeroing a channel's affine weight and bias makes
 # their output exactly zero on that channel, whatever its input. LayerNorm / GroupNorm mix
@@ -59,7 +59,8 @@ class ChannelGroup:
         concatenation serves several groups, each on its own slice (-1 elsewhere);
       - for each of `consumers` (weight names of the layers reading the group's channels):
         over their *input* channels (`in_channels`, or `in_features` where a flatten spreads a
-        channel over several features).
+        channel over several features); a layer of the group that also reads its channels is
+        listed among the layers only.
     In a plain residual stage every layer's index is `arange(channels)`.
     `output` is True when the channels are the model's outputs (the classifier head): they
     cannot be dropped.
@@ -230,7 +231,7 @@ def analyse(model: nn.Module, example_inputs=None) -> Coupling:
         c_out = _out_channels(m)
         try:
             group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(c_out)))
-        except IndexMappingTooLarge:
+        except IndexMappingFailed:
             continue  # the graph cannot say what its channels tie to: a group of its own
         for item in group:
             t = item.dep.target.module
@@ -275,7 +276,7 @@ def analyse(model: nn.Module, example_inputs=None) -> Coupling:
             continue
         try:
             hits, out, reached = _walk_forward(dg, dg.module2node[m], _out_channels(m))
-        except IndexMappingTooLarge:
+        except IndexMappingFailed:
             # where its channels go is not known: no norm is zeroed with its rows, and its
             # channels count as shown by the model's output (kept)
             reaches_output.add(w)
@@ -323,6 +324,11 @@ def analyse(model: nn.Module, example_inputs=None) -> Coupling:
                 # the graph maps the channels past the consumer's inputs: it reads them along
                 # another axis (a linear layer over the transposed token axis of an MLP-Mixer),
                 # so it is no channel consumer of this group
+                continue
+            if consumer in lnames:
+                # it reads channels of the group it writes (NeXt-ViT: a concatenation with the
+                # stream, projected back onto it): its index is over its output rows, which its
+                # inputs must not overwrite; compaction checks what it cuts anyway
                 continue
             if consumer not in index:
                 index[consumer] = torch.full((_in_channels(model, consumer),), -1,

@@ -41,7 +41,9 @@ It then falls back to channel counts inferred from the neighbouring layers, righ
 - bounds every index mapping: none may produce more indices than `max_indices` (a few times
   the widest layer of the model: a list longer than any tensor dimension is no channel list).
   Past it `IndexMappingTooLarge` is raised, naming the dependency, before the list grows into
-  gigabytes; its callers leave the group it belongs to whole.
+  gigabytes; a mapping that raises (torch-pruning's arithmetic on shapes it misread) raises
+  `IndexMappingFailed` (the base class) likewise; its callers leave the group it belongs to
+  whole.
 """
 from __future__ import annotations
 
@@ -75,7 +77,12 @@ _MAPPED_TYPES = (OPTYPE.CONCAT, OPTYPE.SPLIT, OPTYPE.RESHAPE, OPTYPE.UNBIND, OPT
                  OPTYPE.SLICE)
 
 
-class IndexMappingTooLarge(UsageError):
+class IndexMappingFailed(UsageError):
+    """An index mapping of torch-pruning's graph gave no channel list: its callers leave the
+    group it belongs to whole."""
+
+
+class IndexMappingTooLarge(IndexMappingFailed):
     """An index mapping of torch-pruning's graph produced more indices than any layer has."""
 
 
@@ -105,7 +112,14 @@ class _Bounded:
         if stride is not None and not getattr(self.fn, "reverse", True) \
                 and len(idxs) * stride > self.limit:
             self._fail(len(idxs) * stride)  # a flatten mapping: its size is known before
-        out = self.fn(idxs)
+        try:
+            out = self.fn(idxs)
+        except (ArithmeticError, IndexError) as e:  # (its grouped-query mapping divides by a
+            # head width it read as 0 from timm's GCViT / Hiera: no channel list either)
+            raise IndexMappingFailed(
+                f"torch-pruning's index mapping from {self.dep.source.name} to "
+                f"{self.dep.target.name} failed ({type(e).__name__}: {e}): the graph maps "
+                "channels through an operation it does not understand") from None
         if len(out) > self.limit:
             self._fail(len(out))
         return out
@@ -500,5 +514,5 @@ def build(model: nn.Module, example_inputs, forward_fn=None) -> DependencyGraph:
                                                   verbose=False)
 
 
-__all__ = ["DependencyGraph", "IndexMappingTooLarge", "axis_through", "build", "op_name",
-           "output_shape", "widest"]
+__all__ = ["DependencyGraph", "IndexMappingFailed", "IndexMappingTooLarge", "axis_through", "build",
+           "op_name", "output_shape", "widest"]
