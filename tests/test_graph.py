@@ -246,10 +246,13 @@ def test_a_layer_reading_the_group_it_writes_keeps_its_output_index():
         assert torch.allclose(masked(xi), small(xi), atol=1e-5)
 
 
-def test_an_index_mapping_that_raises_leaves_its_group_whole(monkeypatch):
+@pytest.mark.parametrize("how,why", [("raises", "ZeroDivisionError"), ("no roots", "root indices")])
+def test_an_index_mapping_that_fails_leaves_its_group_whole(how, why, monkeypatch):
     """torch-pruning's own mapping raising (its grouped-query mapping divides by a head width it
-    read as 0 on timm's GCViT and Hiera) is IndexMappingFailed, naming the dependency: refill
-    and compaction leave that group whole and go on."""
+    read as 0 on timm's GCViT and Hiera) or returning indices without their root channel (the
+    same mapping on HaloNet) is IndexMappingFailed, naming the dependency: refill and compaction
+    leave that group whole and go on."""
+    from torch_pruning import _helpers
     torch.manual_seed(0)
     model = Flat().eval()
     x = torch.randn(2, 3, 4, 4)
@@ -257,6 +260,8 @@ def test_an_index_mapping_that_raises_leaves_its_group_whole(monkeypatch):
     real = G._Bounded.__call__
 
     def fail(idxs):
+        if how == "no roots":
+            return [_helpers._HybridIndex(idx=i.idx, root_idx=None) for i in idxs]
         raise ZeroDivisionError("integer division or modulo by zero")
 
     def broken(self, idxs):  # the flatten after c2 (the only mapping with a stride here) fails
@@ -264,7 +269,7 @@ def test_an_index_mapping_that_raises_leaves_its_group_whole(monkeypatch):
             return real(G._Bounded(fail, self.limit, self.dep), idxs)
         return real(self, idxs)
     monkeypatch.setattr(G._Bounded, "__call__", broken)
-    with pytest.raises(G.IndexMappingFailed, match="ZeroDivisionError"):
+    with pytest.raises(G.IndexMappingFailed, match=why):
         graph.get_pruning_group(model.c2, graph.get_pruner_of_module(model.c2).prune_out_channels,
                                 list(range(4)))
     keep = torch.tensor([True, False, True, False])
@@ -273,5 +278,5 @@ def test_an_index_mapping_that_raises_leaves_its_group_whole(monkeypatch):
     masks = ts.channel_companions(model, masks, x)
     small = C.compact(model, masks, x)
     assert small.c1.out_channels == 2 and small.c2.out_channels == 4
-    assert "ZeroDivisionError" in small.ticketsmith_compact["skipped_groups"]["c2"]
+    assert why in small.ticketsmith_compact["skipped_groups"]["c2"]
     assert set(ts.refill(model, masks, example_inputs=x).weight_names) == set(masks.weight_names)

@@ -41,9 +41,9 @@ It then falls back to channel counts inferred from the neighbouring layers, righ
 - bounds every index mapping: none may produce more indices than `max_indices` (a few times
   the widest layer of the model: a list longer than any tensor dimension is no channel list).
   Past it `IndexMappingTooLarge` is raised, naming the dependency, before the list grows into
-  gigabytes; a mapping that raises (torch-pruning's arithmetic on shapes it misread) raises
-  `IndexMappingFailed` (the base class) likewise; its callers leave the group it belongs to
-  whole.
+  gigabytes; a mapping that raises (torch-pruning's arithmetic on shapes it misread) or
+  returns indices without their root channel raises `IndexMappingFailed` (the base class)
+  likewise; its callers leave the group it belongs to whole.
 """
 from __future__ import annotations
 
@@ -122,6 +122,13 @@ class _Bounded:
                 "channels through an operation it does not understand") from None
         if len(out) > self.limit:
             self._fail(len(out))
+        if any(getattr(i, "root_idx", 0) is None for i in out):
+            # (its grouped-query mapping of an expand drops them: HaloNet's, where the head
+            # width it reads is not 0) no group can say which root channel an index is
+            raise IndexMappingFailed(
+                f"torch-pruning's index mapping from {self.dep.source.name} to "
+                f"{self.dep.target.name} loses the channels' root indices: the graph maps "
+                "channels through an operation it does not understand")
         return out
 
     def _fail(self, n: int):
