@@ -280,3 +280,41 @@ def test_an_index_mapping_that_fails_leaves_its_group_whole(how, why, monkeypatc
     assert small.c1.out_channels == 2 and small.c2.out_channels == 4
     assert why in small.ticketsmith_compact["skipped_groups"]["c2"]
     assert set(ts.refill(model, masks, example_inputs=x).weight_names) == set(masks.weight_names)
+
+
+class ReshapesByInputWidth(nn.Module):
+    """timm's LambdaLayer in small: its output reshaped by its *input* width, which a cut of
+    the stem's channels changes while the output keeps its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 1)
+        self.mix = nn.Conv2d(4, 4, 1)
+        self.head = nn.Linear(4, 10)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        b, c, h, w = x.shape
+        y = self.mix(x).flatten(2).reshape(b, c, h, w)
+        return self.head(y.mean((2, 3)))
+
+
+def test_a_cut_that_breaks_the_forward_is_undone():
+    """Cutting the stem's dead channels leaves `mix`'s output wider than the width its forward
+    reshapes to: that cut is undone (the group left whole, with the reason) and the rest goes
+    on; the compact model is exact."""
+    torch.manual_seed(0)
+    model = ReshapesByInputWidth().eval()
+    x = torch.randn(2, 3, 5, 5)
+    keep = torch.tensor([True, False, True, False])
+    masks = ts.Masks({"stem.weight": keep.view(4, 1, 1, 1).expand(4, 3, 1, 1).clone(),
+                      "mix.weight": torch.ones(4, 4, 1, 1, dtype=torch.bool)})
+    masks = ts.channel_companions(model, masks, x)
+    small = C.compact(model, masks, x)
+    assert small.stem.out_channels == 4 and small.mix.in_channels == 4
+    assert "breaks the model's forward" in small.ticketsmith_compact["skipped_groups"]["stem"]
+    masked = copy.deepcopy(model)
+    masks.apply(masked)
+    with torch.no_grad():
+        xi = torch.randn(3, 3, 5, 5)
+        assert torch.allclose(masked(xi), small(xi), atol=1e-5)

@@ -24,7 +24,10 @@ and channel, from the weights:
   layouts where its channel axis is followed from layer to layer through transposes, permutes
   and views that keep it whole (`_Group.channel_axes`): a linear layer on tokens, the tokens
   viewed as a map for a depthwise conv and flattened back (PVT-v2's and SegFormer's MLP), or a
-  conv stem whose map becomes the tokens.
+  conv stem whose map becomes the tokens. After each group's cut the model must still run on
+  the example inputs; where it does not (a forward reshaping by a width the cut changed, as
+  timm's LambdaLayer reshapes its output by its input width), the cut is undone and the group
+  left whole with the error.
 
 A grouped convolution (ResNeXt, RegNet) keeps its `groups`: its weight is out x in/groups, so
 every group must keep as many input (and output) channels as the others. Where the removable
@@ -774,6 +777,7 @@ def remove_dead_channels(model: nn.Module, example_inputs: Sequence[torch.Tensor
                 skipped[root_name] = why
                 members[root_name] = _out_members(g, names)
                 continue
+            before_cut = _Snapshot(pruning, kept)
             for it in pruning:
                 target = it.dep.target.module
                 name = names.get(target)
@@ -804,6 +808,12 @@ def remove_dead_channels(model: nn.Module, example_inputs: Sequence[torch.Tensor
                 conv.weight = nn.Parameter(grouped_in_select(before, conv.groups,
                                                              torch.nonzero(keep).flatten()),
                                            requires_grad=conv.weight.requires_grad)
+            why = _breaks_forward(model, inputs)
+            if why is not None:  # (timm's LambdaLayer reshapes its output by its input width)
+                before_cut.restore(kept)
+                skipped[root_name] = f"cutting its channels breaks the model's forward ({why})"
+                members[root_name] = _out_members(g, names)
+                continue
             stale.update(n for n in g.items if n.type == OPTYPE.RESHAPE)
             # a grouped conv cut to one channel per group is depthwise now: traced again, the
             # graph ties its inputs to its outputs, so that whole dead groups can go
@@ -826,6 +836,43 @@ def remove_dead_channels(model: nn.Module, example_inputs: Sequence[torch.Tensor
         for name in members.get(root, [root]):
             whole.setdefault(name, why)
     return SurgeryReport(kept, removed, skipped, whole)
+
+
+class _Snapshot:
+    """The modules a cut touches (their attributes, parameters and buffers as they are) and the
+    channel bookkeeping, to put back where the cut model no longer runs."""
+
+    def __init__(self, pruning, kept: dict):
+        self.modules = []
+        self.data = []
+        for it in pruning:
+            t = it.dep.target.module
+            if isinstance(t, nn.Parameter):
+                self.data.append((t, t.data))
+            elif isinstance(t, nn.Module):
+                self.modules.append((t, dict(t.__dict__), dict(t._parameters), dict(t._buffers)))
+        self.books = {n: (cm.out, cm.inp) for n, cm in kept.items()}
+
+    def restore(self, kept: dict) -> None:
+        for m, attrs, params, buffers in self.modules:
+            m.__dict__.clear()
+            m.__dict__.update(attrs)
+            m._parameters, m._buffers = params, buffers
+        for t, data in self.data:
+            t.data = data
+        for n, (out, inp) in self.books.items():
+            kept[n].out, kept[n].inp = out, inp
+
+
+def _breaks_forward(model: nn.Module, inputs: tuple) -> str | None:
+    """Why the model no longer runs on the example inputs (None if it does): a forward that
+    reshapes by a width the cut changed."""
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as e:  # noqa: BLE001 - any failure of the user's forward
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    return None
 
 
 def _out_members(g: _Group, names: dict) -> list[str]:
