@@ -128,6 +128,14 @@ class Flat(nn.Module):
         return self.fc(F.relu(self.c2(F.relu(self.c1(x)))).flatten(1))
 
 
+def half_of_flat(model: Flat, x: torch.Tensor) -> ts.Masks:
+    """Channels 1 and 3 of both convs dead, with their companions."""
+    keep = torch.tensor([True, False, True, False])
+    masks = ts.Masks({"c1.weight": keep.view(4, 1, 1, 1).expand(4, 3, 3, 3).clone(),
+                      "c2.weight": keep.view(4, 1, 1, 1).expand(4, 4, 3, 3).clone()})
+    return ts.channel_companions(model, masks, x)
+
+
 def test_an_index_mapping_past_its_bound_leaves_its_group_whole(monkeypatch):
     """An index list longer than the bound raises IndexMappingTooLarge (with where) instead of
     growing: compaction leaves that group whole with the reason, the rest of the model goes on
@@ -141,10 +149,7 @@ def test_an_index_mapping_past_its_bound_leaves_its_group_whole(monkeypatch):
     with pytest.raises(G.IndexMappingTooLarge, match="more than 32"):
         graph.get_pruning_group(model.c2, graph.get_pruner_of_module(model.c2).prune_out_channels,
                                 list(range(4)))
-    keep = torch.tensor([True, False, True, False])
-    masks = ts.Masks({"c1.weight": keep.view(4, 1, 1, 1).expand(4, 3, 3, 3).clone(),
-                      "c2.weight": keep.view(4, 1, 1, 1).expand(4, 4, 3, 3).clone()})
-    masks = ts.channel_companions(model, masks, x)
+    masks = half_of_flat(model, x)
     small = C.compact(model, masks, x)
     assert small.c1.out_channels == 2                 # its group maps within the bound
     assert small.c2.out_channels == 4                 # its group is left whole, with why
@@ -272,10 +277,7 @@ def test_an_index_mapping_that_fails_leaves_its_group_whole(how, why, monkeypatc
     with pytest.raises(G.IndexMappingFailed, match=why):
         graph.get_pruning_group(model.c2, graph.get_pruner_of_module(model.c2).prune_out_channels,
                                 list(range(4)))
-    keep = torch.tensor([True, False, True, False])
-    masks = ts.Masks({"c1.weight": keep.view(4, 1, 1, 1).expand(4, 3, 3, 3).clone(),
-                      "c2.weight": keep.view(4, 1, 1, 1).expand(4, 4, 3, 3).clone()})
-    masks = ts.channel_companions(model, masks, x)
+    masks = half_of_flat(model, x)
     small = C.compact(model, masks, x)
     assert small.c1.out_channels == 2 and small.c2.out_channels == 4
     assert why in small.ticketsmith_compact["skipped_groups"]["c2"]
