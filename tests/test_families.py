@@ -524,7 +524,7 @@ def _zoo_models():
                                       "eva02_tiny_patch14_224", "maxvit_rmlp_nano_rw_256",
                                       "coatnet_nano_rw_224", "levit_128s", "efficientformer_l1",
                                       "tiny_vit_5m_224", "crossvit_tiny_240", "nextvit_small",
-                                      "gcvit_xxtiny", "hiera_tiny_224")]
+                                      "gcvit_xxtiny", "hiera_tiny_224", "focalnet_tiny_srf")]
     if importlib.util.find_spec("torchvision") is not None:
         out += [("torchvision", n) for n in ("resnet18", "mobilenet_v2", "shufflenet_v2_x0_5",
                                              "vit_b_16", "swin_t", "regnet_y_400mf",

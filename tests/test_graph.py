@@ -320,3 +320,67 @@ def test_a_cut_that_breaks_the_forward_is_undone():
     with torch.no_grad():
         xi = torch.randn(3, 3, 5, 5)
         assert torch.allclose(masked(xi), small(xi), atol=1e-5)
+
+
+class FocalModulation(nn.Module):
+    """timm's FocalNet modulation in small: one conv gives q, the context and one gate per
+    focal level, each gate a single channel broadcast over the context's channels."""
+
+    def __init__(self, dim=4, levels=2):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 1)
+        self.f = nn.Conv2d(dim, 2 * dim + levels + 1, 1)
+        self.focal = nn.ModuleList(nn.Conv2d(dim, dim, 3, padding=1, groups=dim) for _ in range(levels))
+        self.h = nn.Conv2d(dim, dim, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+        self.head = nn.Linear(dim, 10)
+        self.split = [dim, dim, levels + 1]
+
+    def forward(self, x):
+        x = self.stem(x)
+        q, ctx, gates = torch.split(self.f(x), self.split, 1)
+        ctx_all = 0
+        for level, conv in enumerate(self.focal):
+            ctx = F.gelu(conv(ctx))
+            ctx_all = ctx_all + ctx * gates[:, level:level + 1]
+        ctx_all = ctx_all + F.gelu(ctx.mean((2, 3), keepdim=True)) * gates[:, len(self.focal):]
+        x = x + self.proj(q * self.h(ctx_all))
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_broadcast_operand_shares_no_channel():
+    """A gate of one channel multiplying the context shares no channel with it: the group of a
+    context channel holds the layers it reaches (the focal convs, h) and none of the gates (once
+    torch-pruning's walk shifted the indices by one a turn through the gates' slices and never
+    ended: FocalNet ran out of memory). Refill and compaction go through, exact."""
+    torch.manual_seed(0)
+    model = FocalModulation().eval()
+    x = torch.randn(2, 3, 6, 6)
+    graph = build(model, x)
+    assert len(graph.broadcasts) == 3
+    prune_out = graph.get_pruner_of_module(model.f).prune_out_channels
+    group = graph.get_pruning_group(model.f, prune_out, [5])   # the context's channel 1
+    hit = {(dep.target.module, dep.handler.__name__): list(idxs) for dep, idxs in group}
+    assert hit[(model.h, "prune_in_channels")] == [1]
+    assert hit[(model.focal[1], "prune_out_channels")] == [1]
+    assert all(i < 2 * 4 + 3 for (m, _), ix in hit.items() if m is model.f for i in ix)
+    params = {n: p.detach().abs() for n, p in model.named_parameters()}
+    masks = ts.refill(model, ts.Masks({n: params[n] >= params[n].median() for n in ts.prunable_names(model)}),
+                      example_inputs=x)
+    small = C.compact(model, masks, x)
+    masked = copy.deepcopy(model)
+    masks.apply(masked)
+    with torch.no_grad():
+        xi = torch.randn(3, 3, 7, 7)
+        assert torch.allclose(masked(xi), small(xi), atol=1e-5)
+
+
+@pytest.mark.timeout(120)
+def test_a_walk_whose_indices_never_repeat_is_bounded(monkeypatch):
+    """Without the broadcast rule (above) the walk of a context channel never repeats: it stops
+    at the bound (IndexMappingTooLarge, naming where) instead of growing into gigabytes."""
+    monkeypatch.setattr(G.DependencyGraph, "_cut_broadcasts", lambda self, module2node: None)
+    model = FocalModulation().eval()
+    graph = build(model, torch.randn(2, 3, 6, 6))
+    with pytest.raises(G.IndexMappingTooLarge, match="walk of a channel group"):
+        graph.get_pruning_group(model.f, graph.get_pruner_of_module(model.f).prune_out_channels, [5])

@@ -38,10 +38,15 @@ It then falls back to channel counts inferred from the neighbouring layers, righ
   their autograd nodes): timm's MobileOne adds a Python 0 where a block has no skip branch,
   which autograd shows as any constant operand would, and adding zero keeps a removed channel
   zero;
+- lets an element-wise operand of one channel, broadcast over the channels of the other
+  (FocalNet's gates), share no channel with it (`broadcasts`): torch-pruning ties channel i of
+  every operand, and through FocalNet's slices of its gates the walk of a group shifted the
+  indices by one each turn of a cycle, never repeating, until memory ran out;
 - bounds every index mapping: none may produce more indices than `max_indices` (a few times
-  the widest layer of the model: a list longer than any tensor dimension is no channel list).
-  Past it `IndexMappingTooLarge` is raised, naming the dependency, before the list grows into
-  gigabytes; a mapping that raises (torch-pruning's arithmetic on shapes it misread) or
+  the widest layer of the model: a list longer than any tensor dimension is no channel list),
+  nor may the walk of a group gather more than that for one operation (a cycle whose mappings
+  never repeat). Past it `IndexMappingTooLarge` is raised, naming where, before the list grows
+  into gigabytes; a mapping that raises (torch-pruning's arithmetic on shapes it misread) or
   returns indices without their root channel raises `IndexMappingFailed` (the base class)
   likewise; its callers leave the group it belongs to whole.
 """
@@ -240,9 +245,12 @@ class _IndexedGroup(tp_graph.Group):
     scans cost n^2 for a group of n items: a MobileViT-v2 spent 160 of its 185 s of refill and
     compaction in them. Same items, same order, same answers."""
 
+    limit: int | None = None  # most indices one operation may gather over its index lists
+
     def __init__(self):
         super().__init__()
         self._ops: dict = {}  # (target node, handler) -> set of index tuples added
+        self._count: Counter = Counter()  # (target node, handler) -> indices over its lists
         self._first: dict = {}  # (target node, handler) -> position of its first item
         self._merged: dict = {}  # position -> (its merged index list, the indices in it)
 
@@ -250,6 +258,14 @@ class _IndexedGroup(tp_graph.Group):
         super().add_dep(dep, idxs)
         key = (dep.target, dep.handler)
         self._ops.setdefault(key, set()).add(tuple(idxs))
+        self._count[key] += len(idxs)
+        if self.limit is not None and self._count[key] > self.limit:
+            # the walk ends when every (operation, index list) repeats: a cycle of mappings
+            # that shifts the indices each turn never repeats, and the group grows without end
+            raise IndexMappingTooLarge(
+                f"torch-pruning's walk of a channel group reached {dep.target.name} with more "
+                f"than {self.limit} channel indices (a few times the widest layer): the graph "
+                "maps channels through an operation it does not understand")
         self._first.setdefault(key, len(self._group) - 1)
 
     def has_pruning_op(self, dep, idxs) -> bool:
@@ -278,10 +294,11 @@ class _IndexedGroup(tp_graph.Group):
 
 
 @contextmanager
-def _indexed_groups():
-    """Inside the block, torch-pruning's graph builds its groups as `_IndexedGroup`s."""
+def _indexed_groups(limit: int | None):
+    """Inside the block, torch-pruning's graph builds its groups as `_IndexedGroup`s, none of
+    whose operations gathers more than `limit` indices."""
     plain = tp_graph.Group
-    tp_graph.Group = _IndexedGroup
+    tp_graph.Group = type("_IndexedGroup", (_IndexedGroup,), {"limit": limit})
     try:
         yield
     finally:
@@ -317,6 +334,26 @@ def _quiet():
 
 
 _ADDS = {"add", "add_", "sub", "sub_", "__add__", "__radd__", "__iadd__", "__sub__", "__isub__"}
+
+
+def _operand_shapes(node) -> dict:
+    """id(input node) -> the shape of what it gave the node, read from autograd."""
+    shapes = {}
+    by_fn = {id(i.grad_fn): i for i in node.inputs if i.grad_fn is not None}
+    for f, nr in getattr(node.grad_fn, "next_functions", ()):
+        i = by_fn.get(id(f))
+        if i is None:
+            continue
+        try:
+            shapes[id(i)] = tuple(int(d) for d in f._input_metadata[nr].shape)
+        except (AttributeError, IndexError, RuntimeError, TypeError):
+            pass
+    return shapes
+
+
+def _no_channels(idxs):
+    """The index mapping of a broadcast operand (`DependencyGraph._cut_broadcasts`)."""
+    return []
 
 
 def _is_zero(a) -> bool:
@@ -355,6 +392,7 @@ class DependencyGraph(tp.DependencyGraph):
         self._chunk_of: dict = {}  # id(dependency) -> (split node, chunk its edge carries)
         self._mapped_state = None
         self.zero_adds: set = set()  # autograd nodes adding a constant zero (module docstring)
+        self.broadcasts: set = set()  # (operand, element-wise node) broadcast over the channels
 
     def _state(self) -> tuple:
         """What the index mappings depend on that can change after tracing: the channel counts
@@ -396,7 +434,7 @@ class DependencyGraph(tp.DependencyGraph):
             hidden = [n for n in self.module2node.values() if n.type in _MAPPED_TYPES]
         else:
             hidden = self._hidden_reshapes()
-        with _AsElementwise(hidden), _quiet(), _indexed_groups():
+        with _AsElementwise(hidden), _quiet(), _indexed_groups(self.max_indices):
             group = super().get_pruning_group(module, pruning_fn, idxs)
         self._mapped_state = state
         return group
@@ -417,11 +455,49 @@ class DependencyGraph(tp.DependencyGraph):
         for node in module2node.values():
             if node.type == OPTYPE.CONCAT and node.module.concat_sizes is None:
                 node.module.concat_sizes = _concat_sizes(node)
+        self._cut_broadcasts(module2node)
         for node in module2node.values():
             if node.type == OPTYPE.RESHAPE and not self._flattens_channels(node):
                 self.unmapped[node] = (f"a reshape of {_input_sizes(node)} other than a flatten "
                                       "into the next layer")
                 node.type = OPTYPE.ELEMENTWISE  # until build_dependency returns
+
+    def _cut_broadcasts(self, module2node) -> None:
+        """An element-wise operand with one channel, broadcast over the channels of the other
+        (FocalNet's gates: `ctx * gates[:, l:l + 1]`), shares no channel with it: its two
+        dependencies map every index list to none. torch-pruning couples channel i of each
+        operand; through FocalNet's slices of the gates the indices then shift by one a turn
+        around the graph's cycles and never repeat, and the walk of a group grows until
+        memory runs out (more than 8 GiB)."""
+        for node in module2node.values():
+            if node.type != OPTYPE.ELEMENTWISE or len(node.inputs) < 2:
+                continue
+            out = output_shape(node)
+            if out is None or len(out) < 2:
+                continue
+            axis = self._channel_axis(node, out)
+            if axis is None:
+                continue
+            shapes = _operand_shapes(node)
+            for inp in node.inputs:
+                shape = shapes.get(id(inp))
+                if shape is None:
+                    continue
+                k = axis - (len(out) - len(shape))  # aligned from the right, as broadcasting
+                if k >= 0 and shape[k] == 1 and out[axis] > 1:
+                    self.broadcasts.add((inp, node))
+                    for a, b in ((node, inp), (inp, node)):
+                        for dep in a.dependencies:
+                            if dep.target is b:
+                                list.append(dep.index_mapping, _no_channels)
+
+    def _channel_axis(self, node, out) -> int | None:
+        """The axis of `out` (the node's output shape) holding its channels: 1 or the last,
+        whichever alone has as many entries as the layers after it read (None if not known)."""
+        with _quiet():
+            width = shape_infer.infer_in_channels_recursively(self, node, [0])
+        axes = {a for a in (1, len(out) - 1) if out[a] == width}
+        return axes.pop() if len(axes) == 1 else None
 
     def _fix_splits(self) -> None:
         """Chunk sizes and per-edge chunks of every split along the channels (dimension 1)."""
