@@ -211,6 +211,20 @@ def test_indexed_groups_are_torch_prunings_groups(family, monkeypatch):
     assert all_groups() == indexed
 
 
+def refill_compacts_exactly(model: nn.Module, x: torch.Tensor) -> None:
+    """Refill of the layers' median-magnitude masks, compacted: equal to the masked model on
+    another batch at another size."""
+    params = {n: p.detach().abs() for n, p in model.named_parameters()}
+    masks = ts.refill(model, ts.Masks({n: params[n] >= params[n].median() for n in ts.prunable_names(model)}),
+                      example_inputs=x)
+    small = C.compact(model, masks, x)
+    masked = copy.deepcopy(model)
+    masks.apply(masked)
+    with torch.no_grad():
+        xi = torch.randn(3, 3, 7, 7)
+        assert torch.allclose(masked(xi), small(xi), atol=1e-5)
+
+
 class ReadsItsOwnGroup(nn.Module):
     """NeXt-ViT's pattern in small: the stream concatenated after a branch's output, projected
     back onto the stream by a conv whose input and output are both in the stream's group."""
@@ -240,15 +254,7 @@ def test_a_layer_reading_the_group_it_writes_keeps_its_output_index():
     assert set(group.layers) == {"stem.weight", "back.weight"}
     assert "back.weight" not in group.consumers and "branch.weight" in group.consumers
     assert torch.equal(group.index["back.weight"], group.index["stem.weight"])
-    params = {n: p.detach().abs() for n, p in model.named_parameters()}
-    masks = ts.refill(model, ts.Masks({n: params[n] >= params[n].median() for n in ts.prunable_names(model)}),
-                      example_inputs=x)
-    small = C.compact(model, masks, x)
-    masked = copy.deepcopy(model)
-    masks.apply(masked)
-    with torch.no_grad():
-        xi = torch.randn(3, 3, 7, 7)
-        assert torch.allclose(masked(xi), small(xi), atol=1e-5)
+    refill_compacts_exactly(model, x)
 
 
 @pytest.mark.parametrize("how,why", [("raises", "ZeroDivisionError"), ("no roots", "root indices")])
@@ -364,15 +370,7 @@ def test_a_broadcast_operand_shares_no_channel():
     assert hit[(model.h, "prune_in_channels")] == [1]
     assert hit[(model.focal[1], "prune_out_channels")] == [1]
     assert all(i < 2 * 4 + 3 for (m, _), ix in hit.items() if m is model.f for i in ix)
-    params = {n: p.detach().abs() for n, p in model.named_parameters()}
-    masks = ts.refill(model, ts.Masks({n: params[n] >= params[n].median() for n in ts.prunable_names(model)}),
-                      example_inputs=x)
-    small = C.compact(model, masks, x)
-    masked = copy.deepcopy(model)
-    masks.apply(masked)
-    with torch.no_grad():
-        xi = torch.randn(3, 3, 7, 7)
-        assert torch.allclose(masked(xi), small(xi), atol=1e-5)
+    refill_compacts_exactly(model, x)
 
 
 @pytest.mark.timeout(120)
