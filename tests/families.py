@@ -232,6 +232,40 @@ class TinyGhostNet(nn.Module):
         return self.fc(self.pool(self.blocks(self.stem(x))).flatten(1))
 
 
+# -- MixNet (timm's): the channels split in parts by a list the module holds ---------------------
+class MixedConv2d(nn.ModuleDict):
+    """timm's MixedConv2d: the channels split into parts (`self.splits`, the list its forward
+    passes to torch.split), a depthwise conv of its own kernel size on each, concatenated."""
+
+    def __init__(self, ch, kernels=(3, 5)):
+        splits = [ch // len(kernels)] * (len(kernels) - 1)
+        splits = [ch - sum(splits)] + splits
+        super().__init__({str(i): nn.Conv2d(c, c, k, padding=k // 2, groups=c, bias=False)
+                          for i, (c, k) in enumerate(zip(splits, kernels))})
+        self.splits = splits
+
+    def forward(self, x):
+        parts = torch.split(x, self.splits, 1)
+        return torch.cat([conv(parts[i]) for i, conv in enumerate(self.values())], 1)
+
+
+class TinyMixNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(*_conv_bn(3, 16, 3))
+        self.expand = nn.Sequential(*_conv_bn(16, 32))
+        self.mix = MixedConv2d(32)
+        self.bn = nn.BatchNorm2d(32)
+        self.project = nn.Sequential(*_conv_bn(32, 16, relu=False))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.project(F.relu(self.bn(self.mix(self.expand(x)))))
+        return self.fc(self.pool(x).flatten(1))
+
+
 # -- DPN (timm's): dual paths, a residual and a densely growing one, split by channel slices ------
 class DualPathBlock(nn.Module):
     """The block's output is sliced: the first r channels are added to the residual path, the
@@ -1889,6 +1923,7 @@ FAMILIES = {
     "regnet_y": (builder(TinyResNeXt, se=True), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 20, 20)]),
     "ghostnet": (builder(TinyGhostNet), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "dpn": (builder(TinyDPN), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
+    "mixnet": (builder(TinyMixNet), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 20, 20)]),
     "shufflenet_v2": (builder(ShuffleNetish), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "swin": (builder(TinySwin), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 40, 40)]),
     "swin_windows": (builder(TinySwinWindows), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 40, 40)]),

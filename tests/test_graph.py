@@ -336,7 +336,8 @@ class FocalModulation(nn.Module):
         super().__init__()
         self.stem = nn.Conv2d(3, dim, 1)
         self.f = nn.Conv2d(dim, 2 * dim + levels + 1, 1)
-        self.focal = nn.ModuleList(nn.Conv2d(dim, dim, 3, padding=1, groups=dim) for _ in range(levels))
+        self.focal = nn.ModuleList(nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False)
+                                   for _ in range(levels))
         self.h = nn.Conv2d(dim, dim, 1)
         self.proj = nn.Conv2d(dim, dim, 1)
         self.head = nn.Linear(dim, 10)
@@ -371,6 +372,20 @@ def test_a_broadcast_operand_shares_no_channel():
     assert hit[(model.focal[1], "prune_out_channels")] == [1]
     assert all(i < 2 * 4 + 3 for (m, _), ix in hit.items() if m is model.f for i in ix)
     refill_compacts_exactly(model, x)
+    # q's channel 0, the context's 3 and the first gate dead: cut through the split, whose sizes
+    # (the list the module holds) shrink; the gates, read by slices, keep their 3 (cut, the
+    # slices would read the wrong gates)
+    keep = torch.ones(11, dtype=torch.bool)
+    keep[[0, 7, 8]] = False
+    masks = ts.Masks({"f.weight": keep.view(11, 1, 1, 1).expand(11, 4, 1, 1).clone()})
+    masks = ts.channel_companions(model, masks, x)
+    small = C.compact(model, masks, x)
+    assert small.split == [3, 3, 3] and small.f.out_channels == 9 and small.h.in_channels == 3
+    masked = copy.deepcopy(model)
+    masks.apply(masked)
+    with torch.no_grad():
+        xi = torch.randn(3, 3, 7, 7)
+        assert torch.allclose(masked(xi), small(xi), atol=1e-5)
 
 
 @pytest.mark.timeout(120)
@@ -382,3 +397,27 @@ def test_a_walk_whose_indices_never_repeat_is_bounded(monkeypatch):
     graph = build(model, torch.randn(2, 3, 6, 6))
     with pytest.raises(G.IndexMappingTooLarge, match="walk of a channel group"):
         graph.get_pruning_group(model.f, graph.get_pruner_of_module(model.f).prune_out_channels, [5])
+
+
+def test_a_split_by_sizes_a_module_holds_is_cut_and_resized():
+    """timm's MixedConv2d splits by `self.splits`, the list its forward passes to torch.split:
+    the graph records which attribute holds it, compaction cuts through the split and sets
+    the list to the new chunk sizes (a split whose sizes nothing holds keeps its group whole)."""
+    from families import TinyMixNet
+    torch.manual_seed(0)
+    model = TinyMixNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = build(model, x)
+    assert list(graph.split_attrs.values()) == [(model.mix, "splits")]
+    keep = torch.ones(32, dtype=torch.bool)
+    keep[[1, 20, 21]] = False   # one channel of the first part, two of the second
+    masks = ts.Masks({"expand.0.weight": keep.view(32, 1, 1, 1).expand(32, 16, 1, 1).clone()})
+    masks = ts.channel_companions(model, masks, x)
+    small = C.compact(model, masks, x)
+    assert small.mix.splits == [15, 14] and small.expand[0].out_channels == 29
+    assert [c.out_channels for c in small.mix.values()] == [15, 14]
+    masked = copy.deepcopy(model)
+    masks.apply(masked)
+    with torch.no_grad():
+        xi = torch.randn(3, 3, 11, 11)
+        assert torch.allclose(masked(xi), small(xi), atol=1e-5)

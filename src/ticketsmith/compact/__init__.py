@@ -228,7 +228,11 @@ def _dispatch(name: str, layer: nn.Module, mask: torch.Tensor | None, orig_mask_
         return layer, f"kept dense (zeros folded in): {kind} on a {type(layer).__name__}"
     numel = mask.numel()
     if blocks is not None:
-        is_conv2d = isinstance(layer, nn.Conv2d) and layer.groups == 1
+        # (a depthwise conv cut to one channel has groups 1 now: its blocks' columns are still
+        # positions within a group, which its surviving input channel is not)
+        was_grouped = isinstance(layer, nn.Conv2d) and cm.inp.numel() > 0 \
+            and int(cm.inp.max()) >= orig_mask_shape[1]
+        is_conv2d = isinstance(layer, nn.Conv2d) and layer.groups == 1 and not was_grouped
         if not (is_conv2d or isinstance(layer, nn.Linear)):
             what = "grouped Conv2d" if isinstance(layer, nn.Conv2d) else type(layer).__name__
             return layer, f"kept dense (zeros folded in): no block executor for a {what}"
@@ -536,6 +540,7 @@ def compact(model: nn.Module, masks: Masks | Mapping[str, torch.Tensor], example
         "skipped_groups": surgery.skipped,
         "removed_heads": heads.removed,
         "heads_left_whole": heads.whole,
+        "split_sizes": surgery.split_sizes,
         "verified_rel_err": err,
     }
     if absorb:
@@ -613,7 +618,8 @@ def describe(model: nn.Module) -> list[dict]:
     all, with the zeros folded in). The Linears of an attention module also have `heads`:
     how many heads head surgery kept, or why the module kept them all. The model's
     `ticketsmith_compact` holds per attention module `removed_heads` (heads before / after)
-    and `heads_left_whole` (the reason)."""
+    and `heads_left_whole` (the reason), and per module whose forward splits the channels by
+    sizes it holds (timm's MixNet, FocalNet) `split_sizes`: the sizes it holds now."""
     info = getattr(model, "ticketsmith_compact", None)
     if info is None:
         raise UsageError("describe() takes a model returned by ticketsmith.compact.compact()")

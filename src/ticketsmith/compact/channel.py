@@ -24,7 +24,11 @@ and channel, from the weights:
   layouts where its channel axis is followed from layer to layer through transposes, permutes
   and views that keep it whole (`_Group.channel_axes`): a linear layer on tokens, the tokens
   viewed as a map for a depthwise conv and flattened back (PVT-v2's and SegFormer's MLP), or a
-  conv stem whose map becomes the tokens. After each group's cut the model must still run on
+  conv stem whose map becomes the tokens. A split along the channels goes through a cut where
+  its sizes are a list a module holds and passes to torch.split (timm's MixNet `splits`,
+  FocalNet's `input_split`: the graph's `split_attrs`): the list is set to the new chunk sizes
+  (recorded as `split_sizes`, restored by `load`); a slice of such a split's chunk (FocalNet's
+  gates) keeps every channel of that chunk. After each group's cut the model must still run on
   the example inputs; where it does not (a forward reshaping by a width the cut changed, as
   timm's LambdaLayer reshapes its output by its input width), the cut is undone and the group
   left whole with the error.
@@ -142,6 +146,8 @@ class SurgeryReport:
     removed: dict[str, int]
     skipped: dict[str, str]
     whole: dict[str, str] = dataclasses.field(default_factory=dict)
+    # module name -> {attribute: the chunk sizes it now holds} for the splits resized
+    split_sizes: dict[str, dict[str, list[int]]] = dataclasses.field(default_factory=dict)
 
 
 def as_inputs(example_inputs: Any) -> tuple:
@@ -487,6 +493,15 @@ class _Group:
                 elif not (_zero_preserving(op) or op in PER_CHANNEL):
                     return f"operation {op or 'unknown'} not known to be per-channel"
                 continue
+            if t == OPTYPE.SLICE and all(i.type == OPTYPE.SPLIT and i in self.graph.split_attrs
+                                         for i in self.data_inputs(node)):
+                # a slice of a split's chunk (FocalNet's gates): the channels of that chunk stay
+                # (`removable`). torch-pruning's index mapping through other slices can be wrong
+                # (timm's DPN: indices past the layers'), and their groups stay whole
+                continue
+            if t == OPTYPE.SPLIT and node in self.graph.split_attrs \
+                    and node not in self.graph.unmapped:
+                continue  # its sizes are a module's attribute: set again after the cut
             return f"{node.name}: {t.name.lower()} is not supported by channel surgery"
         if last_dim:
             # features in the last dimension of a >2-D tensor (a transformer's MLP; F.linear
@@ -582,7 +597,7 @@ class _Group:
             z = self._all_by_root(locs, roots, kills & maps_zero) | (
                 zin & self._all_by_root(locs, roots, maps_zero))
             z &= self.covers(node)
-        elif t in (OPTYPE.PRELU, OPTYPE.RESHAPE, OPTYPE.CONCAT, OPTYPE.EXPAND):
+        elif t in (OPTYPE.PRELU, OPTYPE.RESHAPE, OPTYPE.CONCAT, OPTYPE.EXPAND, OPTYPE.SPLIT):
             z = self.zero_in(node)
         elif t == OPTYPE.ELEMENTWISE:
             op = op_name(node)
@@ -619,6 +634,9 @@ class _Group:
                     (h, loc, r) for h, loc, r in self.items[node]
                     if h.__name__ == "prune_out_channels"]
                 ok &= ~self.covers_out(shown)
+            if node.type == OPTYPE.SLICE:
+                # a slice picks channels by position: every channel of what it reads stays
+                ok &= ~self._read_by_slice(node)
             if node.type == OPTYPE.DEPTHWISE_CONV:
                 # its input channels go too: they must come from inside the group
                 ins = [i for i in self.data_inputs(node) if i in self.items]
@@ -645,6 +663,25 @@ class _Group:
                 zin = self.zero_in(node)
                 ok &= self._all_by_root(locs, roots, col0) | zin
         return ok
+
+    def _read_by_slice(self, node) -> torch.Tensor:
+        """Per root: carried by the split chunk a slice node reads (FocalNet's gates; all the
+        split's roots where the chunk is not known)."""
+        read = torch.zeros(self.n_roots, dtype=torch.bool)
+        for i in self.data_inputs(node):
+            if i not in self.items:
+                continue
+            chunk = next((self.graph._chunk_of.get(id(d)) for d in i.dependencies
+                          if d.source is i and d.target is node), None)
+            if chunk is None or i not in self.graph.split_attrs:
+                read |= self.covers(i)
+                continue
+            m, attr = self.graph.split_attrs[i]
+            sizes = getattr(m, attr)
+            start = sum(sizes[:chunk[1]])
+            for _, loc, roots in self.items[i]:
+                read[roots[(loc >= start) & (loc < start + sizes[chunk[1]])]] = True
+        return read
 
     def _cut_roots(self, pruning) -> set[int]:
         """The roots (of this full group) of the items that a pruning group cuts."""
@@ -723,6 +760,7 @@ def remove_dead_channels(model: nn.Module, example_inputs: Sequence[torch.Tensor
     removed: dict[str, int] = {}
     skipped: dict[str, str] = {}
     members: dict[str, list[str]] = {}  # root of a group left whole -> its layers (out side)
+    split_sizes: dict[str, dict[str, list[int]]] = {}
     # reshape nodes of pruned groups: the sizes their autograd nodes saved (which the checks
     # of a flatten read) are stale; the graph is traced again before a group holding one is
     # looked at, and at the start of a pass (not after every group: a trace of a transformer
@@ -777,7 +815,7 @@ def remove_dead_channels(model: nn.Module, example_inputs: Sequence[torch.Tensor
                 skipped[root_name] = why
                 members[root_name] = _out_members(g, names)
                 continue
-            before_cut = _Snapshot(pruning, kept)
+            before_cut = _Snapshot(pruning, kept, graph.split_attrs)
             for it in pruning:
                 target = it.dep.target.module
                 name = names.get(target)
@@ -808,6 +846,7 @@ def remove_dead_channels(model: nn.Module, example_inputs: Sequence[torch.Tensor
                 conv.weight = nn.Parameter(grouped_in_select(before, conv.groups,
                                                              torch.nonzero(keep).flatten()),
                                            requires_grad=conv.weight.requires_grad)
+            resized = _resize_splits(graph, pruning)
             why = _breaks_forward(model, inputs)
             if why is not None:  # (timm's LambdaLayer reshapes its output by its input width)
                 before_cut.restore(kept)
@@ -815,6 +854,10 @@ def remove_dead_channels(model: nn.Module, example_inputs: Sequence[torch.Tensor
                 members[root_name] = _out_members(g, names)
                 continue
             stale.update(n for n in g.items if n.type == OPTYPE.RESHAPE)
+            stale.update(resized)  # (their autograd nodes saved the sizes before)
+            for node in resized:
+                m, attr = graph.split_attrs[node]
+                split_sizes.setdefault(names[m], {})[attr] = [int(v) for v in getattr(m, attr)]
             # a grouped conv cut to one channel per group is depthwise now: traced again, the
             # graph ties its inputs to its outputs, so that whole dead groups can go
             stale.update(n for n in g.items if n.type == OPTYPE.CONV and n.module.groups > 1
@@ -835,22 +878,27 @@ def remove_dead_channels(model: nn.Module, example_inputs: Sequence[torch.Tensor
     for root, why in skipped.items():
         for name in members.get(root, [root]):
             whole.setdefault(name, why)
-    return SurgeryReport(kept, removed, skipped, whole)
+    return SurgeryReport(kept, removed, skipped, whole, split_sizes)
 
 
 class _Snapshot:
-    """The modules a cut touches (their attributes, parameters and buffers as they are) and the
-    channel bookkeeping, to put back where the cut model no longer runs."""
+    """The modules a cut touches (their attributes, parameters and buffers as they are; the
+    attributes holding the sizes of its splits) and the channel bookkeeping, to put back where
+    the cut model no longer runs."""
 
-    def __init__(self, pruning, kept: dict):
+    def __init__(self, pruning, kept: dict, split_attrs: dict):
         self.modules = []
         self.data = []
+        self.sizes = []
         for it in pruning:
             t = it.dep.target.module
             if isinstance(t, nn.Parameter):
                 self.data.append((t, t.data))
             elif isinstance(t, nn.Module):
                 self.modules.append((t, dict(t.__dict__), dict(t._parameters), dict(t._buffers)))
+            if it.dep.target in split_attrs:
+                m, attr = split_attrs[it.dep.target]
+                self.sizes.append((m, attr, getattr(m, attr)))
         self.books = {n: (cm.out, cm.inp) for n, cm in kept.items()}
 
     def restore(self, kept: dict) -> None:
@@ -860,8 +908,29 @@ class _Snapshot:
             m._parameters, m._buffers = params, buffers
         for t, data in self.data:
             t.data = data
+        for m, attr, sizes in self.sizes:
+            setattr(m, attr, sizes)
         for n, (out, inp) in self.books.items():
             kept[n].out, kept[n].inp = out, inp
+
+
+def _resize_splits(graph, pruning) -> set:
+    """Set the sizes attribute of every split the cut went through (`split_attrs`): each chunk
+    loses the channels cut from it. torch-pruning updates only its own record of the sizes,
+    which the model's forward never reads. Returns the split nodes resized."""
+    cut: dict = {}
+    for it in pruning:
+        if it.dep.target in graph.split_attrs:
+            cut.setdefault(it.dep.target, set()).update(int(i) for i in it.idxs)
+    for node, idxs in cut.items():
+        m, attr = graph.split_attrs[node]
+        sizes = getattr(m, attr)
+        new, start = [], 0
+        for size in sizes:  # indices are the split's input channels (before the cut)
+            new.append(size - sum(1 for i in idxs if start <= i < start + size))
+            start += size
+        setattr(m, attr, type(sizes)(new))
+    return set(cut)
 
 
 def _breaks_forward(model: nn.Module, inputs: tuple) -> str | None:

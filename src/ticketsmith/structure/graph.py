@@ -34,6 +34,9 @@ It then falls back to channel counts inferred from the neighbouring layers, righ
   group: torch-pruning recomputes all of them for every group, a second or more on a
   transformer; and looks up what a group holds in a dict, not by a scan of every item
   (`_IndexedGroup`: quadratic in the group's size otherwise);
+- records which module attribute holds the sizes of each split along the channels, where the
+  forward passes a module's own list to torch.split (`split_attrs`: channel surgery sets it to
+  the new sizes);
 - records the additions and subtractions whose other operand is a constant zero (`zero_adds`:
   their autograd nodes): timm's MobileOne adds a Python 0 where a block has no skip branch,
   which autograd shows as any constant operand would, and adding zero keeps a removed channel
@@ -336,6 +339,24 @@ def _quiet():
 _ADDS = {"add", "add_", "sub", "sub_", "__add__", "__radd__", "__iadd__", "__sub__", "__isub__"}
 
 
+def _split_attrs(model: nn.Module, graph, sizes: dict) -> dict:
+    """Split node along the channels -> (module, attribute name) whose value is the very list
+    of sizes the split was called with (`_SplitSizes`); splits given another list are left out."""
+    holders = {}
+    for m in model.modules():
+        for k, v in vars(m).items():
+            if isinstance(v, (list, tuple)) and not k.startswith("_"):
+                holders.setdefault(id(v), []).append((m, k))
+    out = {}
+    for node in graph.module2node.values():
+        if node.type != OPTYPE.SPLIT or _split_dim(node) != 1 or node.grad_fn not in sizes:
+            continue
+        found = holders.get(id(sizes[node.grad_fn]), [])
+        if len(found) == 1:
+            out[node] = found[0]
+    return out
+
+
 def _operand_shapes(node) -> dict:
     """id(input node) -> the shape of what it gave the node, read from autograd."""
     shapes = {}
@@ -381,6 +402,26 @@ class _ZeroOperands(TorchFunctionMode):
         return out
 
 
+class _SplitSizes(TorchFunctionMode):
+    """Records, during the traced forward, the list of sizes each split along given sizes was
+    called with (the object itself: a module's attribute, as timm's MixNet and FocalNet pass
+    `self.splits`), by the autograd node of its outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes: dict = {}  # autograd node -> the sizes object
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if getattr(func, "__name__", "") in ("split", "split_with_sizes") and \
+                isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor) \
+                and out[0].grad_fn is not None:
+            sizes = args[1] if len(args) > 1 else next(iter((kwargs or {}).values()), None)
+            if isinstance(sizes, (list, tuple)):
+                self.sizes.setdefault(out[0].grad_fn, sizes)
+        return out
+
+
 class DependencyGraph(tp.DependencyGraph):
     """torch-pruning's graph with the fixes and bounds of the module docstring."""
 
@@ -393,6 +434,8 @@ class DependencyGraph(tp.DependencyGraph):
         self._mapped_state = None
         self.zero_adds: set = set()  # autograd nodes adding a constant zero (module docstring)
         self.broadcasts: set = set()  # (operand, element-wise node) broadcast over the channels
+        # split node along the channels -> (module, attribute) holding the sizes it was given
+        self.split_attrs: dict = {}
 
     def _state(self) -> tuple:
         """What the index mappings depend on that can change after tracing: the channel counts
@@ -408,9 +451,10 @@ class DependencyGraph(tp.DependencyGraph):
         try:
             # (`_build_dependency` fills `unmapped` and hides the reshapes in it for the rest
             # of the build; they are reshapes again below)
-            with _quiet(), _ZeroOperands() as zeros:
+            with _quiet(), _ZeroOperands() as zeros, _SplitSizes() as splits:
                 super().build_dependency(model, example_inputs, *args, **kwargs)
             self.zero_adds = zeros.nodes
+            self.split_attrs = _split_attrs(model, self, splits.sizes)
         finally:
             for node in self._hidden_reshapes():
                 node.type = OPTYPE.RESHAPE
