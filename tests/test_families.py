@@ -524,7 +524,8 @@ def _zoo_models():
                                       "eva02_tiny_patch14_224", "maxvit_rmlp_nano_rw_256",
                                       "coatnet_nano_rw_224", "levit_128s", "efficientformer_l1",
                                       "tiny_vit_5m_224", "crossvit_tiny_240", "nextvit_small",
-                                      "gcvit_xxtiny", "hiera_tiny_224", "focalnet_tiny_srf")]
+                                      "gcvit_xxtiny", "hiera_tiny_224", "focalnet_tiny_srf",
+                                      "mixnet_s")]
     if importlib.util.find_spec("torchvision") is not None:
         out += [("torchvision", n) for n in ("resnet18", "mobilenet_v2", "shufflenet_v2_x0_5",
                                              "vit_b_16", "swin_t", "regnet_y_400mf",
@@ -572,6 +573,8 @@ def test_zoo_model_refill_compacts_exactly(lib, name):
     if "pvt" in name:  # the MLP's hidden units, through its depthwise conv on the tokens as a map
         fc1 = "stages.0.blocks.0.mlp.fc1"
         assert small.get_submodule(fc1).out_features < model.get_submodule(fc1).out_features
+    if name in ("mixnet_s", "focalnet_tiny_srf"):  # cut through splits by a list the module holds
+        assert small.ticketsmith_compact["split_sizes"], "no split was resized"
     if "regnet" in name:  # grouped convs: cut with their groups kept, none left whole
         assert not small.ticketsmith_compact["skipped_groups"]
         assert any(isinstance(m, nn.Conv2d) and 1 < m.groups < m.out_channels
