@@ -416,7 +416,9 @@ class _SplitSizes(TorchFunctionMode):
         if getattr(func, "__name__", "") in ("split", "split_with_sizes") and \
                 isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor) \
                 and out[0].grad_fn is not None:
-            sizes = args[1] if len(args) > 1 else next(iter((kwargs or {}).values()), None)
+            kw = kwargs or {}
+            sizes = args[1] if len(args) > 1 else kw.get(
+                "split_size_or_sections", kw.get("split_size", kw.get("split_sizes")))
             if isinstance(sizes, (list, tuple)):
                 self.sizes.setdefault(out[0].grad_fn, sizes)
         return out
