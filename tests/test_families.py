@@ -618,13 +618,19 @@ def test_a_depthwise_conv_cut_to_one_channel_compacts():
     masks = ts.Masks({"0.weight": keep.view(4, 1, 1, 1).expand(4, 3, 1, 1).clone(),
                       "3.weight": keep.view(4, 1, 1, 1).expand(4, 1, 3, 3).clone(),
                       "6.weight": keep.view(1, 4, 1, 1).expand(2, 4, 1, 1).clone()})
+    # with a block on it (regroup's), its block columns are positions within a group, not the
+    # input channel's index: kept dense with the reason (an IndexError in the block remap once)
+    blocked = masks.updated(blocks={"3.weight": [ts.Block(torch.tensor([2]), torch.arange(9))]})
     x = torch.randn(2, 3, 8, 8)
-    small = C.compact(model, masks, x)
-    masks.apply(model)
-    assert small[3].weight.shape[:2] == (1, 1)
-    with torch.no_grad():
-        xi = torch.randn(3, 3, 10, 10)
-        assert rel_err(model(xi), small(xi)) < 1e-4
+    for m in (masks, blocked):
+        small = C.compact(model, m, x)
+        assert small[3].weight.shape[:2] == (1, 1)
+        masked = copy_module(model)
+        m.apply(masked)
+        with torch.no_grad():
+            xi = torch.randn(3, 3, 10, 10)
+            assert rel_err(masked(xi), small(xi)) < 1e-4
+    assert "grouped Conv2d" in {r["layer"]: r["reason"] for r in C.describe(small)}["3"]
 
 
 class Versioned(nn.Module):
