@@ -211,6 +211,15 @@ def test_indexed_groups_are_torch_prunings_groups(family, monkeypatch):
     assert all_groups() == indexed
 
 
+def assert_matches_masked(model: nn.Module, masks: ts.Masks, small: nn.Module, shape) -> None:
+    """`small` computes what `model` with `masks` applied computes, on a random batch of `shape`."""
+    masked = copy.deepcopy(model)
+    masks.apply(masked)
+    with torch.no_grad():
+        xi = torch.randn(shape)
+        assert torch.allclose(masked(xi), small(xi), atol=1e-5)
+
+
 def refill_compacts_exactly(model: nn.Module, x: torch.Tensor) -> None:
     """Refill of the layers' median-magnitude masks, compacted: equal to the masked model on
     another batch at another size."""
@@ -218,11 +227,7 @@ def refill_compacts_exactly(model: nn.Module, x: torch.Tensor) -> None:
     masks = ts.refill(model, ts.Masks({n: params[n] >= params[n].median() for n in ts.prunable_names(model)}),
                       example_inputs=x)
     small = C.compact(model, masks, x)
-    masked = copy.deepcopy(model)
-    masks.apply(masked)
-    with torch.no_grad():
-        xi = torch.randn(3, 3, 7, 7)
-        assert torch.allclose(masked(xi), small(xi), atol=1e-5)
+    assert_matches_masked(model, masks, small, (3, 3, 7, 7))
 
 
 class ReadsItsOwnGroup(nn.Module):
@@ -416,8 +421,4 @@ def test_a_split_by_sizes_a_module_holds_is_cut_and_resized():
     small = C.compact(model, masks, x)
     assert small.mix.splits == [15, 14] and small.expand[0].out_channels == 29
     assert [c.out_channels for c in small.mix.values()] == [15, 14]
-    masked = copy.deepcopy(model)
-    masks.apply(masked)
-    with torch.no_grad():
-        xi = torch.randn(3, 3, 11, 11)
-        assert torch.allclose(masked(xi), small(xi), atol=1e-5)
+    assert_matches_masked(model, masks, small, (3, 3, 11, 11))
