@@ -58,7 +58,8 @@ MODELS = [("torchvision", n, s) for n, s in [
         ("nextvit_small", 96), ("gcvit_xxtiny", 224), ("hiera_tiny_224", 224),
         ("efficientvit_m0", 224), ("mvitv2_tiny", 224), ("davit_tiny", 224), ("dla34", 96),
         ("hrnet_w18_small", 96), ("halonet26t", 256), ("botnet26t_256", 256),
-        ("lambda_resnet26t", 256), ("focalnet_tiny_srf", 96)]]
+        ("lambda_resnet26t", 256), ("focalnet_tiny_srf", 96), ("convformer_s18", 96),
+        ("caformer_s18", 96)]]
 MEMORY_LIMIT = 8 << 30   # bytes of resident memory per child (watched; the CUDA build of torch
                          # reserves far more address space than it uses, so no RLIMIT_AS)
 TIME_LIMIT = 600         # seconds per child

@@ -266,6 +266,56 @@ class TinyMixNet(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
+# -- ConvFormer (timm's MetaFormer): StarReLU, s * relu(x) ** 2 + b with learned scalars ---------
+class StarReLU(nn.Module):
+    """timm's StarReLU (its attributes and forward). Trained, its bias is not zero: a dead hidden
+    unit outputs it, one value everywhere, which the next Linear can fold into its bias."""
+
+    def __init__(self, scale=0.9, bias=0.2):
+        super().__init__()
+        self.relu = nn.ReLU()
+        self.scale = nn.Parameter(torch.full((1,), scale))
+        self.bias = nn.Parameter(torch.full((1,), bias))
+
+    def forward(self, x):
+        return self.scale * self.relu(x) ** 2 + self.bias
+
+
+class SepConv(nn.Module):
+    """timm's MetaFormer SepConv token mixer on a [B, H, W, C] map: Linear, StarReLU, a
+    depthwise conv (channels first), Linear, the Linears without bias."""
+
+    def __init__(self, dim, expansion=2):
+        super().__init__()
+        med = dim * expansion
+        self.pwconv1 = nn.Linear(dim, med, bias=False)
+        self.act1 = StarReLU()
+        self.dwconv = nn.Conv2d(med, med, 3, padding=1, groups=med, bias=False)
+        self.pwconv2 = nn.Linear(med, dim, bias=False)
+
+    def forward(self, x):
+        x = self.act1(self.pwconv1(x)).permute(0, 3, 1, 2)
+        return self.pwconv2(self.dwconv(x).permute(0, 2, 3, 1))
+
+
+class TinyConvFormer(nn.Module):
+    def __init__(self, dim=16):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 4, stride=4)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.mixer = SepConv(dim)
+        self.fc1 = nn.Linear(dim, 4 * dim, bias=False)  # (timm's mlp_bias=False)
+        self.act = StarReLU(0.8, -0.3)
+        self.fc2 = nn.Linear(4 * dim, dim, bias=False)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.stem(x).permute(0, 2, 3, 1)
+        x = x + self.mixer(self.norm1(x))
+        x = x + self.fc2(self.act(self.fc1(self.norm2(x))))
+        return self.head(x.mean((1, 2)))
+
+
 # -- DPN (timm's): dual paths, a residual and a densely growing one, split by channel slices ------
 class DualPathBlock(nn.Module):
     """The block's output is sliced: the first r channels are added to the residual path, the
@@ -1924,6 +1974,7 @@ FAMILIES = {
     "ghostnet": (builder(TinyGhostNet), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "dpn": (builder(TinyDPN), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "mixnet": (builder(TinyMixNet), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 20, 20)]),
+    "convformer": (builder(TinyConvFormer), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 20, 24)]),
     "shufflenet_v2": (builder(ShuffleNetish), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "swin": (builder(TinySwin), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 40, 40)]),
     "swin_windows": (builder(TinySwinWindows), (2, 3, 32, 32), [(3, 3, 32, 32), (1, 3, 40, 40)]),

@@ -256,14 +256,18 @@ def test_mlp_hidden_units_and_non_zero_preserving_activation():
     model = randomize(MLP(act=torch.sigmoid))
     masks: dict = {}
     kill_rows(model, masks, "fc1", torch.arange(0, 32, 2))
-    kill_rows(model, masks, "fc2", torch.arange(0, 16, 4))  # sigmoid(0) = 0.5: must stay
+    kill_rows(model, masks, "fc2", torch.arange(0, 16, 4))  # sigmoid(0) = 0.5 everywhere
     x = torch.randn(3, 20)
     small = check_compact(model, ts.Masks(masks), x)
-    assert small.fc1.weight.shape == (16, 20) and small.fc2.weight.shape == (16, 16)
-    # relu-like activation: dead fc2 units go
+    # the dead fc2 units hold 0.5: fc3 reads them folded into its bias
+    assert small.fc1.weight.shape == (16, 20) and small.fc2.weight.shape == (12, 16)
+    assert small.fc3.weight.shape == (4, 12)
+    assert not torch.equal(small.fc3.bias, model.fc3.bias)
+    # relu-like activation: dead fc2 units are zero, nothing to fold
     model = randomize(MLP(act=F.relu))
     small = check_compact(model, ts.Masks(masks), x)
     assert small.fc2.weight.shape == (12, 16) and small.fc3.weight.shape == (4, 12)
+    assert torch.equal(small.fc3.bias, model.fc3.bias)
 
 
 def test_unmasked_batchnorm_keeps_the_channel():
@@ -602,7 +606,8 @@ def test_condensed_dispatch_with_dead_inputs_and_ablated_neurons(ref_executors, 
     assert isinstance(small.fc1, RefCondensedLinear) and isinstance(small.fc2, RefCondensedLinear)
     unread = set(torch.nonzero(~masks["fc2.weight"].any(0)).flatten().tolist())
     alive = 32 - len(unread | {3, 7})  # dead (ablated, zero bias) or unread by fc2
-    assert small.fc1.values.shape == (alive, 4) and small.fc2.values.shape == (16, 6)
+    # fc2's ablated neuron 0 outputs relu(its bias) everywhere: fc3 folds it into its bias
+    assert small.fc1.values.shape == (alive, 4) and small.fc2.values.shape == (15, 6)
     assert small.ticketsmith_executors == {"fc1": "gather", "fc2": "gather", "fc3": "dense"}
     # save / load through the executors' to_config / from_config, bit-identical
     C.save(small, tmp_path / "m")
@@ -693,7 +698,9 @@ def test_real_condensed_executor_end_to_end(tmp_path, small_executors):
     torch.manual_seed(0)
     model = randomize(MLP())
     masks = {"fc1.weight": constant_fan_in_mask(32, 20, 4, ablated=(3, 7)),
-             "fc2.weight": constant_fan_in_mask(16, 32, 6, ablated=(0,), seed=1),
+             # (fan-in 5: under the rule's 20% density once the ablated neuron 0, a constant
+             # relu(bias), is folded into fc3 and the dead inputs are gone)
+             "fc2.weight": constant_fan_in_mask(16, 32, 5, ablated=(0,), seed=1),
              "fc1.bias": torch.ones(32, dtype=torch.bool).index_fill(0, torch.tensor([3, 7]), False)}
     x = torch.randn(4, 20)
     small = check_compact(model, ts.Masks(masks), x, autotune=True, batch_size=8)

@@ -65,6 +65,38 @@ def test_user_model_needs_build_and_the_right_one(tmp_path):
         assert torch.equal(again(x), small(x))
 
 
+class OwnLinear(nn.Linear):
+    """A user's subclass of nn.Linear (forward inherited): rebuilt by `build`, resized on load."""
+
+
+class SigmoidMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.fc2 = OwnLinear(8, 3, bias=False)
+
+    def forward(self, x):
+        return self.fc2(torch.sigmoid(self.fc1(x)))
+
+
+def test_a_bias_given_by_a_folded_constant_survives_save_and_load(tmp_path):
+    """fc1's dead units hold sigmoid(0) everywhere: fc2, a subclass built without a bias, gets
+    one; load gives the rebuilt layer that bias back."""
+    torch.manual_seed(0)
+    model = SigmoidMLP().eval()
+    masks: dict = {}
+    kill_rows(model, masks, "fc1", torch.tensor([1, 4]))
+    x = torch.randn(2, 6)
+    small = C.compact(model, ts.Masks(masks), x)
+    assert small.fc2.in_features == 6 and small.fc2.bias is not None
+    C.save(small, tmp_path / "m")
+    again = C.load(tmp_path / "m", build=SigmoidMLP)
+    assert type(again.fc2) is OwnLinear
+    with torch.no_grad():
+        assert torch.equal(again(x), small(x))
+        torch.testing.assert_close(again(x), masked(model, masks)(x), atol=1e-6, rtol=1e-5)
+
+
 def test_corrupt_or_foreign_files_are_refused(tmp_path):
     _, small, _ = compacted("lenet5", 1.0, (2, 1, 28, 28))
     C.save(small, tmp_path / "m")
@@ -166,7 +198,9 @@ def structured_masks(model, seed=0):
             m = torch.zeros(rows, cols, dtype=torch.bool)
             for r in range(rows):
                 if r % 5 != 1:  # every fifth neuron ablated
-                    m[r, torch.randperm(cols, generator=g)[: max(1, cols // 5)]] = True
+                    # (fan-in an eighth of the inputs: under the condensed rule's 20% density
+                    # also after surgery takes the inputs that hold a constant, folded)
+                    m[r, torch.randperm(cols, generator=g)[: max(1, cols // 8)]] = True
             fan_in[k] = m
     return masks.updated(fan_in)
 

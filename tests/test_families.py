@@ -219,11 +219,69 @@ def test_transformer_mlp_hidden_units_are_removed():
         small = C.compact(model, masks, x)
         fc1, fc2 = small.get_submodule(first), small.get_submodule(second)
         if family == "pvt_mix_ffn":  # the depthwise conv between them, on the tokens viewed
-            # as a map, keeps a unit fc1 does not: one its own bias keeps alive
+            # as a map: a unit whose fc1 row or conv row is dead outputs the conv's bias there,
+            # one value everywhere (through GELU), which fc2 folds into its bias
+            rows = masks["mlp.dwconv.weight"].reshape(masks["mlp.dwconv.weight"].shape[0], -1)
             kept = small.mlp.dwconv.groups
-            assert small.mlp.dwconv.in_channels == kept >= int(masks[f"{first}.weight"].any(dim=1).sum())
+            assert small.mlp.dwconv.in_channels == kept <= int(
+                (masks[f"{first}.weight"].any(dim=1) & rows.any(dim=1)).sum())
         assert fc1.out_features == kept < model.get_submodule(first).out_features, family
         assert fc2.in_features == kept, family
+
+
+def test_star_relu_dead_hidden_units_fold_into_the_next_layer():
+    """ConvFormer's MLP: a dead fc1 unit outputs StarReLU's bias, one value everywhere; it goes,
+    folded into fc2's bias (fc2 had none). The SepConv's dead units pass a padded depthwise conv
+    (borders differ): they stay unless unread."""
+    build, shape, others = FAMILIES["convformer"]
+    model = build()
+    x = torch.randn(shape)
+    masks = structured("refill", model, x)
+    alive = int(masks["fc1.weight"].any(dim=1).sum())
+    assert alive < 64
+    small = C.compact(model, masks, x)
+    assert small.fc1.out_features == small.fc2.in_features <= alive
+    assert model.fc2.bias is None and small.fc2.bias is not None
+    masked = copy_module(model)
+    masks.apply(masked)
+    with torch.no_grad():
+        for s in others:
+            xi = torch.randn(s)
+            torch.testing.assert_close(small(xi), masked(xi), atol=1e-5, rtol=1e-4)
+
+
+class ScalarShift(nn.Module):
+    """A channel shifted by a learned scalar after a ReLU: a dead channel is not dead after it."""
+
+    def __init__(self, padding):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.shift = nn.Parameter(torch.full((1,), 0.5))
+        self.conv2 = nn.Conv2d(8, 8, 1 + 2 * padding, padding=padding, bias=False)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.conv2(F.relu(self.conv1(x)) + self.shift).mean((2, 3)))
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+def test_a_scalar_parameter_added_to_a_dead_channel_makes_it_constant(padding):
+    """conv1's dead channels hold the shift everywhere: a 1x1 conv without padding reads them
+    folded into its bias, and they go; a padded 3x3 conv reads zeros at the border, and they
+    stay. Either way the compact model computes the masked one."""
+    from ticketsmith.compact.channel import remove_dead_channels
+    torch.manual_seed(0)
+    model = ScalarShift(padding).eval()
+    with torch.no_grad():
+        model.conv1.weight[:3] = 0
+        model.conv1.bias[:3] = 0
+    x = torch.randn(2, 3, 8, 8)
+    small = copy_module(model)
+    remove_dead_channels(small, x)
+    assert small.conv1.out_channels == (5 if padding == 0 else 8)
+    with torch.no_grad():
+        xi = torch.randn(3, 3, 11, 9)
+        torch.testing.assert_close(small(xi), model(xi), atol=1e-5, rtol=1e-4)
 
 
 def test_levit_mlp_hidden_units_go_through_its_batch_norm_on_flattened_tokens():
@@ -525,7 +583,7 @@ def _zoo_models():
                                       "coatnet_nano_rw_224", "levit_128s", "efficientformer_l1",
                                       "tiny_vit_5m_224", "crossvit_tiny_240", "nextvit_small",
                                       "gcvit_xxtiny", "hiera_tiny_224", "focalnet_tiny_srf",
-                                      "mixnet_s")]
+                                      "mixnet_s", "convformer_s18")]
     if importlib.util.find_spec("torchvision") is not None:
         out += [("torchvision", n) for n in ("resnet18", "mobilenet_v2", "shufflenet_v2_x0_5",
                                              "vit_b_16", "swin_t", "regnet_y_400mf",
@@ -571,6 +629,9 @@ def test_zoo_model_refill_compacts_exactly(lib, name):
         mlp = "blocks.0.mlp"
         assert small.get_submodule(mlp).fc1_x.out_features < model.get_submodule(mlp).fc1_x.out_features
     if "pvt" in name:  # the MLP's hidden units, through its depthwise conv on the tokens as a map
+        fc1 = "stages.0.blocks.0.mlp.fc1"
+        assert small.get_submodule(fc1).out_features < model.get_submodule(fc1).out_features
+    if name == "convformer_s18":  # the MLP's hidden units, through StarReLU (relu(x) ** 2)
         fc1 = "stages.0.blocks.0.mlp.fc1"
         assert small.get_submodule(fc1).out_features < model.get_submodule(fc1).out_features
     if name in ("mixnet_s", "focalnet_tiny_srf"):  # cut through splits by a list the module holds

@@ -17,7 +17,9 @@ the masks folded into the weights, then:
    (the reason is in `describe`, `heads`) unless swapped for a `models.QKVAttention` before
    pruning;
 1. channel surgery (`channel.remove_dead_channels`): every channel that is dead or unread in all
-   the layers it is coupled with is removed, with its BatchNorm, its consumers' input channels,
+   the layers it is coupled with (or holds one value everywhere that each layer reading it
+   folds into its bias: a dead unit after sigmoid or timm's StarReLU, an ablated SRigL neuron
+   with its bias) is removed, with its BatchNorm, its consumers' input channels,
    residual partners, concatenation slots and the flattened features of a linear layer;
 2. per conv / linear layer, an executor (recorded in `model.ticketsmith_executors`):
    - layers whose masks carry regroup blocks (`masks.blocks`) run as a block-sparse executor
@@ -553,7 +555,7 @@ def compact(model: nn.Module, masks: Masks | Mapping[str, torch.Tensor], example
 
 def effective(model: nn.Module, masks: Masks | Mapping[str, torch.Tensor], example_inputs: Any) -> dict:
     """The sparsity that is true: what a ticket keeps once channel surgery has removed every
-    dead or unread channel (a refilled row is dense over inputs whose channels were dropped;
+    dead, unread or folded constant channel (a refilled row is dense over inputs whose channels were dropped;
     those weights multiply exact zeros and the compact model does not have them).
 
     Returns `sparsity` (of the mask), `effective_sparsity` (1 - weights the mask keeps that

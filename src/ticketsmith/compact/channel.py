@@ -14,9 +14,15 @@ and channel, from the weights:
   BatchNorm maps a dead channel to a nonzero constant: that channel is *not* dead); a depthwise
   conv, PReLU, ReLU-like activation, pooling, flatten, addition (of dead channels only) or
   concatenation of dead channels;
+- a channel is **constant** when it holds one value at every position for every input: dead, or
+  a dead channel after a per-channel shift (a bias, a BatchNorm, sigmoid(0), timm's StarReLU
+  `s * relu(x) ** 2 + b` with learned scalars), through operations that keep it one value
+  (not a padded conv, an average pool or a sum over positions);
 - a group's channel is **removable** when every consumer (conv / linear reading it) either reads
-  it dead or has an all-zero weight column for it ("unread"), no model output shows it, and
-  every operation it passes through is per-channel. Anything else (an unknown operation, a
+  it dead, has an all-zero weight column for it ("unread"), or reads it constant and can fold
+  it into its bias (a linear layer or a conv without padding and groups: `foldable`; the value
+  comes from a forward pass on the example, and a consumer without a bias gets one), no model
+  output shows it, and every operation it passes through is per-channel. Anything else (an unknown operation, a
   channel-mixing reduction, a transposed grouped conv, LayerNorm / GroupNorm, a constant added to the
   feature map, a reshape other than a flatten such as a channel shuffle or a window partition,
   ...) leaves the whole group untouched, recorded with the reason (per layer in
@@ -311,6 +317,44 @@ def _feeds_norm(node) -> bool:
     return bool(node.outputs) and all(o.type == OPTYPE.BN for o in node.outputs)
 
 
+def _pow_positive(node) -> bool:
+    """A power by a positive number (StarReLU's relu(x) ** 2): maps zero to zero, per element."""
+    e = getattr(node.grad_fn, "_saved_exponent", None)
+    return isinstance(e, (int, float)) and not isinstance(e, bool) and e > 0
+
+
+def _param_operands(node) -> list[torch.Tensor]:
+    """The parameters an element-wise node reads directly that the graph has no node for: those
+    of one element (StarReLU's learned scale and bias), which torch-pruning does not take for
+    channel parameters (a parameter with a channel dimension is a node, and refused)."""
+    return [f.variable for f, _ in getattr(node.grad_fn, "next_functions", ())
+            if f is not None and hasattr(f, "variable")]
+
+
+# Operations that map a channel holding one value everywhere to one value everywhere (for a
+# channel that does not depend on the input: `_Group.const`). Not a pad by a constant or an
+# average pool (the border differs), nor a sum or norm over positions (it scales with the size).
+CONST_KEEPING = {"relu", "hardtanh", "leakyrelu", "gelu", "silu", "elu", "celu", "tanh",
+                 "hardswish", "mish", "neg", "clone", "tocopy", "alias", "sigmoid",
+                 "hardsigmoid", "softplus", "exp", "logsigmoid", "pow", "add", "sub", "mul",
+                 "transpose", "permute", "mean"}
+CONST_KEEPING_FAMILIES = ("maxpool", "adaptiveavgpool", "adaptivemaxpool", "upsample",
+                          "reflectionpad", "replicationpad")
+
+
+def foldable(module: nn.Module) -> bool:
+    """A consumer into whose bias an input channel holding one value everywhere folds exactly:
+    a linear layer, or a conv without padding (a padded border reads zeros there instead) and
+    without groups; not a layer whose forward is its own (`opaque_reason`)."""
+    if opaque_reason(module) is not None:
+        return False
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, nn.modules.conv._ConvNd) and not module.transposed and \
+        module.groups == 1 and not isinstance(module.padding, str) and \
+        all(p == 0 for p in module.padding)
+
+
 def _mul_scalar_ok(node) -> bool:
     g = node.grad_fn
     for attr in ("_saved_other", "_saved_self"):
@@ -339,6 +383,7 @@ class _Group:
             self._root_of.setdefault((it.dep.target, it.dep.handler), {}).update(
                 zip(loc.tolist(), roots.tolist()))
         self._zero: dict[Any, torch.Tensor] = {}
+        self._const: dict[Any, torch.Tensor] = {}
 
     def covers(self, node) -> torch.Tensor:
         c = torch.zeros(self.n_roots, dtype=torch.bool)
@@ -484,6 +529,9 @@ class _Group:
                 elif op in ("mean", "sum"):
                     if _reduces_channels(node):
                         return f"operation {op} over the channel dimension"
+                elif op == "pow":
+                    if not _pow_positive(node):
+                        return "operation pow by a non-positive or tensor exponent"
                 elif op in ("addmm", "mm") and last_dim and _feeds_linear(node):
                     pass  # the product of a linear layer on a >2-D tensor (checked above)
                 elif op in NORM_INSIDE and _feeds_norm(node):
@@ -522,7 +570,8 @@ class _Group:
                         OPTYPE.CONV, OPTYPE.DEPTHWISE_CONV, OPTYPE.BN)):
                     continue
                 if node.type != OPTYPE.ELEMENTWISE or op in ("mean", "sum") or not (
-                        _zero_preserving(op) or op in PER_CHANNEL or op in ("add", "sub", "mul")):
+                        _zero_preserving(op) or op in PER_CHANNEL or op in ("add", "sub", "mul")
+                        or (op == "pow" and _pow_positive(node))):
                     return (f"{last_dim[0].name}: linear layer on a tensor of more than 2 "
                             f"dimensions, coupled with {node.name}")
         return None
@@ -605,6 +654,8 @@ class _Group:
                 # (a norm-act layer's inner normalisation maps zero to its affine bias: the
                 # BatchNorm node after it decides whether the channel is dead)
                 z = torch.zeros(n, dtype=torch.bool)
+            elif op in ("add", "sub") and any(bool((p != 0).any()) for p in _param_operands(node)):
+                z = torch.zeros(n, dtype=torch.bool)  # StarReLU's learned bias: a constant
             elif op == "mul":
                 z = torch.zeros(n, dtype=torch.bool)
                 for i in self.data_inputs(node):
@@ -617,6 +668,61 @@ class _Group:
             z = torch.zeros(n, dtype=torch.bool)
         self._zero[node] = z
         return z
+
+    def const_in(self, node) -> torch.Tensor:
+        """Per root: every data input of the node carrying the root holds one value for every
+        input and position (at least one carries it; all do, but for a concatenation)."""
+        ins = [i for i in self.data_inputs(node) if i in self.items]
+        if not ins or (node.type != OPTYPE.CONCAT and len(ins) != len(self.data_inputs(node))):
+            return torch.zeros(self.n_roots, dtype=torch.bool)
+        c = torch.ones(self.n_roots, dtype=torch.bool)
+        any_cover = torch.zeros(self.n_roots, dtype=torch.bool)
+        for i in ins:
+            cov = self.covers(i)
+            c &= self.const(i) | ~cov
+            any_cover |= cov
+            if node.type != OPTYPE.CONCAT:
+                c &= cov
+        return c & any_cover
+
+    def const(self, node) -> torch.Tensor:
+        """Per root: the node's output holds one value (per channel) for every input and at
+        every position: dead, or made of a dead channel and constants (a bias, StarReLU's
+        learned scale and bias, a BatchNorm's shift). A consumer that folds such a channel into
+        its bias (`foldable`) need not read it."""
+        if node in self._const:
+            return self._const[node]
+        self._const[node] = torch.zeros(self.n_roots, dtype=torch.bool)  # cycle guard
+        t, m = node.type, node.module
+        c = torch.zeros(self.n_roots, dtype=torch.bool)
+        if t in (OPTYPE.CONV, OPTYPE.LINEAR):
+            outs = [(h, loc, r) for h, loc, r in self.items[node]
+                    if h.__name__ == "prune_out_channels"]
+            if outs and opaque_reason(m) is None:
+                w = out_in_view(m, m.weight.detach())
+                row0 = (w.reshape(w.shape[0], -1) == 0).all(dim=1)  # outputs its bias
+                c = self._all_by_root(torch.cat([loc for _, loc, _ in outs]),
+                                      torch.cat([r for _, _, r in outs]), row0) \
+                    & self.covers_out(outs)
+        elif t == OPTYPE.DEPTHWISE_CONV and opaque_reason(m) is None:
+            w = m.weight.detach()
+            locs, roots = self._locals(node)
+            c = (self._all_by_root(locs, roots, (w.reshape(w.shape[0], -1) == 0).all(dim=1))
+                 | self.zero_in(node)) & self.covers(node)
+        elif t == OPTYPE.BN:
+            c = self.const_in(node)  # (eval mode: running statistics, per channel)
+        elif t in (OPTYPE.PRELU, OPTYPE.RESHAPE, OPTYPE.CONCAT, OPTYPE.EXPAND, OPTYPE.SPLIT):
+            c = self.const_in(node)
+        elif t == OPTYPE.ELEMENTWISE and not _is_param_leaf(node):
+            op = op_name(node)
+            if (op in ("addmm", "mm") and _feeds_linear(node)) or op in NORM_INSIDE:
+                c = self.const_in(node)  # (their parameters are per channel, not per position)
+            elif (op in CONST_KEEPING or op.startswith(CONST_KEEPING_FAMILIES)) and \
+                    all(p.numel() == 1 for p in _param_operands(node)):
+                c = self.const_in(node)
+        c = c | self.zero(node)
+        self._const[node] = c
+        return c
 
     def covers_out(self, items) -> torch.Tensor:
         c = torch.zeros(self.n_roots, dtype=torch.bool)
@@ -661,6 +767,8 @@ class _Group:
                 locs = torch.cat([loc for _, loc, _ in cons])
                 roots = torch.cat([r for _, _, r in cons])
                 zin = self.zero_in(node)
+                if foldable(m):  # a constant input folds into the bias (`fold_constants`)
+                    zin = zin | self.const_in(node)
                 ok &= self._all_by_root(locs, roots, col0) | zin
         return ok
 
@@ -816,6 +924,12 @@ def remove_dead_channels(model: nn.Module, example_inputs: Sequence[torch.Tensor
                 members[root_name] = _out_members(g, names)
                 continue
             before_cut = _Snapshot(pruning, kept, graph.split_attrs)
+            why = _fold_constants(model, inputs, pruning)
+            if why is not None:
+                before_cut.restore(kept)
+                skipped[root_name] = why
+                members[root_name] = _out_members(g, names)
+                continue
             for it in pruning:
                 target = it.dep.target.module
                 name = names.get(target)
@@ -912,6 +1026,46 @@ class _Snapshot:
             setattr(m, attr, sizes)
         for n, (out, inp) in self.books.items():
             kept[n].out, kept[n].inp = out, inp
+
+
+def _fold_constants(model: nn.Module, inputs: tuple, pruning) -> str | None:
+    """Fold into each consumer's bias what it reads from the input channels the cut takes away
+    where its weight column is not zero: such a channel holds one value everywhere
+    (`_Group.const`), read here from a forward pass on the example (at any position). A
+    consumer without a bias gets one. Returns why not, where a consumer's forward never ran."""
+    cuts = []
+    for it in pruning:
+        m = it.dep.target.module
+        if it.dep.handler.__name__ != "prune_in_channels" or not isinstance(m, _LAYERS) \
+                or it.dep.target.type not in (OPTYPE.CONV, OPTYPE.LINEAR) or not foldable(m):
+            continue  # (elsewhere only unread or dead channels are cut: nothing to fold)
+        idx = sorted(set(int(i) for i in it.idxs))
+        cols = out_in_view(m, m.weight.detach())[:, idx]
+        if bool((cols != 0).any()):
+            cuts.append((m, idx, cols))
+    if not cuts:
+        return None
+    seen: dict = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.setdefault(mod, args[0].detach()))
+             for m, _, _ in cuts]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    for m, idx, cols in cuts:
+        if m not in seen:
+            return f"a constant channel it reads cannot be folded: {type(m).__name__}'s forward never ran"
+        x = seen[m]
+        v = x.reshape(-1, x.shape[-1])[0, idx] if isinstance(m, nn.Linear) else \
+            x[0, idx].reshape(len(idx), -1)[:, 0]
+        # no padding: every output position reads the channel's value under the whole kernel
+        folded = (cols.reshape(cols.shape[0], len(idx), -1).sum(dim=2) * v).sum(dim=1)
+        bias = m.bias.detach() if m.bias is not None else torch.zeros_like(folded)
+        # a new parameter, not an in-place change: the snapshot of the cut keeps the old one
+        m.bias = nn.Parameter(bias + folded, requires_grad=m.weight.requires_grad)
+    return None
 
 
 def _resize_splits(graph, pruning) -> set:

@@ -94,9 +94,11 @@ def _resize(module: nn.Module, spec: dict, tensors: dict[str, torch.Tensor], nam
             raise ArtifactError(f"{description}: layer {name!r}: bad width {attr}={value!r}")
         setattr(module, attr, value)
     prefix = f"{name}." if name else ""
-    for pname, p in list(module.named_parameters(recurse=False)):
+    for pname, p in list(module._parameters.items()):
         saved = tensors.get(prefix + pname)
-        if saved is not None and saved.shape != p.shape:
+        if p is None and saved is not None:  # a bias surgery gave it (a constant folded in)
+            setattr(module, pname, nn.Parameter(torch.empty(saved.shape, dtype=saved.dtype)))
+        elif saved is not None and saved.shape != p.shape:
             setattr(module, pname, nn.Parameter(torch.empty(saved.shape, dtype=p.dtype),
                                                 requires_grad=p.requires_grad))
     for bname, b in list(module.named_buffers(recurse=False)):
