@@ -279,9 +279,14 @@ def test_a_scalar_parameter_added_to_a_dead_channel_makes_it_constant(padding):
     small = copy_module(model)
     remove_dead_channels(small, x)
     assert small.conv1.out_channels == (5 if padding == 0 else 8)
+    assert (small.conv2.bias is not None) == (padding == 0)  # the shift, folded
     with torch.no_grad():
         xi = torch.randn(3, 3, 11, 9)
         torch.testing.assert_close(small(xi), model(xi), atol=1e-5, rtol=1e-4)
+        model.shift.zero_()  # dead channels now: they go, and nothing is folded
+    small = copy_module(model)
+    remove_dead_channels(small, x)
+    assert small.conv1.out_channels == 5 and small.conv2.bias is None
 
 
 def test_levit_mlp_hidden_units_go_through_its_batch_norm_on_flattened_tokens():

@@ -1062,6 +1062,8 @@ def _fold_constants(model: nn.Module, inputs: tuple, pruning) -> str | None:
             x[0, idx].reshape(len(idx), -1)[:, 0]
         # no padding: every output position reads the channel's value under the whole kernel
         folded = (cols.reshape(cols.shape[0], len(idx), -1).sum(dim=2) * v).sum(dim=1)
+        if not bool(folded.any()):
+            continue  # dead channels (zero everywhere): nothing to fold, no bias to add
         bias = m.bias.detach() if m.bias is not None else torch.zeros_like(folded)
         # a new parameter, not an in-place change: the snapshot of the cut keeps the old one
         m.bias = nn.Parameter(bias + folded, requires_grad=m.weight.requires_grad)
