@@ -384,6 +384,8 @@ class _Group:
                 zip(loc.tolist(), roots.tolist()))
         self._zero: dict[Any, torch.Tensor] = {}
         self._const: dict[Any, torch.Tensor] = {}
+        # per root: removable only with its value folded into a consumer's bias (`removable`)
+        self.folds = torch.zeros(self.n_roots, dtype=torch.bool)
 
     def covers(self, node) -> torch.Tensor:
         c = torch.zeros(self.n_roots, dtype=torch.bool)
@@ -767,9 +769,12 @@ class _Group:
                 locs = torch.cat([loc for _, loc, _ in cons])
                 roots = torch.cat([r for _, _, r in cons])
                 zin = self.zero_in(node)
-                if foldable(m):  # a constant input folds into the bias (`fold_constants`)
-                    zin = zin | self.const_in(node)
-                ok &= self._all_by_root(locs, roots, col0) | zin
+                read = ~self._all_by_root(locs, roots, col0)
+                if foldable(m):  # a constant input folds into the bias (`_fold_constants`)
+                    const = self.const_in(node) & ~zin
+                    self.folds |= const & read
+                    zin = zin | const
+                ok &= ~read | zin
         return ok
 
     def _read_by_slice(self, node) -> torch.Tensor:
@@ -924,7 +929,7 @@ def remove_dead_channels(model: nn.Module, example_inputs: Sequence[torch.Tensor
                 members[root_name] = _out_members(g, names)
                 continue
             before_cut = _Snapshot(pruning, kept, graph.split_attrs)
-            why = _fold_constants(model, inputs, pruning)
+            why = _fold_constants(model, inputs, pruning) if bool(g.folds[idxs].any()) else None
             if why is not None:
                 before_cut.restore(kept)
                 skipped[root_name] = why
