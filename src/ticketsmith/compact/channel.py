@@ -21,12 +21,13 @@ and channel, from the weights:
 - a group's channel is **removable** when every consumer (conv / linear reading it) either reads
   it dead, has an all-zero weight column for it ("unread"), or reads it constant and can fold
   it into its bias (a linear layer or a conv without padding and groups: `foldable`; the value
-  comes from a forward pass on the example, and a consumer without a bias gets one), no model
-  output shows it, and every operation it passes through is per-channel. Anything else (an unknown operation, a
-  channel-mixing reduction, a transposed grouped conv, LayerNorm / GroupNorm, a constant added to the
-  feature map, a reshape other than a flatten such as a channel shuffle or a window partition,
-  ...) leaves the whole group untouched, recorded with the reason (per layer in
-  `SurgeryReport.whole`, and in `describe` as `group_left_whole`). A group may cross between
+  comes from a forward pass on the example, and a consumer without a bias gets one where the
+  value is not zero), no model output shows it, and every operation it passes through is
+  per-channel. Anything else (an unknown operation, a channel-mixing reduction, a transposed
+  grouped conv, LayerNorm / GroupNorm, a constant added to the feature map, a reshape other than
+  a flatten such as a channel shuffle or a window partition, ...) leaves the whole group
+  untouched, recorded with the reason (per layer in `SurgeryReport.whole`, and in `describe` as
+  `group_left_whole`). A group may cross between
   layouts where its channel axis is followed from layer to layer through transposes, permutes
   and views that keep it whole (`_Group.channel_axes`): a linear layer on tokens, the tokens
   viewed as a map for a depthwise conv and flattened back (PVT-v2's and SegFormer's MLP), or a
