@@ -124,6 +124,36 @@ def test_compact_keeps_the_function_of_random_nets_with_random_channel_masks(spe
 
 
 @SETTINGS
+@given(spec=specs, seed=st.integers(0, 10_000), p_dead=st.floats(0.1, 0.7))
+def test_compact_keeps_the_function_where_dead_rows_keep_their_batch_norm(spec, seed, p_dead):
+    """Dead weight rows without their companions: each BatchNorm (and bias) turns its dead
+    channel into a constant, which the 1x1 branch of a concatenation and fc1 (after the pool
+    and flatten) fold into their biases, and padded 3x3 convs keep reading."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = RandomNet(spec)
+    randomize_bn(model, g)
+    x = torch.randn(4, 3, 8, 8, generator=g)
+    masks = {}
+    for k in ts.Masks.ones(model).weight_names:
+        m = torch.ones_like(model.get_parameter(k), dtype=torch.bool)
+        dead = torch.rand(m.shape[0], generator=g) < p_dead
+        dead[torch.randint(0, m.shape[0], (1,), generator=g)] = False
+        m[dead] = False
+        masks[k] = m
+    masks = ts.Masks(masks)
+    masked = RandomNet(spec)
+    masked.load_state_dict(model.state_dict())
+    masks.apply(masked)
+    masked.eval()
+    compact = ts.compact(model, masks, x)
+    with torch.no_grad():
+        xt = torch.randn(3, 3, 8, 8, generator=g)
+        ref, got = masked(xt), compact(xt)
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5 * max(1.0, ref.abs().max().item()))
+
+
+@SETTINGS
 @given(spec=specs, seed=st.integers(0, 10_000), sparsity=st.floats(0.05, 0.95),
        extra=st.sampled_from([0.0, 0.3]))
 def test_refill_keeps_exactly_k_rows_and_masks_stay_binary(spec, seed, sparsity, extra):
