@@ -15,6 +15,8 @@ venv with `pip install torch==2.14.1 torchvision==0.29.1 timm -e .` (see the rec
 
 nn.MultiheadAttention is swapped for ticketsmith's QKVAttention first (`prunable_attention`),
 as `ticketsmith run --model` builds a model, so attention heads are refilled and removed.
+A name ending in ":reparameterized" is the model after timm's `reparameterize_model` (its
+deploy form: each block's train-time branches fused into one conv).
 """
 from __future__ import annotations
 
@@ -28,6 +30,9 @@ import time
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "results" / "zoo_models"
+# A model with train-time branches (RepVGG, MobileOne, FastViT) in its deploy form: timm's
+# `reparameterize_model` fuses each block's branches into one conv before the ticket is drawn
+REPARAM = ":reparameterized"
 MODELS = [("torchvision", n, s) for n, s in [
     ("resnet18", 96), ("resnet50", 96), ("vgg11_bn", 64), ("mobilenet_v2", 96),
     ("mobilenet_v3_small", 96), ("efficientnet_b0", 96), ("shufflenet_v2_x0_5", 96),
@@ -59,7 +64,8 @@ MODELS = [("torchvision", n, s) for n, s in [
         ("efficientvit_m0", 224), ("mvitv2_tiny", 224), ("davit_tiny", 224), ("dla34", 96),
         ("hrnet_w18_small", 96), ("halonet26t", 256), ("botnet26t_256", 256),
         ("lambda_resnet26t", 256), ("focalnet_tiny_srf", 96), ("convformer_s18", 96),
-        ("caformer_s18", 96)]]
+        ("caformer_s18", 96), ("mobileone_s0" + REPARAM, 96), ("repvgg_a0" + REPARAM, 96),
+        ("fastvit_t8" + REPARAM, 96)]]
 MEMORY_LIMIT = 8 << 30   # bytes of resident memory per child (watched; the CUDA build of torch
                          # reserves far more address space than it uses, so no RLIMIT_AS)
 TIME_LIMIT = 600         # seconds per child
@@ -69,6 +75,9 @@ def build(lib: str, name: str):
     """As `ticketsmith run --model LIB:NAME` builds it (nn.MultiheadAttention swapped)."""
     import ticketsmith as ts
     kw = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+    if name.endswith(REPARAM):
+        from timm.utils.model import reparameterize_model
+        return reparameterize_model(ts.models.build(f"{lib}:{name[:-len(REPARAM)]}", kw, num_classes=10))
     return ts.models.build(f"{lib}:{name}", kw, num_classes=10)
 
 
