@@ -251,6 +251,43 @@ def test_rescat_concat_depthwise_flatten():
     assert small.head.weight.shape == (5, 4 * 4)  # 2 dead channels x 4 positions removed
 
 
+class DenseTail(nn.Module):
+    """DenseNet's tail: the last block's features concatenated, a BatchNorm, global pooling,
+    flatten into the classifier (`pool` 2: four positions per channel instead)."""
+
+    def __init__(self, pool=1):
+        super().__init__()
+        self.pool = pool
+        self.stem = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.grow = nn.Conv2d(6, 4, 3, padding=1, bias=False)
+        self.norm = nn.BatchNorm2d(10)
+        self.classifier = nn.Linear(10 * pool * pool, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = F.relu(self.norm(torch.cat([x, self.grow(x)], 1)))
+        return self.classifier(F.adaptive_avg_pool2d(x, self.pool).flatten(1))
+
+
+@pytest.mark.parametrize("pool", [1, 2])
+def test_a_concatenation_into_a_global_pooling_flatten_is_cut(pool):
+    """DenseNet / GoogLeNet / Inception: a flatten after global pooling passes the channels as
+    they are, and the concatenation's dead channels go with the classifier's columns; a flatten
+    of several positions per channel after a concatenation still leaves the group whole."""
+    torch.manual_seed(0)
+    model = randomize(DenseTail(pool))
+    x = torch.randn(2, 3, 8, 8)
+    masks: dict = {}
+    kill_rows(model, masks, "grow", torch.tensor([0, 2]))
+    masks["norm.weight"] = torch.ones(10, dtype=torch.bool).index_fill(0, torch.tensor([6, 8]), False)
+    masks["norm.bias"] = masks["norm.weight"].clone()
+    small = check_compact(model, ts.Masks(masks), x, expect_smaller=pool == 1)
+    assert small.grow.weight.shape[0] == (2 if pool == 1 else 4)
+    assert small.classifier.weight.shape[1] == (8 if pool == 1 else 40)
+    whole = {r["layer"]: r["group_left_whole"] for r in C.describe(small)}
+    assert (whole["grow"] is None) == (pool == 1)
+
+
 def test_mlp_hidden_units_and_non_zero_preserving_activation():
     torch.manual_seed(0)
     model = randomize(MLP(act=torch.sigmoid))

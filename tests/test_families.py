@@ -592,7 +592,8 @@ def _zoo_models():
     if importlib.util.find_spec("torchvision") is not None:
         out += [("torchvision", n) for n in ("resnet18", "mobilenet_v2", "shufflenet_v2_x0_5",
                                              "vit_b_16", "swin_t", "regnet_y_400mf",
-                                             "efficientnet_v2_s", "swin_v2_t", "maxvit_t")]
+                                             "efficientnet_v2_s", "swin_v2_t", "maxvit_t",
+                                             "densenet121")]
     return out or [pytest.param(None, None, marks=pytest.mark.skip(
         reason="neither timm nor torchvision is installed (PyPI's torchvision does not import "
                "beside the CPU torch wheel used here); install the `zoo` extra to run these"))]
@@ -641,6 +642,8 @@ def test_zoo_model_refill_compacts_exactly(lib, name):
         assert small.get_submodule(fc1).weight.shape[0] < model.get_submodule(fc1).weight.shape[0]
     if name in ("mixnet_s", "focalnet_tiny_srf"):  # cut through splits by a list the module holds
         assert small.ticketsmith_compact["split_sizes"], "no split was resized"
+    if name == "densenet121":  # concatenations into a global pooling's flatten: none whole
+        assert not small.ticketsmith_compact["skipped_groups"]
     if "regnet" in name:  # grouped convs: cut with their groups kept, none left whole
         assert not small.ticketsmith_compact["skipped_groups"]
         assert any(isinstance(m, nn.Conv2d) and 1 < m.groups < m.out_channels

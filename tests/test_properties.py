@@ -4,6 +4,7 @@ blocks never overlap and cover exactly the kept weights; refill keeps exactly k 
 binary at the stated sparsity."""
 import contextlib
 import math
+import os
 from unittest import mock
 
 import torch
@@ -26,7 +27,8 @@ def executors_on_small_layers():
     return stack
 
 
-SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+# (TS_EXAMPLES=200 for a longer search than the suite's)
+SETTINGS = settings(max_examples=int(os.environ.get("TS_EXAMPLES", 20)), deadline=None, suppress_health_check=[HealthCheck.too_slow],
                     derandomize=True)
 
 
@@ -54,7 +56,8 @@ class RandomNet(nn.Module):
                     nn.Sequential(nn.Conv2d(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width))]))
                 c = 2 * width
             self.kinds.append(kind)
-        self.fc1 = nn.Linear(c * 4, spec["hidden"])
+        self.pool = spec.get("pool", 2)  # 1: global pooling, the flatten keeps the channels
+        self.fc1 = nn.Linear(c * self.pool ** 2, spec["hidden"])
         self.fc2 = nn.Linear(spec["hidden"], 5)
 
     def forward(self, x):
@@ -66,7 +69,7 @@ class RandomNet(nn.Module):
                 x = F.relu(torch.cat([block[0](x), block[1](x)], 1))
             else:
                 x = F.relu(block(x))
-        x = F.adaptive_avg_pool2d(x, 2).flatten(1)
+        x = F.adaptive_avg_pool2d(x, self.pool).flatten(1)
         return self.fc2(F.relu(self.fc1(x)))
 
 
@@ -76,6 +79,7 @@ specs = st.fixed_dictionaries({
     "blocks": st.lists(st.tuples(st.sampled_from(["plain", "residual", "concat"]), st.integers(2, 8)),
                        min_size=1, max_size=4),
     "hidden": st.integers(3, 12),
+    "pool": st.sampled_from([1, 2]),
 })
 
 

@@ -286,6 +286,12 @@ def _reshape_ok(graph, node) -> bool:
     return True
 
 
+def _flattens_channels_only(node) -> bool:
+    """A flatten of [N, C, 1, ...] (after a global pooling): feature c is channel c."""
+    sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
+    return sizes is not None and len(sizes) > 2 and all(int(s) == 1 for s in sizes[2:])
+
+
 def _keeps_last_dim(graph, node) -> bool:
     """A view / reshape that merges or splits leading dimensions only: the features in the last
     dimension reach what follows unchanged (F.linear on a >2-D tensor flattens its batch dims)."""
@@ -485,11 +491,13 @@ class _Group:
         last_dim = [n for n in self.items if n.type == OPTYPE.LINEAR and not _is_param_leaf(n)
                     and op_name(n) not in ("addmm", "mm")]
         # (a reshape without index mapping is refused below, with its own reason)
-        flatten = any(n.type == OPTYPE.RESHAPE and n not in self.graph.unmapped for n in self.items)
+        flatten = any(n.type == OPTYPE.RESHAPE and n not in self.graph.unmapped
+                      and not _flattens_channels_only(n) for n in self.items)
         if OPTYPE.CONCAT in types and flatten:
             # torch-pruning 1.6 ties channel i of every concatenated branch together on the way
             # back from a flatten, and drops the features of only one of them (found by the
-            # property tests): such groups stay whole
+            # property tests): such groups stay whole, but for a flatten of [N, C, 1, ...] after
+            # a global pooling (DenseNet, GoogLeNet, Inception), whose features are the channels
             return "a concatenation followed by a flatten (torch-pruning maps it wrongly)"
         for node in self.items:
             t = node.type
