@@ -93,8 +93,9 @@ def randomize_bn(model, g):
                 m.bias.copy_(torch.randn(m.num_features, generator=g))
 
 
-def random_channel_masks(model, x, g, p_dead):
-    """Random whole dead output channels in every prunable layer, then their companions."""
+def random_channel_masks(model, x, g, p_dead, companions=True):
+    """Random whole dead output channels in every prunable layer, then (with `companions`) their
+    BatchNorms and biases."""
     base = ts.Masks.ones(model)
     out = {}
     for k in base.weight_names:
@@ -103,18 +104,17 @@ def random_channel_masks(model, x, g, p_dead):
         dead[torch.randint(0, m.shape[0], (1,), generator=g)] = False  # never a whole layer
         m[dead] = False
         out[k] = m
-    return ts.channel_companions(model, base.updated(out), x[:1])
+    return ts.channel_companions(model, base.updated(out), x[:1]) if companions else ts.Masks(out)
 
 
-@SETTINGS
-@given(spec=specs, seed=st.integers(0, 10_000), p_dead=st.floats(0.0, 0.7))
-def test_compact_keeps_the_function_of_random_nets_with_random_channel_masks(spec, seed, p_dead):
+def compact_and_compare(spec, seed, p_dead, companions):
+    """The compact random net against the masked one on another batch; returns both models."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     model = RandomNet(spec)
     randomize_bn(model, g)
     x = torch.randn(4, 3, 8, 8, generator=g)
-    masks = random_channel_masks(model, x, g, p_dead)
+    masks = random_channel_masks(model, x, g, p_dead, companions)
     masked = RandomNet(spec)
     masked.load_state_dict(model.state_dict())
     masks.apply(masked)
@@ -124,6 +124,13 @@ def test_compact_keeps_the_function_of_random_nets_with_random_channel_masks(spe
         xt = torch.randn(3, 3, 8, 8, generator=g)
         ref, got = masked(xt), compact(xt)
     assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5 * max(1.0, ref.abs().max().item()))
+    return model, compact
+
+
+@SETTINGS
+@given(spec=specs, seed=st.integers(0, 10_000), p_dead=st.floats(0.0, 0.7))
+def test_compact_keeps_the_function_of_random_nets_with_random_channel_masks(spec, seed, p_dead):
+    model, compact = compact_and_compare(spec, seed, p_dead, companions=True)
     assert sum(p.numel() for p in compact.parameters()) <= sum(p.numel() for p in model.parameters())
 
 
@@ -133,28 +140,7 @@ def test_compact_keeps_the_function_where_dead_rows_keep_their_batch_norm(spec, 
     """Dead weight rows without their companions: each BatchNorm (and bias) turns its dead
     channel into a constant, which the 1x1 branch of a concatenation and fc1 (after the pool
     and flatten) fold into their biases, and padded 3x3 convs keep reading."""
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    model = RandomNet(spec)
-    randomize_bn(model, g)
-    x = torch.randn(4, 3, 8, 8, generator=g)
-    masks = {}
-    for k in ts.Masks.ones(model).weight_names:
-        m = torch.ones_like(model.get_parameter(k), dtype=torch.bool)
-        dead = torch.rand(m.shape[0], generator=g) < p_dead
-        dead[torch.randint(0, m.shape[0], (1,), generator=g)] = False
-        m[dead] = False
-        masks[k] = m
-    masks = ts.Masks(masks)
-    masked = RandomNet(spec)
-    masked.load_state_dict(model.state_dict())
-    masks.apply(masked)
-    masked.eval()
-    compact = ts.compact(model, masks, x)
-    with torch.no_grad():
-        xt = torch.randn(3, 3, 8, 8, generator=g)
-        ref, got = masked(xt), compact(xt)
-    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5 * max(1.0, ref.abs().max().item()))
+    compact_and_compare(spec, seed, p_dead, companions=False)
 
 
 @SETTINGS
