@@ -341,10 +341,8 @@ def _param_operands(node) -> list[torch.Tensor]:
 # Operations that map a channel holding one value everywhere to one value everywhere (for a
 # channel that does not depend on the input: `_Group.const`). Not a pad by a constant or an
 # average pool (the border differs), nor a sum or norm over positions (it scales with the size).
-CONST_KEEPING = {"relu", "hardtanh", "leakyrelu", "gelu", "silu", "elu", "celu", "tanh",
-                 "hardswish", "mish", "neg", "clone", "tocopy", "alias", "sigmoid",
-                 "hardsigmoid", "softplus", "exp", "logsigmoid", "pow", "add", "sub", "mul",
-                 "transpose", "permute", "mean"}
+CONST_KEEPING = ZERO_PRESERVING | (PER_CHANNEL - {"constantpadnd"}) | {
+    "pow", "add", "sub", "mul", "transpose", "permute", "mean"}
 CONST_KEEPING_FAMILIES = ("maxpool", "adaptiveavgpool", "adaptivemaxpool", "upsample",
                           "reflectionpad", "replicationpad")
 
