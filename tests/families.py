@@ -1943,6 +1943,33 @@ class WeightNormNet(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
+# -- a 1-d conv net (audio / time series): 1-d pooling runs as unsqueeze -> 2-d pooling ->
+# squeeze; SE by broadcasting; a flatten of [N, C, L] into the head --------------------------
+class AudioNet(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv1d(2, 16, 5, stride=2)
+        self.bn1 = nn.BatchNorm1d(16)
+        self.pool = nn.MaxPool1d(2)
+        self.conv2 = nn.Conv1d(16, 24, 2)  # (lengths 64 and 81 reach the head as 12 and 16:
+        # ONNX exports an adaptive pooling only to a factor of its input length)
+        self.bn2 = nn.BatchNorm1d(24)
+        self.squeeze = nn.AdaptiveAvgPool1d(1)
+        self.se1 = nn.Conv1d(24, 6, 1)
+        self.se2 = nn.Conv1d(6, 24, 1)
+        self.conv3 = nn.Conv1d(24, 16, 3)
+        self.bn3 = nn.BatchNorm1d(16)
+        self.head_pool = nn.AdaptiveMaxPool1d(4)
+        self.fc = nn.Linear(16 * 4, classes)
+
+    def forward(self, x):
+        x = self.pool(F.relu(self.bn1(self.conv1(x))))
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = x * torch.sigmoid(self.se2(F.relu(self.se1(self.squeeze(x)))))
+        x = F.relu(self.bn3(self.conv3(x)))
+        return self.fc(self.head_pool(x).flatten(1))
+
+
 def _randomize(model: nn.Module, seed: int) -> nn.Module:
     """Non-trivial BatchNorm statistics and affine (as a trained model has), eval mode."""
     g = torch.Generator().manual_seed(seed + 1000)
@@ -2011,4 +2038,5 @@ FAMILIES = {
     "mlp_mixer": (builder(TinyMixer), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 16, 16)]),
     "convnext": (builder(TinyConvNeXt), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 20, 20)]),
     "weight_norm_1d": (builder(WeightNormNet), (2, 4, 16), [(3, 4, 16), (1, 4, 23)]),
+    "audio_1d": (builder(AudioNet), (2, 2, 64), [(3, 2, 64), (1, 2, 81)]),
 }

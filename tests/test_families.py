@@ -25,14 +25,6 @@ from families import FAMILIES, BatchNormAct2d, Conv2dSame, StdConv2d
 
 STRUCTURES = ("refill", "regroup-element", "regroup-channel", "constant-fan-in")
 
-# (family, structure) pairs where no channel or block can go: every group the structure could
-# shrink is tied to a layer that must stay whole (the reason is asserted in the test).
-NOTHING_TO_REMOVE = {
-    # weight_norm layers are not prunable (no mask), and the channels of the plain convs reach a
-    # parametrized consumer: surgery leaves those groups whole
-    ("weight_norm_1d", "regroup-element"): "parametrized",
-    ("weight_norm_1d", "regroup-channel"): "parametrized",
-}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models
@@ -117,14 +109,9 @@ def test_family_through_structure(family, structure, small_executors, tmp_path):
         for xi in inputs:
             assert rel_err(masked(xi), small(xi)) < 1e-4, (family, structure, tuple(xi.shape))
 
-    # smaller where a channel or block could go; otherwise the reason is on record
+    # smaller (a channel or block went); every layer kept whole says why
     rows = C.describe(small)
-    if (family, structure) in NOTHING_TO_REMOVE:
-        assert n_params(small) == n_params(model)
-        reasons = " ".join(small.ticketsmith_compact["skipped_groups"].values())
-        assert NOTHING_TO_REMOVE[family, structure] in reasons
-    else:
-        assert n_params(small) < n_params(model), (family, structure)
+    assert n_params(small) < n_params(model), (family, structure)
     for r in rows:  # every layer kept whole says why
         assert r["reason"]
 
@@ -148,10 +135,12 @@ def test_family_through_structure(family, structure, small_executors, tmp_path):
 
 # -- layers that must not be rebuilt ----------------------------------------------------------
 @pytest.mark.parametrize("granularity", ["element", "channel"])
-def test_forward_overriding_convs_keep_their_class(granularity, small_executors):
-    """Conv2dSame pads from the input size, StdConv2d standardises its weight: rebuilt from
-    weight/stride/padding they compute another function (exact at no size, or only at the
-    example's). They keep their class, and describe() says why."""
+def test_forward_overriding_convs_keep_their_class_or_are_frozen(granularity, small_executors):
+    """Conv2dSame pads from the input size: rebuilt from weight/stride/padding it computes
+    another function (exact at no size, or only at the example's), so it keeps its class, and
+    describe() says why. StdConv2d standardises its weight from its parameters alone: it
+    becomes the plain Conv2d holding the standardised weight, and its blocks (which described
+    the mask, not the standardised weight, dense in each kept row) are dropped."""
     build, shape, others = FAMILIES["efficientnet_tf"]
     model = build()
     x = torch.randn(shape)
@@ -161,9 +150,11 @@ def test_forward_overriding_convs_keep_their_class(granularity, small_executors)
                        granularity=granularity, b1=2, b2=1)
     small = C.compact(model, masks, x)
     rows = {r["layer"]: r for r in C.describe(small)}
-    assert type(small.conv_stem) is Conv2dSame and type(small.conv_std) is StdConv2d
+    assert type(small.conv_stem) is Conv2dSame and type(small.conv_std) is nn.Conv2d
     assert "Conv2dSame overrides the forward" in rows["conv_stem"]["reason"]
-    assert "StdConv2d overrides the forward" in rows["conv_std"]["reason"]
+    assert rows["conv_std"]["reason"].startswith("frozen from a StdConv2d")
+    assert rows["conv_std"]["executor"] == "dense"
+    assert small.ticketsmith_compact["frozen"] == {"conv_std": "StdConv2d"}
     masked = copy_module(model)
     masks.apply(masked)
     with torch.no_grad():
@@ -567,6 +558,57 @@ def test_empty_layers_are_skipped_with_a_warning():
     assert n_params(small) < n_params(model)
 
 
+def test_weight_standardised_convs_are_frozen_and_cut():
+    """A StdConv2d (NFNet, BiT) applies a weight standardised per row from its parameters:
+    channel surgery may not cut its inputs as it is (each row's statistics would change), so
+    the groups it reads were left whole. Frozen into the plain Conv2d holding that weight, the
+    dead channels it reads go, its own dead rows (standardised: still zero) go, and the compact
+    model computes what the masked one does, also after save / load."""
+    build, shape, others = FAMILIES["efficientnet_tf"]
+    model = build()
+    x = torch.randn(shape)
+    masks = ts.refill(model, magnitude(model, 0.6), example_inputs=x)
+    small = C.compact(model, masks, x)
+    info = small.ticketsmith_compact
+    assert info["frozen"] == {"conv_std": "StdConv2d"}
+    std = model.conv_std
+    assert type(std) is StdConv2d  # the model given is not modified
+    cut = small.conv_std
+    assert cut.in_channels < std.in_channels  # its inputs were cut: it read dead channels
+    assert cut.out_channels < std.out_channels  # its wholly masked rows went
+    assert "conv_std" not in info["skipped_groups"]
+    masked = copy_module(model)
+    masks.apply(masked)
+    with torch.no_grad():
+        for s in others:
+            xi = torch.randn(s)
+            assert rel_err(masked(xi), small(xi)) < 1e-4
+    assert C.effective(model, masks, x)["compact_params"] == sum(p.numel() for p in small.parameters())
+
+
+def test_a_forward_that_changes_its_input_first_is_not_frozen():
+    """A forward that pads (or otherwise changes) its input before the kernel, or changes the
+    kernel's result, is not one kernel call on its input: it keeps its class."""
+    class PadThenConv(nn.Conv2d):
+        def forward(self, x):
+            return F.conv2d(F.pad(x, [1, 1, 1, 1]), self.weight * 2, self.bias)
+
+    class ConvThenScale(nn.Conv2d):
+        def forward(self, x):
+            return F.conv2d(x, self.weight, self.bias) * 2
+
+    class InputDependent(nn.Conv2d):
+        def forward(self, x):
+            return F.conv2d(x, self.weight * x.mean(), self.bias)
+
+    for cls in (PadThenConv, ConvThenScale, InputDependent):
+        model = nn.Sequential(cls(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+        x = torch.randn(2, 3, 9, 9)
+        masks = ts.Masks.ones(model)
+        small = C.compact(model, masks, x)
+        assert type(small[0]) is cls and small.ticketsmith_compact["frozen"] == {}, cls
+
+
 def test_weight_norm_layers_stay_dense_with_a_warning():
     build, shape, _ = FAMILIES["weight_norm_1d"]
     model = build()
@@ -574,6 +616,36 @@ def test_weight_norm_layers_stay_dense_with_a_warning():
         masks = ts.Masks.ones(model)
     assert "conv1.weight" not in masks and "conv3.weight" not in masks
     assert "conv2.weight" in masks
+    # compaction freezes them into plain Conv1d layers (the weight they compute): the groups
+    # they read are cut (they were left whole, "its weight is parametrized")
+    x = torch.randn(shape)
+    small = C.compact(model, ts.refill(model, magnitude(model, 0.6), example_inputs=x), x)
+    assert small.ticketsmith_compact["frozen"] == {"conv1": "ParametrizedConv1d",
+                                                   "conv3": "ParametrizedConv1d"}
+    assert type(small.conv1) is nn.Conv1d and type(small.conv3) is nn.Conv1d
+    assert small.se2.out_channels < model.se2.out_channels
+
+
+def test_1d_pooling_and_the_flatten_of_a_sequence_are_cut():
+    """MaxPool1d and AdaptiveAvgPool1d run as unsqueeze -> 2-d pooling -> squeeze (autograd
+    shows the three), and the head reads a flatten of [N, C, 4]: the groups through them are
+    cut, exactly (they were left whole: "unsqueeze not known to be per-channel", "a reshape
+    other than a flatten into the next layer")."""
+    build, shape, others = FAMILIES["audio_1d"]
+    model = build()
+    x = torch.randn(shape)
+    masks = ts.refill(model, magnitude(model, 0.5), example_inputs=x)
+    small = C.compact(model, masks, x)
+    info = small.ticketsmith_compact
+    assert info["skipped_groups"] == {}
+    assert {"conv1", "conv3"} <= set(info["removed_channels"])
+    assert small.fc.in_features == 4 * small.conv3.out_channels < model.fc.in_features
+    masked = copy_module(model)
+    masks.apply(masked)
+    with torch.no_grad():
+        for s in others:
+            xi = torch.randn(s)
+            assert rel_err(masked(xi), small(xi)) < 1e-4
 
 
 # -- the real models, when installed -------------------------------------------------------------

@@ -9,6 +9,11 @@
 `compact` works on a deep copy of the model (the input is never modified), in eval mode, with
 the masks folded into the weights, then:
 
+(first) a layer whose forward applies a weight it computes from its parameters (timm's
+   `StdConv2d` / `ScaledStdConv2d`, a `weight_norm` parametrization) becomes the plain layer
+   holding that weight (`freeze.freeze_computed_weights`; checked on other inputs), its mask
+   the nonzeros of that weight; the frozen layers are in `ticketsmith_compact["frozen"]`;
+
 0. head surgery (`heads.remove_dead_heads`): the dead heads of timm-style attention modules (v
    rows or projection columns zero) are removed, their q, k, v rows and projection columns
    with them (and each tensor holding one slice per head: a Swin bias table's column, a Swin V2
@@ -33,8 +38,8 @@ the masks folded into the weights, then:
      nn.Sequential goes tile by tile through all of them (`CondensedLinear.link`);
    - everything else stays a dense layer with the zeros folded in ("dense").
    Some layers always stay dense, with the reason in `describe`: a subclass that overrides
-   `forward` (timm's `Conv2dSame`, `StdConv2d`: rebuilt from weight/stride/padding it would
-   compute another function) or has a parametrized weight (`weight_norm`), and a layer whose
+   `forward` and was not frozen (timm's `Conv2dSame`, which pads by the input's size: rebuilt
+   from weight/stride/padding it would compute another function), and a layer whose
    forward never runs because its owner reads its parameters (`nn.MultiheadAttention.
    out_proj`). Surgery cuts channels of a forward-overriding layer only where a copy, cut the
    same way, computes the kept channels of what it computed before (checked on random inputs).
@@ -67,6 +72,7 @@ from ..masks import Block, Masks, copy_module
 from ..models.attention import replace_module as _set_module
 from .channel import (ChannelMap, SurgeryReport, as_inputs, flat_tensors, grouped_in_select,
                       opaque_reason, out_in_view, remove_dead_channels)
+from .freeze import freeze_computed_weights
 from .heads import HeadReport, remove_dead_heads
 
 # Above these densities (kept fraction of the surgered layer) a sparse executor is not worth
@@ -461,6 +467,7 @@ def compact(model: nn.Module, masks: Masks | Mapping[str, torch.Tensor], example
 
     before = {n: (list(m.weight.shape), _params(m)) for n, m in work.named_modules()
               if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))}
+    masks, frozen = _freeze(work, masks, inputs)
     heads = remove_dead_heads(work, inputs)
     surgery = _after_heads(remove_dead_channels(work, inputs), heads)  # sees the cut Linears
 
@@ -496,6 +503,9 @@ def compact(model: nn.Module, masks: Masks | Mapping[str, torch.Tensor], example
                       "density": (float(mask.float().mean()) if mask is not None else 1.0),
                       # why channel surgery could not shrink the group of its output channels
                       "group_left_whole": surgery.whole.get(name)}
+        if name in frozen:
+            rows[name]["reason"] = (f"frozen from a {frozen[name]} (the weight its forward "
+                                    f"computes); {reason}")
         if name in heads.notes:  # a Linear of an attention module: what became of its heads
             rows[name]["heads"] = heads.notes[name]
 
@@ -543,6 +553,7 @@ def compact(model: nn.Module, masks: Masks | Mapping[str, torch.Tensor], example
         "removed_heads": heads.removed,
         "heads_left_whole": heads.whole,
         "split_sizes": surgery.split_sizes,
+        "frozen": frozen,
         "verified_rel_err": err,
     }
     if absorb:
@@ -569,17 +580,33 @@ def effective(model: nn.Module, masks: Masks | Mapping[str, torch.Tensor], examp
     work = copy_module(model)
     work.eval()
     masks.apply(work)
+    true, _ = _freeze(work, masks, inputs)  # a frozen layer keeps the nonzeros it applies
     heads = remove_dead_heads(work, inputs)  # first: channel surgery sees the cut Linears
     surgery = _after_heads(remove_dead_channels(work, inputs), heads)
     kept = 0
-    for key in masks.weight_names:
+    for key in true.weight_names:
         name = key.rpartition(".")[0]
         layer = work.get_submodule(name)
-        kept += int(_restrict(masks[key], surgery.kept[name], layer).sum())
-    total = masks.numel()
+        kept += int(_restrict(true[key], surgery.kept[name], layer).sum())
+    total = true.numel()
     return {"sparsity": masks.sparsity(), "effective_sparsity": 1.0 - kept / total if total else 0.0,
             "params": sum(p.numel() for p in model.parameters()),
             "compact_params": sum(p.numel() for p in work.parameters())}
+
+
+def _freeze(work: nn.Module, masks: Masks, inputs: tuple) -> tuple[Masks, dict[str, str]]:
+    """Freeze `work`'s layers that compute their weight (`freeze.freeze_computed_weights`);
+    the masks with each frozen layer's mask (its parameters') replaced by the nonzeros of the
+    weight it applies, the true structure, and its blocks dropped (they described the mask)."""
+    frozen = freeze_computed_weights(work, inputs)
+    if not frozen:
+        return masks, frozen
+    under = {k: next((n for n in frozen if k.startswith(n + ".")), None) for k in masks}
+    kept = {k: v for k, v in masks.items() if under[k] is None}
+    for n in sorted({n for n in under.values() if n is not None}):
+        kept[f"{n}.weight"] = work.get_submodule(n).weight.detach() != 0
+    blocks = {k: v for k, v in masks.blocks.items() if under[k] is None}
+    return Masks(kept, blocks), frozen
 
 
 def _after_heads(surgery: SurgeryReport, heads: HeadReport) -> SurgeryReport:

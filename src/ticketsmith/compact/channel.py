@@ -100,7 +100,9 @@ def opaque_reason(module: nn.Module) -> str | None:
     its weight and stride describe: a zero weight entry need not be a zero in what it applies,
     and a kernel rebuilt from `weight/stride/padding` computes another function. A weight held
     by a parametrization (`weight_norm`) is recomputed on every call from other tensors, so
-    neither surgery nor an executor may replace it. Such layers keep their own module."""
+    neither surgery nor an executor may replace it. Such layers keep their own module, but for
+    those whose forward is one kernel on a weight computed from parameters alone: `compact`
+    freezes them into the plain layer first (`freeze.freeze_computed_weights`)."""
     if not isinstance(module, _LAYERS):
         return None
     from torch.nn.utils import parametrize
@@ -270,11 +272,11 @@ def _reduces_channels(node) -> bool:
 
 def _reshape_ok(graph, node) -> bool:
     """A view / reshape the DependencyGraph maps right: the flatten of [N, C, H, W] (or of
-    [N, F]) whole into the features of what follows."""
+    [N, C, L], [N, F]) whole into the features of what follows."""
     if node in graph.unmapped:
         return False  # channels pass it without index mapping (see structure.graph)
     sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
-    if sizes is None or len(sizes) not in (2, 4):
+    if sizes is None or len(sizes) not in (2, 3, 4):
         return False
     features = 1
     for s in sizes[1:]:
@@ -342,7 +344,8 @@ def _param_operands(node) -> list[torch.Tensor]:
 # channel that does not depend on the input: `_Group.const`). Not a pad by a constant or an
 # average pool (the border differs), nor a sum or norm over positions (it scales with the size).
 CONST_KEEPING = ZERO_PRESERVING | (PER_CHANNEL - {"constantpadnd"}) | {
-    "pow", "add", "sub", "mul", "transpose", "permute", "mean"}
+    "pow", "add", "sub", "mul", "transpose", "permute", "mean",
+    "unsqueeze", "squeeze"}  # (groups holding them keep the channel axis: `_keeps_channel_axis`)
 CONST_KEEPING_FAMILIES = ("maxpool", "adaptiveavgpool", "adaptivemaxpool", "upsample",
                           "reflectionpad", "replicationpad")
 
@@ -358,6 +361,29 @@ def foldable(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.conv._ConvNd) and not module.transposed and \
         module.groups == 1 and not isinstance(module.padding, str) and \
         all(p == 0 for p in module.padding)
+
+
+def _keeps_channel_axis(node) -> bool:
+    """An unsqueeze / squeeze of dimensions after the channel axis (1) only: the channels stay
+    in axis 1, each one's values where they were (a 1-d pooling runs as unsqueeze -> 2-d
+    pooling -> squeeze). Not one of the batch or channel axis, nor a squeeze of every size-1
+    dimension whose example had a batch or channel axis of size 1."""
+    g, op = node.grad_fn, op_name(node)
+    sizes = getattr(g, "_saved_self_sym_sizes", None)
+    out = output_shape(node)
+    if op == "unsqueeze":
+        dim = getattr(g, "_saved_dim", None)
+        return dim is not None and out is not None and int(dim) % len(out) >= 2
+    if op == "squeeze" and sizes is not None:
+        rank = len(sizes)
+        if hasattr(g, "_saved_dims"):
+            dims = [int(d) for d in g._saved_dims]
+        elif hasattr(g, "_saved_dim"):
+            dims = [int(g._saved_dim)]
+        else:  # every dimension of size 1
+            dims = [d for d, size in enumerate(sizes) if int(size) == 1]
+        return rank >= 2 and all(d % rank >= 2 for d in dims)
+    return False
 
 
 def _mul_scalar_ok(node) -> bool:
@@ -547,6 +573,9 @@ class _Group:
                     pass  # the normalisation inside a norm-act layer's forward: per channel
                 elif op in LAYOUT_OPS and last_dim and self.axes_followed():
                     pass  # moves the channel axis where the next member reads it
+                elif op in ("unsqueeze", "squeeze") and not last_dim:
+                    if not _keeps_channel_axis(node):
+                        return f"operation {op} of the batch or channel axis"
                 elif not (_zero_preserving(op) or op in PER_CHANNEL):
                     return f"operation {op or 'unknown'} not known to be per-channel"
                 continue
