@@ -54,7 +54,7 @@ MODELS = [("torchvision", n, s) for n, s in [
         ("maxvit_tiny_tf_224", 224), ("res2net50_26w_4s", 96), ("resnest14d", 96),
         ("selecsls42b", 96), ("lcnet_050", 96), ("mixnet_s", 96), ("fbnetv3_b", 96),
         ("hardcorenas_a", 96), ("tinynet_e", 96), ("gernet_s", 96), ("vovnet39a", 96),
-        ("nfnet_l0", 96), ("fastvit_t8", 96), ("convmixer_768_32", 96),
+        ("nfnet_l0", 96), ("resnetv2_50x1_bit", 96), ("fastvit_t8", 96), ("convmixer_768_32", 96),
         ("eva02_tiny_patch14_224", 224), ("swin_tiny_patch4_window7_224", 224), ("pvt_v2_b0", 96),
         ("twins_pcpvt_small", 96), ("crossvit_tiny_240", 96), ("xcit_nano_12_p16_224", 224),
         ("cait_xxs24_224", 224), ("tnt_s_patch16_224", 224), ("visformer_tiny", 224),
