@@ -15,7 +15,10 @@ with fewer channels in each (refill keeps them evenly over the groups).
 run --model` builds it (10 classes, random weights: the speed depends on the shapes only), on
 images of `--image-size` (224 for these); torchvision needs the venv of
 benchmarks/zoo_models.py. Its dense candidates include the model as its library builds it
-(before the prunable swaps of its attention): the user's own modules are a baseline too.
+(before the prunable swaps of its attention): the user's own modules are a baseline too. Where
+compaction freezes layers that compute their weight (NFNet's weight-standardised convs), the
+dense model is frozen the same way (`ts.compact` keeping every weight) and the library's own
+model is the `original` candidate.
 
 The channel masks are what Refill makes of a layer-wise uniform mask at sparsity s (random, seed 0;
 refill then keeps the channels with the largest L1 of He-initialised weights, coupled=True), so
@@ -104,7 +107,14 @@ def channel_ticket(name: str, width: float, sparsity: float, shape: tuple = SHAP
                                  width=width).eval()
     x = torch.randn(1, *shape)
     masks = ts.refill(model, ts.prune.random_masks(model, sparsity), coupling="shared", example_inputs=x)
-    return model, ts.compact(model, masks, x), masks
+    small = ts.compact(model, masks, x)
+    unfrozen = None
+    if small.ticketsmith_compact["frozen"]:
+        # layers that compute their weight on every call (NFNet's ScaledStdConv2d) are frozen
+        # in the compact model; the dense baseline gets the same (a user could freeze it too:
+        # compact with every weight kept), so the speedup is the ticket's, not the freezing's
+        unfrozen, model = model, ts.compact(model, ts.Masks.ones(model), x)
+    return model, small, masks, unfrozen
 
 
 def original(name: str) -> torch.nn.Module | None:
@@ -134,11 +144,11 @@ def main() -> None:
     runs = []
     for name in a.models.split(","):
         for s in (float(v) for v in a.sparsities.split(",")):
-            dense, small, masks = channel_ticket(name, a.width, s, shape)
+            dense, small, masks, unfrozen = channel_ticket(name, a.width, s, shape)
             print(f"{name} at {s:.0%} channel sparsity", flush=True)
             r = compare(dense, small, lambda b: torch.randn(b, *shape), batch_sizes=batches,
                         threads=threads, pairs=a.pairs, layerwise=a.layerwise, runtimes=runtimes,
-                        original=original(name), progress=lambda msg: print("  " + msg, flush=True))
+                        original=original(name) or unfrozen, progress=lambda msg: print("  " + msg, flush=True))
             r.update(model=name, width=a.width, channel_sparsity=s, image_size=a.image_size,
                      weight_sparsity=1 - r["compact"]["params"] / r["dense"]["params"])
             for row in r["results"]:

@@ -329,7 +329,7 @@ class Tickets:
             import ticketsmith as ts
             from ticketsmith.bench import count_macs
             with torch.inference_mode(False), torch.enable_grad():  # refill traces with autograd
-                dense, small, masks = channel_ticket(name, self.cfg.width, s)
+                dense, small, masks, _ = channel_ticket(name, self.cfg.width, s)
             if name not in self._dense:  # the same dense model (seed 0) for every sparsity
                 with torch.no_grad():
                     folded, n_folded = ts.deploy.fold_batchnorm(dense)

@@ -78,7 +78,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         for name in args.models.split(","):
-            model, small, masks = channel_ticket(name, 1.0, args.sparsity)  # traces: autograd on
+            model, small, masks, _ = channel_ticket(name, 1.0, args.sparsity)  # traces: autograd on
             masks.apply(model)
             out = {}
             for kind, m in (("dense", model), ("compact", small)):
