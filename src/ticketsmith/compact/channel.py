@@ -1069,6 +1069,21 @@ class _Snapshot:
             kept[n].out, kept[n].inp = out, inp
 
 
+def first_calls(model: nn.Module, inputs: tuple, modules) -> dict:
+    """{module: the positional arguments of its first call} in one forward of `model` on
+    `inputs` (without autograd), for each of `modules` that was called."""
+    seen: dict = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.setdefault(mod, args))
+             for m in modules]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
 def _fold_constants(model: nn.Module, inputs: tuple, pruning) -> str | None:
     """Fold into each consumer's bias what it reads from the input channels the cut takes away
     where its weight column is not zero: such a channel holds one value everywhere
@@ -1086,19 +1101,11 @@ def _fold_constants(model: nn.Module, inputs: tuple, pruning) -> str | None:
             cuts.append((m, idx, cols))
     if not cuts:
         return None
-    seen: dict = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.setdefault(mod, args[0].detach()))
-             for m, _, _ in cuts]
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+    seen = first_calls(model, inputs, [m for m, _, _ in cuts])
     for m, idx, cols in cuts:
         if m not in seen:
             return f"a constant channel it reads cannot be folded: {type(m).__name__}'s forward never ran"
-        x = seen[m]
+        x = seen[m][0].detach()
         v = x.reshape(-1, x.shape[-1])[0, idx] if isinstance(m, nn.Linear) else \
             x[0, idx].reshape(len(idx), -1)[:, 0]
         # no padding: every output position reads the channel's value under the whole kernel

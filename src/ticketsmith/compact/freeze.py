@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .channel import _LAYERS, opaque_reason
+from .channel import _LAYERS, first_calls, opaque_reason
 
 # kernel -> (its parameters in call order, the torch layer that calls it)
 _KERNELS = {
@@ -53,8 +53,11 @@ class _Kernels(TorchFunctionMode):
 def _kernel_call(module: nn.Module, x: torch.Tensor) -> tuple | None:
     """(kernel, bound arguments) if `module(x)` is one kernel call on `x` itself whose result
     it returns; else None."""
-    with torch.no_grad(), _Kernels() as rec:
-        out = module(x)
+    try:
+        with torch.no_grad(), _Kernels() as rec:
+            out = module(x)
+    except Exception:  # (a forward that does not run on its own: not frozen, kept as it is)
+        return None
     if len(rec.calls) != 1:
         return None
     func, bound, result = rec.calls[0]
@@ -102,30 +105,17 @@ def freeze_computed_weights(model: nn.Module, inputs: tuple) -> dict[str, str]:
                   and opaque_reason(m) is not None}
     if not candidates:
         return {}
-    seen: dict[str, torch.Tensor] = {}
-
-    def remember(name):
-        def hook(_module, args):
-            if name not in seen and len(args) == 1 and isinstance(args[0], torch.Tensor):
-                seen[name] = args[0].detach()
-        return hook
-
-    handles = [m.register_forward_pre_hook(remember(n)) for n, m in candidates.items()]
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
-
+    seen = first_calls(model, inputs, candidates.values())
     frozen: dict[str, str] = {}
     g = torch.Generator().manual_seed(0)
     for name, module in candidates.items():
-        x = seen.get(name)
-        if x is None or not x.is_floating_point():
-            continue
+        args = seen.get(module)
+        if args is None or len(args) != 1 or not isinstance(args[0], torch.Tensor) \
+                or not args[0].is_floating_point():
+            continue  # never called, or not on one tensor
+        x = args[0].detach()
         call = _kernel_call(module, x)
-        if call is None or call[0] not in _KERNELS:
+        if call is None:
             continue
         func, bound = call
         new = _plain(module, func, bound)
