@@ -1922,6 +1922,74 @@ class TinyConvNeXt(nn.Module):
         return self.head(self.norm(x.mean([2, 3])))
 
 
+# -- ConvNeXt-V2: ConvNeXt's block with Global Response Normalization in its MLP ---------------
+class GlobalResponseNorm(nn.Module):
+    """timm's GlobalResponseNorm (its class name, attributes and forward): each channel scaled
+    by its spatial L2 norm over the mean of those norms across the channels."""
+
+    def __init__(self, dim, eps=1e-6, channels_last=True):
+        super().__init__()
+        self.eps = eps
+        self.spatial_dim, self.channel_dim = ((1, 2), -1) if channels_last else ((2, 3), 1)
+        self.wb_shape = (1, 1, 1, -1) if channels_last else (1, -1, 1, 1)
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        x_g = x.norm(p=2, dim=self.spatial_dim, keepdim=True)
+        x_n = x_g / (x_g.mean(dim=self.channel_dim, keepdim=True) + self.eps)
+        return x + torch.addcmul(self.bias.view(self.wb_shape), self.weight.view(self.wb_shape),
+                                 x * x_n)
+
+
+class ConvNeXtV2Block(nn.Module):
+    """Depthwise 7x7, LayerNorm, then the MLP with a GRN: channels-last Linears, or (`conv`)
+    1x1 convs on NCHW with BatchNorm for the norm (timm's conv_mlp form). `fc1` without a bias
+    (timm's has one): a row the mask empties is then dead, not a constant that GRN scales by
+    the input (`test_families` shows that such a unit stays)."""
+
+    def __init__(self, dim=16, conv=False, fc1_bias=False):
+        super().__init__()
+        self.conv = conv
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        if conv:
+            self.norm = nn.BatchNorm2d(dim)
+            self.fc1 = nn.Conv2d(dim, 4 * dim, 1, bias=fc1_bias)
+            self.fc2 = nn.Conv2d(4 * dim, dim, 1)
+        else:
+            self.norm = nn.LayerNorm(dim, eps=1e-6)
+            self.fc1, self.fc2 = nn.Linear(dim, 4 * dim, bias=fc1_bias), nn.Linear(4 * dim, dim)
+        self.grn = GlobalResponseNorm(4 * dim, channels_last=not conv)
+        with torch.no_grad():  # trained values (timm initialises them to zero)
+            self.grn.weight.copy_(torch.rand(4 * dim) + 0.5)
+            self.grn.bias.copy_(torch.randn(4 * dim) * 0.1)
+
+    def forward(self, x):
+        y = self.dwconv(x)
+        if self.conv:
+            return x + self.fc2(self.grn(F.gelu(self.fc1(self.norm(y)))))
+        y = self.fc2(self.grn(F.gelu(self.fc1(self.norm(y.permute(0, 2, 3, 1))))))
+        return x + y.permute(0, 3, 1, 2)
+
+
+class TinyConvNeXtV2(nn.Module):
+    """Two blocks and a head; its GRNs swapped by prunable_mlp (as models.build does)."""
+
+    def __init__(self, classes=10, dim=16, conv=False, fc1_bias=False):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 2, stride=2)
+        self.blocks = nn.Sequential(ConvNeXtV2Block(dim, conv, fc1_bias),
+                                    ConvNeXtV2Block(dim, conv, fc1_bias))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+        from ticketsmith.models import prunable_mlp
+        prunable_mlp(self)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x))
+        return self.head(self.norm(x.mean([2, 3])))
+
+
 # -- weight_norm parametrized convs (audio / GAN style), Conv1d, SE with AdaptiveAvgPool1d --------
 class WeightNormNet(nn.Module):
     def __init__(self, classes=10):
@@ -2037,6 +2105,9 @@ FAMILIES = {
     "vit_timm": (builder(TimmViT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "mlp_mixer": (builder(TinyMixer), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 16, 16)]),
     "convnext": (builder(TinyConvNeXt), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 20, 20)]),
+    "convnext_v2": (builder(TinyConvNeXtV2), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 20, 20)]),
+    "convnext_v2_conv": (builder(TinyConvNeXtV2, conv=True), (2, 3, 16, 16),
+                         [(3, 3, 16, 16), (1, 3, 20, 20)]),
     "weight_norm_1d": (builder(WeightNormNet), (2, 4, 16), [(3, 4, 16), (1, 4, 23)]),
     "audio_1d": (builder(AudioNet), (2, 2, 64), [(3, 2, 64), (1, 2, 81)]),
 }

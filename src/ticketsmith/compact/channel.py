@@ -63,6 +63,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..masks import copy_module
+from ..models.grn import PrunableGRN
 from ..structure.graph import (DependencyGraph, IndexMappingFailed, axis_through, op_name,
                                output_shape)
 
@@ -386,6 +387,11 @@ def _keeps_channel_axis(node) -> bool:
     return False
 
 
+def _is_grn(node) -> bool:
+    """A PrunableGRN (ConvNeXt-V2's Global Response Normalization, `models.grn`): one node."""
+    return node.type == OPTYPE.CUSTOMIZED and isinstance(node.module, PrunableGRN)
+
+
 def _mul_scalar_ok(node) -> bool:
     g = node.grad_fn
     for attr in ("_saved_other", "_saved_self"):
@@ -464,6 +470,8 @@ class _Group:
                 t, op = node.type, op_name(node) if node.type == OPTYPE.ELEMENTWISE else ""
                 if t in (OPTYPE.CONV, OPTYPE.DEPTHWISE_CONV, OPTYPE.BN):
                     axes[node] = 1
+                elif _is_grn(node):
+                    axes[node] = len(out) - 1 if node.module.channels_last else 1
                 elif t == OPTYPE.LINEAR or op in ("addmm", "mm"):
                     axes[node] = len(out) - 1
                 elif any(i not in axes for i in ins):
@@ -492,8 +500,11 @@ class _Group:
             return None
         for node in members:  # each reads the channels where it computes on them
             want = {OPTYPE.CONV: 1, OPTYPE.DEPTHWISE_CONV: 1, OPTYPE.BN: 1}.get(node.type)
-            if node.type == OPTYPE.LINEAR or op_name(node) in ("addmm", "mm"):
+            if node.type == OPTYPE.LINEAR or op_name(node) in ("addmm", "mm") or (
+                    _is_grn(node) and node.module.channels_last):
                 want = -1
+            elif _is_grn(node):
+                want = 1
             if want is None:
                 continue
             for i in self.data_inputs(node):
@@ -579,6 +590,8 @@ class _Group:
                 elif not (_zero_preserving(op) or op in PER_CHANNEL):
                     return f"operation {op or 'unknown'} not known to be per-channel"
                 continue
+            if _is_grn(node):
+                continue  # one node (`models.grn`): per channel but for its sum (`removable`)
             if t == OPTYPE.SLICE and all(i.type == OPTYPE.SPLIT and i in self.graph.split_attrs
                                          for i in self.data_inputs(node)):
                 # a slice of a split's chunk (FocalNet's gates): the channels of that chunk stay
@@ -604,9 +617,11 @@ class _Group:
                 op = op_name(node) if node.type == OPTYPE.ELEMENTWISE else ""
                 if op in ("addmm", "mm") and _feeds_linear(node):
                     continue
-                if followed and (op in LAYOUT_OPS or node.type in (
+                if followed and (op in LAYOUT_OPS or _is_grn(node) or node.type in (
                         OPTYPE.CONV, OPTYPE.DEPTHWISE_CONV, OPTYPE.BN)):
                     continue
+                if _is_grn(node) and node.module.channels_last:
+                    continue  # its channels in the last dimension
                 if node.type != OPTYPE.ELEMENTWISE or op in ("mean", "sum") or not (
                         _zero_preserving(op) or op in PER_CHANNEL or op in ("add", "sub", "mul")
                         or (op == "pow" and _pow_positive(node))):
@@ -686,6 +701,10 @@ class _Group:
             z &= self.covers(node)
         elif t in (OPTYPE.PRELU, OPTYPE.RESHAPE, OPTYPE.CONCAT, OPTYPE.EXPAND, OPTYPE.SPLIT):
             z = self.zero_in(node)
+        elif _is_grn(node):  # a dead input channel outputs its GRN bias
+            locs, roots = self._locals(node)
+            z = self.zero_in(node) & self._all_by_root(locs, roots, m.bias.detach() == 0)
+            z &= self.covers(node)
         elif t == OPTYPE.ELEMENTWISE:
             op = op_name(node)
             if _is_param_leaf(node) or op in PER_CHANNEL or op in NORM_INSIDE:
@@ -751,6 +770,8 @@ class _Group:
             c = self.const_in(node)  # (eval mode: running statistics, per channel)
         elif t in (OPTYPE.PRELU, OPTYPE.RESHAPE, OPTYPE.CONCAT, OPTYPE.EXPAND, OPTYPE.SPLIT):
             c = self.const_in(node)
+        elif _is_grn(node):  # dead in: its bias out (a live constant input is scaled by x_n)
+            c = self.zero_in(node) & self.covers(node)
         elif t == OPTYPE.ELEMENTWISE and not _is_param_leaf(node):
             op = op_name(node)
             if (op in ("addmm", "mm") and _feeds_linear(node)) or op in NORM_INSIDE:
@@ -781,6 +802,10 @@ class _Group:
             if node.type == OPTYPE.SLICE:
                 # a slice picks channels by position: every channel of what it reads stays
                 ok &= ~self._read_by_slice(node)
+            if _is_grn(node):
+                # every channel's norm is in the sum that scales the others: only a channel
+                # dead on the way in (adding zero to it) may go, also where nothing reads it
+                ok &= self.zero_in(node) | ~self.covers(node)
             if node.type == OPTYPE.DEPTHWISE_CONV:
                 # its input channels go too: they must come from inside the group
                 ins = [i for i in self.data_inputs(node) if i in self.items]

@@ -27,6 +27,7 @@ from torch import nn
 from ..errors import ArtifactError, UsageError
 from .. import records
 from ..io import load_tensors, read_json, save_tensors, write_json
+from ..models.grn import PrunableGRN
 from .heads import restore as restore_heads
 
 FORMAT = "ticketsmith.compact"
@@ -75,8 +76,10 @@ def _spec(module: nn.Module) -> dict | None:
     return None
 
 
-# Layers channel surgery may narrow, and the attributes holding their widths.
-_RESIZABLE = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.PReLU)
+# Layers channel surgery may narrow, and the attributes holding their widths (a PrunableGRN
+# keeps `channels`, the divisor of its mean, as built).
+_RESIZABLE = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.PReLU,
+              PrunableGRN)
 _WIDTHS = ("in_channels", "out_channels", "in_features", "out_features", "num_features",
            "num_parameters", "groups")
 

@@ -31,13 +31,14 @@ from .zoo_attention import (SWAPPED, BeitAttention, ClassAttention,  # noqa: F40
                             LevitAttentionDownsample, MaxxVitAttention, PvtAttention,
                             TimmWindowAttentionV2, XcaAttention)
 from .glu import SplitGluMlp, prunable_mlp  # noqa: F401  (API)
+from .grn import PrunableGRN  # noqa: F401  (API)
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
 def prunable_swap_names() -> set[str]:
     """The class names of the modules `prunable_attention` and `prunable_mlp` swap in."""
-    return {c.__name__ for c in (QKVAttention, WindowAttention, SplitGluMlp, *SWAPPED)}
+    return {c.__name__ for c in (QKVAttention, WindowAttention, SplitGluMlp, PrunableGRN, *SWAPPED)}
 
 
 def register(name: str):
@@ -201,7 +202,8 @@ def build(spec: str, kwargs: dict[str, Any] | None = None, *, in_channels: int =
     cannot swap (kdim / vdim, add_bias_kv, add_zero_attn) stays, with a warning.
     torchvision's Swin ShiftedWindowAttention (V1, V2) becomes a `WindowAttention` likewise,
     the attention listed in `zoo_attention` its swap, and timm's GluMlp (one Linear for both
-    halves of a gated MLP) a `SplitGluMlp` (`prunable_mlp`). With `prunable=False` nothing is
+    halves of a gated MLP) a `SplitGluMlp` and timm's GlobalResponseNorm (ConvNeXt-V2) a
+    `PrunableGRN` (`prunable_mlp`). With `prunable=False` nothing is
     swapped: the model as its builder made it (the user's own modules: a dense baseline to time).
     A module that does not import, a missing callable, a builder that raises or returns no
     `nn.Module`: UsageError in one line.

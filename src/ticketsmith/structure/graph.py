@@ -68,6 +68,8 @@ from torch_pruning.dependency import graph as tp_graph
 from torch_pruning.dependency import index_mapping, shape_infer
 
 from ..errors import UsageError
+from ..models.grn import PrunableGRN
+from ..models.grn import tracing as grn_tracing
 
 OPTYPE = tp.ops.OPTYPE
 _U64 = 1 << 64
@@ -424,11 +426,33 @@ class _SplitSizes(TorchFunctionMode):
         return out
 
 
+class _GRNPruner(tp.pruner.function.BasePruningFunc):
+    """A PrunableGRN's channels, in and out coupled (like a BatchNorm's): its weight and bias
+    lose the cut channels; `channels`, the divisor of its mean, stays."""
+    TARGET_MODULES = (PrunableGRN,)
+
+    def prune_out_channels(self, layer: nn.Module, idxs) -> nn.Module:
+        drop = set(int(i) for i in idxs)
+        keep = [i for i in range(layer.num_features) if i not in drop]
+        layer.num_features = len(keep)
+        layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
+        layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)
+        return layer
+
+    prune_in_channels = prune_out_channels
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.num_features
+
+    get_in_channels = get_out_channels
+
+
 class DependencyGraph(tp.DependencyGraph):
     """torch-pruning's graph with the fixes and bounds of the module docstring."""
 
     def __init__(self, max_indices: int | None = None):
         super().__init__()
+        self.register_customized_layer(PrunableGRN, _GRNPruner())
         self.max_indices = max_indices
         # node -> why torch-pruning's index mapping is not used for it (indices pass unchanged)
         self.unmapped: dict = {}
@@ -453,7 +477,7 @@ class DependencyGraph(tp.DependencyGraph):
         try:
             # (`_build_dependency` fills `unmapped` and hides the reshapes in it for the rest
             # of the build; they are reshapes again below)
-            with _quiet(), _ZeroOperands() as zeros, _SplitSizes() as splits:
+            with _quiet(), _ZeroOperands() as zeros, _SplitSizes() as splits, grn_tracing():
                 super().build_dependency(model, example_inputs, *args, **kwargs)
             self.zero_adds = zeros.nodes
             self.split_attrs = _split_attrs(model, self, splits.sizes)
