@@ -45,7 +45,7 @@ MODELS = [("torchvision", n, s) for n, s in [
     ("lraspp_mobilenet_v3_large", 96), ("deeplabv3_mobilenet_v3_large", 96), ("fcn_resnet50", 96)]] + \
     [("timm", n, s) for n, s in [
         ("resnet18", 96), ("mobilenetv3_small_050", 96), ("tf_efficientnet_b0", 96),
-        ("convnext_atto", 96), ("regnetx_002", 96), ("vit_tiny_patch16_224", 224),
+        ("convnext_atto", 96), ("convnextv2_atto", 96), ("regnetx_002", 96), ("vit_tiny_patch16_224", 224),
         ("ghostnet_100", 96), ("dpn68", 96), ("mobileone_s0", 96), ("levit_128s", 224),
         ("efficientformer_l1", 224), ("efficientnet_b0", 96), ("resnext26ts", 96),
         ("regnety_002", 96), ("repvgg_a0", 96), ("cspresnet50", 96), ("inception_v3", 96),

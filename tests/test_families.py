@@ -738,7 +738,8 @@ def _zoo_models():
                                       "coatnet_nano_rw_224", "levit_128s", "efficientformer_l1",
                                       "tiny_vit_5m_224", "crossvit_tiny_240", "nextvit_small",
                                       "gcvit_xxtiny", "hiera_tiny_224", "focalnet_tiny_srf",
-                                      "mixnet_s", "convformer_s18", "nfnet_l0")]
+                                      "mixnet_s", "convformer_s18", "nfnet_l0",
+                                      "convnextv2_atto")]
     if importlib.util.find_spec("torchvision") is not None:
         out += [("torchvision", n) for n in ("resnet18", "mobilenet_v2", "shufflenet_v2_x0_5",
                                              "vit_b_16", "swin_t", "regnet_y_400mf",
@@ -792,6 +793,9 @@ def test_zoo_model_refill_compacts_exactly(lib, name):
         assert small.get_submodule(fc1).weight.shape[0] < model.get_submodule(fc1).weight.shape[0]
     if name in ("mixnet_s", "focalnet_tiny_srf"):  # cut through splits by a list the module holds
         assert small.ticketsmith_compact["split_sizes"], "no split was resized"
+    if name == "convnextv2_atto":  # the MLP's hidden units, through its GRN
+        fc1 = "stages.0.blocks.0.mlp.fc1"  # (a 1x1 conv in timm's first stages)
+        assert small.get_submodule(fc1).weight.shape[0] < model.get_submodule(fc1).weight.shape[0]
     if name == "nfnet_l0":  # weight-standardised convs frozen into plain ones, then cut
         assert len(small.ticketsmith_compact["frozen"]) == sum(
             type(m).__name__ == "ScaledStdConv2d" for m in model.modules())
