@@ -655,6 +655,19 @@ def test_grn_swap_computes_what_timm_computes():
             assert rel_err(grn(x), new(x)) < 1e-6
 
 
+def test_an_unswapped_grn_is_named_by_a_warning():
+    """A timm GlobalResponseNorm left as it is keeps its MLP's hidden units: prunable_names
+    says so, and what to call."""
+    from families import GlobalResponseNorm
+    model = nn.Sequential(nn.Linear(4, 8), GlobalResponseNorm(8), nn.Linear(8, 2))
+    with pytest.warns(UserWarning, match=r"GlobalResponseNorm.*: 1; call ticketsmith.models.prunable_mlp"):
+        ts.prunable_names(model)
+    ts.models.prunable_mlp(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ts.prunable_names(model)
+
+
 @pytest.mark.parametrize("family", ["convnext_v2", "convnext_v2_conv"])
 def test_grn_hidden_units_are_cut_their_bias_folded(family):
     """A dead hidden unit of a ConvNeXt-V2 MLP adds nothing to GRN's sum of norms, so it can

@@ -64,6 +64,15 @@ def prunable_names(model: nn.Module, include_head: bool = False,
                       f"in-projection dense and all their heads: {', '.join(fused)}; call "
                       "ticketsmith.models.prunable_attention(model) first to prune them (a "
                       "--model of the CLI gets it)", stacklevel=2)
+    from .models.glu import is_timm_glu_mlp
+    from .models.grn import is_timm_grn
+    mlps = [n for n, m in modules.items() if n and (is_timm_glu_mlp(m) or is_timm_grn(m))]
+    if mlps:
+        warnings.warn(f"{len(mlps)} timm GluMlp / GlobalResponseNorm module(s) keep their MLP's "
+                      f"hidden units through compaction: {', '.join(mlps[:5])}"
+                      f"{', ...' if len(mlps) > 5 else ''}; call ticketsmith.models."
+                      "prunable_mlp(model) first to prune them (a --model of the CLI gets it)",
+                      stacklevel=2)
     if not keep:
         raise UsageError(f"{type(model).__name__}: no prunable layer left once the head "
                          "and first layer are excluded")

@@ -572,7 +572,9 @@ def effective(model: nn.Module, masks: Masks | Mapping[str, torch.Tensor], examp
     Returns `sparsity` (of the mask), `effective_sparsity` (1 - weights the mask keeps that
     survive surgery / all masked weights), and the parameter counts `params` (the model) and
     `compact_params` (the model after channel surgery: what a compact ticket stores, zeros of
-    unstructured masks included). `model` is not modified."""
+    unstructured masks included). A layer compaction freezes (`freeze`: a weight-standardised
+    conv) counts the nonzeros of the weight it applies, not of its mask. `model` is not
+    modified."""
     if not isinstance(masks, Masks):
         masks = Masks(masks)
     masks.check(model)

@@ -66,7 +66,7 @@ def _half(fc1: nn.Module, rows: slice) -> nn.Module:
     return layer
 
 
-def _is_glu_mlp(m: nn.Module) -> bool:
+def is_timm_glu_mlp(m: nn.Module) -> bool:
     """timm's GluMlp (by class name, what it holds, and a plain Linear or 1x1 conv `fc1`
     whose halves are chunked along its output features / channels)."""
     if type(m).__name__ != "GluMlp" or not all(hasattr(m, a) for a in (
@@ -91,7 +91,7 @@ def prunable_mlp(model: nn.Module) -> int:
     parameters)."""
     swapped = 0
     for name, m in list(model.named_modules()):
-        if name and _is_glu_mlp(m):
+        if name and is_timm_glu_mlp(m):
             replace_module(model, name, SplitGluMlp.from_glu(m))
             swapped += 1
         elif name and is_timm_grn(m):
