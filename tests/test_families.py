@@ -7,6 +7,7 @@ a channel or block could go, survives save/load (with `build=`) and ONNX export.
 The real torchvision / timm models run under the optional `zoo` marker when installed."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import warnings
@@ -653,6 +654,26 @@ def test_grn_swap_computes_what_timm_computes():
         x = torch.randn(shape)
         with torch.no_grad():
             assert rel_err(grn(x), new(x)) < 1e-6
+
+
+def test_grn_as_one_node_has_the_plain_gradients():
+    """While the graph is traced a PrunableGRN runs as one autograd node; should anything call
+    backward through it, it gets the gradients of the plain ops."""
+    from ticketsmith.models import PrunableGRN
+    from ticketsmith.models.grn import tracing
+    grn = PrunableGRN(6, channels_last=False)
+    with torch.no_grad():
+        grn.weight.normal_()
+        grn.bias.normal_()
+    x = torch.randn(2, 6, 4, 5, requires_grad=True)
+    grads = []
+    for traced in (False, True):
+        with tracing() if traced else contextlib.nullcontext():
+            out = grn(x)
+        assert ("OneNode" in type(out.grad_fn).__name__) == traced
+        grads.append(torch.autograd.grad((out * out).sum(), [x, grn.weight, grn.bias]))
+    for a, b in zip(*grads):
+        assert rel_err(a, b) < 1e-6
 
 
 def test_an_unswapped_grn_is_named_by_a_warning():
