@@ -16,6 +16,8 @@ from torch.nn import functional as F
 import ticketsmith as ts
 import ticketsmith.compact.blocks as blocks_mod
 import ticketsmith.compact.condensed as condensed_mod
+from families import StdConv2d
+from ticketsmith.models import PrunableGRN
 
 
 def executors_on_small_layers():
@@ -33,7 +35,8 @@ SETTINGS = settings(max_examples=int(os.environ.get("TS_EXAMPLES", 20)), deadlin
 
 
 class RandomNet(nn.Module):
-    """stem conv -> blocks (plain conv, residual pair, or two-branch concat) -> pool -> MLP."""
+    """stem conv -> blocks (plain conv, residual pair, two-branch concat, a weight-standardised
+    conv, or a ConvNeXt-V2 style 1x1 MLP with GRN as a residual) -> pool -> MLP."""
 
     def __init__(self, spec):
         super().__init__()
@@ -50,6 +53,14 @@ class RandomNet(nn.Module):
                 self.blocks.append(nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
                                                  nn.ReLU(), nn.Conv2d(c, c, 3, padding=1, bias=False),
                                                  nn.BatchNorm2d(c)))
+            elif kind == "std":  # frozen by compaction into a plain conv, then cut
+                self.blocks.append(nn.Sequential(StdConv2d(c, width, 3, padding=1, bias=spec["bias"]),
+                                                 nn.BatchNorm2d(width)))
+                c = width
+            elif kind == "grn":  # hidden units through GRN: a dead one's GRN bias is folded
+                grn = PrunableGRN(width, channels_last=False)
+                self.blocks.append(nn.Sequential(nn.Conv2d(c, width, 1, bias=spec["bias"]),
+                                                 nn.GELU(), grn, nn.Conv2d(width, c, 1)))
             else:  # concat of two branches
                 self.blocks.append(nn.ModuleList([
                     nn.Sequential(nn.Conv2d(c, width, 1, bias=False), nn.BatchNorm2d(width)),
@@ -63,7 +74,7 @@ class RandomNet(nn.Module):
     def forward(self, x):
         x = F.relu(self.stem(x))
         for kind, block in zip(self.kinds, self.blocks):
-            if kind == "residual":
+            if kind in ("residual", "grn"):
                 x = F.relu(x + block(x))
             elif kind == "concat":
                 x = F.relu(torch.cat([block[0](x), block[1](x)], 1))
@@ -76,7 +87,8 @@ class RandomNet(nn.Module):
 specs = st.fixed_dictionaries({
     "stem": st.integers(2, 8),
     "bias": st.booleans(),
-    "blocks": st.lists(st.tuples(st.sampled_from(["plain", "residual", "concat"]), st.integers(2, 8)),
+    "blocks": st.lists(st.tuples(st.sampled_from(["plain", "residual", "concat", "std", "grn"]),
+                                 st.integers(2, 8)),
                        min_size=1, max_size=4),
     "hidden": st.integers(3, 12),
     "pool": st.sampled_from([1, 2]),
@@ -85,6 +97,10 @@ specs = st.fixed_dictionaries({
 
 def randomize_bn(model, g):
     for m in model.modules():
+        if isinstance(m, PrunableGRN):  # trained values (zero when initialised)
+            with torch.no_grad():
+                m.weight.copy_(torch.randn(m.num_features, generator=g))
+                m.bias.copy_(torch.randn(m.num_features, generator=g))
         if isinstance(m, nn.BatchNorm2d):
             with torch.no_grad():
                 m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
