@@ -13,7 +13,7 @@ from pathlib import Path
 OUT = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 # the flow, in order: sources -> structure -> compact -> deploy -> bench -> report
 MODULES = ["ticketsmith", "ticketsmith.data", "ticketsmith.models", "ticketsmith.models.attention",
-           "ticketsmith.models.zoo_attention", "ticketsmith.models.glu", "ticketsmith.models.grn", "ticketsmith.masks",
+           "ticketsmith.models.zoo_attention", "ticketsmith.models.glu", "ticketsmith.models.norms", "ticketsmith.masks",
            "ticketsmith.train", "ticketsmith.prune", "ticketsmith.structure", "ticketsmith.dst",
            "ticketsmith.compact", "ticketsmith.deploy", "ticketsmith.bench", "ticketsmith.runs", "ticketsmith.search", "ticketsmith.report",
            "ticketsmith.report.evidence", "ticketsmith.sweep", "ticketsmith.io", "ticketsmith.records"]

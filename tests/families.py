@@ -1990,6 +1990,38 @@ class TinyConvNeXtV2(nn.Module):
         return self.head(self.norm(x.mean([2, 3])))
 
 
+# -- BiT (ResNet-V2): pre-activation bottlenecks, GroupNorm before every weight-standardised conv -
+class BiTBlock(nn.Module):
+    def __init__(self, c, mid):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(4, c), StdConv2d(c, mid, 1)
+        self.norm2, self.conv2 = nn.GroupNorm(4, mid), StdConv2d(mid, mid, 3, padding=1)
+        self.norm3, self.conv3 = nn.GroupNorm(4, mid), StdConv2d(mid, c, 1)
+
+    def forward(self, x):
+        y = self.conv1(F.relu(self.norm1(x)))
+        y = self.conv2(F.relu(self.norm2(y)))
+        return x + self.conv3(F.relu(self.norm3(y)))
+
+
+class TinyBiT(nn.Module):
+    def __init__(self, classes=10, dim=16):
+        super().__init__()
+        self.stem = StdConv2d(3, dim, 3, stride=2, padding=1)
+        self.blocks = nn.Sequential(BiTBlock(dim, 8), BiTBlock(dim, 12))
+        self.norm = nn.GroupNorm(4, dim)
+        self.head = nn.Linear(dim, classes)
+        with torch.no_grad():  # trained affine values
+            for m in self.modules():
+                if isinstance(m, nn.GroupNorm):
+                    m.weight.copy_(torch.rand(m.num_channels) + 0.5)
+                    m.bias.copy_(torch.randn(m.num_channels) * 0.1)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x))
+        return self.head(F.relu(self.norm(x)).mean([2, 3]))
+
+
 # -- weight_norm parametrized convs (audio / GAN style), Conv1d, SE with AdaptiveAvgPool1d --------
 class WeightNormNet(nn.Module):
     def __init__(self, classes=10):
@@ -2110,4 +2142,5 @@ FAMILIES = {
                          [(3, 3, 16, 16), (1, 3, 20, 20)]),
     "weight_norm_1d": (builder(WeightNormNet), (2, 4, 16), [(3, 4, 16), (1, 4, 23)]),
     "audio_1d": (builder(AudioNet), (2, 2, 64), [(3, 2, 64), (1, 2, 81)]),
+    "bit": (builder(TinyBiT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 20, 20)]),
 }

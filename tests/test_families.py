@@ -29,9 +29,12 @@ STRUCTURES = ("refill", "regroup-element", "regroup-channel", "constant-fan-in")
 
 
 # (family, structure) pairs whose masks leave nothing to remove: regroup keeps a block in
-# every row of the GRN MLPs' fc1 (no hidden unit dies) and the blocks cover too much of these
-# small layers for a block executor. Checked: nothing is cut, and the model is exact.
-NOTHING_TO_REMOVE = {("convnext_v2", "regroup-element"), ("convnext_v2", "regroup-channel")}
+# every row (no channel dies) and either the blocks cover too much of these small layers for a
+# block executor (the GRN MLPs' fc1) or the layer is frozen (BiT's weight-standardised convs:
+# a standardised row is dense, its blocks are dropped). Checked: nothing is cut, and the
+# model is exact.
+NOTHING_TO_REMOVE = {("convnext_v2", "regroup-element"), ("convnext_v2", "regroup-channel"),
+                     ("bit", "regroup-element"), ("bit", "regroup-channel")}
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models
 
@@ -119,8 +122,6 @@ def test_family_through_structure(family, structure, small_executors, tmp_path):
     rows = C.describe(small)
     if (family, structure) in NOTHING_TO_REMOVE:
         assert not small.ticketsmith_compact["removed_channels"]
-        assert all(bool(masks[k].reshape(len(masks[k]), -1).any(1).all())
-                   for k in masks if k.endswith("fc1.weight"))
     else:
         assert n_params(small) < n_params(model), (family, structure)
     for r in rows:  # every layer kept whole says why
@@ -660,7 +661,7 @@ def test_grn_as_one_node_has_the_plain_gradients():
     """While the graph is traced a PrunableGRN runs as one autograd node; should anything call
     backward through it, it gets the gradients of the plain ops."""
     from ticketsmith.models import PrunableGRN
-    from ticketsmith.models.grn import tracing
+    from ticketsmith.models.norms import tracing
     grn = PrunableGRN(6, channels_last=False)
     with torch.no_grad():
         grn.weight.normal_()
@@ -736,6 +737,69 @@ def test_a_live_grn_unit_stays_where_nothing_reads_it():
         for s in others:
             xi = torch.randn(s)
             assert rel_err(masked(xi), small(xi)) < 1e-4
+
+
+def test_group_norm_channels_are_cut_with_their_groups_counts_kept():
+    """BiT: refill zeroes the GroupNorm affine of a dead channel (a companion, as a BatchNorm's),
+    so the channel outputs zero; compaction cuts it with a PrunableGroupNorm that still counts
+    it (as a zero) in its group's statistics. GroupNorms whose channels were not cut are torch's
+    GroupNorm again. (These groups were left whole: "gn is not supported".)"""
+    from ticketsmith.models import PrunableGroupNorm
+    build, shape, others = FAMILIES["bit"]
+    model = build()
+    x = torch.randn(shape)
+    masks = ts.refill(model, magnitude(model, 0.5), example_inputs=x)
+    dead = ~masks["blocks.0.conv1.weight"].reshape(8, -1).any(1)
+    assert bool(dead.any())
+    assert not bool(masks["blocks.0.norm2.weight"][dead].any())  # companions
+    assert not bool(masks["blocks.0.norm2.bias"][dead].any())
+    small = C.compact(model, masks, x)
+    norm2 = small.blocks[0].norm2
+    assert type(norm2) is PrunableGroupNorm and norm2.num_channels == int((~dead).sum())
+    assert norm2.counts.tolist() == [2.0] * 4  # 8 channels in 4 groups, as built
+    uncut = [n for n, m in small.named_modules() if type(m) is nn.GroupNorm]
+    assert uncut and all(small.get_submodule(n).num_channels == model.get_submodule(n).num_channels
+                         for n in uncut)
+    masked = copy_module(model)
+    masks.apply(masked)
+    with torch.no_grad():
+        for s in others:
+            xi = torch.randn(s)
+            assert rel_err(masked(xi), small(xi)) < 1e-4
+
+
+def test_a_dead_channel_whose_group_norm_weight_is_live_stays():
+    """Without its companions a dead channel's GroupNorm output is -mean / std of its group
+    times the weight: it depends on the input, and the channel stays (exact)."""
+    build, shape, others = FAMILIES["bit"]
+    model = build()
+    x = torch.randn(shape)
+    m = ts.Masks.ones(model)
+    rows = m["blocks.0.conv1.weight"].clone()
+    rows[:3] = False
+    masks = m.updated({"blocks.0.conv1.weight": rows})
+    small = C.compact(model, masks, x)
+    assert small.blocks[0].conv1.weight.shape[0] == 8
+    masked = copy_module(model)
+    masks.apply(masked)
+    with torch.no_grad():
+        xi = torch.randn(others[1])
+        assert rel_err(masked(xi), small(xi)) < 1e-4
+
+
+def test_prunable_group_norm_is_group_norm_until_cut():
+    from ticketsmith.models import PrunableGroupNorm
+    gn = nn.GroupNorm(3, 12)
+    with torch.no_grad():
+        gn.weight.normal_()
+        gn.bias.normal_()
+    p = PrunableGroupNorm.from_group_norm(gn)
+    for shape in ((2, 12, 5, 7), (3, 12, 9), (1, 12, 2, 3, 4)):
+        x = torch.randn(shape) * 3 + 1
+        with torch.no_grad():
+            assert rel_err(gn(x), p(x)) < 1e-5
+    back = p.to_group_norm()
+    assert type(back) is nn.GroupNorm and back.weight is gn.weight
 
 
 def test_1d_pooling_and_the_flatten_of_a_sequence_are_cut():

@@ -36,7 +36,8 @@ SETTINGS = settings(max_examples=int(os.environ.get("TS_EXAMPLES", 20)), deadlin
 
 class RandomNet(nn.Module):
     """stem conv -> blocks (plain conv, residual pair, two-branch concat, a weight-standardised
-    conv, or a ConvNeXt-V2 style 1x1 MLP with GRN as a residual) -> pool -> MLP."""
+    conv, a conv with GroupNorm, or a ConvNeXt-V2 style 1x1 MLP with GRN as a residual) ->
+    pool -> MLP."""
 
     def __init__(self, spec):
         super().__init__()
@@ -57,6 +58,10 @@ class RandomNet(nn.Module):
                 self.blocks.append(nn.Sequential(StdConv2d(c, width, 3, padding=1, bias=spec["bias"]),
                                                  nn.BatchNorm2d(width)))
                 c = width
+            elif kind == "gn":  # GroupNorm (2 groups): a dead channel with zero affine is cut
+                self.blocks.append(nn.Sequential(nn.Conv2d(c, 2 * width, 3, padding=1, bias=spec["bias"]),
+                                                 nn.GroupNorm(2, 2 * width)))
+                c = 2 * width
             elif kind == "grn":  # hidden units through GRN: a dead one's GRN bias is folded
                 grn = PrunableGRN(width, channels_last=False)
                 self.blocks.append(nn.Sequential(nn.Conv2d(c, width, 1, bias=spec["bias"]),
@@ -87,7 +92,7 @@ class RandomNet(nn.Module):
 specs = st.fixed_dictionaries({
     "stem": st.integers(2, 8),
     "bias": st.booleans(),
-    "blocks": st.lists(st.tuples(st.sampled_from(["plain", "residual", "concat", "std", "grn"]),
+    "blocks": st.lists(st.tuples(st.sampled_from(["plain", "residual", "concat", "std", "grn", "gn"]),
                                  st.integers(2, 8)),
                        min_size=1, max_size=4),
     "hidden": st.integers(3, 12),
@@ -97,6 +102,10 @@ specs = st.fixed_dictionaries({
 
 def randomize_bn(model, g):
     for m in model.modules():
+        if isinstance(m, nn.GroupNorm):
+            with torch.no_grad():
+                m.weight.copy_(torch.randn(m.num_channels, generator=g))
+                m.bias.copy_(torch.randn(m.num_channels, generator=g))
         if isinstance(m, PrunableGRN):  # trained values (zero when initialised)
             with torch.no_grad():
                 m.weight.copy_(torch.randn(m.num_features, generator=g))

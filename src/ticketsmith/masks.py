@@ -65,7 +65,7 @@ def prunable_names(model: nn.Module, include_head: bool = False,
                       "ticketsmith.models.prunable_attention(model) first to prune them (a "
                       "--model of the CLI gets it)", stacklevel=2)
     from .models.glu import is_timm_glu_mlp
-    from .models.grn import is_timm_grn
+    from .models.norms import is_timm_grn
     mlps = [n for n, m in modules.items() if n and (is_timm_glu_mlp(m) or is_timm_grn(m))]
     if mlps:
         warnings.warn(f"{len(mlps)} timm GluMlp / GlobalResponseNorm module(s) keep their MLP's "

@@ -63,7 +63,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..masks import copy_module
-from ..models.grn import PrunableGRN
+from ..models.norms import PrunableGRN, PrunableGroupNorm
 from ..structure.graph import (DependencyGraph, IndexMappingFailed, axis_through, op_name,
                                output_shape)
 
@@ -387,9 +387,34 @@ def _keeps_channel_axis(node) -> bool:
     return False
 
 
-def _is_grn(node) -> bool:
-    """A PrunableGRN (ConvNeXt-V2's Global Response Normalization, `models.grn`): one node."""
-    return node.type == OPTYPE.CUSTOMIZED and isinstance(node.module, PrunableGRN)
+def _is_norm(node) -> bool:
+    """A PrunableGRN (ConvNeXt-V2's Global Response Normalization) or PrunableGroupNorm
+    (`models.norms`): one node, per channel but for the statistics over channels it divides
+    by counts fixed as built."""
+    return node.type == OPTYPE.CUSTOMIZED and isinstance(node.module, (PrunableGRN, PrunableGroupNorm))
+
+
+def _channels_last(node) -> bool:
+    return isinstance(node.module, PrunableGRN) and node.module.channels_last
+
+
+def _dead_out(module) -> torch.Tensor:
+    """Per channel of a norm of `_is_norm` whose input is dead: its output is dead (zero)."""
+    if isinstance(module, PrunableGRN):  # outputs its bias
+        return module.bias.detach() == 0
+    if module.weight is None:  # GroupNorm without affine: -mean / std, not one value
+        return torch.zeros(module.num_channels, dtype=torch.bool)
+    return (module.weight.detach() == 0) & (module.bias.detach() == 0)
+
+
+def _const_out(module) -> torch.Tensor:
+    """Per channel of a norm of `_is_norm` whose input is dead: its output holds one value (the
+    bias; a GroupNorm's normalised zero, -mean / std, times a zero affine weight)."""
+    if isinstance(module, PrunableGRN):
+        return torch.ones(module.num_features, dtype=torch.bool)
+    if module.weight is None:
+        return torch.zeros(module.num_channels, dtype=torch.bool)
+    return module.weight.detach() == 0
 
 
 def _mul_scalar_ok(node) -> bool:
@@ -470,8 +495,8 @@ class _Group:
                 t, op = node.type, op_name(node) if node.type == OPTYPE.ELEMENTWISE else ""
                 if t in (OPTYPE.CONV, OPTYPE.DEPTHWISE_CONV, OPTYPE.BN):
                     axes[node] = 1
-                elif _is_grn(node):
-                    axes[node] = len(out) - 1 if node.module.channels_last else 1
+                elif _is_norm(node):
+                    axes[node] = len(out) - 1 if _channels_last(node) else 1
                 elif t == OPTYPE.LINEAR or op in ("addmm", "mm"):
                     axes[node] = len(out) - 1
                 elif any(i not in axes for i in ins):
@@ -501,9 +526,9 @@ class _Group:
         for node in members:  # each reads the channels where it computes on them
             want = {OPTYPE.CONV: 1, OPTYPE.DEPTHWISE_CONV: 1, OPTYPE.BN: 1}.get(node.type)
             if node.type == OPTYPE.LINEAR or op_name(node) in ("addmm", "mm") or (
-                    _is_grn(node) and node.module.channels_last):
+                    _is_norm(node) and _channels_last(node)):
                 want = -1
-            elif _is_grn(node):
+            elif _is_norm(node):
                 want = 1
             if want is None:
                 continue
@@ -590,8 +615,8 @@ class _Group:
                 elif not (_zero_preserving(op) or op in PER_CHANNEL):
                     return f"operation {op or 'unknown'} not known to be per-channel"
                 continue
-            if _is_grn(node):
-                continue  # one node (`models.grn`): per channel but for its sum (`removable`)
+            if _is_norm(node):
+                continue  # one node (`models.norms`): per channel but for its sums (`removable`)
             if t == OPTYPE.SLICE and all(i.type == OPTYPE.SPLIT and i in self.graph.split_attrs
                                          for i in self.data_inputs(node)):
                 # a slice of a split's chunk (FocalNet's gates): the channels of that chunk stay
@@ -617,10 +642,10 @@ class _Group:
                 op = op_name(node) if node.type == OPTYPE.ELEMENTWISE else ""
                 if op in ("addmm", "mm") and _feeds_linear(node):
                     continue
-                if followed and (op in LAYOUT_OPS or _is_grn(node) or node.type in (
+                if followed and (op in LAYOUT_OPS or _is_norm(node) or node.type in (
                         OPTYPE.CONV, OPTYPE.DEPTHWISE_CONV, OPTYPE.BN)):
                     continue
-                if _is_grn(node) and node.module.channels_last:
+                if _is_norm(node) and _channels_last(node):
                     continue  # its channels in the last dimension
                 if node.type != OPTYPE.ELEMENTWISE or op in ("mean", "sum") or not (
                         _zero_preserving(op) or op in PER_CHANNEL or op in ("add", "sub", "mul")
@@ -701,9 +726,9 @@ class _Group:
             z &= self.covers(node)
         elif t in (OPTYPE.PRELU, OPTYPE.RESHAPE, OPTYPE.CONCAT, OPTYPE.EXPAND, OPTYPE.SPLIT):
             z = self.zero_in(node)
-        elif _is_grn(node):  # a dead input channel outputs its GRN bias
+        elif _is_norm(node):  # a dead input channel outputs its bias (GroupNorm: zero weight)
             locs, roots = self._locals(node)
-            z = self.zero_in(node) & self._all_by_root(locs, roots, m.bias.detach() == 0)
+            z = self.zero_in(node) & self._all_by_root(locs, roots, _dead_out(m))
             z &= self.covers(node)
         elif t == OPTYPE.ELEMENTWISE:
             op = op_name(node)
@@ -770,8 +795,10 @@ class _Group:
             c = self.const_in(node)  # (eval mode: running statistics, per channel)
         elif t in (OPTYPE.PRELU, OPTYPE.RESHAPE, OPTYPE.CONCAT, OPTYPE.EXPAND, OPTYPE.SPLIT):
             c = self.const_in(node)
-        elif _is_grn(node):  # dead in: its bias out (a live constant input is scaled by x_n)
-            c = self.zero_in(node) & self.covers(node)
+        elif _is_norm(node):  # dead in: its bias out (a live constant input is scaled by x_n)
+            locs, roots = self._locals(node)
+            c = self.zero_in(node) & self._all_by_root(locs, roots, _const_out(m))
+            c &= self.covers(node)
         elif t == OPTYPE.ELEMENTWISE and not _is_param_leaf(node):
             op = op_name(node)
             if (op in ("addmm", "mm") and _feeds_linear(node)) or op in NORM_INSIDE:
@@ -802,9 +829,9 @@ class _Group:
             if node.type == OPTYPE.SLICE:
                 # a slice picks channels by position: every channel of what it reads stays
                 ok &= ~self._read_by_slice(node)
-            if _is_grn(node):
-                # every channel's norm is in the sum that scales the others: only a channel
-                # dead on the way in (adding zero to it) may go, also where nothing reads it
+            if _is_norm(node):
+                # every channel is in the statistics that scale the others: only a channel
+                # dead on the way in (adding zero to them) may go, also where nothing reads it
                 ok &= self.zero_in(node) | ~self.covers(node)
             if node.type == OPTYPE.DEPTHWISE_CONV:
                 # its input channels go too: they must come from inside the group

@@ -9,7 +9,11 @@ In eval mode the computed weight does not depend on the input: the plain `nn.Con
 layer. A frozen layer's mask becomes the nonzeros of the weight it applies (a masked entry of
 a standardised row is not zero once the row is standardised; a wholly masked row is).
 
-Which layers qualify is read from what their forward does, not from a list of classes: on the
+Also here: nn.GroupNorm swapped for a `models.norms.PrunableGroupNorm` (the same function, its
+groups' counts fixed as built) while channel surgery runs, and put back where its channels were
+not cut (`cuttable_group_norms`, `restore_group_norms`).
+
+Which layers qualify for freezing is read from what their forward does, not from a list of classes: on the
 input it gets in the example forward, it must call one convolution / linear kernel on that very
 input, return that kernel's result, and pass the same weight on another input; the frozen
 layer is then checked against the layer on inputs other than the example.
@@ -21,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..models.attention import replace_module
+from ..models.norms import PrunableGroupNorm
 from .channel import _LAYERS, first_calls, opaque_reason
 
 # kernel -> (its parameters in call order, the torch layer that calls it)
@@ -96,13 +102,8 @@ def freeze_computed_weights(model: nn.Module, inputs: tuple) -> dict[str, str]:
     """Replace, in place, every conv / linear layer of `model` (in eval mode) whose forward
     applies a weight it computes (see the module docstring) by the plain layer holding that
     weight. Returns {layer name: its class before}."""
-    uses: dict[int, int] = {}
-    for _, m in model.named_modules(remove_duplicate=False):
-        uses[id(m)] = uses.get(id(m), 0) + 1
-    # (a layer held at two places, or the model itself, cannot be swapped at one name)
-    candidates = {n: m for n, m in model.named_modules()
-                  if n and uses[id(m)] == 1 and isinstance(m, _LAYERS)
-                  and opaque_reason(m) is not None}
+    candidates = {n: m for n, m in _swappable(model).items()
+                  if isinstance(m, _LAYERS) and opaque_reason(m) is not None}
     if not candidates:
         return {}
     seen = first_calls(model, inputs, candidates.values())
@@ -133,7 +134,35 @@ def freeze_computed_weights(model: nn.Module, inputs: tuple) -> dict[str, str]:
                     break
         if not ok:
             continue
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, new)
+        replace_module(model, name, new)
         frozen[name] = type(module).__name__
     return frozen
+
+
+def _swappable(model: nn.Module) -> dict[str, nn.Module]:
+    """The submodules held at one place only (a module held at two, or the model itself,
+    cannot be swapped at one name)."""
+    uses: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        uses[id(m)] = uses.get(id(m), 0) + 1
+    return {n: m for n, m in model.named_modules() if n and uses[id(m)] == 1}
+
+
+def cuttable_group_norms(model: nn.Module) -> list[str]:
+    """Swap, in place, every nn.GroupNorm of `model` for a `models.norms.PrunableGroupNorm`
+    (the same function and parameters, its group counts fixed as built), so that channel
+    surgery may cut its channels. Returns their names (`restore_group_norms` puts back those
+    left whole)."""
+    names = [n for n, m in _swappable(model).items() if type(m) is nn.GroupNorm]
+    for n in names:
+        replace_module(model, n, PrunableGroupNorm.from_group_norm(model.get_submodule(n)))
+    return names
+
+
+def restore_group_norms(model: nn.Module, names: list[str]) -> None:
+    """The swaps of `cuttable_group_norms` whose channels were not cut: nn.GroupNorm again
+    (torch's kernel)."""
+    for n in names:
+        plain = model.get_submodule(n).to_group_norm()
+        if plain is not None:
+            replace_module(model, n, plain)

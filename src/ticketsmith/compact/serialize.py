@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import ArtifactError, UsageError
 from .. import records
 from ..io import load_tensors, read_json, save_tensors, write_json
-from ..models.grn import PrunableGRN
+from ..models.norms import PrunableGRN, PrunableGroupNorm
 from .heads import restore as restore_heads
 
 FORMAT = "ticketsmith.compact"
@@ -67,6 +67,9 @@ def _spec(module: nn.Module) -> dict | None:
                 "track_running_stats": module.track_running_stats}
     if type(module) is nn.PReLU:
         return {"type": name, "num_parameters": module.num_parameters}
+    if type(module) is PrunableGroupNorm:  # (its channel -> group map is in the state dict)
+        return {"type": name, "num_groups": module.num_groups, "num_channels": module.num_channels,
+                "eps": module.eps, "affine": module.affine}
     if isinstance(module, _RESIZABLE):
         # a subclass (timm's BatchNormAct2d, Conv2dSame, a parametrized layer): its own class is
         # rebuilt by `build` and resized in place, so whatever else it holds (an activation,
@@ -127,6 +130,9 @@ def _build_layer(spec: dict) -> nn.Module:
                       affine=spec["affine"], track_running_stats=spec["track_running_stats"])
     if t == "PReLU":
         return nn.PReLU(spec["num_parameters"])
+    if t == "PrunableGroupNorm":
+        return PrunableGroupNorm.cut(spec["num_groups"], spec["num_channels"], eps=spec["eps"],
+                                     affine=spec["affine"])
     raise ArtifactError(f"unknown layer type {t!r} in a compact model description")
 
 

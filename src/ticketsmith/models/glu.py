@@ -9,7 +9,7 @@ the gate, as timm's `SwiGLU` holds them): their outputs meet in an element-wise 
 couples unit i of both, and a dead unit goes from both and from `fc2`'s inputs.
 
 `prunable_mlp(model)` swaps every such module, in place, with the same weights (copied into the
-two new layers), and every timm GlobalResponseNorm for a `PrunableGRN` (see `grn`).
+two new layers), and every timm GlobalResponseNorm for a `PrunableGRN` (see `norms`).
 `ticketsmith.models.build` does it for every user's model (`--model`).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .attention import replace_module
-from .grn import PrunableGRN, is_timm_grn
+from .norms import PrunableGRN, is_timm_grn
 
 
 class SplitGluMlp(nn.Module):
@@ -85,7 +85,7 @@ def is_timm_glu_mlp(m: nn.Module) -> bool:
 
 def prunable_mlp(model: nn.Module) -> int:
     """Swap, in place, every timm GluMlp of `model` for a SplitGluMlp computing the same, and
-    every timm GlobalResponseNorm (ConvNeXt-V2's MLP) for a `grn.PrunableGRN` (the same
+    every timm GlobalResponseNorm (ConvNeXt-V2's MLP) for a `norms.PrunableGRN` (the same
     parameters), so that their hidden units can be refilled and removed. Returns how many were
     swapped. Call it before the optimizer and the masks are made (it replaces `fc1`'s
     parameters)."""

@@ -25,12 +25,16 @@ from torch_pruning._helpers import _HybridIndex
 
 from ..errors import UsageError
 from ..masks import PRUNABLE_TYPES, Masks
+from ..models.norms import PrunableGroupNorm
 from .graph import DependencyGraph, IndexMappingFailed, axis_through, op_name, output_shape
 
-# Norms that act on each channel separately: zeroing a channel's affine weight and bias makes
-# their output exactly zero on that channel, whatever its input. LayerNorm / GroupNorm mix
-# channels (a removed channel would change the others' statistics), so they are never companions.
-CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+# Norms with a per-channel affine over channels in axis 1: zeroing a channel's affine weight
+# and bias makes their output exactly zero on that channel, whatever its input. A GroupNorm's
+# statistics mix the channels of a group; a dead channel stays in them as zeros (compaction
+# cuts it with a `models.norms.PrunableGroupNorm`, which keeps counting it). LayerNorm (over
+# the last axis, in a channels-last stream) is never a companion.
+CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
+                 nn.GroupNorm, PrunableGroupNorm)
 
 # Layers whose output channels form groups: the prunable conv / linear layers and transposed
 # convolutions (UNet decoders), whose weight stores output channels in dim 1.

@@ -68,8 +68,8 @@ from torch_pruning.dependency import graph as tp_graph
 from torch_pruning.dependency import index_mapping, shape_infer
 
 from ..errors import UsageError
-from ..models.grn import PrunableGRN
-from ..models.grn import tracing as grn_tracing
+from ..models.norms import PrunableGRN, PrunableGroupNorm
+from ..models.norms import tracing as norm_tracing
 
 OPTYPE = tp.ops.OPTYPE
 _U64 = 1 << 64
@@ -426,23 +426,31 @@ class _SplitSizes(TorchFunctionMode):
         return out
 
 
-class _GRNPruner(tp.pruner.function.BasePruningFunc):
-    """A PrunableGRN's channels, in and out coupled (like a BatchNorm's): its weight and bias
-    lose the cut channels; `channels`, the divisor of its mean, stays."""
-    TARGET_MODULES = (PrunableGRN,)
+class _NormPruner(tp.pruner.function.BasePruningFunc):
+    """The channels of a PrunableGRN / PrunableGroupNorm (`models.norms`), in and out coupled
+    (like a BatchNorm's): its per-channel parameters (and a GroupNorm's `assign` rows) lose the
+    cut channels; the counts its statistics divide by stay."""
+    TARGET_MODULES = (PrunableGRN, PrunableGroupNorm)
+
+    @staticmethod
+    def _width(layer) -> str:
+        return "num_features" if isinstance(layer, PrunableGRN) else "num_channels"
 
     def prune_out_channels(self, layer: nn.Module, idxs) -> nn.Module:
         drop = set(int(i) for i in idxs)
-        keep = [i for i in range(layer.num_features) if i not in drop]
-        layer.num_features = len(keep)
-        layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
-        layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)
+        keep = [i for i in range(getattr(layer, self._width(layer))) if i not in drop]
+        setattr(layer, self._width(layer), len(keep))
+        if layer.weight is not None:
+            layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
+            layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)
+        if isinstance(layer, PrunableGroupNorm):
+            layer.assign = layer.assign[keep]
         return layer
 
     prune_in_channels = prune_out_channels
 
     def get_out_channels(self, layer: nn.Module) -> int:
-        return layer.num_features
+        return getattr(layer, self._width(layer))
 
     get_in_channels = get_out_channels
 
@@ -452,7 +460,8 @@ class DependencyGraph(tp.DependencyGraph):
 
     def __init__(self, max_indices: int | None = None):
         super().__init__()
-        self.register_customized_layer(PrunableGRN, _GRNPruner())
+        for norm in _NormPruner.TARGET_MODULES:
+            self.register_customized_layer(norm, _NormPruner())
         self.max_indices = max_indices
         # node -> why torch-pruning's index mapping is not used for it (indices pass unchanged)
         self.unmapped: dict = {}
@@ -477,7 +486,7 @@ class DependencyGraph(tp.DependencyGraph):
         try:
             # (`_build_dependency` fills `unmapped` and hides the reshapes in it for the rest
             # of the build; they are reshapes again below)
-            with _quiet(), _ZeroOperands() as zeros, _SplitSizes() as splits, grn_tracing():
+            with _quiet(), _ZeroOperands() as zeros, _SplitSizes() as splits, norm_tracing():
                 super().build_dependency(model, example_inputs, *args, **kwargs)
             self.zero_adds = zeros.nodes
             self.split_attrs = _split_attrs(model, self, splits.sizes)
