@@ -787,19 +787,54 @@ def test_a_dead_channel_whose_group_norm_weight_is_live_stays():
         assert rel_err(masked(xi), small(xi)) < 1e-4
 
 
-def test_prunable_group_norm_is_group_norm_until_cut():
+class GroupNormAct(nn.GroupNorm):
+    """timm's GroupNormAct (its class name, attributes and forward): the norm, then drop, act."""
+
+    def __init__(self, num_channels, num_groups):
+        super().__init__(num_groups, num_channels)
+        self.drop, self.act = nn.Identity(), nn.SiLU()
+
+    def forward(self, x):
+        return self.act(self.drop(F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)))
+
+
+def test_prunable_group_norm_computes_what_group_norm_computes():
+    """torch's GroupNorm and timm's GroupNormAct (its activation kept) as PrunableGroupNorms:
+    the same parameters, the same function on maps of any rank."""
     from ticketsmith.models import PrunableGroupNorm
-    gn = nn.GroupNorm(3, 12)
-    with torch.no_grad():
-        gn.weight.normal_()
-        gn.bias.normal_()
-    p = PrunableGroupNorm.from_group_norm(gn)
-    for shape in ((2, 12, 5, 7), (3, 12, 9), (1, 12, 2, 3, 4)):
-        x = torch.randn(shape) * 3 + 1
+    for gn in (nn.GroupNorm(3, 12), GroupNormAct(12, 3)):
         with torch.no_grad():
-            assert rel_err(gn(x), p(x)) < 1e-5
-    back = p.to_group_norm()
-    assert type(back) is nn.GroupNorm and back.weight is gn.weight
+            gn.weight.normal_()
+            gn.bias.normal_()
+        p = PrunableGroupNorm.from_group_norm(gn)
+        assert p.weight is gn.weight and p.act is (gn.act if hasattr(gn, "act") else p.act)
+        for shape in ((2, 12, 5, 7), (3, 12, 9), (1, 12, 2, 3, 4)):
+            x = torch.randn(shape) * 3 + 1
+            with torch.no_grad():
+                assert rel_err(gn(x), p(x)) < 1e-5
+
+
+def test_group_norm_act_is_cut_and_loaded_with_its_activation(tmp_path):
+    """A cut timm GroupNormAct keeps its activation in the compact model and after load."""
+    from ticketsmith.models import PrunableGroupNorm
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), GroupNormAct(8, 2),
+                          nn.Conv2d(8, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    masks = ts.refill(model, magnitude(model, 0.5), example_inputs=x)
+    small = C.compact(model, masks, x)
+    assert type(small[1]) is PrunableGroupNorm and small[1].num_channels < 8
+    assert type(small[1].act) is nn.SiLU
+    C.save(small, tmp_path / "t")
+    again = C.load(tmp_path / "t", build=lambda: copy_module(model))
+    assert type(again[1].act) is nn.SiLU
+    masked = copy_module(model)
+    masks.apply(masked)
+    with torch.no_grad():
+        xi = torch.randn(3, 3, 9, 9)
+        assert rel_err(masked(xi), small(xi)) < 1e-4
+        assert torch.equal(small(xi), again(xi))
 
 
 def test_1d_pooling_and_the_flatten_of_a_sequence_are_cut():

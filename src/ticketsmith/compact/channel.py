@@ -404,12 +404,16 @@ def _dead_out(module) -> torch.Tensor:
         return module.bias.detach() == 0
     if module.weight is None:  # GroupNorm without affine: -mean / std, not one value
         return torch.zeros(module.num_channels, dtype=torch.bool)
-    return (module.weight.detach() == 0) & (module.bias.detach() == 0)
+    with torch.no_grad():  # its activation (timm's GroupNormAct) must keep a zero
+        zero = module.weight.new_zeros(1, module.num_channels)
+        act_keeps_zero = module.act(module.drop(zero))[0] == 0
+    return (module.weight.detach() == 0) & (module.bias.detach() == 0) & act_keeps_zero
 
 
 def _const_out(module) -> torch.Tensor:
     """Per channel of a norm of `_is_norm` whose input is dead: its output holds one value (the
-    bias; a GroupNorm's normalised zero, -mean / std, times a zero affine weight)."""
+    bias; a GroupNorm's normalised zero, -mean / std, times a zero affine weight, then its
+    activation)."""
     if isinstance(module, PrunableGRN):
         return torch.ones(module.num_features, dtype=torch.bool)
     if module.weight is None:

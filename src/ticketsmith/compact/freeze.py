@@ -26,7 +26,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..models.attention import replace_module
-from ..models.norms import PrunableGroupNorm
+from ..models.norms import PrunableGroupNorm, is_group_norm
 from .channel import _LAYERS, first_calls, opaque_reason
 
 # kernel -> (its parameters in call order, the torch layer that calls it)
@@ -148,21 +148,20 @@ def _swappable(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if n and uses[id(m)] == 1}
 
 
-def cuttable_group_norms(model: nn.Module) -> list[str]:
-    """Swap, in place, every nn.GroupNorm of `model` for a `models.norms.PrunableGroupNorm`
-    (the same function and parameters, its group counts fixed as built), so that channel
-    surgery may cut its channels. Returns their names (`restore_group_norms` puts back those
-    left whole)."""
-    names = [n for n, m in _swappable(model).items() if type(m) is nn.GroupNorm]
-    for n in names:
-        replace_module(model, n, PrunableGroupNorm.from_group_norm(model.get_submodule(n)))
-    return names
+def cuttable_group_norms(model: nn.Module) -> dict[str, nn.Module]:
+    """Swap, in place, every GroupNorm of `model` (torch's, timm's GroupNormAct) for a
+    `models.norms.PrunableGroupNorm` (the same function and parameters, its group counts fixed
+    as built), so that channel surgery may cut its channels. Returns {name: the module it was}
+    (`restore_group_norms` puts back those left whole)."""
+    found = {n: m for n, m in _swappable(model).items() if is_group_norm(m)}
+    for n, m in found.items():
+        replace_module(model, n, PrunableGroupNorm.from_group_norm(m))
+    return found
 
 
-def restore_group_norms(model: nn.Module, names: list[str]) -> None:
-    """The swaps of `cuttable_group_norms` whose channels were not cut: nn.GroupNorm again
-    (torch's kernel)."""
-    for n in names:
-        plain = model.get_submodule(n).to_group_norm()
-        if plain is not None:
-            replace_module(model, n, plain)
+def restore_group_norms(model: nn.Module, swapped: dict[str, nn.Module]) -> None:
+    """The swaps of `cuttable_group_norms` whose channels were not cut: the module they were
+    (its own kernel; the same parameters)."""
+    for n, m in swapped.items():
+        if model.get_submodule(n).num_channels == m.num_channels:
+            replace_module(model, n, m)

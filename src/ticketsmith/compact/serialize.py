@@ -212,6 +212,8 @@ def load(path: str | os.PathLike, build: Callable[[], nn.Module] | None = None) 
                 continue
             else:
                 new = _build_layer(spec)
+                if isinstance(new, PrunableGroupNorm):  # timm's GroupNormAct: its activation
+                    new.adopt(model.get_submodule(name))
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
             what = f"field {e.args[0]!r} is missing" if isinstance(e, KeyError) else str(e).splitlines()[0][:160]
             raise ArtifactError(f"{description}: layer {name!r}: {what}") from None

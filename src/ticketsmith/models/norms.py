@@ -117,7 +117,8 @@ class PrunableGroupNorm(nn.Module):
     """nn.GroupNorm over `num_groups` groups that keep their channel counts (`counts`, as
     built) while channels are cut from any of them: `assign` (channels x groups, one-hot) says
     which group each channel now left is in. A cut channel counts as a zero in its group's
-    statistics (what a dead channel was). Without cuts it computes what nn.GroupNorm does."""
+    statistics (what a dead channel was). Without cuts it computes what nn.GroupNorm does.
+    `drop` and `act` follow the normalisation (timm's GroupNormAct; identities otherwise)."""
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True):
         super().__init__()
@@ -134,6 +135,7 @@ class PrunableGroupNorm(nn.Module):
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
+        self.drop, self.act = nn.Identity(), nn.Identity()
 
     @classmethod
     def cut(cls, num_groups: int, num_channels: int, eps: float = 1e-5,
@@ -150,16 +152,23 @@ class PrunableGroupNorm(nn.Module):
 
     @classmethod
     def from_group_norm(cls, m: nn.GroupNorm) -> "PrunableGroupNorm":
+        """The same function and parameters as torch's GroupNorm or timm's GroupNormAct (see
+        `is_group_norm`)."""
         new = cls(m.num_groups, m.num_channels, m.eps, m.affine)
         new.to(device=m.weight.device if m.affine else None)
         if m.affine:
             new.weight, new.bias = m.weight, m.bias  # the same parameters
+        new.adopt(m)
         return new.train(m.training)
 
+    def adopt(self, m: nn.Module) -> None:
+        """Take `m`'s dropout and activation after the norm, where it is a timm GroupNormAct."""
+        if type(m).__name__ in _TIMM_GROUP_NORM_ACTS and is_group_norm(m):
+            self.drop, self.act = m.drop, m.act
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.affine:
-            return _as_one_node(self, x, self.weight, self.bias)
-        return _as_one_node(self, x)
+        params = (self.weight, self.bias) if self.affine else ()
+        return _as_one_node(self, x, *params)  # (the activation inside: the module's output)
 
     def _plain(self, x, weight=None, bias=None):
         n, c = x.shape[:2]
@@ -175,21 +184,29 @@ class PrunableGroupNorm(nn.Module):
         y = dev * (torch.rsqrt(var + self.eps) @ assign.t()).unsqueeze(-1)
         if weight is not None:
             y = y * weight.view(1, -1, 1) + bias.view(1, -1, 1)
-        return y.reshape(x.shape)
-
-    def to_group_norm(self) -> nn.GroupNorm | None:
-        """The nn.GroupNorm computing the same (the same parameters), or None once channels
-        were cut."""
-        if self.num_channels != int(self.counts.sum()):
-            return None
-        m = nn.GroupNorm(self.num_groups, self.num_channels, self.eps, self.affine)
-        if self.affine:
-            m.weight, m.bias = self.weight, self.bias
-        return m.train(self.training)
+        return self.act(self.drop(y.reshape(x.shape)))
 
     def extra_repr(self) -> str:
         return (f"{self.num_groups}, {self.num_channels}, counts={self.counts.int().tolist()}, "
                 f"eps={self.eps}, affine={self.affine}")
 
 
-__all__ = ["PrunableGRN", "PrunableGroupNorm", "is_timm_grn", "tracing"]
+# timm's GroupNorm subclasses whose forward is F.group_norm (GroupNorm1: one group, PoolFormer's
+# norm), and those that then apply their `drop` and `act` modules (by class name)
+_TIMM_GROUP_NORMS = {"GroupNorm", "GroupNorm1"}
+_TIMM_GROUP_NORM_ACTS = {"GroupNormAct", "GroupNorm1Act"}
+
+
+def is_group_norm(m: nn.Module) -> bool:
+    """torch's GroupNorm, or one of timm's (GroupNorm, GroupNorm1; GroupNormAct, GroupNorm1Act:
+    the group norm, then their `drop` and `act` modules)."""
+    if type(m) is nn.GroupNorm:
+        return True
+    name = type(m).__name__
+    if not isinstance(m, nn.GroupNorm) or name not in _TIMM_GROUP_NORMS | _TIMM_GROUP_NORM_ACTS:
+        return False
+    return name in _TIMM_GROUP_NORMS or (isinstance(getattr(m, "drop", None), nn.Module)
+                                        and isinstance(getattr(m, "act", None), nn.Module))
+
+
+__all__ = ["PrunableGRN", "PrunableGroupNorm", "is_group_norm", "is_timm_grn", "tracing"]
