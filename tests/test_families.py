@@ -872,7 +872,7 @@ def _zoo_models():
                                       "tiny_vit_5m_224", "crossvit_tiny_240", "nextvit_small",
                                       "gcvit_xxtiny", "hiera_tiny_224", "focalnet_tiny_srf",
                                       "mixnet_s", "convformer_s18", "nfnet_l0",
-                                      "convnextv2_atto")]
+                                      "convnextv2_atto", "resnetv2_50x1_bit")]
     if importlib.util.find_spec("torchvision") is not None:
         out += [("torchvision", n) for n in ("resnet18", "mobilenet_v2", "shufflenet_v2_x0_5",
                                              "vit_b_16", "swin_t", "regnet_y_400mf",
@@ -929,6 +929,9 @@ def test_zoo_model_refill_compacts_exactly(lib, name):
     if name == "convnextv2_atto":  # the MLP's hidden units, through its GRN
         fc1 = "stages.0.blocks.0.mlp.fc1"  # (a 1x1 conv in timm's first stages)
         assert small.get_submodule(fc1).weight.shape[0] < model.get_submodule(fc1).weight.shape[0]
+    if name == "resnetv2_50x1_bit":  # GroupNorm before every weight-standardised conv: cut
+        assert not small.ticketsmith_compact["skipped_groups"]
+        assert any(type(m).__name__ == "PrunableGroupNorm" for m in small.modules())
     if name == "nfnet_l0":  # weight-standardised convs frozen into plain ones, then cut
         assert len(small.ticketsmith_compact["frozen"]) == sum(
             type(m).__name__ == "ScaledStdConv2d" for m in model.modules())
