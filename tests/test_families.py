@@ -175,6 +175,28 @@ def test_forward_overriding_convs_keep_their_class_or_are_frozen(granularity, sm
             assert rel_err(masked(xi), small(xi)) < 1e-4
 
 
+def test_a_forward_overriding_conv_reading_dead_channels_loses_those_inputs():
+    """A TF-"same" padding conv (its own forward) whose input channels die: its weight columns
+    for them are not zero (refill keeps its rows dense), but the channels are, so a copy with
+    those inputs cut computes what it computed on them; they go. (The check compared the cut
+    copy with the layer on random values in the dead channels, and kept them.)"""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), Conv2dSame(8, 6, 3, stride=2),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 2)).eval()
+    masks = ts.Masks.ones(model)
+    rows = masks["0.weight"].clone()
+    rows[:3] = False
+    masks = masks.updated({"0.weight": rows, "0.bias": torch.arange(8) >= 3})
+    x = torch.randn(2, 3, 9, 9)
+    small = C.compact(model, masks, x)
+    assert type(small[2]) is Conv2dSame and small[2].in_channels == 5
+    masked = copy_module(model)
+    masks.apply(masked)
+    with torch.no_grad():
+        xi = torch.randn(1, 3, 12, 13)
+        assert rel_err(masked(xi), small(xi)) < 1e-4
+
+
 def test_compact_checks_inputs_other_than_the_example():
     """compact's self-check runs the masked and the compact model on another batch size and,
     where the model takes it, another (odd) spatial size, at a tolerance that a wrong padding

@@ -79,7 +79,8 @@ ZERO_PRESERVING = {"relu", "hardtanh", "leakyrelu", "gelu", "silu", "elu", "celu
 ZERO_PRESERVING_FAMILIES = ("maxpool", "avgpool", "adaptiveavgpool", "adaptivemaxpool",
                             "fractionalmaxpool", "upsample", "reflectionpad", "replicationpad")
 PER_CHANNEL = {"sigmoid", "hardsigmoid", "softplus", "exp", "logsigmoid",
-               "constantpadnd"}  # the pad value is not recorded: it may be nonzero
+               "constantpadnd"}  # the pad value is not in autograd (`F.pad` with zeros: the
+# graph's `zero_adds`, zero-preserving)
 # Operations that move the channel axis: allowed where `_Group.channel_axes` follows it.
 LAYOUT_OPS = {"transpose", "permute"}
 
@@ -736,7 +737,9 @@ class _Group:
             z &= self.covers(node)
         elif t == OPTYPE.ELEMENTWISE:
             op = op_name(node)
-            if _is_param_leaf(node) or op in PER_CHANNEL or op in NORM_INSIDE:
+            if op == "constantpadnd" and node.grad_fn in self.graph.zero_adds:
+                z = self.zero_in(node)  # padded with zeros: a dead channel stays dead
+            elif _is_param_leaf(node) or op in PER_CHANNEL or op in NORM_INSIDE:
                 # (a norm-act layer's inner normalisation maps zero to its affine bias: the
                 # BatchNorm node after it decides whether the channel is dead)
                 z = torch.zeros(n, dtype=torch.bool)
@@ -1283,7 +1286,10 @@ def _commutes(module: nn.Module, handler, idxs: list[int], depthwise: bool) -> b
                 if both or fn == "prune_out_channels":
                     ref = module(x).index_select(1, keep_out)
                     got = cut(x.index_select(1, keep_in) if both else x)
-                else:
+                else:  # the cut inputs are dead (zero) where the layer reads them
+                    dead = torch.zeros(c_in, dtype=torch.bool)
+                    dead[idxs] = True
+                    x = x.masked_fill(dead.view(1, -1, *([1] * (x.dim() - 2))).to(x.device), 0)
                     ref, got = module(x), cut(x.index_select(1, keep_in))
                 scale = float(ref.abs().max()) if ref.numel() else 0.0
                 if ref.shape != got.shape or float((ref - got).abs().max()) > 1e-5 * max(scale, 1e-12):

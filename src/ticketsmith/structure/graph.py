@@ -387,7 +387,8 @@ def _is_zero(a) -> bool:
 
 class _ZeroOperands(TorchFunctionMode):
     """Collects the autograd nodes of additions / subtractions of a constant zero (a number or
-    a tensor without gradient, all zeros) to a traced tensor, during the traced forward."""
+    a tensor without gradient, all zeros) to a traced tensor, and of constant paddings with
+    zeros (`F.pad`'s default: TF-"same" padding convs pad so), during the traced forward."""
 
     def __init__(self):
         super().__init__()
@@ -400,6 +401,13 @@ class _ZeroOperands(TorchFunctionMode):
             operands = list(args[:2]) + ([kwargs["other"]] if kwargs and "other" in kwargs else [])
             untraced = [a for a in operands if not (isinstance(a, torch.Tensor) and a.requires_grad)]
             if untraced and all(_is_zero(a) for a in untraced):
+                self.nodes.add(out.grad_fn)
+        elif getattr(func, "__name__", "") == "pad" and isinstance(out, torch.Tensor) \
+                and out.grad_fn is not None:
+            kw = kwargs or {}
+            mode = args[2] if len(args) > 2 else kw.get("mode", "constant")
+            value = args[3] if len(args) > 3 else kw.get("value", None)
+            if mode == "constant" and (value is None or value == 0):
                 self.nodes.add(out.grad_fn)
         return out
 
