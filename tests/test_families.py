@@ -611,12 +611,7 @@ def test_weight_standardised_convs_are_frozen_and_cut():
     assert cut.in_channels < std.in_channels  # its inputs were cut: it read dead channels
     assert cut.out_channels < std.out_channels  # its wholly masked rows went
     assert "conv_std" not in info["skipped_groups"]
-    masked = copy_module(model)
-    masks.apply(masked)
-    with torch.no_grad():
-        for s in others:
-            xi = torch.randn(s)
-            assert rel_err(masked(xi), small(xi)) < 1e-4
+    assert_matches_masked(model, masks, small, others)
     assert C.effective(model, masks, x)["compact_params"] == sum(p.numel() for p in small.parameters())
 
 
@@ -730,12 +725,7 @@ def test_grn_hidden_units_are_cut_their_bias_folded(family):
         assert w.shape[0] == grn.num_features
         assert not torch.equal(small.blocks[i].fc2.bias, model.blocks[i].fc2.bias)  # folded
     assert not any(k.endswith("fc1") for k in small.ticketsmith_compact["skipped_groups"])
-    masked = copy_module(model)
-    masks.apply(masked)
-    with torch.no_grad():
-        for s in others:
-            xi = torch.randn(s)
-            assert rel_err(masked(xi), small(xi)) < 1e-4
+    assert_matches_masked(model, masks, small, others)
 
 
 def test_a_live_grn_unit_stays_where_nothing_reads_it():
@@ -753,12 +743,7 @@ def test_a_live_grn_unit_stays_where_nothing_reads_it():
     masks = masks.updated({"blocks.0.fc2.weight": fc2, "blocks.0.fc1.weight": fc1})
     small = C.compact(model, masks, x)
     assert small.blocks[0].grn.num_features == 64 - 8
-    masked = copy_module(model)
-    masks.apply(masked)
-    with torch.no_grad():
-        for s in others:
-            xi = torch.randn(s)
-            assert rel_err(masked(xi), small(xi)) < 1e-4
+    assert_matches_masked(model, masks, small, others)
 
 
 def test_group_norm_channels_are_cut_with_their_groups_counts_kept():
@@ -782,12 +767,7 @@ def test_group_norm_channels_are_cut_with_their_groups_counts_kept():
     uncut = [n for n, m in small.named_modules() if type(m) is nn.GroupNorm]
     assert uncut and all(small.get_submodule(n).num_channels == model.get_submodule(n).num_channels
                          for n in uncut)
-    masked = copy_module(model)
-    masks.apply(masked)
-    with torch.no_grad():
-        for s in others:
-            xi = torch.randn(s)
-            assert rel_err(masked(xi), small(xi)) < 1e-4
+    assert_matches_masked(model, masks, small, others)
 
 
 def test_a_dead_channel_whose_group_norm_weight_is_live_stays():
@@ -873,12 +853,7 @@ def test_1d_pooling_and_the_flatten_of_a_sequence_are_cut():
     assert info["skipped_groups"] == {}
     assert {"conv1", "conv3"} <= set(info["removed_channels"])
     assert small.fc.in_features == 4 * small.conv3.out_channels < model.fc.in_features
-    masked = copy_module(model)
-    masks.apply(masked)
-    with torch.no_grad():
-        for s in others:
-            xi = torch.randn(s)
-            assert rel_err(masked(xi), small(xi)) < 1e-4
+    assert_matches_masked(model, masks, small, others)
 
 
 # -- the real models, when installed -------------------------------------------------------------
