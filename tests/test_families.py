@@ -597,7 +597,7 @@ def test_weight_standardised_convs_are_frozen_and_cut():
     channel surgery may not cut its inputs as it is (each row's statistics would change), so
     the groups it reads were left whole. Frozen into the plain Conv2d holding that weight, the
     dead channels it reads go, its own dead rows (standardised: still zero) go, and the compact
-    model computes what the masked one does, also after save / load."""
+    model computes what the masked one does (save / load: test_family_through_structure)."""
     build, shape, others = FAMILIES["efficientnet_tf"]
     model = build()
     x = torch.randn(shape)
