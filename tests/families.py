@@ -2022,6 +2022,73 @@ class TinyBiT(nn.Module):
         return self.head(F.relu(self.norm(x)).mean([2, 3]))
 
 
+# -- PoolFormer (timm's MetaFormer): GroupNorm1 stream, layer scale outside any torch layer --
+class GroupNorm1(nn.GroupNorm):
+    """timm's GroupNorm1 (its class name and forward): a GroupNorm of one group."""
+
+    def __init__(self, num_channels, **kwargs):
+        super().__init__(1, num_channels, **kwargs)
+
+    def forward(self, x):
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class Scale(nn.Module):
+    """timm's MetaFormer Scale (its class name, attributes and forward): a per-channel layer
+    scale, a parameter of no torch layer (torch-pruning's "unwrapped parameter"), viewed to
+    (C, 1, 1) on NCHW or used as (C,) on NHWC."""
+
+    def __init__(self, dim, init_value=1.0, use_nchw=True):
+        super().__init__()
+        self.shape = (dim, 1, 1) if use_nchw else (dim,)
+        self.scale = nn.Parameter(init_value * torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.scale.view(self.shape)
+
+
+class PoolFormerBlock(nn.Module):
+    """norm, token mixer pool(x) - x, layer scale, residual; norm, 1x1-conv MLP, layer scale,
+    residual. With `shift`, the second residual also adds a per-channel parameter (a learned
+    bias outside any layer: a dead channel holds it, not zero)."""
+
+    def __init__(self, dim, shift=False):
+        super().__init__()
+        self.norm1, self.norm2 = GroupNorm1(dim), GroupNorm1(dim)
+        self.pool = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+        self.layer_scale1, self.layer_scale2 = Scale(dim), Scale(dim)
+        self.fc1, self.fc2 = nn.Conv2d(dim, 2 * dim, 1), nn.Conv2d(2 * dim, dim, 1)
+        self.shift = nn.Parameter(torch.zeros(1, dim, 1, 1)) if shift else None
+
+    def forward(self, x):
+        y = self.norm1(x)
+        x = x + self.layer_scale1(self.pool(y) - y)
+        x = x + self.layer_scale2(self.fc2(F.gelu(self.fc1(self.norm2(x)))))
+        return x + self.shift if self.shift is not None else x
+
+
+class TinyPoolFormer(nn.Module):
+    def __init__(self, classes=10, dim=16, shift=False):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 3, stride=2, padding=1)
+        self.blocks = nn.Sequential(PoolFormerBlock(dim, shift), PoolFormerBlock(dim, shift))
+        self.norm = GroupNorm1(dim)
+        self.head = nn.Linear(dim, classes)
+        with torch.no_grad():  # trained values
+            for m in self.modules():
+                if isinstance(m, nn.GroupNorm):
+                    m.weight.copy_(torch.rand(m.num_channels) + 0.5)
+                    m.bias.copy_(torch.randn(m.num_channels) * 0.1)
+                if isinstance(m, Scale):
+                    m.scale.copy_(torch.rand(m.scale.shape) + 0.1)
+                if isinstance(m, PoolFormerBlock) and m.shift is not None:
+                    m.shift.copy_(torch.randn(m.shift.shape) * 0.1)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x))
+        return self.head(self.norm(x).mean([2, 3]))
+
+
 # -- weight_norm parametrized convs (audio / GAN style), Conv1d, SE with AdaptiveAvgPool1d --------
 class WeightNormNet(nn.Module):
     def __init__(self, classes=10):
@@ -2143,4 +2210,5 @@ FAMILIES = {
     "weight_norm_1d": (builder(WeightNormNet), (2, 4, 16), [(3, 4, 16), (1, 4, 23)]),
     "audio_1d": (builder(AudioNet), (2, 2, 64), [(3, 2, 64), (1, 2, 81)]),
     "bit": (builder(TinyBiT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 20, 20)]),
+    "poolformer": (builder(TinyPoolFormer), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 20, 20)]),
 }

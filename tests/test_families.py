@@ -22,7 +22,8 @@ from ticketsmith import compact as C
 from ticketsmith.errors import UsageError
 from ticketsmith.masks import copy_module
 
-from families import FAMILIES, BatchNormAct2d, Conv2dSame, StdConv2d
+from families import FAMILIES, BatchNormAct2d, Conv2dSame, StdConv2d, TinyPoolFormer
+from families import builder as builder_of
 
 STRUCTURES = ("refill", "regroup-element", "regroup-channel", "constant-fan-in")
 
@@ -837,6 +838,175 @@ def test_group_norm_act_is_cut_and_loaded_with_its_activation(tmp_path):
         xi = torch.randn(3, 3, 9, 9)
         assert rel_err(masked(xi), small(xi)) < 1e-4
         assert torch.equal(small(xi), again(xi))
+
+
+def test_a_layer_scale_stream_is_cut_with_its_scales(tmp_path):
+    """PoolFormer: with one channel set for the whole residual stream (shared coupling), refill
+    zeroes every GroupNorm1's affine there, also of the norms reached past another norm (norm2
+    after the token mixer on norm1); the stream's dead channels go from the stem, the convs,
+    the norms and the layer scales (parameters of no torch layer, viewed to `Scale.shape`,
+    which is set to the new width), and the model is exact; save / load restores the scales'
+    shapes. (The stream was left whole: "parameter is not supported".)"""
+    build, shape, others = FAMILIES["poolformer"]
+    model = build()
+    x = torch.randn(shape)
+    masks = ts.refill(model, magnitude(model, 0.5), example_inputs=x, coupling="shared")
+    dead = ~masks["stem.weight"].reshape(16, -1).any(1)
+    assert bool(dead.any())
+    for norm in ("blocks.0.norm2", "blocks.1.norm1", "norm"):  # past the first norm
+        assert not bool(masks[f"{norm}.weight"][dead].any())
+    small = C.compact(model, masks, x)
+    width = int((~dead).sum())
+    assert small.stem.out_channels == width
+    for block in small.blocks:
+        for scale in (block.layer_scale1, block.layer_scale2):
+            assert scale.scale.shape == (width,) and scale.shape == (width, 1, 1)
+    assert not small.ticketsmith_compact["skipped_groups"]
+    assert_matches_masked(model, masks, small, others)
+    C.save(small, tmp_path / "ticket")
+    again = C.load(tmp_path / "ticket", build=build)
+    with torch.no_grad():
+        xi = torch.randn(others[1])
+        assert torch.equal(small(xi), again(xi))
+
+
+def test_a_per_channel_shift_keeps_dead_channels_unless_it_is_zero():
+    """A parameter of no layer added to the stream (a learned shift): a channel dead before it
+    holds the shift after it, so it stays (exact); where the shift is zero on the dead
+    channels they go, the shift cut with them."""
+    build = builder_of(TinyPoolFormer, shift=True)
+    model = build()
+    x = torch.randn(2, 3, 16, 16)
+    m = ts.Masks.ones(model)
+    dead = torch.zeros(16, dtype=torch.bool)
+    dead[[1, 4, 9]] = True
+    upd = {}
+    for name in ("stem", "blocks.0.fc2", "blocks.1.fc2"):  # every writer of the stream
+        rows = m[f"{name}.weight"].clone()
+        rows[dead] = False
+        upd[f"{name}.weight"] = rows
+        upd[f"{name}.bias"] = ~dead
+    for n, mod in model.named_modules():
+        if isinstance(mod, nn.GroupNorm):
+            upd[f"{n}.weight"], upd[f"{n}.bias"] = ~dead, ~dead
+    masks = m.updated(upd)
+    small = C.compact(model, masks, x)
+    assert small.stem.out_channels == 16
+    assert_matches_masked(model, masks, small, [(3, 3, 16, 16), (1, 3, 20, 20)])
+    with torch.no_grad():
+        for block in model.blocks:
+            block.shift[:, dead] = 0
+    small = C.compact(model, masks, x)
+    assert small.stem.out_channels == 13 and small.blocks[0].shift.shape == (1, 13, 1, 1)
+    assert_matches_masked(model, masks, small, [(3, 3, 16, 16), (1, 3, 20, 20)])
+
+
+class ScaleByWidth(nn.Module):
+    """A layer scale viewed by a width its module holds as a number: the cut scale no longer
+    fits the view."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dim = dim
+        self.gamma = nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, x):
+        return x * self.gamma.view(self.dim, 1, 1)
+
+
+class ScaledConvs(nn.Module):
+    def __init__(self, scale):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.scale = scale
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.conv2(self.scale(F.relu(self.conv1(x)))).mean((2, 3)))
+
+
+def test_a_layer_scale_whose_view_breaks_is_put_back_whole():
+    """A cut that breaks the forward (the scale's view by a width held as a number) is undone,
+    the parameter torch-pruning replaced on its owner put back: the group stays whole with the
+    reason, and the model computes what it did."""
+    from ticketsmith.compact.channel import remove_dead_channels
+    torch.manual_seed(0)
+    model = ScaledConvs(ScaleByWidth(8)).eval()
+    with torch.no_grad():
+        model.conv1.weight[:3] = 0
+        model.conv1.bias[:3] = 0
+    x = torch.randn(2, 3, 8, 8)
+    small = copy_module(model)
+    gamma = small.scale.gamma
+    report = remove_dead_channels(small, x)
+    assert small.conv1.out_channels == 8 and small.scale.gamma is gamma
+    assert "breaks the model's forward" in report.skipped["conv1"]
+    with torch.no_grad():
+        xi = torch.randn(3, 3, 11, 9)
+        torch.testing.assert_close(small(xi), model(xi))
+
+
+class ScaleLastAxis(nn.Module):
+    """A parameter the size of the channels that broadcasts over the last axis (the width of
+    a square map as wide as the channels), not over the channels."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+def test_a_parameter_along_another_axis_keeps_the_group_whole():
+    """Its entries are not the channels' (torch-pruning ties them to the channels by size): the
+    group stays whole, and the model computes what it did."""
+    from ticketsmith.compact.channel import remove_dead_channels
+    torch.manual_seed(0)
+    model = ScaledConvs(ScaleLastAxis(8)).eval()
+    with torch.no_grad():
+        model.conv1.weight[:3] = 0
+        model.conv1.bias[:3] = 0
+    x = torch.randn(2, 3, 8, 8)
+    small = copy_module(model)
+    report = remove_dead_channels(small, x)
+    assert small.conv1.out_channels == 8
+    assert "another axis than the channels" in report.skipped["conv1"]
+    with torch.no_grad():
+        xi = torch.randn(3, 3, 8, 8)
+        torch.testing.assert_close(small(xi), model(xi))
+
+
+class TokenMixerWithGamma(nn.Module):
+    """Tokens [B, L, C]: a residual Linear whose output is scaled by a (C,) parameter used as is
+    (timm's ConvNeXt / CaiT LayerScale `x * self.gamma`), a mean over tokens, a head."""
+
+    def __init__(self, dim=8):
+        super().__init__()
+        self.embed = nn.Linear(6, dim)
+        self.fc = nn.Linear(dim, dim)
+        self.gamma = nn.Parameter(torch.rand(dim) + 0.5)
+        self.head = nn.Linear(dim, 4)
+
+    def forward(self, x):
+        x = self.embed(x)
+        x = x + self.gamma * self.fc(F.gelu(x))
+        return self.head(x.mean(1))
+
+
+def test_a_layer_scale_on_tokens_is_cut_with_the_stream():
+    """The scale in the last axis of a token stream (Linear layers on [B, L, C]) goes with the
+    stream's dead channels, also through the mean over the tokens. (The group was left whole:
+    "operation mean over the channel dimension", the tokens' axis taken for the channels.)"""
+    torch.manual_seed(0)
+    model = TokenMixerWithGamma().eval()
+    x = torch.randn(2, 5, 6)
+    masks = ts.refill(model, magnitude(model, 0.5), example_inputs=x, coupling="shared")
+    dead = ~masks["embed.weight"].any(1)
+    assert bool(dead.any())
+    small = C.compact(model, masks, x)
+    assert small.gamma.shape == (int((~dead).sum()),)
+    assert_matches_masked(model, masks, small, [(3, 5, 6), (1, 7, 6)])
 
 
 def test_1d_pooling_and_the_flatten_of_a_sequence_are_cut():

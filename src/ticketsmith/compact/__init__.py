@@ -555,6 +555,7 @@ def compact(model: nn.Module, masks: Masks | Mapping[str, torch.Tensor], example
         "removed_heads": heads.removed,
         "heads_left_whole": heads.whole,
         "split_sizes": surgery.split_sizes,
+        "param_shapes": surgery.param_shapes,
         "frozen": frozen,
         "verified_rel_err": err,
     }
@@ -652,8 +653,10 @@ def describe(model: nn.Module) -> list[dict]:
     all, with the zeros folded in). The Linears of an attention module also have `heads`:
     how many heads head surgery kept, or why the module kept them all. The model's
     `ticketsmith_compact` holds per attention module `removed_heads` (heads before / after)
-    and `heads_left_whole` (the reason), and per module whose forward splits the channels by
-    sizes it holds (timm's MixNet, FocalNet) `split_sizes`: the sizes it holds now."""
+    and `heads_left_whole` (the reason), per module whose forward splits the channels by
+    sizes it holds (timm's MixNet, FocalNet) or views a parameter to a shape it holds (timm's
+    layer `Scale`) `split_sizes`: the sizes it holds now, and per parameter of no torch layer
+    whose channels went (a layer scale) `param_shapes`: its shape now."""
     info = getattr(model, "ticketsmith_compact", None)
     if info is None:
         raise UsageError("describe() takes a model returned by ticketsmith.compact.compact()")

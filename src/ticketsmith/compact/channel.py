@@ -12,11 +12,13 @@ and channel, from the weights:
   conv / linear row that is all zero with a zero (or absent) bias; a BatchNorm whose affine
   weight and bias are zero, or whose input is dead and which maps zero to zero (an unmasked
   BatchNorm maps a dead channel to a nonzero constant: that channel is *not* dead); a depthwise
-  conv, PReLU, ReLU-like activation, pooling, flatten, addition (of dead channels only) or
-  concatenation of dead channels;
+  conv, PReLU, ReLU-like activation, pooling, flatten, addition (of dead channels only, or of
+  a per-channel parameter that is zero there), product with a per-channel parameter (a layer
+  scale) or concatenation of dead channels;
 - a channel is **constant** when it holds one value at every position for every input: dead, or
   a dead channel after a per-channel shift (a bias, a BatchNorm, sigmoid(0), timm's StarReLU
-  `s * relu(x) ** 2 + b` with learned scalars), through operations that keep it one value
+  `s * relu(x) ** 2 + b` with learned scalars, a per-channel parameter added or multiplied),
+  through operations that keep it one value
   (not a padded conv, an average pool or a sum over positions);
 - a group's channel is **removable** when every consumer (conv / linear reading it) either reads
   it dead, has an all-zero weight column for it ("unread"), or reads it constant and can fold
@@ -24,10 +26,15 @@ and channel, from the weights:
   comes from a forward pass on the example, and a consumer without a bias gets one where the
   value is not zero), no model output shows it, and every operation it passes through is
   per-channel. Anything else (an unknown operation, a channel-mixing reduction, a transposed
-  grouped conv, LayerNorm / GroupNorm, a constant added to the feature map, a reshape other than
+  grouped conv, LayerNorm, a constant added to the feature map, a reshape other than
   a flatten such as a channel shuffle or a window partition, ...) leaves the whole group
   untouched, recorded with the reason (per layer in `SurgeryReport.whole`, and in `describe` as
-  `group_left_whole`). A group may cross between
+  `group_left_whole`). A parameter of no torch layer (torch-pruning's "unwrapped parameter":
+  a layer scale `x * gamma.view(1, -1, 1, 1)`, a learned shift) is cut with the group where it
+  holds one value per channel, along the channel axis of the add / sub / mul reading it
+  (laid out by views only); the shape attribute a module views it to (timm's `Scale.shape`) is
+  set to the new width (`SurgeryReport.split_sizes`), its shape recorded for `load`
+  (`param_shapes`). A group may cross between
   layouts where its channel axis is followed from layer to layer through transposes, permutes
   and views that keep it whole (`_Group.channel_axes`): a linear layer on tokens, the tokens
   viewed as a map for a depthwise conv and flattened back (PVT-v2's and SegFormer's MLP), or a
@@ -64,8 +71,8 @@ from torch import nn
 from ..errors import UsageError
 from ..masks import copy_module
 from ..models.norms import PrunableGRN, PrunableGroupNorm
-from ..structure.graph import (DependencyGraph, IndexMappingFailed, axis_through, op_name,
-                               output_shape)
+from ..structure.graph import (LAYOUT_ONLY, DependencyGraph, IndexMappingFailed, axis_through,
+                               op_name, output_shape, unwrapped_parameter)
 
 OPTYPE = tp.ops.OPTYPE
 _U64 = 1 << 64
@@ -157,8 +164,11 @@ class SurgeryReport:
     removed: dict[str, int]
     skipped: dict[str, str]
     whole: dict[str, str] = dataclasses.field(default_factory=dict)
-    # module name -> {attribute: the chunk sizes it now holds} for the splits resized
+    # module name -> {attribute: the sizes it now holds}: the chunk sizes of the splits resized,
+    # the shapes of the parameter views resized
     split_sizes: dict[str, dict[str, list[int]]] = dataclasses.field(default_factory=dict)
+    # parameter of no torch layer (a layer scale) whose channels were cut -> its shape now
+    param_shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
 
 def as_inputs(example_inputs: Any) -> tuple:
@@ -226,7 +236,10 @@ def trace(model: nn.Module, inputs: tuple) -> tuple[tp.DependencyGraph, set]:
 
 def _is_param_leaf(node) -> bool:
     """An op on parameters only (the weight transpose inside F.linear, the weight
-    standardisation inside a StdConv2d's forward): no data flows in. (Cached on the node.)"""
+    standardisation inside a StdConv2d's forward), or a parameter of no torch layer itself
+    (`unwrapped_parameter`): no data flows in. (Cached on the node.)"""
+    if node.type == OPTYPE.PARAMETER:
+        return True
     if node.type not in (OPTYPE.ELEMENTWISE, OPTYPE.RESHAPE) or node.grad_fn is None:
         return False
     cached = getattr(node, "_ts_param_leaf", None)
@@ -260,8 +273,9 @@ def _untraced_operand(node) -> bool:
     return any(f is None for f, _ in getattr(g, "next_functions", ()))
 
 
-def _reduces_channels(node) -> bool:
-    """True if a mean / sum node reduces over the channel dimension (dim 1)."""
+def _reduces_channels(node, last: bool = False) -> bool:
+    """True if a mean / sum node reduces over the channel dimension (dim 1; the last one for
+    `last`: features in the last dimension, as a Linear on tokens has them)."""
     g = node.grad_fn
     dims = getattr(g, "_saved_dim", None)
     sizes = getattr(g, "_saved_self_sym_sizes", None)
@@ -269,7 +283,8 @@ def _reduces_channels(node) -> bool:
         return True
     dims = [d - _U64 if d >= 1 << 63 else d for d in (dims if isinstance(dims, tuple) else (dims,))]
     nd = len(sizes)
-    return nd < 2 or any(d % nd == 1 for d in dims) or len(dims) == 0
+    axis = nd - 1 if last else 1
+    return nd < 2 or any(d % nd == axis for d in dims) or len(dims) == 0
 
 
 def _reshape_ok(graph, node) -> bool:
@@ -566,6 +581,11 @@ class _Group:
             return "a concatenation followed by a flatten (torch-pruning maps it wrongly)"
         for node in self.items:
             t = node.type
+            if t == OPTYPE.PARAMETER:
+                why = self._param_unsupported(node, last_dim)
+                if why is not None:
+                    return why
+                continue
             if _is_param_leaf(node):
                 continue
             m = node.module
@@ -603,7 +623,7 @@ class _Group:
                     if _untraced_operand(node) and not _mul_scalar_ok(node):
                         return f"operation {op} with a constant tensor operand"
                 elif op in ("mean", "sum"):
-                    if _reduces_channels(node):
+                    if _reduces_channels(node, last=bool(last_dim) and not self.axes_followed()):
                         return f"operation {op} over the channel dimension"
                 elif op == "pow":
                     if not _pow_positive(node):
@@ -652,6 +672,8 @@ class _Group:
                     continue
                 if _is_norm(node) and _channels_last(node):
                     continue  # its channels in the last dimension
+                if op in ("mean", "sum") and not followed and not _reduces_channels(node, last=True):
+                    continue  # over the tokens: the features stay in the last dimension
                 if node.type != OPTYPE.ELEMENTWISE or op in ("mean", "sum") or not (
                         _zero_preserving(op) or op in PER_CHANNEL or op in ("add", "sub", "mul")
                         or (op == "pow" and _pow_positive(node))):
@@ -743,8 +765,17 @@ class _Group:
                 # (a norm-act layer's inner normalisation maps zero to its affine bias: the
                 # BatchNorm node after it decides whether the channel is dead)
                 z = torch.zeros(n, dtype=torch.bool)
-            elif op in ("add", "sub") and any(bool((p != 0).any()) for p in _param_operands(node)):
-                z = torch.zeros(n, dtype=torch.bool)  # StarReLU's learned bias: a constant
+            elif op in ("add", "sub"):
+                # a dead channel plus a parameter holds that parameter (StarReLU's learned
+                # bias, a per-channel shift): dead only where the parameter is zero
+                z = self.zero_in(node)
+                shifts = self._shifts(node)
+                mine = {id(src.module) for src in shifts or ()}
+                if shifts is None or any(bool((p != 0).any()) for p in _param_operands(node)
+                                         if id(p) not in mine):
+                    z = torch.zeros(n, dtype=torch.bool)
+                for src in shifts or ():
+                    z &= self._param_zero(src)
             elif op == "mul":
                 z = torch.zeros(n, dtype=torch.bool)
                 for i in self.data_inputs(node):
@@ -811,11 +842,67 @@ class _Group:
             if (op in ("addmm", "mm") and _feeds_linear(node)) or op in NORM_INSIDE:
                 c = self.const_in(node)  # (their parameters are per channel, not per position)
             elif (op in CONST_KEEPING or op.startswith(CONST_KEEPING_FAMILIES)) and \
-                    all(p.numel() == 1 for p in _param_operands(node)):
-                c = self.const_in(node)
+                    self._shifts(node) is not None:
+                c = self.const_in(node)  # (its parameters are scalars or per channel)
         c = c | self.zero(node)
         self._const[node] = c
         return c
+
+    def _shifts(self, node) -> list | None:
+        """The per-channel parameters of no torch layer (their nodes in this group) that an
+        element-wise node reads; None where it reads any other parameter but scalars (not one
+        value per channel, or computed from a parameter)."""
+        srcs = []
+        for i in node.inputs:
+            if not _is_param_leaf(i):
+                continue
+            src = unwrapped_parameter(i)
+            if src is None or src not in self.items:
+                return None
+            srcs.append(src)
+        mine = {id(src.module) for src in srcs}
+        for p in _param_operands(node):  # read directly (AccumulateGrad), no node of their own
+            if id(p) not in mine and p.numel() != 1:
+                return None
+        return srcs
+
+    def _param_zero(self, src) -> torch.Tensor:
+        """Per root: the per-channel parameter (a PARAMETER member) is zero on it."""
+        locs, roots = self._locals(src)
+        return self._all_by_root(locs, roots, src.module.detach().reshape(-1) == 0) & self.covers(src)
+
+    def _param_unsupported(self, node, last_dim) -> str | None:
+        """Why a parameter of no torch layer (a PARAMETER member) stops the group's cut, or None:
+        it must hold one value per channel, along the axis where every element-wise add, sub or
+        mul that reads it (directly or laid out by a view / unsqueeze) has the group's channels."""
+        p = node.module
+        big = [d for d, size in enumerate(p.shape) if size > 1]
+        if len(big) != 1 or getattr(node, "pruning_dim", None) not in (big[0], big[0] - p.dim()):
+            return f"{node.name}: a parameter holding more than one value per channel"
+        uses, stack = [], [(o, node) for o in node.outputs]
+        while stack:
+            o, operand = stack.pop()
+            if _is_param_leaf(o):
+                if op_name(o) not in LAYOUT_ONLY:
+                    return f"{node.name}: a parameter computed on ({op_name(o)}) before it is used"
+                stack.extend((oo, o) for oo in o.outputs)
+            else:
+                uses.append((o, operand))
+        for use, operand in uses:
+            op = op_name(use) if use.type == OPTYPE.ELEMENTWISE else ""
+            if op not in ("add", "sub", "mul") or use not in self.items:
+                return f"{node.name}: a parameter read by {op or use.type.name.lower()}"
+            out, shape = output_shape(use), output_shape(operand)
+            if out is None or shape is None or len(shape) > len(out):
+                return f"{node.name}: a parameter whose layout is not known"
+            if self.axes_followed():
+                axis = self.channel_axes().get(use)
+            else:
+                axis = len(out) - 1 if last_dim else 1
+            big = [d for d, size in enumerate(shape) if size > 1]
+            if len(big) != 1 or len(out) - len(shape) + big[0] != axis:
+                return f"{node.name}: a parameter along another axis than the channels"
+        return None
 
     def covers_out(self, items) -> torch.Tensor:
         c = torch.zeros(self.n_roots, dtype=torch.bool)
@@ -969,6 +1056,7 @@ def remove_dead_channels(model: nn.Module, example_inputs: Sequence[torch.Tensor
     skipped: dict[str, str] = {}
     members: dict[str, list[str]] = {}  # root of a group left whole -> its layers (out side)
     split_sizes: dict[str, dict[str, list[int]]] = {}
+    param_shapes: dict[str, list[int]] = {}
     # reshape nodes of pruned groups: the sizes their autograd nodes saved (which the checks
     # of a flatten read) are stale; the graph is traced again before a group holding one is
     # looked at, and at the start of a pass (not after every group: a trace of a transformer
@@ -1023,7 +1111,7 @@ def remove_dead_channels(model: nn.Module, example_inputs: Sequence[torch.Tensor
                 skipped[root_name] = why
                 members[root_name] = _out_members(g, names)
                 continue
-            before_cut = _Snapshot(pruning, kept, graph.split_attrs)
+            before_cut = _Snapshot(pruning, kept, graph)
             why = _fold_constants(model, inputs, pruning) if bool(g.folds[idxs].any()) else None
             if why is not None:
                 before_cut.restore(kept)
@@ -1061,17 +1149,27 @@ def remove_dead_channels(model: nn.Module, example_inputs: Sequence[torch.Tensor
                                                              torch.nonzero(keep).flatten()),
                                            requires_grad=conv.weight.requires_grad)
             resized = _resize_splits(graph, pruning)
+            viewed = _resize_views(graph, pruning)
             why = _breaks_forward(model, inputs)
             if why is not None:  # (timm's LambdaLayer reshapes its output by its input width)
                 before_cut.restore(kept)
                 skipped[root_name] = f"cutting its channels breaks the model's forward ({why})"
                 members[root_name] = _out_members(g, names)
                 continue
-            stale.update(n for n in g.items if n.type == OPTYPE.RESHAPE)
-            stale.update(resized)  # (their autograd nodes saved the sizes before)
+            # (autograd nodes saved the sizes before; torch-pruning replaced the parameters
+            # of no layer, which their autograd nodes still hold)
+            stale.update(n for n in g.items if n.type in (OPTYPE.RESHAPE, OPTYPE.PARAMETER))
+            stale.update(resized)
             for node in resized:
                 m, attr = graph.split_attrs[node]
                 split_sizes.setdefault(names[m], {})[attr] = [int(v) for v in getattr(m, attr)]
+            for node in viewed:
+                m, attr = graph.view_attrs[node]
+                split_sizes.setdefault(names[m], {})[attr] = [int(v) for v in getattr(m, attr)]
+            for it in pruning:
+                if it.dep.target.type == OPTYPE.PARAMETER:
+                    name = graph._param_to_name[it.dep.target.module]
+                    param_shapes[name] = list(it.dep.target.module.shape)
             # a grouped conv cut to one channel per group is depthwise now: traced again, the
             # graph ties its inputs to its outputs, so that whole dead groups can go
             stale.update(n for n in g.items if n.type == OPTYPE.CONV and n.module.groups > 1
@@ -1092,27 +1190,32 @@ def remove_dead_channels(model: nn.Module, example_inputs: Sequence[torch.Tensor
     for root, why in skipped.items():
         for name in members.get(root, [root]):
             whole.setdefault(name, why)
-    return SurgeryReport(kept, removed, skipped, whole, split_sizes)
+    return SurgeryReport(kept, removed, skipped, whole, split_sizes, param_shapes)
 
 
 class _Snapshot:
     """The modules a cut touches (their attributes, parameters and buffers as they are; the
-    attributes holding the sizes of its splits) and the channel bookkeeping, to put back where
-    the cut model no longer runs."""
+    parameters of no torch layer, which torch-pruning replaces on their owner; the attributes
+    holding the sizes of its splits and the shapes of its parameter views) and the channel
+    bookkeeping, to put back where the cut model no longer runs."""
 
-    def __init__(self, pruning, kept: dict, split_attrs: dict):
+    def __init__(self, pruning, kept: dict, graph):
+        self.graph = graph
         self.modules = []
-        self.data = []
+        self.params = []  # (node, owner module, attribute, the parameter)
         self.sizes = []
         for it in pruning:
-            t = it.dep.target.module
-            if isinstance(t, nn.Parameter):
-                self.data.append((t, t.data))
+            node = it.dep.target
+            t = node.module
+            if node.type == OPTYPE.PARAMETER:
+                owner, attr = _owner(graph, t)
+                self.params.append((node, owner, attr, t))
             elif isinstance(t, nn.Module):
                 self.modules.append((t, dict(t.__dict__), dict(t._parameters), dict(t._buffers)))
-            if it.dep.target in split_attrs:
-                m, attr = split_attrs[it.dep.target]
-                self.sizes.append((m, attr, getattr(m, attr)))
+            for attrs in (graph.split_attrs, graph.view_attrs):
+                if node in attrs:
+                    m, attr = attrs[node]
+                    self.sizes.append((m, attr, getattr(m, attr)))
         self.books = {n: (cm.out, cm.inp) for n, cm in kept.items()}
 
     def restore(self, kept: dict) -> None:
@@ -1120,12 +1223,51 @@ class _Snapshot:
             m.__dict__.clear()
             m.__dict__.update(attrs)
             m._parameters, m._buffers = params, buffers
-        for t, data in self.data:
-            t.data = data
+        g = self.graph
+        for node, owner, attr, old in self.params:
+            new = node.module
+            setattr(owner, attr, old)
+            if new is not old:  # torch-pruning's records of the parameter, as they were
+                g._param_to_name[old] = g._param_to_name.pop(new)
+                g.module2node[old] = g.module2node.pop(new)
+                node.module = old
         for m, attr, sizes in self.sizes:
             setattr(m, attr, sizes)
         for n, (out, inp) in self.books.items():
             kept[n].out, kept[n].inp = out, inp
+
+
+def _owner(graph, param: nn.Parameter) -> tuple[nn.Module, str]:
+    """The module holding a parameter of no torch layer, and its attribute name."""
+    path, _, attr = graph._param_to_name[param].rpartition(".")
+    return (graph.model.get_submodule(path) if path else graph.model), attr
+
+
+def _resize_views(graph, pruning) -> set:
+    """Set the shape attribute of every view of a cut parameter of no torch layer
+    (`view_attrs`: timm's `Scale` views its layer scale to `self.shape`): the channel axis gets
+    the parameter's new width. Returns the view nodes whose shape was set."""
+    done = set()
+    for it in pruning:
+        node = it.dep.target
+        if node.type != OPTYPE.PARAMETER:
+            continue
+        stack = list(node.outputs)
+        while stack:
+            view = stack.pop()
+            if not _is_param_leaf(view):
+                continue
+            stack.extend(view.outputs)
+            if view not in graph.view_attrs:
+                continue
+            m, attr = graph.view_attrs[view]
+            shape = list(getattr(m, attr))
+            big = [d for d, size in enumerate(shape) if size != 1]
+            if len(big) == 1 and shape[big[0]] != -1:
+                shape[big[0]] = node.module.numel()
+                setattr(m, attr, type(getattr(m, attr))(shape))
+                done.add(view)
+    return done
 
 
 def first_calls(model: nn.Module, inputs: tuple, modules) -> dict:

@@ -9,7 +9,8 @@ class (from a fixed list: nothing named in the file is imported freely) and `to_
 a subclass of those layers (timm's BatchNormAct2d, Conv2dSame) keeps the class `build` gives it
 and is resized in place to the recorded widths and tensor shapes. An attention module whose
 heads compaction removed gets the recorded `num_heads` (and derived widths) back, a module whose
-forward splits the channels by sizes it holds (timm's MixNet) the sizes it held.
+forward splits the channels by sizes it holds (timm's MixNet) the sizes it held, a parameter
+of no torch layer whose channels went (a layer scale) its shape.
 `load` rebuilds the original architecture, swaps those modules in, and loads the state dict
 strictly, so the round trip computes bit-identical outputs.
 """
@@ -223,13 +224,25 @@ def load(path: str | os.PathLike, build: Callable[[], nn.Module] | None = None) 
         restore_heads(model, (desc.get("compact") or {}).get("removed_heads") or {})
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ArtifactError(f"{description}: removed_heads: {str(e).splitlines()[0][:160]}") from None
-    try:  # modules whose forward splits the channels by sizes they hold (timm's MixNet)
+    try:  # modules whose forward splits the channels (timm's MixNet) or views a parameter
+        # (timm's layer Scale) by sizes they hold
         for name, attrs in ((desc.get("compact") or {}).get("split_sizes") or {}).items():
             module = model.get_submodule(name)
             for attr, sizes in attrs.items():
                 setattr(module, attr, type(getattr(module, attr))(int(v) for v in sizes))
     except (TypeError, ValueError, AttributeError) as e:
         raise ArtifactError(f"{description}: split_sizes: {str(e).splitlines()[0][:160]}") from None
+    try:  # parameters of no torch layer whose channels went (a layer scale): their shapes
+        for name, shape in ((desc.get("compact") or {}).get("param_shapes") or {}).items():
+            path, _, attr = name.rpartition(".")
+            owner = model.get_submodule(path) if path else model
+            old = getattr(owner, attr)
+            if not isinstance(old, nn.Parameter):
+                raise AttributeError(f"{name} is not a parameter of the rebuilt model")
+            setattr(owner, attr, nn.Parameter(torch.empty([int(d) for d in shape], dtype=old.dtype),
+                                              requires_grad=old.requires_grad))
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ArtifactError(f"{description}: param_shapes: {str(e).splitlines()[0][:160]}") from None
     dtypes = desc.get("float_dtypes") or []
     if len(dtypes) == 1:
         model.to(getattr(torch, dtypes[0].replace("torch.", "")))

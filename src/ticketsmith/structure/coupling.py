@@ -26,7 +26,8 @@ from torch_pruning._helpers import _HybridIndex
 from ..errors import UsageError
 from ..masks import PRUNABLE_TYPES, Masks
 from ..models.norms import PrunableGroupNorm
-from .graph import DependencyGraph, IndexMappingFailed, axis_through, op_name, output_shape
+from .graph import (DependencyGraph, IndexMappingFailed, axis_through, op_name, output_shape,
+                    unwrapped_parameter)
 
 # Norms with a per-channel affine over channels in axis 1: zeroing a channel's affine weight
 # and bias makes their output exactly zero on that channel, whatever its input. A GroupNorm's
@@ -431,8 +432,14 @@ def _walk_forward(dg, root, c_out: int):
             elif isinstance(t.module, CHANNEL_NORMS):
                 if viewed and axis != 1:
                     blind.append(t)  # reads another axis than the one followed
-                else:
-                    hits.append((t, [i.idx for i in new], [i.root_idx for i in new]))
+                    continue
+                hits.append((t, [i.idx for i in new], [i.root_idx for i in new]))
+                # on past it: a norm zeroed with these rows outputs zero, and a norm further
+                # on (PoolFormer's norm2 after its token mixer on norm1) is fed by them too
+                key = (id(t), tuple(new))
+                if key not in seen:
+                    seen.add(key)
+                    stack.append((t, new, axis, viewed))
             elif t in dg.unmapped:
                 moved = _moved(t, axis, rank) if t.type == tpops.OPTYPE.RESHAPE else None
                 if moved is not None:
@@ -494,12 +501,16 @@ def _leaf_operand(grad_fn, own: frozenset = frozenset()) -> bool:
             and id(grad_fn.variable) not in own)
 
 
-def _has_external_source(norm_node) -> bool:
+def _has_external_source(norm_node, _seen: set | None = None) -> bool:
     """Whether the norm's input depends on something other than conv/linear layers (and
-    constants) through parameter-free ops: the model input, another norm, a parameter. Such a
-    norm channel carries information even when every feeding layer row is zero, so it is never
-    zeroed."""
-    stack, seen = list(norm_node.inputs), set()
+    constants) through parameter-free ops: the model input, a parameter added to it, another
+    norm that has such a source. Such a norm channel carries information even when every
+    feeding layer row is zero, so it is never zeroed. A parameter multiplying the channels (a
+    layer scale) keeps a zero channel zero: no source. Another norm on the way is none either
+    where it has no such source itself: zeroed with the same rows (the forward walk from a
+    layer goes on past a norm), it outputs zero."""
+    seen = _seen if _seen is not None else set()
+    stack = list(norm_node.inputs)
     own = frozenset(id(p) for p in norm_node.module.parameters(recurse=False))
     if any(_leaf_operand(f[0], own) for f in getattr(norm_node.grad_fn, "next_functions", ())[:1]):
         return True
@@ -510,13 +521,22 @@ def _has_external_source(norm_node) -> bool:
         seen.add(id(node))
         if isinstance(node.module, LAYER_TYPES):
             continue
+        if isinstance(node.module, CHANNEL_NORMS):
+            if _has_external_source(node, seen):
+                return True
+            continue
         if node.type not in _PASS:
             return True
-        if any(_leaf_operand(f[0], own) for f in getattr(node.grad_fn, "next_functions", ())):
+        ins = node.inputs
+        fns = getattr(node.grad_fn, "next_functions", ())
+        if op_name(node) == "mul":  # times a parameter (a layer scale): zero stays zero
+            ins = [i for i in ins if unwrapped_parameter(i) is None]
+            fns = [f for f in fns if not isinstance(getattr(f[0], "variable", None), nn.Parameter)]
+        if any(_leaf_operand(f[0], own) for f in fns):
             return True  # an operand that is no layer's output: the model input, a constant
-        if not node.inputs:
+        if not ins:
             return True
-        stack.extend(node.inputs)
+        stack.extend(ins)
     return False
 
 

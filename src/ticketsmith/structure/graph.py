@@ -36,7 +36,8 @@ It then falls back to channel counts inferred from the neighbouring layers, righ
   (`_IndexedGroup`: quadratic in the group's size otherwise);
 - records which module attribute holds the sizes of each split along the channels, where the
   forward passes a module's own list to torch.split (`split_attrs`: channel surgery sets it to
-  the new sizes);
+  the new sizes), and which holds the shape each view / reshape of a parameter is given
+  (`view_attrs`: timm's MetaFormer `Scale` views its layer scale to `self.shape`);
 - records the additions and subtractions whose other operand is a constant zero (`zero_adds`:
   their autograd nodes): timm's MobileOne adds a Python 0 where a block has no skip branch,
   which autograd shows as any constant operand would, and adding zero keeps a removed channel
@@ -434,6 +435,40 @@ class _SplitSizes(TorchFunctionMode):
         return out
 
 
+class _ParamViews(TorchFunctionMode):
+    """Records, during the traced forward, the shape object each view / reshape of a parameter
+    was called with (a module's attribute, as timm's MetaFormer `Scale` passes `self.shape`), by
+    the autograd node of its output."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: dict = {}  # autograd node -> the shape object
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if getattr(func, "__name__", "") in ("view", "reshape") and len(args) == 2 \
+                and isinstance(args[0], nn.Parameter) and isinstance(args[1], (list, tuple)) \
+                and isinstance(out, torch.Tensor) and out.grad_fn is not None:
+            self.shapes.setdefault(out.grad_fn, args[1])
+        return out
+
+
+def _view_attrs(model: nn.Module, graph, shapes: dict) -> dict:
+    """View node of a parameter -> (module, attribute name) whose value is the very shape the
+    view was called with (`_ParamViews`); views given another shape object are left out."""
+    holders = {}
+    for m in model.modules():
+        for k, v in vars(m).items():
+            if isinstance(v, (list, tuple)) and not k.startswith("_"):
+                holders.setdefault(id(v), []).append((m, k))
+    out = {}
+    for node in graph.module2node.values():
+        found = holders.get(id(shapes.get(node.grad_fn)), [])
+        if len(found) == 1:
+            out[node] = found[0]
+    return out
+
+
 class _NormPruner(tp.pruner.function.BasePruningFunc):
     """The channels of a PrunableGRN / PrunableGroupNorm (`models.norms`), in and out coupled
     (like a BatchNorm's): its per-channel parameters (and a GroupNorm's `assign` rows) lose the
@@ -479,6 +514,8 @@ class DependencyGraph(tp.DependencyGraph):
         self.broadcasts: set = set()  # (operand, element-wise node) broadcast over the channels
         # split node along the channels -> (module, attribute) holding the sizes it was given
         self.split_attrs: dict = {}
+        # view node of a parameter -> (module, attribute) holding the shape it was given
+        self.view_attrs: dict = {}
 
     def _state(self) -> tuple:
         """What the index mappings depend on that can change after tracing: the channel counts
@@ -494,10 +531,12 @@ class DependencyGraph(tp.DependencyGraph):
         try:
             # (`_build_dependency` fills `unmapped` and hides the reshapes in it for the rest
             # of the build; they are reshapes again below)
-            with _quiet(), _ZeroOperands() as zeros, _SplitSizes() as splits, norm_tracing():
+            with _quiet(), _ZeroOperands() as zeros, _SplitSizes() as splits, \
+                    _ParamViews() as views, norm_tracing():
                 super().build_dependency(model, example_inputs, *args, **kwargs)
             self.zero_adds = zeros.nodes
             self.split_attrs = _split_attrs(model, self, splits.sizes)
+            self.view_attrs = _view_attrs(model, self, views.shapes)
         finally:
             for node in self._hidden_reshapes():
                 node.type = OPTYPE.RESHAPE
@@ -630,6 +669,22 @@ class DependencyGraph(tp.DependencyGraph):
         for s in sizes[1:]:
             features *= s
         return outs == features
+
+
+# Operations on a parameter that only lay its values out for broadcasting (a layer scale's
+# `gamma.view(1, -1, 1, 1)`): its values reach the consumer unchanged.
+LAYOUT_ONLY = {"view", "reshape", "unsqueeze", "squeeze", "alias"}
+
+
+def unwrapped_parameter(node):
+    """The node of a parameter of no torch layer (torch-pruning's "unwrapped parameter", a node
+    of its own: a layer scale, a learned shift) that `node` is, or lays out for broadcasting
+    (`LAYOUT_ONLY`); None for anything else (data, or values computed from a parameter)."""
+    while node.type != OPTYPE.PARAMETER:
+        if op_name(node) not in LAYOUT_ONLY or len(node.inputs) != 1:
+            return None
+        node = node.inputs[0]
+    return node
 
 
 def op_name(node) -> str:
