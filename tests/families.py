@@ -1922,6 +1922,50 @@ class TinyConvNeXt(nn.Module):
         return self.head(self.norm(x.mean([2, 3])))
 
 
+# -- ConvNeXt with conv_mlp (timm's convnext_atto ... nano): LayerNorm2d on NCHW maps ---------
+class LayerNorm2d(nn.LayerNorm):
+    """timm's LayerNorm2d (its class name and forward): LayerNorm over the channels of an NCHW
+    map, through NHWC."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class ConvNeXtConvBlock(nn.Module):
+    """Depthwise 7x7, LayerNorm2d, 1x1-conv MLP, layer scale `gamma.reshape(1, -1, 1, 1)`."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.conv_dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = LayerNorm2d(dim, eps=1e-6)
+        self.fc1, self.fc2 = nn.Conv2d(dim, 3 * dim, 1), nn.Conv2d(3 * dim, dim, 1)
+        self.gamma = nn.Parameter(torch.full((dim,), 0.5))
+
+    def forward(self, x):
+        y = self.fc2(F.gelu(self.fc1(self.norm(self.conv_dw(x)))))
+        return x + y.mul(self.gamma.reshape(1, -1, 1, 1))
+
+
+class TinyConvNeXtConv(nn.Module):
+    def __init__(self, classes=10, dim=16):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, dim, 2, stride=2), LayerNorm2d(dim, eps=1e-6))
+        self.blocks = nn.Sequential(ConvNeXtConvBlock(dim), ConvNeXtConvBlock(dim))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+        with torch.no_grad():  # trained values
+            for m in self.modules():
+                if isinstance(m, nn.LayerNorm):
+                    m.weight.copy_(torch.rand(m.weight.shape) + 0.5)
+                    m.bias.copy_(torch.randn(m.bias.shape) * 0.1)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x))
+        return self.head(self.norm(x.mean([2, 3])))
+
+
 # -- ConvNeXt-V2: ConvNeXt's block with Global Response Normalization in its MLP ---------------
 class GlobalResponseNorm(nn.Module):
     """timm's GlobalResponseNorm (its class name, attributes and forward): each channel scaled
@@ -2211,4 +2255,5 @@ FAMILIES = {
     "audio_1d": (builder(AudioNet), (2, 2, 64), [(3, 2, 64), (1, 2, 81)]),
     "bit": (builder(TinyBiT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 20, 20)]),
     "poolformer": (builder(TinyPoolFormer), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 20, 20)]),
+    "convnext_conv": (builder(TinyConvNeXtConv), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 20, 20)]),
 }

@@ -1009,6 +1009,126 @@ def test_a_layer_scale_on_tokens_is_cut_with_the_stream():
     assert_matches_masked(model, masks, small, [(3, 5, 6), (1, 7, 6)])
 
 
+def test_layer_norm_swap_computes_what_layer_norm_computes():
+    """torch's LayerNorm (tokens, with and without bias) and timm's LayerNorm2d (NCHW) as
+    PrunableLayerNorms: the same parameters and function; cut, it computes the LayerNorm of the
+    input with the cut channels as the zeros they were."""
+    from families import LayerNorm2d
+    from ticketsmith.models import PrunableLayerNorm
+    cases = [(nn.LayerNorm(12), (2, 5, 12), -1), (nn.LayerNorm(12, bias=False), (2, 5, 12), -1),
+             (LayerNorm2d(12), (2, 12, 5, 6), 1)]
+    for ln, shape, dim in cases:
+        with torch.no_grad():
+            ln.weight.normal_()
+            if ln.bias is not None:
+                ln.bias.normal_()
+        new = PrunableLayerNorm.from_layer_norm(ln)
+        assert new.weight is ln.weight and new.channels == 12 and new.channels_last == (dim == -1)
+        x = torch.randn(shape)
+        with torch.no_grad():
+            assert rel_err(ln(x), new(x)) < 1e-6
+            keep = torch.tensor([0, 2, 3, 7, 8, 11])
+            x.index_fill_(dim, torch.tensor([1, 4, 5, 6, 9, 10]), 0.0)
+            cut = PrunableLayerNorm(6, ln.eps, bias=ln.bias is not None, channels_last=dim == -1,
+                                    channels=12)
+            cut.weight.copy_(ln.weight[keep])
+            if ln.bias is not None:
+                cut.bias.copy_(ln.bias[keep])
+            assert rel_err(ln(x).index_select(dim, keep), cut(x.index_select(dim, keep))) < 1e-5
+
+
+def test_layer_norm_as_one_node_has_the_plain_gradients():
+    """While the graph is traced a PrunableLayerNorm runs as one autograd node, with the
+    gradients of the plain ops."""
+    from ticketsmith.models import PrunableLayerNorm
+    from ticketsmith.models.norms import tracing
+    ln = PrunableLayerNorm(6, channels_last=False)
+    with torch.no_grad():
+        ln.weight.normal_()
+        ln.bias.normal_()
+    x = torch.randn(2, 6, 4, 5, requires_grad=True)
+    grads = []
+    for traced in (False, True):
+        with tracing() if traced else contextlib.nullcontext():
+            out = ln(x)
+        assert ("OneNode" in type(out.grad_fn).__name__) == traced
+        grads.append(torch.autograd.grad((out * out).sum(), [x, ln.weight, ln.bias]))
+    for a, b in zip(*grads):
+        assert rel_err(a, b) < 1e-6
+
+
+@pytest.mark.parametrize("family", ["convnext", "convnext_conv"])
+def test_a_layer_norm_stream_is_cut_with_its_layer_scales(family, tmp_path):
+    """ConvNeXt (LayerNorm on NHWC tokens, and timm's conv_mlp form with LayerNorm2d on NCHW):
+    with one channel set for the residual stream (shared coupling) refill zeroes the affine of
+    every LayerNorm the stream's channels reach, so a dead stream channel is dead after them;
+    compaction cuts it from the stem, the depthwise convs, the norms (PrunableLayerNorms that
+    keep dividing by the built width), the layer scales and the head's inputs. Exact, through
+    save / load and ONNX. (The stream was left whole: "ln is not supported", or "operation
+    permute not known to be per-channel" for LayerNorm2d.)"""
+    from ticketsmith.models import PrunableLayerNorm
+    build, shape, others = FAMILIES[family]
+    model = build()
+    x = torch.randn(shape)
+    masks = ts.refill(model, magnitude(model, 0.5), example_inputs=x, coupling="shared")
+    stem = "stem.weight" if family == "convnext" else "stem.0.weight"
+    dead = ~masks[stem].reshape(16, -1).any(1)
+    assert bool(dead.any())
+    norms = [n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)]
+    assert len(norms) >= 2
+    for n in norms:
+        assert not bool(masks[f"{n}.weight"][dead].any()) and not bool(masks[f"{n}.bias"][dead].any())
+    small = C.compact(model, masks, x)
+    width = int((~dead).sum())
+    stem_conv = small.stem if family == "convnext" else small.stem[0]
+    assert stem_conv.out_channels == width
+    assert small.head.in_features == width
+    cut = [m for m in small.modules() if isinstance(m, PrunableLayerNorm)]
+    assert cut and all(m.num_features == width and m.channels == 16 for m in cut)
+    assert not small.ticketsmith_compact["skipped_groups"]
+    assert_matches_masked(model, masks, small, others)
+    C.save(small, tmp_path / "ticket")
+    again = C.load(tmp_path / "ticket", build=build)
+    with torch.no_grad():
+        xi = torch.randn(others[1])
+        assert torch.equal(small(xi), again(xi))
+    pytest.importorskip("onnxruntime")
+    path = C.export_onnx(small, x, tmp_path / "ticket.onnx")
+    xb = torch.randn(others[0])  # (dynamic batch, the example's size)
+    with torch.no_grad():
+        assert rel_err(small(xb), C.run_onnx(path, xb)[0]) < 1e-4
+
+
+class NormOverWidth(nn.Module):
+    """A LayerNorm over the last axis of an NCHW map (its width, as wide as the channels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.conv2(self.norm(self.conv1(x))).mean((2, 3)))
+
+
+def test_a_layer_norm_over_another_axis_is_no_companion_and_keeps_the_group():
+    """Its entries are not the channels: refill does not zero it for the channels conv1 drops,
+    and the group stays whole; the model computes what the masked one does."""
+    torch.manual_seed(0)
+    model = NormOverWidth().eval()
+    x = torch.randn(2, 3, 8, 8)
+    m = ts.Masks.ones(model)
+    rows = m["conv1.weight"].clone()
+    rows[:3] = False
+    masks = ts.refill(model, m.updated({"conv1.weight": rows}), example_inputs=x, coupling="shared")
+    assert "norm.weight" not in masks.keys() or bool(masks["norm.weight"].all())
+    small = C.compact(model, masks, x)
+    assert small.conv1.out_channels == 8
+    assert "another axis than the channels" in small.ticketsmith_compact["skipped_groups"]["conv1"]
+    assert_matches_masked(model, masks, small, [(3, 3, 8, 8)])
+
+
 def test_1d_pooling_and_the_flatten_of_a_sequence_are_cut():
     """MaxPool1d and AdaptiveAvgPool1d run as unsqueeze -> 2-d pooling -> squeeze (autograd
     shows the three), and the head reads a flatten of [N, C, 4]: the groups through them are

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 import ticketsmith as ts
 import ticketsmith.compact.blocks as blocks_mod
 import ticketsmith.compact.condensed as condensed_mod
-from families import StdConv2d
+from families import LayerNorm2d, StdConv2d
 from ticketsmith.models import PrunableGRN
 
 
@@ -34,10 +34,22 @@ SETTINGS = settings(max_examples=int(os.environ.get("TS_EXAMPLES", 20)), deadlin
                     derandomize=True)
 
 
+class ScaledConv(nn.Module):
+    """A conv whose output a layer scale (a parameter of no torch layer) multiplies."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.gamma = nn.Parameter(torch.ones(c))
+
+    def forward(self, x):
+        return self.conv(x) * self.gamma.view(1, -1, 1, 1)
+
+
 class RandomNet(nn.Module):
     """stem conv -> blocks (plain conv, residual pair, two-branch concat, a weight-standardised
-    conv, a conv with GroupNorm, or a ConvNeXt-V2 style 1x1 MLP with GRN as a residual) ->
-    pool -> MLP."""
+    conv, a conv with GroupNorm or timm's LayerNorm2d, a ConvNeXt-V2 style 1x1 MLP with GRN as
+    a residual, or a layer-scaled conv as a residual) -> pool -> MLP."""
 
     def __init__(self, spec):
         super().__init__()
@@ -62,6 +74,12 @@ class RandomNet(nn.Module):
                 self.blocks.append(nn.Sequential(nn.Conv2d(c, 2 * width, 3, padding=1, bias=spec["bias"]),
                                                  nn.GroupNorm(2, 2 * width)))
                 c = 2 * width
+            elif kind == "ln":  # LayerNorm2d: a dead channel with zero affine is cut
+                self.blocks.append(nn.Sequential(nn.Conv2d(c, width, 3, padding=1, bias=spec["bias"]),
+                                                 LayerNorm2d(width)))
+                c = width
+            elif kind == "scale":  # a layer scale, cut with the residual's channels
+                self.blocks.append(ScaledConv(c))
             elif kind == "grn":  # hidden units through GRN: a dead one's GRN bias is folded
                 grn = PrunableGRN(width, channels_last=False)
                 self.blocks.append(nn.Sequential(nn.Conv2d(c, width, 1, bias=spec["bias"]),
@@ -79,7 +97,7 @@ class RandomNet(nn.Module):
     def forward(self, x):
         x = F.relu(self.stem(x))
         for kind, block in zip(self.kinds, self.blocks):
-            if kind in ("residual", "grn"):
+            if kind in ("residual", "grn", "scale"):
                 x = F.relu(x + block(x))
             elif kind == "concat":
                 x = F.relu(torch.cat([block[0](x), block[1](x)], 1))
@@ -92,7 +110,8 @@ class RandomNet(nn.Module):
 specs = st.fixed_dictionaries({
     "stem": st.integers(2, 8),
     "bias": st.booleans(),
-    "blocks": st.lists(st.tuples(st.sampled_from(["plain", "residual", "concat", "std", "grn", "gn"]),
+    "blocks": st.lists(st.tuples(st.sampled_from(["plain", "residual", "concat", "std", "grn", "gn",
+                                                  "ln", "scale"]),
                                  st.integers(2, 8)),
                        min_size=1, max_size=4),
     "hidden": st.integers(3, 12),
@@ -106,6 +125,10 @@ def randomize_bn(model, g):
             with torch.no_grad():
                 m.weight.copy_(torch.randn(m.num_channels, generator=g))
                 m.bias.copy_(torch.randn(m.num_channels, generator=g))
+        if isinstance(m, (nn.LayerNorm, ScaledConv)):
+            with torch.no_grad():
+                for p in m.parameters(recurse=False):
+                    p.copy_(torch.randn(p.shape, generator=g))
         if isinstance(m, PrunableGRN):  # trained values (zero when initialised)
             with torch.no_grad():
                 m.weight.copy_(torch.randn(m.num_features, generator=g))

@@ -72,7 +72,7 @@ from ..masks import Block, Masks, copy_module
 from ..models.attention import replace_module as _set_module
 from .channel import (ChannelMap, SurgeryReport, as_inputs, flat_tensors, grouped_in_select,
                       opaque_reason, out_in_view, remove_dead_channels)
-from .freeze import cuttable_group_norms, freeze_computed_weights, restore_group_norms
+from .freeze import cuttable_norms, freeze_computed_weights, restore_norms
 from .heads import HeadReport, remove_dead_heads
 
 # Above these densities (kept fraction of the surgered layer) a sparse executor is not worth
@@ -468,10 +468,10 @@ def compact(model: nn.Module, masks: Masks | Mapping[str, torch.Tensor], example
     before = {n: (list(m.weight.shape), _params(m)) for n, m in work.named_modules()
               if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))}
     masks, frozen = _freeze(work, masks, inputs)
-    group_norms = cuttable_group_norms(work)
+    norms = cuttable_norms(work)
     heads = remove_dead_heads(work, inputs)
     surgery = _after_heads(remove_dead_channels(work, inputs), heads)  # sees the cut Linears
-    restore_group_norms(work, group_norms)
+    restore_norms(work, norms)
 
     rows: dict[str, dict] = {}
     executors: dict[str, str] = {}
@@ -586,7 +586,7 @@ def effective(model: nn.Module, masks: Masks | Mapping[str, torch.Tensor], examp
     work.eval()
     masks.apply(work)
     true, _ = _freeze(work, masks, inputs)  # a frozen layer keeps the nonzeros it applies
-    cuttable_group_norms(work)
+    cuttable_norms(work)
     heads = remove_dead_heads(work, inputs)  # first: channel surgery sees the cut Linears
     surgery = _after_heads(remove_dead_channels(work, inputs), heads)
     kept = 0

@@ -26,7 +26,7 @@ and channel, from the weights:
   comes from a forward pass on the example, and a consumer without a bias gets one where the
   value is not zero), no model output shows it, and every operation it passes through is
   per-channel. Anything else (an unknown operation, a channel-mixing reduction, a transposed
-  grouped conv, LayerNorm, a constant added to the feature map, a reshape other than
+  grouped conv, a norm over another axis, a constant added to the feature map, a reshape other than
   a flatten such as a channel shuffle or a window partition, ...) leaves the whole group
   untouched, recorded with the reason (per layer in `SurgeryReport.whole`, and in `describe` as
   `group_left_whole`). A parameter of no torch layer (torch-pruning's "unwrapped parameter":
@@ -70,7 +70,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..masks import copy_module
-from ..models.norms import PrunableGRN, PrunableGroupNorm
+from ..models.norms import PrunableGRN, PrunableGroupNorm, PrunableLayerNorm
 from ..structure.graph import (LAYOUT_ONLY, DependencyGraph, IndexMappingFailed, axis_through,
                                op_name, output_shape, unwrapped_parameter)
 
@@ -273,18 +273,29 @@ def _untraced_operand(node) -> bool:
     return any(f is None for f, _ in getattr(g, "next_functions", ()))
 
 
-def _reduces_channels(node, last: bool = False) -> bool:
-    """True if a mean / sum node reduces over the channel dimension (dim 1; the last one for
-    `last`: features in the last dimension, as a Linear on tokens has them)."""
+def _reduced_dims(node) -> tuple[list[int], int] | None:
+    """The dimensions a mean / sum node reduces (of its input, >= 0) and that input's rank;
+    None where not known (a reduction of everything)."""
     g = node.grad_fn
     dims = getattr(g, "_saved_dim", None)
     sizes = getattr(g, "_saved_self_sym_sizes", None)
     if dims is None or sizes is None:
-        return True
+        return None
     dims = [d - _U64 if d >= 1 << 63 else d for d in (dims if isinstance(dims, tuple) else (dims,))]
     nd = len(sizes)
-    axis = nd - 1 if last else 1
-    return nd < 2 or any(d % nd == axis for d in dims) or len(dims) == 0
+    if nd < 2 or not dims:
+        return None
+    return sorted({d % nd for d in dims}), nd
+
+
+def _reduces_channels(node, last: bool = False) -> bool:
+    """True if a mean / sum node reduces over the channel dimension (dim 1; the last one for
+    `last`: features in the last dimension, as a Linear on tokens has them)."""
+    found = _reduced_dims(node)
+    if found is None:
+        return True
+    dims, nd = found
+    return (nd - 1 if last else 1) in dims
 
 
 def _reshape_ok(graph, node) -> bool:
@@ -403,21 +414,29 @@ def _keeps_channel_axis(node) -> bool:
     return False
 
 
+_NORMS = (PrunableGRN, PrunableGroupNorm, PrunableLayerNorm)
+
+
 def _is_norm(node) -> bool:
-    """A PrunableGRN (ConvNeXt-V2's Global Response Normalization) or PrunableGroupNorm
-    (`models.norms`): one node, per channel but for the statistics over channels it divides
-    by counts fixed as built."""
-    return node.type == OPTYPE.CUSTOMIZED and isinstance(node.module, (PrunableGRN, PrunableGroupNorm))
+    """A PrunableGRN (ConvNeXt-V2's Global Response Normalization), PrunableGroupNorm or
+    PrunableLayerNorm (`models.norms`): one node, per channel but for the statistics over
+    channels it divides by counts fixed as built."""
+    return node.type == OPTYPE.CUSTOMIZED and isinstance(node.module, _NORMS)
 
 
 def _channels_last(node) -> bool:
-    return isinstance(node.module, PrunableGRN) and node.module.channels_last
+    return isinstance(node.module, (PrunableGRN, PrunableLayerNorm)) and node.module.channels_last
 
 
 def _dead_out(module) -> torch.Tensor:
     """Per channel of a norm of `_is_norm` whose input is dead: its output is dead (zero)."""
     if isinstance(module, PrunableGRN):  # outputs its bias
         return module.bias.detach() == 0
+    if isinstance(module, PrunableLayerNorm):  # -mean / std times its weight, plus its bias
+        if module.weight is None:
+            return torch.zeros(module.num_features, dtype=torch.bool)
+        bias0 = module.bias.detach() == 0 if module.bias is not None else True
+        return (module.weight.detach() == 0) & bias0
     if module.weight is None:  # GroupNorm without affine: -mean / std, not one value
         return torch.zeros(module.num_channels, dtype=torch.bool)
     with torch.no_grad():  # its activation (timm's GroupNormAct) must keep a zero
@@ -433,8 +452,12 @@ def _const_out(module) -> torch.Tensor:
     if isinstance(module, PrunableGRN):
         return torch.ones(module.num_features, dtype=torch.bool)
     if module.weight is None:
-        return torch.zeros(module.num_channels, dtype=torch.bool)
+        return torch.zeros(_norm_width(module), dtype=torch.bool)
     return module.weight.detach() == 0
+
+
+def _norm_width(module) -> int:
+    return module.num_channels if isinstance(module, PrunableGroupNorm) else module.num_features
 
 
 def _mul_scalar_ok(node) -> bool:
@@ -489,9 +512,13 @@ class _Group:
     def axes_followed(self) -> bool:
         """The group's channel axis is followed from member to member (`channel_axes`).
         (Cached.)"""
-        if not hasattr(self, "_followed"):
-            self._followed = self.channel_axes() is not None
-        return self._followed
+        return self.axes() is not None
+
+    def axes(self) -> dict | None:
+        """`channel_axes`, computed once."""
+        if not hasattr(self, "_axes"):
+            self._axes = self.channel_axes()
+        return self._axes
 
     def channel_axes(self) -> dict | None:
         """Per member: the axis of its output that holds this group's channels, where each
@@ -533,6 +560,11 @@ class _Group:
                             found.add(axis_through(node, axes[i], len(shape)))
                         elif t == OPTYPE.ELEMENTWISE and len(shape) == len(out):
                             found.add(axes[i])
+                        elif op in ("mean", "sum") and _reduced_dims(node) is not None:
+                            dims = _reduced_dims(node)[0]  # (keepdim=False: the axes go)
+                            if axes[i] in dims or len(out) != len(shape) - len(dims):
+                                return None
+                            found.add(axes[i] - sum(1 for d in dims if d < axes[i]))
                         else:
                             return None
                     if len(found) != 1 or None in found:
@@ -623,7 +655,7 @@ class _Group:
                     if _untraced_operand(node) and not _mul_scalar_ok(node):
                         return f"operation {op} with a constant tensor operand"
                 elif op in ("mean", "sum"):
-                    if _reduces_channels(node, last=bool(last_dim) and not self.axes_followed()):
+                    if self._reduces_channels(node, bool(last_dim)):
                         return f"operation {op} over the channel dimension"
                 elif op == "pow":
                     if not _pow_positive(node):
@@ -641,7 +673,13 @@ class _Group:
                     return f"operation {op or 'unknown'} not known to be per-channel"
                 continue
             if _is_norm(node):
-                continue  # one node (`models.norms`): per channel but for its sums (`removable`)
+                # one node (`models.norms`): per channel but for its sums (`removable`). One
+                # over the last axis must read the channels there: without a linear layer on
+                # >2-D tensors the group has them in axis 1 (the checks below see to the rest)
+                shape = output_shape(node)
+                if _channels_last(node) and not last_dim and (shape is None or len(shape) != 2):
+                    return f"{node.name}: a norm over another axis than the channels"
+                continue
             if t == OPTYPE.SLICE and all(i.type == OPTYPE.SPLIT and i in self.graph.split_attrs
                                          for i in self.data_inputs(node)):
                 # a slice of a split's chunk (FocalNet's gates): the channels of that chunk stay
@@ -672,14 +710,23 @@ class _Group:
                     continue
                 if _is_norm(node) and _channels_last(node):
                     continue  # its channels in the last dimension
-                if op in ("mean", "sum") and not followed and not _reduces_channels(node, last=True):
-                    continue  # over the tokens: the features stay in the last dimension
+                if op in ("mean", "sum") and not self._reduces_channels(node, True):
+                    continue  # over the tokens, or positions: the features stay whole
                 if node.type != OPTYPE.ELEMENTWISE or op in ("mean", "sum") or not (
                         _zero_preserving(op) or op in PER_CHANNEL or op in ("add", "sub", "mul")
                         or (op == "pow" and _pow_positive(node))):
                     return (f"{last_dim[0].name}: linear layer on a tensor of more than 2 "
                             f"dimensions, coupled with {node.name}")
         return None
+
+    def _reduces_channels(self, node, last_dim: bool) -> bool:
+        """A mean / sum node reduces over the axis holding the group's channels: the one
+        followed there (`channel_axes`), else the last (`last_dim`) or 1."""
+        if self.axes_followed():
+            found = _reduced_dims(node)
+            ins = [i for i in self.data_inputs(node) if i in self.items]
+            return found is None or len(ins) != 1 or self.axes()[ins[0]] in found[0]
+        return _reduces_channels(node, last=last_dim)
 
     def data_inputs(self, node) -> list:
         return [i for i in node.inputs if not _is_param_leaf(i)]
@@ -896,7 +943,7 @@ class _Group:
             if out is None or shape is None or len(shape) > len(out):
                 return f"{node.name}: a parameter whose layout is not known"
             if self.axes_followed():
-                axis = self.channel_axes().get(use)
+                axis = self.axes().get(use)
             else:
                 axis = len(out) - 1 if last_dim else 1
             big = [d for d, size in enumerate(shape) if size > 1]

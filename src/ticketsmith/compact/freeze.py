@@ -9,9 +9,10 @@ In eval mode the computed weight does not depend on the input: the plain `nn.Con
 layer. A frozen layer's mask becomes the nonzeros of the weight it applies (a masked entry of
 a standardised row is not zero once the row is standardised; a wholly masked row is).
 
-Also here: nn.GroupNorm swapped for a `models.norms.PrunableGroupNorm` (the same function, its
-groups' counts fixed as built) while channel surgery runs, and put back where its channels were
-not cut (`cuttable_group_norms`, `restore_group_norms`).
+Also here: GroupNorms and LayerNorms swapped for a `models.norms.PrunableGroupNorm` /
+`PrunableLayerNorm` (the same function, the counts they divide by fixed as built) while channel
+surgery runs, and put back where their channels were not cut (`cuttable_norms`,
+`restore_norms`).
 
 Which layers qualify for freezing is read from what their forward does, not from a list of classes: on the
 input it gets in the example forward, it must call one convolution / linear kernel on that very
@@ -26,7 +27,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..models.attention import replace_module
-from ..models.norms import PrunableGroupNorm, is_group_norm
+from ..models.norms import PrunableGroupNorm, PrunableLayerNorm, is_group_norm, is_layer_norm
 from .channel import _LAYERS, first_calls, opaque_reason
 
 # kernel -> (its parameters in call order, the torch layer that calls it)
@@ -146,20 +147,29 @@ def _swappable(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if n and uses[id(m)] == 1}
 
 
-def cuttable_group_norms(model: nn.Module) -> dict[str, nn.Module]:
-    """Swap, in place, every GroupNorm of `model` (torch's, timm's GroupNormAct) for a
-    `models.norms.PrunableGroupNorm` (the same function and parameters, its group counts fixed
-    as built), so that channel surgery may cut its channels. Returns {name: the module it was}
-    (`restore_group_norms` puts back those left whole)."""
-    found = {n: m for n, m in _swappable(model).items() if is_group_norm(m)}
-    for n, m in found.items():
-        replace_module(model, n, PrunableGroupNorm.from_group_norm(m))
+def cuttable_norms(model: nn.Module) -> dict[str, nn.Module]:
+    """Swap, in place, every GroupNorm (torch's, timm's GroupNormAct) and LayerNorm over the
+    channels (torch's, timm's LayerNorm / LayerNorm2d) of `model` for a
+    `models.norms.PrunableGroupNorm` / `PrunableLayerNorm` (the same function and parameters,
+    the counts they divide by fixed as built), so that channel surgery may cut their channels.
+    Returns {name: the module it was} (`restore_norms` puts back those left whole)."""
+    found = {}
+    for n, m in _swappable(model).items():
+        if is_group_norm(m):
+            replace_module(model, n, PrunableGroupNorm.from_group_norm(m))
+        elif is_layer_norm(m):
+            replace_module(model, n, PrunableLayerNorm.from_layer_norm(m))
+        else:
+            continue
+        found[n] = m
     return found
 
 
-def restore_group_norms(model: nn.Module, swapped: dict[str, nn.Module]) -> None:
-    """The swaps of `cuttable_group_norms` whose channels were not cut: the module they were
-    (its own kernel; the same parameters)."""
+def restore_norms(model: nn.Module, swapped: dict[str, nn.Module]) -> None:
+    """The swaps of `cuttable_norms` whose channels were not cut: the module they were (its own
+    kernel; the same parameters)."""
     for n, m in swapped.items():
-        if model.get_submodule(n).num_channels == m.num_channels:
+        now = model.get_submodule(n)
+        width = now.num_channels if isinstance(now, PrunableGroupNorm) else now.num_features
+        if width == (m.num_channels if isinstance(m, nn.GroupNorm) else m.normalized_shape[0]):
             replace_module(model, n, m)

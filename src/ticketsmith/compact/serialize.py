@@ -28,7 +28,7 @@ from torch import nn
 from ..errors import ArtifactError, UsageError
 from .. import records
 from ..io import load_tensors, read_json, save_tensors, write_json
-from ..models.norms import PrunableGRN, PrunableGroupNorm
+from ..models.norms import PrunableGRN, PrunableGroupNorm, PrunableLayerNorm
 from .heads import restore as restore_heads
 
 FORMAT = "ticketsmith.compact"
@@ -71,6 +71,10 @@ def _spec(module: nn.Module) -> dict | None:
     if type(module) is PrunableGroupNorm:  # (its channel -> group map is in the state dict)
         return {"type": name, "num_groups": module.num_groups, "num_channels": module.num_channels,
                 "eps": module.eps, "affine": module.affine}
+    if type(module) is PrunableLayerNorm:
+        return {"type": name, "num_features": module.num_features, "channels": module.channels,
+                "eps": module.eps, "affine": module.affine, "bias": module.bias is not None,
+                "channels_last": module.channels_last}
     if isinstance(module, _RESIZABLE):
         # a subclass (timm's BatchNormAct2d, Conv2dSame, a parametrized layer): its own class is
         # rebuilt by `build` and resized in place, so whatever else it holds (an activation,
@@ -134,6 +138,10 @@ def _build_layer(spec: dict) -> nn.Module:
     if t == "PrunableGroupNorm":
         return PrunableGroupNorm.cut(spec["num_groups"], spec["num_channels"], eps=spec["eps"],
                                      affine=spec["affine"])
+    if t == "PrunableLayerNorm":
+        return PrunableLayerNorm(spec["num_features"], eps=spec["eps"], affine=spec["affine"],
+                                 bias=spec["bias"], channels_last=spec["channels_last"],
+                                 channels=spec["channels"])
     raise ArtifactError(f"unknown layer type {t!r} in a compact model description")
 
 

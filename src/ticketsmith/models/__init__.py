@@ -31,7 +31,7 @@ from .zoo_attention import (SWAPPED, BeitAttention, ClassAttention,  # noqa: F40
                             LevitAttentionDownsample, MaxxVitAttention, PvtAttention,
                             TimmWindowAttentionV2, XcaAttention)
 from .glu import SplitGluMlp, prunable_mlp  # noqa: F401  (API)
-from .norms import PrunableGRN, PrunableGroupNorm  # noqa: F401  (API)
+from .norms import PrunableGRN, PrunableGroupNorm, PrunableLayerNorm  # noqa: F401  (API)
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 

@@ -1,6 +1,6 @@
 """Normalizations over several channels, with prunable channels.
 
-Global Response Normalization (ConvNeXt-V2) and GroupNorm compute a statistic over several
+Global Response Normalization (ConvNeXt-V2), GroupNorm and LayerNorm compute a statistic over several
 channels and divide by how many there are: removing a channel changes that divisor, so channel
 surgery left the groups around them whole. The modules here compute the same functions with
 the count fixed at the width they were built with, also after their channels are cut. A channel
@@ -15,6 +15,11 @@ the sum of squared deviations exactly what the count implies), so it can go:
   whose channels may be cut from any group (`assign`: channel -> group). A dead channel outputs
   its affine bias where its affine weight is zero (refill zeroes both: `structure.coupling`).
   Compaction swaps a GroupNorm for one only where it cuts its channels (`compact`).
+- `PrunableLayerNorm`: `nn.LayerNorm` over the channels (the last axis: a transformer's
+  tokens, a channels-last map; or axis 1 of an NCHW map, timm's `LayerNorm2d`) whose mean and
+  variance divide by `channels`, the width it was built with. Like a GroupNorm of one group: a
+  dead channel outputs its affine bias where its affine weight is zero (refill zeroes both), and
+  compaction swaps a LayerNorm for one only where it cuts its channels.
 
 For the graph tracer each is one node (torch-pruning's customized layer, its channels in and
 out coupled like a BatchNorm's): while tracing (`tracing`) its forward runs as one autograd
@@ -191,6 +196,69 @@ class PrunableGroupNorm(nn.Module):
                 f"eps={self.eps}, affine={self.affine}")
 
 
+class PrunableLayerNorm(nn.Module):
+    """nn.LayerNorm over the channels (the last axis; axis 1 without `channels_last`, as timm's
+    LayerNorm2d normalises an NCHW map) whose mean and variance divide by `channels`, the width
+    it was built with, also after its channels were cut (`num_features`: the width now). A cut
+    channel counts as the zero it was. Uncut, it computes what nn.LayerNorm does."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True,
+                 bias: bool = True, channels_last: bool = True, channels: int | None = None):
+        super().__init__()
+        self.num_features = num_features
+        self.channels = channels if channels is not None else num_features
+        self.eps, self.affine, self.channels_last = eps, affine, channels_last
+        self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(num_features)) if affine and bias else None
+
+    @classmethod
+    def from_layer_norm(cls, m: nn.LayerNorm) -> "PrunableLayerNorm":
+        """The same function and parameters as torch's LayerNorm or timm's LayerNorm /
+        LayerNorm2d (see `is_layer_norm`)."""
+        new = cls(m.normalized_shape[0], m.eps, m.weight is not None, m.bias is not None,
+                  channels_last=type(m).__name__ not in _TIMM_LAYER_NORMS_2D)
+        new.weight, new.bias = m.weight, m.bias  # the same parameters
+        return new.train(m.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        params = tuple(p for p in (self.weight, self.bias) if p is not None)
+        return _as_one_node(self, x, *params)
+
+    def _plain(self, x, weight=None, bias=None):
+        dim = -1 if self.channels_last else 1
+        n = self.channels
+        mean = x.sum(dim, keepdim=True) / n
+        dev = x - mean
+        # a cut channel's values were zeros: each deviates from the mean by -mean
+        var = ((dev * dev).sum(dim, keepdim=True) + (n - x.shape[dim]) * mean * mean) / n
+        y = dev * torch.rsqrt(var + self.eps)
+        shape = [1] * x.dim()
+        shape[dim] = -1
+        if weight is not None:
+            y = y * weight.view(shape)
+        if bias is not None:
+            y = y + bias.view(shape)
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, channels={self.channels}, eps={self.eps}, "
+                f"affine={self.affine}, bias={self.bias is not None}, "
+                f"channels_last={self.channels_last}")
+
+
+# timm's LayerNorm subclasses: over the last axis (timm's LayerNorm, its forward F.layer_norm)
+# or over axis 1 of an NCHW map (LayerNorm2d: permute, F.layer_norm, permute back)
+_TIMM_LAYER_NORMS = {"LayerNorm"}
+_TIMM_LAYER_NORMS_2D = {"LayerNorm2d"}
+
+
+def is_layer_norm(m: nn.Module) -> bool:
+    """torch's LayerNorm, or timm's LayerNorm / LayerNorm2d, over one axis (the channels)."""
+    if not isinstance(m, nn.LayerNorm) or len(m.normalized_shape) != 1:
+        return False
+    return type(m) is nn.LayerNorm or type(m).__name__ in _TIMM_LAYER_NORMS | _TIMM_LAYER_NORMS_2D
+
+
 # timm's GroupNorm subclasses whose forward is F.group_norm (GroupNorm1: one group, PoolFormer's
 # norm), and those that then apply their `drop` and `act` modules (by class name)
 _TIMM_GROUP_NORMS = {"GroupNorm", "GroupNorm1"}
@@ -209,4 +277,5 @@ def is_group_norm(m: nn.Module) -> bool:
                                         and isinstance(getattr(m, "act", None), nn.Module))
 
 
-__all__ = ["PrunableGRN", "PrunableGroupNorm", "is_group_norm", "is_timm_grn", "tracing"]
+__all__ = ["PrunableGRN", "PrunableGroupNorm", "PrunableLayerNorm", "is_group_norm",
+           "is_layer_norm", "is_timm_grn", "tracing"]

@@ -25,17 +25,18 @@ from torch_pruning._helpers import _HybridIndex
 
 from ..errors import UsageError
 from ..masks import PRUNABLE_TYPES, Masks
-from ..models.norms import PrunableGroupNorm
+from ..models.norms import PrunableGroupNorm, PrunableLayerNorm
 from .graph import (DependencyGraph, IndexMappingFailed, axis_through, op_name, output_shape,
                     unwrapped_parameter)
 
-# Norms with a per-channel affine over channels in axis 1: zeroing a channel's affine weight
-# and bias makes their output exactly zero on that channel, whatever its input. A GroupNorm's
-# statistics mix the channels of a group; a dead channel stays in them as zeros (compaction
-# cuts it with a `models.norms.PrunableGroupNorm`, which keeps counting it). LayerNorm (over
-# the last axis, in a channels-last stream) is never a companion.
+# Norms with a per-channel affine: zeroing a channel's affine weight and bias makes their
+# output exactly zero on that channel, whatever its input. A GroupNorm's or LayerNorm's
+# statistics mix the channels; a dead channel stays in them as zeros (compaction cuts it with a
+# `models.norms.PrunableGroupNorm` / `PrunableLayerNorm`, which keeps counting it). A LayerNorm
+# normalises the last axis (timm's LayerNorm2d permutes an NCHW map to it first): it is a
+# companion where the channels followed from the layer are in that axis (`_walk_forward`).
 CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
-                 nn.GroupNorm, PrunableGroupNorm)
+                 nn.GroupNorm, PrunableGroupNorm, nn.LayerNorm, PrunableLayerNorm)
 
 # Layers whose output channels form groups: the prunable conv / linear layers and transposed
 # convolutions (UNet decoders), whose weight stores output channels in dim 1.
@@ -396,6 +397,14 @@ def _moved(node, axis: int | None, rank: int) -> int | None:
     return axis_through(node, axis, rank) if axis is not None and rank else None
 
 
+def _reads_last_axis(module: nn.Module) -> bool:
+    """A LayerNorm, normalising the last axis of what reaches it (timm's LayerNorm2d: of its
+    map permuted to NHWC, as the graph shows it)."""
+    if isinstance(module, PrunableLayerNorm):
+        return module.channels_last
+    return isinstance(module, nn.LayerNorm)
+
+
 def _walk_forward(dg, root, c_out: int):
     """From a layer's node, follow its channels forward through parameter-free ops (mapping
     indices through concat/split/flatten as torch-pruning does) to the per-channel norms they
@@ -430,7 +439,12 @@ def _walk_forward(dg, root, c_out: int):
             if t.type == tpops.OPTYPE.OUTPUT:
                 out = True
             elif isinstance(t.module, CHANNEL_NORMS):
-                if viewed and axis != 1:
+                if _reads_last_axis(t.module):
+                    if axis is None or axis != rank - 1 or \
+                            len(getattr(t.module, "normalized_shape", (0,))) != 1:
+                        blind.append(t)  # normalises another axis than the channels
+                        continue
+                elif viewed and axis != 1:
                     blind.append(t)  # reads another axis than the one followed
                     continue
                 hits.append((t, [i.idx for i in new], [i.root_idx for i in new]))
@@ -439,7 +453,8 @@ def _walk_forward(dg, root, c_out: int):
                 key = (id(t), tuple(new))
                 if key not in seen:
                     seen.add(key)
-                    stack.append((t, new, axis, viewed))
+                    turned = op_name(t) in ("transpose", "permute")  # (LayerNorm2d's way back)
+                    stack.append((t, new, _moved(t, axis, rank) if turned else axis, viewed))
             elif t in dg.unmapped:
                 moved = _moved(t, axis, rank) if t.type == tpops.OPTYPE.RESHAPE else None
                 if moved is not None:

@@ -69,7 +69,7 @@ from torch_pruning.dependency import graph as tp_graph
 from torch_pruning.dependency import index_mapping, shape_infer
 
 from ..errors import UsageError
-from ..models.norms import PrunableGRN, PrunableGroupNorm
+from ..models.norms import PrunableGRN, PrunableGroupNorm, PrunableLayerNorm
 from ..models.norms import tracing as norm_tracing
 
 OPTYPE = tp.ops.OPTYPE
@@ -470,14 +470,14 @@ def _view_attrs(model: nn.Module, graph, shapes: dict) -> dict:
 
 
 class _NormPruner(tp.pruner.function.BasePruningFunc):
-    """The channels of a PrunableGRN / PrunableGroupNorm (`models.norms`), in and out coupled
-    (like a BatchNorm's): its per-channel parameters (and a GroupNorm's `assign` rows) lose the
+    """The channels of a PrunableGRN / PrunableGroupNorm / PrunableLayerNorm (`models.norms`),
+    in and out coupled (like a BatchNorm's): its per-channel parameters (and a GroupNorm's `assign` rows) lose the
     cut channels; the counts its statistics divide by stay."""
-    TARGET_MODULES = (PrunableGRN, PrunableGroupNorm)
+    TARGET_MODULES = (PrunableGRN, PrunableGroupNorm, PrunableLayerNorm)
 
     @staticmethod
     def _width(layer) -> str:
-        return "num_features" if isinstance(layer, PrunableGRN) else "num_channels"
+        return "num_channels" if isinstance(layer, PrunableGroupNorm) else "num_features"
 
     def prune_out_channels(self, layer: nn.Module, idxs) -> nn.Module:
         drop = set(int(i) for i in idxs)
@@ -485,6 +485,7 @@ class _NormPruner(tp.pruner.function.BasePruningFunc):
         setattr(layer, self._width(layer), len(keep))
         if layer.weight is not None:
             layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
+        if layer.bias is not None:
             layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)
         if isinstance(layer, PrunableGroupNorm):
             layer.assign = layer.assign[keep]
