@@ -1232,6 +1232,32 @@ def test_zoo_model_refill_compacts_exactly(lib, name):
                    for n, m in small.named_modules())
 
 
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", ["convnext_atto", "poolformer_s12"])
+def test_zoo_residual_streams_are_cut_with_shared_coupling(name):
+    """timm's ConvNeXt (LayerNorm2d, layer scale `gamma`) and PoolFormer (GroupNorm1, layer
+    `Scale`): a refill ticket with one channel set per residual stream loses stream channels
+    from every stage, through the norms and the layer scales; none is left whole; exact."""
+    if importlib.util.find_spec("timm") is None:
+        pytest.skip("timm is not installed")
+    torch.manual_seed(0)
+    model = _zoo_model("timm", name).eval()
+    x = torch.randn(1, 3, 64, 64)
+    masks = ts.refill(model, magnitude(model, 0.5), example_inputs=x, coupling="shared")
+    small = C.compact(model, masks, x)
+    assert not small.ticketsmith_compact["skipped_groups"]
+    for stage in range(4):
+        block = small.get_submodule(f"stages.{stage}.blocks.0")
+        scale = block.gamma if name == "convnext_atto" else block.layer_scale2.scale
+        assert scale.numel() < model.get_submodule(f"stages.{stage}.blocks.0").get_parameter(
+            "gamma" if name == "convnext_atto" else "layer_scale2.scale").numel()
+    masked = copy_module(model)
+    masks.apply(masked)
+    with torch.no_grad():
+        xi = torch.randn(2, 3, 64, 64)
+        assert rel_err(masked(xi), small(xi)) < 1e-4
+
+
 def test_a_deviating_executor_is_replaced_by_the_dense_layer(small_executors, monkeypatch):
     """An executor that does not compute its layer (a bug) costs the speed-up, not the model:
     the dense layers go back with the reason on record, and the result is exact."""
