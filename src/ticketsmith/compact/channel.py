@@ -904,8 +904,9 @@ class _Group:
             if not _is_param_leaf(i):
                 continue
             src = unwrapped_parameter(i)
-            if src is None or src not in self.items:
-                return None
+            if src is None or src not in self.items or \
+                    sum(size > 1 for size in src.module.shape) != 1:
+                return None  # (`_param_unsupported` refuses the group then)
             srcs.append(src)
         mine = {id(src.module) for src in srcs}
         for p in _param_operands(node):  # read directly (AccumulateGrad), no node of their own

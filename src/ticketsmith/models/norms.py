@@ -246,10 +246,11 @@ class PrunableLayerNorm(nn.Module):
                 f"channels_last={self.channels_last}")
 
 
-# timm's LayerNorm subclasses: over the last axis (timm's LayerNorm, its forward F.layer_norm)
-# or over axis 1 of an NCHW map (LayerNorm2d: permute, F.layer_norm, permute back)
-_TIMM_LAYER_NORMS = {"LayerNorm"}
-_TIMM_LAYER_NORMS_2D = {"LayerNorm2d"}
+# timm's LayerNorm subclasses: over the last axis (timm's LayerNorm, its forward F.layer_norm;
+# MetaFormer's LayerNormNoBias, torch's forward without a bias) or over axis 1 of an NCHW map
+# (LayerNorm2d: permute, F.layer_norm, permute back; MetaFormer's LayerNorm2dNoBias)
+_TIMM_LAYER_NORMS = {"LayerNorm", "LayerNormNoBias"}
+_TIMM_LAYER_NORMS_2D = {"LayerNorm2d", "LayerNorm2dNoBias"}
 
 
 def is_layer_norm(m: nn.Module) -> bool:
