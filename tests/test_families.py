@@ -89,6 +89,15 @@ def assert_matches_masked(model: nn.Module, masks, small: nn.Module, shapes) -> 
             assert rel_err(masked(xi), small(xi)) < 1e-4
 
 
+def assert_loads_the_same(small: nn.Module, build, shape, tmp_path) -> None:
+    """`small`, saved and loaded with the builder of its architecture, computes bit-identically."""
+    C.save(small, tmp_path / "ticket")
+    again = C.load(tmp_path / "ticket", build=build)
+    with torch.no_grad():
+        xi = torch.randn(shape)
+        assert torch.equal(small(xi), again(xi))
+
+
 def half_per_layer(model: nn.Module, x: torch.Tensor) -> ts.Masks:
     """Refill of a magnitude mask keeping half of each layer (of four heads, two or three
     stay: ties at the median are kept)."""
@@ -675,22 +684,24 @@ def test_grn_swap_computes_what_timm_computes():
             assert rel_err(grn(x), new(x)) < 1e-6
 
 
-def test_grn_as_one_node_has_the_plain_gradients():
-    """While the graph is traced a PrunableGRN runs as one autograd node; should anything call
-    backward through it, it gets the gradients of the plain ops."""
-    from ticketsmith.models import PrunableGRN
+@pytest.mark.parametrize("norm", ["grn", "layer_norm"])
+def test_norms_as_one_node_have_the_plain_gradients(norm):
+    """While the graph is traced a PrunableGRN / PrunableLayerNorm runs as one autograd node;
+    should anything call backward through it, it gets the gradients of the plain ops."""
+    from ticketsmith.models import PrunableGRN, PrunableLayerNorm
     from ticketsmith.models.norms import tracing
-    grn = PrunableGRN(6, channels_last=False)
+    m = PrunableGRN(6, channels_last=False) if norm == "grn" else \
+        PrunableLayerNorm(6, channels_last=False)
     with torch.no_grad():
-        grn.weight.normal_()
-        grn.bias.normal_()
+        m.weight.normal_()
+        m.bias.normal_()
     x = torch.randn(2, 6, 4, 5, requires_grad=True)
     grads = []
     for traced in (False, True):
         with tracing() if traced else contextlib.nullcontext():
-            out = grn(x)
+            out = m(x)
         assert ("OneNode" in type(out.grad_fn).__name__) == traced
-        grads.append(torch.autograd.grad((out * out).sum(), [x, grn.weight, grn.bias]))
+        grads.append(torch.autograd.grad((out * out).sum(), [x, m.weight, m.bias]))
     for a, b in zip(*grads):
         assert rel_err(a, b) < 1e-6
 
@@ -863,11 +874,7 @@ def test_a_layer_scale_stream_is_cut_with_its_scales(tmp_path):
             assert scale.scale.shape == (width,) and scale.shape == (width, 1, 1)
     assert not small.ticketsmith_compact["skipped_groups"]
     assert_matches_masked(model, masks, small, others)
-    C.save(small, tmp_path / "ticket")
-    again = C.load(tmp_path / "ticket", build=build)
-    with torch.no_grad():
-        xi = torch.randn(others[1])
-        assert torch.equal(small(xi), again(xi))
+    assert_loads_the_same(small, build, others[1], tmp_path)
 
 
 def test_a_per_channel_shift_keeps_dead_channels_unless_it_is_zero():
@@ -925,17 +932,22 @@ class ScaledConvs(nn.Module):
         return self.head(self.conv2(self.scale(F.relu(self.conv1(x)))).mean((2, 3)))
 
 
+def scaled_convs_with_dead_channels(scale: nn.Module) -> tuple[nn.Module, torch.Tensor]:
+    """ScaledConvs around `scale`, conv1's first three channels dead; and an example input."""
+    torch.manual_seed(0)
+    model = ScaledConvs(scale).eval()
+    with torch.no_grad():
+        model.conv1.weight[:3] = 0
+        model.conv1.bias[:3] = 0
+    return model, torch.randn(2, 3, 8, 8)
+
+
 def test_a_layer_scale_whose_view_breaks_is_put_back_whole():
     """A cut that breaks the forward (the scale's view by a width held as a number) is undone,
     the parameter torch-pruning replaced on its owner put back: the group stays whole with the
     reason, and the model computes what it did."""
     from ticketsmith.compact.channel import remove_dead_channels
-    torch.manual_seed(0)
-    model = ScaledConvs(ScaleByWidth(8)).eval()
-    with torch.no_grad():
-        model.conv1.weight[:3] = 0
-        model.conv1.bias[:3] = 0
-    x = torch.randn(2, 3, 8, 8)
+    model, x = scaled_convs_with_dead_channels(ScaleByWidth(8))
     small = copy_module(model)
     gamma = small.scale.gamma
     report = remove_dead_channels(small, x)
@@ -962,12 +974,7 @@ def test_a_parameter_along_another_axis_keeps_the_group_whole():
     """Its entries are not the channels' (torch-pruning ties them to the channels by size): the
     group stays whole, and the model computes what it did."""
     from ticketsmith.compact.channel import remove_dead_channels
-    torch.manual_seed(0)
-    model = ScaledConvs(ScaleLastAxis(8)).eval()
-    with torch.no_grad():
-        model.conv1.weight[:3] = 0
-        model.conv1.bias[:3] = 0
-    x = torch.randn(2, 3, 8, 8)
+    model, x = scaled_convs_with_dead_channels(ScaleLastAxis(8))
     small = copy_module(model)
     report = remove_dead_channels(small, x)
     assert small.conv1.out_channels == 8
@@ -1037,26 +1044,6 @@ def test_layer_norm_swap_computes_what_layer_norm_computes():
             assert rel_err(ln(x).index_select(dim, keep), cut(x.index_select(dim, keep))) < 1e-5
 
 
-def test_layer_norm_as_one_node_has_the_plain_gradients():
-    """While the graph is traced a PrunableLayerNorm runs as one autograd node, with the
-    gradients of the plain ops."""
-    from ticketsmith.models import PrunableLayerNorm
-    from ticketsmith.models.norms import tracing
-    ln = PrunableLayerNorm(6, channels_last=False)
-    with torch.no_grad():
-        ln.weight.normal_()
-        ln.bias.normal_()
-    x = torch.randn(2, 6, 4, 5, requires_grad=True)
-    grads = []
-    for traced in (False, True):
-        with tracing() if traced else contextlib.nullcontext():
-            out = ln(x)
-        assert ("OneNode" in type(out.grad_fn).__name__) == traced
-        grads.append(torch.autograd.grad((out * out).sum(), [x, ln.weight, ln.bias]))
-    for a, b in zip(*grads):
-        assert rel_err(a, b) < 1e-6
-
-
 @pytest.mark.parametrize("family", ["convnext", "convnext_conv"])
 def test_a_layer_norm_stream_is_cut_with_its_layer_scales(family, tmp_path):
     """ConvNeXt (LayerNorm on NHWC tokens, and timm's conv_mlp form with LayerNorm2d on NCHW):
@@ -1087,11 +1074,7 @@ def test_a_layer_norm_stream_is_cut_with_its_layer_scales(family, tmp_path):
     assert cut and all(m.num_features == width and m.channels == 16 for m in cut)
     assert not small.ticketsmith_compact["skipped_groups"]
     assert_matches_masked(model, masks, small, others)
-    C.save(small, tmp_path / "ticket")
-    again = C.load(tmp_path / "ticket", build=build)
-    with torch.no_grad():
-        xi = torch.randn(others[1])
-        assert torch.equal(small(xi), again(xi))
+    assert_loads_the_same(small, build, others[1], tmp_path)
     pytest.importorskip("onnxruntime")
     path = C.export_onnx(small, x, tmp_path / "ticket.onnx")
     xb = torch.randn(others[0])  # (dynamic batch, the example's size)

@@ -342,14 +342,20 @@ def _quiet():
 _ADDS = {"add", "add_", "sub", "sub_", "__add__", "__radd__", "__iadd__", "__sub__", "__isub__"}
 
 
-def _split_attrs(model: nn.Module, graph, sizes: dict) -> dict:
-    """Split node along the channels -> (module, attribute name) whose value is the very list
-    of sizes the split was called with (`_SplitSizes`); splits given another list are left out."""
-    holders = {}
+def _holders(model: nn.Module) -> dict:
+    """id(a list or tuple a module holds as a public attribute) -> [(module, attribute name)]."""
+    holders: dict = {}
     for m in model.modules():
         for k, v in vars(m).items():
             if isinstance(v, (list, tuple)) and not k.startswith("_"):
                 holders.setdefault(id(v), []).append((m, k))
+    return holders
+
+
+def _split_attrs(model: nn.Module, graph, sizes: dict) -> dict:
+    """Split node along the channels -> (module, attribute name) whose value is the very list
+    of sizes the split was called with (`_SplitSizes`); splits given another list are left out."""
+    holders = _holders(model)
     out = {}
     for node in graph.module2node.values():
         if node.type != OPTYPE.SPLIT or _split_dim(node) != 1 or node.grad_fn not in sizes:
@@ -456,11 +462,7 @@ class _ParamViews(TorchFunctionMode):
 def _view_attrs(model: nn.Module, graph, shapes: dict) -> dict:
     """View node of a parameter -> (module, attribute name) whose value is the very shape the
     view was called with (`_ParamViews`); views given another shape object are left out."""
-    holders = {}
-    for m in model.modules():
-        for k, v in vars(m).items():
-            if isinstance(v, (list, tuple)) and not k.startswith("_"):
-                holders.setdefault(id(v), []).append((m, k))
+    holders = _holders(model)
     out = {}
     for node in graph.module2node.values():
         found = holders.get(id(shapes.get(node.grad_fn)), [])
