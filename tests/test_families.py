@@ -1217,10 +1217,11 @@ def test_zoo_model_refill_compacts_exactly(lib, name):
 
 @pytest.mark.zoo
 @pytest.mark.parametrize("name", ["convnext_atto", "poolformer_s12"])
-def test_zoo_residual_streams_are_cut_with_shared_coupling(name):
+def test_zoo_residual_streams_are_cut_with_shared_coupling(name, tmp_path):
     """timm's ConvNeXt (LayerNorm2d, layer scale `gamma`) and PoolFormer (GroupNorm1, layer
     `Scale`): a refill ticket with one channel set per residual stream loses stream channels
-    from every stage, through the norms and the layer scales; none is left whole; exact."""
+    from every stage, through the norms and the layer scales; none is left whole; exact, also
+    after save / load (the scales' shapes and `Scale.shape` restored)."""
     if importlib.util.find_spec("timm") is None:
         pytest.skip("timm is not installed")
     torch.manual_seed(0)
@@ -1239,6 +1240,7 @@ def test_zoo_residual_streams_are_cut_with_shared_coupling(name):
     with torch.no_grad():
         xi = torch.randn(2, 3, 64, 64)
         assert rel_err(masked(xi), small(xi)) < 1e-4
+    assert_loads_the_same(small, lambda: _zoo_model("timm", name), (2, 3, 64, 64), tmp_path)
 
 
 def test_a_deviating_executor_is_replaced_by_the_dense_layer(small_executors, monkeypatch):
