@@ -571,6 +571,34 @@ def test_companions_never_zero_a_norm_that_sees_the_input():
     assert bool(out["bn.weight"].all()) and bool(out["bn.bias"].all())
 
 
+class NormAfterNorm(nn.Module):
+    """bn2(relu(bn1(a(x)))): a norm whose input comes from another norm."""
+
+    def __init__(self, affine: bool):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1, bias=False)
+        self.bn1, self.bn2 = nn.BatchNorm2d(4, affine=affine), nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.bn2(F.relu(self.bn1(self.a(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_companions_past_a_norm_that_is_zeroed_with_the_same_rows(affine):
+    """bn2 is zeroed with a's dead rows where bn1 is too (it then outputs zero); where bn1 has
+    no affine to zero, a dead row still reaches bn2 as -mean / std: bn2 is never zeroed."""
+    model = NormAfterNorm(affine)
+    a = torch.ones(4, 3, 1, 1, dtype=torch.bool)
+    a[1] = False
+    out = channel_companions(model, Masks({"a.weight": a}), X8)
+    if affine:
+        assert out["bn1.weight"].tolist() == [True, False, True, True]
+        assert out["bn2.weight"].tolist() == [True, False, True, True]
+    else:
+        assert bool(out["bn2.weight"].all()) and bool(out["bn2.bias"].all())
+
+
 class ScaledShift(nn.Module):
     """bn(a(x) * 0.5 + 1): constants between a layer and its norm do not stop the zeroing."""
 

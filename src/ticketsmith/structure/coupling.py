@@ -271,6 +271,7 @@ def analyse(model: nn.Module, example_inputs=None) -> Coupling:
     feeds: dict[str, list[Feed]] = {}
     reaches_output: set[str] = set()
     norms_seen = set()
+    blind_norms = set()
     unknown: set[str] = set()  # norm parameters fed through a node without index mapping
     params = dict(model.named_parameters())
     for n, m in layers:
@@ -290,6 +291,7 @@ def analyse(model: nn.Module, example_inputs=None) -> Coupling:
         if out:
             reaches_output.add(w)
         for node in reached:  # which of its channels a norm there sees is not known
+            blind_norms.add(node)
             nn_name = names[node.module]
             unknown.update(f"{nn_name}.{pn}" if nn_name else pn for pn in ("weight", "bias"))
         for node, pos, rows in hits:
@@ -302,8 +304,10 @@ def analyse(model: nn.Module, example_inputs=None) -> Coupling:
                         Feed(w, torch.tensor(pos, dtype=torch.int64), torch.tensor(rows, dtype=torch.int64)))
 
     external = {c for c in unknown if c in feeds}
+    zeroable = {n for n in norms_seen if n not in blind_norms
+                and getattr(n.module, "weight", None) is not None}
     for node in norms_seen:
-        if _has_external_source(node):
+        if _has_external_source(node, zeroable):
             nn_name = names[node.module]
             external.update(f"{nn_name}.{pn}" if nn_name else pn for pn in ("weight", "bias"))
 
@@ -516,14 +520,16 @@ def _leaf_operand(grad_fn, own: frozenset = frozenset()) -> bool:
             and id(grad_fn.variable) not in own)
 
 
-def _has_external_source(norm_node, _seen: set | None = None) -> bool:
+def _has_external_source(norm_node, zeroable: set = frozenset(), _seen: set | None = None) -> bool:
     """Whether the norm's input depends on something other than conv/linear layers (and
     constants) through parameter-free ops: the model input, a parameter added to it, another
     norm that has such a source. Such a norm channel carries information even when every
     feeding layer row is zero, so it is never zeroed. A parameter multiplying the channels (a
     layer scale) keeps a zero channel zero: no source. Another norm on the way is none either
-    where it has no such source itself: zeroed with the same rows (the forward walk from a
-    layer goes on past a norm), it outputs zero."""
+    where refill zeroes it with the same rows (one of `zeroable`: reached by the forward walks
+    with its channels known, with an affine weight) and it has no such source itself: the
+    forward walk from a layer goes on past a norm, so its rows feed this norm too, and with
+    them zero it outputs zero."""
     seen = _seen if _seen is not None else set()
     stack = list(norm_node.inputs)
     own = frozenset(id(p) for p in norm_node.module.parameters(recurse=False))
@@ -537,7 +543,7 @@ def _has_external_source(norm_node, _seen: set | None = None) -> bool:
         if isinstance(node.module, LAYER_TYPES):
             continue
         if isinstance(node.module, CHANNEL_NORMS):
-            if _has_external_source(node, seen):
+            if node not in zeroable or _has_external_source(node, zeroable, seen):
                 return True
             continue
         if node.type not in _PASS:
