@@ -571,6 +571,26 @@ def test_companions_never_zero_a_norm_that_sees_the_input():
     assert bool(out["bn.weight"].all()) and bool(out["bn.bias"].all())
 
 
+def test_companions_never_zero_a_norm_fed_by_a_layer_whose_channels_are_not_followed(monkeypatch):
+    """Where the walk from b cannot map its channels (torch-pruning's index mapping fails),
+    b's rows feed no norm: the BatchNorm after a + b must then not be zeroed with a's rows
+    alone (b's live rows would be lost)."""
+    from ticketsmith.structure import coupling
+    walk = coupling._walk_forward
+
+    def failing_for_b(dg, root, c_out):
+        if root.module is model.b:
+            raise coupling.IndexMappingFailed("b: not mapped")
+        return walk(dg, root, c_out)
+
+    monkeypatch.setattr(coupling, "_walk_forward", failing_for_b)
+    model = PostAddBN()
+    a = torch.ones(4, 3, 3, 3, dtype=torch.bool)
+    a[2] = False
+    out = channel_companions(model, Masks({"a.weight": a}), X8)
+    assert bool(out["bn.weight"].all()) and bool(out["bn.bias"].all())
+
+
 class NormAfterNorm(nn.Module):
     """bn2(relu(bn1(a(x)))): a norm whose input comes from another norm."""
 

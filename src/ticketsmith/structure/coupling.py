@@ -272,6 +272,7 @@ def analyse(model: nn.Module, example_inputs=None) -> Coupling:
     reaches_output: set[str] = set()
     norms_seen = set()
     blind_norms = set()
+    unmapped_layers = set()  # layers whose channels could not be followed
     unknown: set[str] = set()  # norm parameters fed through a node without index mapping
     params = dict(model.named_parameters())
     for n, m in layers:
@@ -284,9 +285,10 @@ def analyse(model: nn.Module, example_inputs=None) -> Coupling:
         try:
             hits, out, reached = _walk_forward(dg, dg.module2node[m], _out_channels(m))
         except IndexMappingFailed:
-            # where its channels go is not known: no norm is zeroed with its rows, and its
-            # channels count as shown by the model's output (kept)
+            # where its channels go is not known: no norm it feeds is zeroed (see
+            # `_has_external_source`), and its channels count as shown by the model's output
             reaches_output.add(w)
+            unmapped_layers.add(m)
             continue
         if out:
             reaches_output.add(w)
@@ -307,7 +309,7 @@ def analyse(model: nn.Module, example_inputs=None) -> Coupling:
     zeroable = {n for n in norms_seen if n not in blind_norms
                 and getattr(n.module, "weight", None) is not None}
     for node in norms_seen:
-        if _has_external_source(node, zeroable):
+        if _has_external_source(node, zeroable, unmapped_layers):
             nn_name = names[node.module]
             external.update(f"{nn_name}.{pn}" if nn_name else pn for pn in ("weight", "bias"))
 
@@ -520,7 +522,8 @@ def _leaf_operand(grad_fn, own: frozenset = frozenset()) -> bool:
             and id(grad_fn.variable) not in own)
 
 
-def _has_external_source(norm_node, zeroable: set = frozenset(), _seen: set | None = None) -> bool:
+def _has_external_source(norm_node, zeroable: set = frozenset(), unmapped: set = frozenset(),
+                         _seen: set | None = None) -> bool:
     """Whether the norm's input depends on something other than conv/linear layers (and
     constants) through parameter-free ops: the model input, a parameter added to it, another
     norm that has such a source. Such a norm channel carries information even when every
@@ -529,7 +532,8 @@ def _has_external_source(norm_node, zeroable: set = frozenset(), _seen: set | No
     where refill zeroes it with the same rows (one of `zeroable`: reached by the forward walks
     with its channels known, with an affine weight) and it has no such source itself: the
     forward walk from a layer goes on past a norm, so its rows feed this norm too, and with
-    them zero it outputs zero."""
+    them zero it outputs zero. A layer among `unmapped` (whose channels the forward walk
+    could not follow: its rows feed no norm) is a source too: its live rows would go unseen."""
     seen = _seen if _seen is not None else set()
     stack = list(norm_node.inputs)
     own = frozenset(id(p) for p in norm_node.module.parameters(recurse=False))
@@ -541,9 +545,11 @@ def _has_external_source(norm_node, zeroable: set = frozenset(), _seen: set | No
             continue
         seen.add(id(node))
         if isinstance(node.module, LAYER_TYPES):
+            if node.module in unmapped:
+                return True
             continue
         if isinstance(node.module, CHANNEL_NORMS):
-            if node not in zeroable or _has_external_source(node, zeroable, seen):
+            if node not in zeroable or _has_external_source(node, zeroable, unmapped, seen):
                 return True
             continue
         if node.type not in _PASS:
