@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..models.attention import replace_module
 from ..models.norms import PrunableGroupNorm, PrunableLayerNorm, is_group_norm, is_layer_norm
-from .channel import _LAYERS, first_calls, opaque_reason
+from .channel import _LAYERS, _norm_width, first_calls, opaque_reason
 
 # kernel -> (its parameters in call order, the torch layer that calls it)
 _KERNELS = {
@@ -169,7 +169,6 @@ def restore_norms(model: nn.Module, swapped: dict[str, nn.Module]) -> None:
     """The swaps of `cuttable_norms` whose channels were not cut: the module they were (its own
     kernel; the same parameters)."""
     for n, m in swapped.items():
-        now = model.get_submodule(n)
-        width = now.num_channels if isinstance(now, PrunableGroupNorm) else now.num_features
-        if width == (m.num_channels if isinstance(m, nn.GroupNorm) else m.normalized_shape[0]):
+        built = m.num_channels if isinstance(m, nn.GroupNorm) else m.normalized_shape[0]
+        if _norm_width(model.get_submodule(n)) == built:
             replace_module(model, n, m)
