@@ -1,10 +1,15 @@
 import os
+import signal
 
 import pytest
 import torch
 
 torch.set_num_threads(2)
 os.environ.setdefault("TQDM_DISABLE", "1")
+# a suite started in the background by a shell ignores SIGINT (POSIX shells do that to background
+# jobs, and children inherit it): the interruption tests send Ctrl-C, to this process and others
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 needs_fmnist = pytest.mark.skipif(

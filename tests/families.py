@@ -687,6 +687,18 @@ class PatchMerging(nn.Module):
         return self.reduction(self.norm(x))
 
 
+class TimmPatchMerging(PatchMerging):
+    """timm's PatchMerging (its forward): the 2x2 neighbours gathered by a reshape and a permute,
+    then flattened with the channels fastest (feature j * C + c: channel c of neighbour j)."""
+
+    def forward(self, x):
+        B, H, W, C = x.shape
+        x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+        _, H, W, _ = x.shape
+        x = x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
+        return self.reduction(self.norm(x))
+
+
 class TinySwin(nn.Module):
     def __init__(self, classes=10, dim=16, window=4, kind="v1"):
         super().__init__()
@@ -694,7 +706,7 @@ class TinySwin(nn.Module):
         self.patch_norm = nn.LayerNorm(dim)
         self.blocks = nn.Sequential(SwinBlock(dim, window, 0, 2, kind),
                                     SwinBlock(dim, window, window // 2, 2, kind))
-        self.merge = PatchMerging(dim)
+        self.merge = (TimmPatchMerging if kind.startswith("timm") else PatchMerging)(dim)
         self.block3 = SwinBlock(2 * dim, window, 0, 4, kind)
         self.norm = nn.LayerNorm(2 * dim)
         self.head = nn.Linear(2 * dim, classes)

@@ -428,7 +428,20 @@ def test_reshapes_other_than_a_flatten_are_left_alone():
     small = check_compact(model, ts.Masks(masks), torch.randn(2, 3, 4, 4), expect_smaller=False)
     assert small.c.weight.shape[0] == 6
     skipped = small.ticketsmith_compact["skipped_groups"]
-    assert "flatten" in skipped["c"] and "more than 2 dimensions" in skipped["fc"]
+    assert "flatten" in skipped["c"] and "fc" not in skipped
+
+
+def test_a_flatten_of_tokens_maps_each_feature_to_its_positions():
+    """fc's features are the last axis of [N, 6, 5]: flattened, feature f is input t * 5 + f of
+    `out` (the channels fastest; torch-pruning's stride mapping takes f * 6 + t, so fc's group
+    was left whole). Dead features go from fc and their six inputs from `out`, exactly."""
+    model = randomize(PositionsLinear())
+    masks: dict = {}
+    kill_rows(model, masks, "fc", torch.tensor([1, 3]))
+    small = check_compact(model, ts.Masks(masks), torch.randn(2, 3, 4, 4))
+    assert small.fc.out_features == 3 and small.out.in_features == 18
+    keep = torch.tensor([t * 5 + f for t in range(6) for f in (0, 2, 4)])
+    assert torch.equal(small.out.weight, model.out.weight[:, keep])
 
 
 def test_masks_as_plain_mapping_and_unchanged_masks():

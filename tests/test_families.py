@@ -1112,6 +1112,77 @@ def test_a_layer_norm_over_another_axis_is_no_companion_and_keeps_the_group():
     assert_matches_masked(model, masks, small, [(3, 3, 8, 8)])
 
 
+def test_swin_patch_merging_stream_is_cut_with_its_interleaved_features(tmp_path):
+    """timm's Swin patch merging flattens (2, 2, C) neighbours with the channels fastest
+    (feature j * C + c) into a LayerNorm(4C) and a Linear(4C, 2C); its stage rolls the map for
+    shifted windows. With one channel set for the stream, a dead stream channel c goes from the
+    patch embedding, the blocks, and the merge's features c, c + C, c + 2C, c + 3C: exact,
+    through save / load and ONNX. (The stream was left whole: "operation roll not known to be
+    per-channel", and torch-pruning maps such a flatten as if the channels were slowest.)"""
+    from ticketsmith.models import PrunableLayerNorm
+    build, shape, others = FAMILIES["swin_timm"]
+    model = build()
+    x = torch.randn(shape)
+    masks = ts.refill(model, magnitude(model, 0.5), example_inputs=x, coupling="shared")
+    dead = ~masks["patch.weight"].reshape(16, -1).any(1)
+    assert bool(dead.any())
+    features = dead.repeat(4)  # feature j * 16 + c is channel c
+    assert not bool(masks["merge.norm.weight"][features].any())
+    small = C.compact(model, masks, x)
+    width = int((~dead).sum())
+    assert small.patch.out_channels == width and small.merge.reduction.in_features == 4 * width
+    assert isinstance(small.merge.norm, PrunableLayerNorm) and small.merge.norm.channels == 64
+    # the merge's norm holds the kept features in their order
+    kept = torch.nonzero(~features).flatten()
+    assert torch.equal(small.merge.norm.weight, model.merge.norm.weight[kept])
+    assert not any(k.startswith("blocks.") and "qkv" not in k
+                   for k in small.ticketsmith_compact["skipped_groups"])
+    assert_matches_masked(model, masks, small, others)
+    assert_loads_the_same(small, build, others[1], tmp_path)
+    pytest.importorskip("onnxruntime")
+    path = C.export_onnx(small, x, tmp_path / "ticket.onnx")
+    xb = torch.randn(others[0])
+    with torch.no_grad():
+        assert rel_err(small(xb), C.run_onnx(path, xb)[0]) < 1e-4
+
+
+class RolledChannels(nn.Module):
+    """A torch.roll of an NCHW map along its channels (`dims` 1), or of the flattened tensor."""
+
+    def __init__(self, dims):
+        super().__init__()
+        self.dims = dims
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 6, 1)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        x = torch.roll(x, (1,) * len(self.dims), self.dims) if self.dims else torch.roll(x, 5)
+        return self.conv2(x)
+
+
+@pytest.mark.parametrize("dims", [(1,), (1, 2), None])
+def test_a_roll_of_the_channels_keeps_the_group_whole(dims):
+    """Rolled along the positions a channel stays itself; along the channels (or over the
+    flattened tensor) it is another's: conv1's dead rows are then not dead where conv2 reads
+    them, and the group stays whole, exactly."""
+    torch.manual_seed(0)
+    model = RolledChannels(dims).eval()
+    with torch.no_grad():
+        model.conv1.bias[:3] = 0
+    x = torch.randn(2, 3, 8, 8)
+    rows = torch.ones_like(model.conv1.weight, dtype=torch.bool)
+    rows[:3] = False
+    masks = ts.Masks({"conv1.weight": rows})
+    small = C.compact(model, masks, x)
+    assert small.conv1.out_channels == 8
+    assert "roll" in small.ticketsmith_compact["skipped_groups"]["conv1"]
+    assert_matches_masked(model, masks, small, [(3, 3, 8, 8)])
+    model.dims = (2, 3)  # the positions only: cut
+    small = C.compact(model, masks, x)
+    assert small.conv1.out_channels == 5
+    assert_matches_masked(model, masks, small, [(3, 3, 8, 8)])
+
+
 def test_1d_pooling_and_the_flatten_of_a_sequence_are_cut():
     """MaxPool1d and AdaptiveAvgPool1d run as unsqueeze -> 2-d pooling -> squeeze (autograd
     shows the three), and the head reads a flatten of [N, C, 4]: the groups through them are
@@ -1241,6 +1312,32 @@ def test_zoo_residual_streams_are_cut_with_shared_coupling(name, tmp_path):
         xi = torch.randn(2, 3, 64, 64)
         assert rel_err(masked(xi), small(xi)) < 1e-4
     assert_loads_the_same(small, lambda: _zoo_model("timm", name), (2, 3, 64, 64), tmp_path)
+
+
+@pytest.mark.zoo
+def test_zoo_swin_streams_are_cut_through_its_patch_merging(tmp_path):
+    """timm's Swin-T: a refill ticket with one channel set per residual stream loses channels
+    from every stage's stream, through the shifted windows (torch.roll) and each patch
+    merging's interleaved 4C features; exact, also after save / load."""
+    if importlib.util.find_spec("timm") is None:
+        pytest.skip("timm is not installed")
+    torch.manual_seed(0)
+    name = "swin_tiny_patch4_window7_224"
+    model = _zoo_model("timm", name).eval()
+    x = torch.randn(1, 3, 224, 224)
+    masks = ts.refill(model, magnitude(model, 0.5), example_inputs=x, coupling="shared")
+    small = C.compact(model, masks, x)
+    assert small.patch_embed.proj.out_channels < model.patch_embed.proj.out_channels
+    for stage in (1, 2, 3):
+        merge, dense = small.layers[stage].downsample, model.layers[stage].downsample
+        assert merge.reduction.in_features < dense.reduction.in_features
+        assert merge.reduction.out_features < dense.reduction.out_features
+    masked = copy_module(model)
+    masks.apply(masked)
+    with torch.no_grad():
+        xi = torch.randn(2, 3, 224, 224)
+        assert rel_err(masked(xi), small(xi)) < 1e-4
+    assert_loads_the_same(small, lambda: _zoo_model("timm", name), (2, 3, 224, 224), tmp_path)
 
 
 def test_a_deviating_executor_is_replaced_by_the_dense_layer(small_executors, monkeypatch):

@@ -37,8 +37,11 @@ and channel, from the weights:
   (`param_shapes`). A group may cross between
   layouts where its channel axis is followed from layer to layer through transposes, permutes
   and views that keep it whole (`_Group.channel_axes`): a linear layer on tokens, the tokens
-  viewed as a map for a depthwise conv and flattened back (PVT-v2's and SegFormer's MLP), or a
-  conv stem whose map becomes the tokens. A split along the channels goes through a cut where
+  viewed as a map for a depthwise conv and flattened back (PVT-v2's and SegFormer's MLP), a
+  conv stem whose map becomes the tokens, a roll of the positions (Swin's shifted windows; a
+  roll of the channels keeps the group whole), or a merge of trailing axes into the channels,
+  kept fastest (Swin's patch merging: channel c is features c, c + C, ...; the graph's
+  `interleaved`). A split along the channels goes through a cut where
   its sizes are a list a module holds and passes to torch.split (timm's MixNet `splits`,
   FocalNet's `input_split`: the graph's `split_attrs`): the list is set to the new chunk sizes
   (recorded as `split_sizes`, restored by `load`); a slice of such a split's chunk (FocalNet's
@@ -82,7 +85,8 @@ _U64 = 1 << 64
 # zero; PER_CHANNEL ones may map it to a nonzero value (the channel then stays unless unread).
 # Exact names, plus a few families matched by prefix (pools, upsampling, copy-padding).
 ZERO_PRESERVING = {"relu", "hardtanh", "leakyrelu", "gelu", "silu", "elu", "celu", "tanh",
-                   "hardswish", "mish", "neg", "clone", "tocopy", "alias"}
+                   "hardswish", "mish", "neg", "clone", "tocopy", "alias",
+                   "roll"}  # (along the positions: a roll of the channel axis is refused)
 ZERO_PRESERVING_FAMILIES = ("maxpool", "avgpool", "adaptiveavgpool", "adaptivemaxpool",
                             "fractionalmaxpool", "upsample", "reflectionpad", "replicationpad")
 PER_CHANNEL = {"sigmoid", "hardsigmoid", "softplus", "exp", "logsigmoid",
@@ -556,7 +560,10 @@ class _Group:
                         shape = output_shape(i)
                         if shape is None:
                             return None
-                        if t == OPTYPE.RESHAPE or op in LAYOUT_OPS:
+                        if node in self.graph.interleaved:  # (trailing axes merged into
+                            # the channels, the last axis: Swin's patch merging)
+                            found.add(len(out) - 1 if axes[i] == len(shape) - 1 else None)
+                        elif t == OPTYPE.RESHAPE or op in LAYOUT_OPS:
                             found.add(axis_through(node, axes[i], len(shape)))
                         elif t == OPTYPE.ELEMENTWISE and len(shape) == len(out):
                             found.add(axes[i])
@@ -660,6 +667,9 @@ class _Group:
                 elif op == "pow":
                     if not _pow_positive(node):
                         return "operation pow by a non-positive or tensor exponent"
+                elif op == "roll":
+                    if self._rolls_channels(node, bool(last_dim)):
+                        return "operation roll along the channel dimension"
                 elif op in ("addmm", "mm") and last_dim and _feeds_linear(node):
                     pass  # the product of a linear layer on a >2-D tensor (checked above)
                 elif op in NORM_INSIDE and _feeds_norm(node):
@@ -718,6 +728,20 @@ class _Group:
                     return (f"{last_dim[0].name}: linear layer on a tensor of more than 2 "
                             f"dimensions, coupled with {node.name}")
         return None
+
+    def _rolls_channels(self, node, last_dim: bool) -> bool:
+        """A torch.roll moving values along the axis holding the group's channels (or along
+        the flattened tensor: no dims). Swin's shifted windows roll the positions only."""
+        dims = [int(d) for d in getattr(node.grad_fn, "_saved_dims", ())]
+        out = output_shape(node)
+        if not dims or out is None:
+            return True
+        ins = [i for i in self.data_inputs(node) if i in self.items]
+        if self.axes_followed() and len(ins) == 1:
+            axis = self.axes()[ins[0]]
+        else:
+            axis = len(out) - 1 if last_dim else 1
+        return axis in {d % len(out) for d in dims}
 
     def _reduces_channels(self, node, last_dim: bool) -> bool:
         """A mean / sum node reduces over the axis holding the group's channels: the one

@@ -470,6 +470,12 @@ def _walk_forward(dg, root, c_out: int):
                         stack.append((t, new, moved, True))
                 else:
                     blind.append(t)
+            elif t in dg.interleaved:  # trailing axes merged into the last, the channels
+                key = (id(t), tuple(new))
+                if key not in seen:
+                    seen.add(key)
+                    merged = len(output_shape(t) or ()) - 1 if axis == rank - 1 else None
+                    stack.append((t, new, merged, viewed))
             elif t.type in _PASS:
                 key = (id(t), tuple(new))
                 if key not in seen:

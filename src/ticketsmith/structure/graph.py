@@ -21,7 +21,11 @@ It then falls back to channel counts inferred from the neighbouring layers, righ
 `DependencyGraph` here:
 - keeps torch-pruning's mapping for the reshapes it was written for, a flatten of the channels
   ([N, C, *rest] into C * prod(rest) features, C being what the layers before it produce: a
-  stride mapping describes it), and leaves every other reshape without a mapping while
+  stride mapping describes it), maps a merge of trailing axes into the channels of a
+  channels-last tensor ([..., a, b, C] into a * b * C features, the channels fastest: Swin's
+  patch merging) with channel c -> features c, c + C, ... (`interleaved`; torch-pruning's
+  stride mapping would take features c * a * b ..., the channels slowest), and leaves every
+  other reshape without a mapping while
   torch-pruning computes its mappings, as its guard meant to: indices pass unchanged, the
   reshape stays in the groups it touches, and channel surgery keeps those groups whole unless
   the reshape keeps the features of the last dimension (a linear layer on a >2-D tensor).
@@ -147,6 +151,22 @@ class _Bounded:
             f"torch-pruning's index mapping from {self.dep.source.name} to {self.dep.target.name} "
             f"would hold {n} channel indices, more than {self.limit} (a few times the widest "
             "layer): the graph maps channels through an operation it does not understand")
+
+
+class _InterleaveMapping:
+    """Channel c of a channels-last tensor whose trailing axes are merged into `copies` * C
+    features, the channels fastest (`DependencyGraph.interleaved`): features c + j * C, for
+    j < copies; back (`reverse`): feature f -> channel f % C."""
+
+    def __init__(self, channels: int, copies: int, reverse: bool = False):
+        self.channels, self.copies, self.reverse = channels, copies, reverse
+
+    def __call__(self, idxs):
+        H, c = _helpers._HybridIndex, self.channels
+        if self.reverse:
+            return list(dict.fromkeys(H(idx=i.idx % c, root_idx=i.root_idx) for i in idxs))
+        return [H(idx=i.idx + j * c, root_idx=i.root_idx) for j in range(self.copies)
+                for i in idxs]
 
 
 class _Mappings(list):
@@ -519,6 +539,8 @@ class DependencyGraph(tp.DependencyGraph):
         self.split_attrs: dict = {}
         # view node of a parameter -> (module, attribute) holding the shape it was given
         self.view_attrs: dict = {}
+        # reshape merging trailing axes into the channels, fastest -> (channels, copies)
+        self.interleaved: dict = {}
 
     def _state(self) -> tuple:
         """What the index mappings depend on that can change after tracing: the channel counts
@@ -526,7 +548,10 @@ class DependencyGraph(tp.DependencyGraph):
         return tuple(tuple(p.shape) for p in self.model.parameters())
 
     def _hidden_reshapes(self) -> list:
-        return [n for n in self.unmapped if n.type in (OPTYPE.RESHAPE, OPTYPE.ELEMENTWISE)]
+        """The reshapes torch-pruning must not map: those without a mapping and those with
+        one of ours (`interleaved`)."""
+        return [n for n in list(self.unmapped) + list(self.interleaved)
+                if n.type in (OPTYPE.RESHAPE, OPTYPE.ELEMENTWISE)]
 
     def build_dependency(self, model, example_inputs, *args, **kwargs):
         if self.max_indices is None:
@@ -551,6 +576,12 @@ class DependencyGraph(tp.DependencyGraph):
                 node.module.concat_sizes = _concat_sizes(node)
         with _AsElementwise(self._hidden_reshapes()), _quiet():
             index_mapping.update_index_mapping(self)
+        for node, (channels, copies) in self.interleaved.items():
+            for inp in node.inputs:
+                for a, b, reverse in ((inp, node, False), (node, inp, True)):
+                    for dep in a.dependencies:
+                        if dep.target is b:
+                            dep.index_mapping[0] = _InterleaveMapping(channels, copies, reverse)
         self._mapped_state = self._state()
         return self
 
@@ -587,8 +618,12 @@ class DependencyGraph(tp.DependencyGraph):
         self._cut_broadcasts(module2node)
         for node in module2node.values():
             if node.type == OPTYPE.RESHAPE and not self._flattens_channels(node):
-                self.unmapped[node] = (f"a reshape of {_input_sizes(node)} other than a flatten "
-                                      "into the next layer")
+                merged = self._interleaves_channels(node)
+                if merged is not None:
+                    self.interleaved[node] = merged
+                else:
+                    self.unmapped[node] = (f"a reshape of {_input_sizes(node)} other than a "
+                                          "flatten into the next layer")
                 node.type = OPTYPE.ELEMENTWISE  # until build_dependency returns
 
     def _cut_broadcasts(self, module2node) -> None:
@@ -672,6 +707,34 @@ class DependencyGraph(tp.DependencyGraph):
         for s in sizes[1:]:
             features *= s
         return outs == features
+
+
+    def _interleaves_channels(self, node) -> tuple[int, int] | None:
+        """(C, copies) for a reshape merging the trailing axes of a channels-last tensor into
+        its channels, kept fastest: [..., a, b, C] into [..., a * b * C], C being what the layers
+        before it produce and a * b * C what the layers after it read (Swin's patch merging,
+        after a permute putting its 2 x 2 neighbours before the channels); None otherwise."""
+        sizes, out = _input_sizes(node), output_shape(node)
+        if sizes is None or out is None or len(out) < 2 or len(sizes) <= len(out):
+            return None
+        k = len(out) - 1  # the axes sizes[k:] merge into the last
+        merged = 1
+        for s in sizes[k:]:
+            merged *= s
+        if list(sizes[:k]) != list(out[:k]) or merged != out[-1] or merged == sizes[-1]:
+            return None
+        ins = outs = None
+        for n in node.inputs:
+            ins = shape_infer.infer_out_channels_recursively(self, n, [0])
+            if ins is not None:
+                break
+        for n in node.outputs:
+            outs = shape_infer.infer_in_channels_recursively(self, n, [0])
+            if outs is not None:
+                break
+        if ins != sizes[-1] or outs != merged:
+            return None
+        return sizes[-1], merged // sizes[-1]
 
 
 # Operations on a parameter that only lay its values out for broadcasting (a layer scale's
