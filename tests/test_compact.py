@@ -444,6 +444,38 @@ def test_a_flatten_of_tokens_maps_each_feature_to_its_positions():
     assert torch.equal(small.out.weight, model.out.weight[:, keep])
 
 
+class ZeroPaddedShortcut(nn.Module):
+    """A CIFAR ResNet's "option A" shortcut: the map pooled and zero-padded around its channels
+    (8 -> 16) to be added to the block's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv, self.bn2 = nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        x = self.bn2(self.conv(x)) + F.pad(F.avg_pool2d(x, 2), (0, 0, 0, 0, 4, 4))
+        return self.fc(F.relu(x).mean((2, 3)))
+
+
+def test_a_pad_along_the_channels_keeps_its_group_whole():
+    """torch-pruning ties channel i of a pad's input to channel i of its output, but the stem's
+    channel i is the sum's channel i + 4: cut by that tie, the model deviated ("a bug in
+    compaction"). The group stays whole, with the reason; exact."""
+    model = randomize(ZeroPaddedShortcut())
+    masks: dict = {}
+    # the stem's channels 6, 7 and the conv's 6, 7 are dead: tied, they went together, and the
+    # stem's channels 2-5 (the sum's 6-9) met other channels of the conv in the sum
+    for layer in ("stem", "bn", "conv", "bn2"):
+        kill_rows(model, masks, layer, torch.tensor([6, 7]))
+    # (16 x 16: the pooled map is 8 wide, as many as its channels: told apart by the sum's 16)
+    small = check_compact(model, ts.Masks(masks), torch.randn(2, 3, 16, 16), expect_smaller=False)
+    assert small.stem.out_channels == 8
+    assert "a pad along the channels" in small.ticketsmith_compact["skipped_groups"]["stem"]
+
+
 def test_masks_as_plain_mapping_and_unchanged_masks():
     model = zoo_model("lenet5", 1.0, (2, 1, 28, 28))
     masks = dict(random_channel_masks(model, 0.5, seed=4))

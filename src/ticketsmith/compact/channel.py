@@ -655,6 +655,8 @@ class _Group:
                 continue
             if t == OPTYPE.ELEMENTWISE:
                 op = op_name(node)
+                if node in self.graph.unmapped:  # (a pad adding channels)
+                    return f"{node.name}: {self.graph.unmapped[node]}"
                 if op in ("add", "sub"):
                     if _untraced_operand(node) and node.grad_fn not in self.graph.zero_adds:
                         return f"operation {op} with a constant operand"

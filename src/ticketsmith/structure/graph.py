@@ -541,6 +541,7 @@ class DependencyGraph(tp.DependencyGraph):
         self.view_attrs: dict = {}
         # reshape merging trailing axes into the channels, fastest -> (channels, copies)
         self.interleaved: dict = {}
+        self._channel_pads: set = set()  # (in `unmapped`: pads that add channels)
 
     def _state(self) -> tuple:
         """What the index mappings depend on that can change after tracing: the channel counts
@@ -551,7 +552,7 @@ class DependencyGraph(tp.DependencyGraph):
         """The reshapes torch-pruning must not map: those without a mapping and those with
         one of ours (`interleaved`)."""
         return [n for n in list(self.unmapped) + list(self.interleaved)
-                if n.type in (OPTYPE.RESHAPE, OPTYPE.ELEMENTWISE)]
+                if n.type in (OPTYPE.RESHAPE, OPTYPE.ELEMENTWISE) and n not in self._channel_pads]
 
     def build_dependency(self, model, example_inputs, *args, **kwargs):
         if self.max_indices is None:
@@ -625,6 +626,12 @@ class DependencyGraph(tp.DependencyGraph):
                     self.unmapped[node] = (f"a reshape of {_input_sizes(node)} other than a "
                                           "flatten into the next layer")
                 node.type = OPTYPE.ELEMENTWISE  # until build_dependency returns
+            elif node.type == OPTYPE.ELEMENTWISE and op_name(node) == "constantpadnd" \
+                    and self._pads_channels(node):
+                # (torch-pruning ties channel i of its input and output: the ResNet "option A"
+                # shortcut, zeros padded around the channels, is offset by the padding)
+                self.unmapped[node] = "a pad along the channels (its output has more)"
+                self._channel_pads.add(node)
 
     def _cut_broadcasts(self, module2node) -> None:
         """An element-wise operand with one channel, broadcast over the channels of the other
@@ -708,6 +715,33 @@ class DependencyGraph(tp.DependencyGraph):
             features *= s
         return outs == features
 
+
+    def _pads_channels(self, node) -> bool:
+        """A pad adding entries to the axis holding the channels: axis 1 or the last, as wide
+        before it as the layers before it produce (a ResNet "option A" shortcut pads axis 1;
+        Swin's pad of the positions of a [B, H, W, C] map adds none to its channels)."""
+        pad, out = getattr(node.grad_fn, "_saved_pad", None), output_shape(node)
+        if pad is None or out is None or len(out) < 2:
+            return False
+        ins = outs = None
+        for n in node.inputs:
+            ins = shape_infer.infer_out_channels_recursively(self, n, [0])
+            if ins is not None:
+                break
+        for n in node.outputs:
+            outs = shape_infer.infer_in_channels_recursively(self, n, [0])
+            if outs is not None:
+                break
+        rank = len(out)
+        added = [0] * rank
+        for k in range(min(len(pad) // 2, rank)):
+            added[rank - 1 - k] = int(pad[2 * k]) + int(pad[2 * k + 1])
+        # the axes as wide as the channels before it (and after it, where that tells one:
+        # an NCHW map may be as wide as its channels)
+        axes = {a for a in (1, rank - 1) if out[a] - added[a] == ins}
+        after = {a for a in axes if out[a] == outs}
+        axes = after or axes
+        return bool(axes) and all(added[a] for a in axes)
 
     def _interleaves_channels(self, node) -> tuple[int, int] | None:
         """(C, copies) for a reshape merging the trailing axes of a channels-last tensor into
