@@ -1183,6 +1183,39 @@ def test_a_roll_of_the_channels_keeps_the_group_whole(dims):
     assert_matches_masked(model, masks, small, [(3, 3, 8, 8)])
 
 
+class TokenReadout(nn.Module):
+    """A linear layer on tokens [B, 5, 4] read out at one token (ViT's class token, `x[:, 0]`),
+    or at one of its features (`x[..., 0]`, the channel axis)."""
+
+    def __init__(self, token: bool):
+        super().__init__()
+        self.token = token
+        self.fc1, self.head = nn.Linear(4, 8), nn.Linear(8 if token else 5, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.fc1(x))
+        return self.head(x[:, 0] if self.token else x[..., 0])
+
+
+@pytest.mark.parametrize("token", [True, False])
+def test_a_token_readout_is_cut_and_a_feature_readout_keeps_the_group(token):
+    """A select of a token keeps each feature itself: fc1's dead features go, with the head's
+    columns (the group was left whole: "select not known to be per-channel"). A select of a
+    feature reads one channel only: whole. Exact either way."""
+    torch.manual_seed(0)
+    model = TokenReadout(token).eval()
+    with torch.no_grad():
+        model.fc1.bias[[1, 4]] = 0
+    rows = torch.ones_like(model.fc1.weight, dtype=torch.bool)
+    rows[[1, 4]] = False
+    masks = ts.Masks({"fc1.weight": rows})
+    small = C.compact(model, masks, torch.randn(2, 5, 4))
+    assert small.fc1.out_features == (6 if token else 8)
+    if not token:
+        assert "select of the channel" in small.ticketsmith_compact["skipped_groups"]["fc1"]
+    assert_matches_masked(model, masks, small, [(3, 5, 4), (1, 5, 4)])
+
+
 def test_1d_pooling_and_the_flatten_of_a_sequence_are_cut():
     """MaxPool1d and AdaptiveAvgPool1d run as unsqueeze -> 2-d pooling -> squeeze (autograd
     shows the three), and the head reads a flatten of [N, C, 4]: the groups through them are

@@ -277,6 +277,17 @@ def _untraced_operand(node) -> bool:
     return any(f is None for f, _ in getattr(g, "next_functions", ()))
 
 
+def _dim(d) -> int:
+    """A dimension autograd saved (a negative one reads as an unsigned 64-bit number)."""
+    d = int(d)
+    return d - _U64 if d >= 1 << 63 else d
+
+
+def _input_sizes(node) -> list[int] | None:
+    sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
+    return None if sizes is None else [int(v) for v in sizes]
+
+
 def _reduced_dims(node) -> tuple[list[int], int] | None:
     """The dimensions a mean / sum node reduces (of its input, >= 0) and that input's rank;
     None where not known (a reduction of everything)."""
@@ -285,7 +296,7 @@ def _reduced_dims(node) -> tuple[list[int], int] | None:
     sizes = getattr(g, "_saved_self_sym_sizes", None)
     if dims is None or sizes is None:
         return None
-    dims = [d - _U64 if d >= 1 << 63 else d for d in (dims if isinstance(dims, tuple) else (dims,))]
+    dims = [_dim(d) for d in (dims if isinstance(dims, tuple) else (dims,))]
     nd = len(sizes)
     if nd < 2 or not dims:
         return None
@@ -563,7 +574,8 @@ class _Group:
                         if node in self.graph.interleaved:  # (trailing axes merged into
                             # the channels, the last axis: Swin's patch merging)
                             found.add(len(out) - 1 if axes[i] == len(shape) - 1 else None)
-                        elif t == OPTYPE.RESHAPE or op in LAYOUT_OPS:
+                        elif t == OPTYPE.RESHAPE or op in LAYOUT_OPS or op == "select":
+                            # (select: of a token, ViT's class-token readout)
                             found.add(axis_through(node, axes[i], len(shape)))
                         elif t == OPTYPE.ELEMENTWISE and len(shape) == len(out):
                             found.add(axes[i])
@@ -672,6 +684,11 @@ class _Group:
                 elif op == "roll":
                     if self._rolls_channels(node, bool(last_dim)):
                         return "operation roll along the channel dimension"
+                elif op == "select":
+                    dim, sizes = getattr(node.grad_fn, "_saved_dim", None), _input_sizes(node)
+                    if dim is None or sizes is None or \
+                            self._in_axis(node, bool(last_dim)) == _dim(dim) % len(sizes):
+                        return "operation select of the channel dimension"
                 elif op in ("addmm", "mm") and last_dim and _feeds_linear(node):
                     pass  # the product of a linear layer on a >2-D tensor (checked above)
                 elif op in NORM_INSIDE and _feeds_norm(node):
@@ -724,12 +741,23 @@ class _Group:
                     continue  # its channels in the last dimension
                 if op in ("mean", "sum") and not self._reduces_channels(node, True):
                     continue  # over the tokens, or positions: the features stay whole
+                if op == "select":
+                    continue  # of a token (checked above)
                 if node.type != OPTYPE.ELEMENTWISE or op in ("mean", "sum") or not (
                         _zero_preserving(op) or op in PER_CHANNEL or op in ("add", "sub", "mul")
                         or (op == "pow" and _pow_positive(node))):
                     return (f"{last_dim[0].name}: linear layer on a tensor of more than 2 "
                             f"dimensions, coupled with {node.name}")
         return None
+
+    def _in_axis(self, node, last_dim: bool) -> int | None:
+        """The axis of a one-input node's input holding the group's channels: the one followed
+        there (`channel_axes`), else the last (`last_dim`) or 1."""
+        ins = [i for i in self.data_inputs(node) if i in self.items]
+        if self.axes_followed() and len(ins) == 1:
+            return self.axes()[ins[0]]
+        sizes = _input_sizes(node) or output_shape(node)
+        return None if sizes is None else len(sizes) - 1 if last_dim else 1
 
     def _rolls_channels(self, node, last_dim: bool) -> bool:
         """A torch.roll moving values along the axis holding the group's channels (or along
@@ -738,12 +766,7 @@ class _Group:
         out = output_shape(node)
         if not dims or out is None:
             return True
-        ins = [i for i in self.data_inputs(node) if i in self.items]
-        if self.axes_followed() and len(ins) == 1:
-            axis = self.axes()[ins[0]]
-        else:
-            axis = len(out) - 1 if last_dim else 1
-        return axis in {d % len(out) for d in dims}
+        return self._in_axis(node, last_dim) in {d % len(out) for d in dims}
 
     def _reduces_channels(self, node, last_dim: bool) -> bool:
         """A mean / sum node reduces over the axis holding the group's channels: the one

@@ -480,7 +480,7 @@ def _walk_forward(dg, root, c_out: int):
                 key = (id(t), tuple(new))
                 if key not in seen:
                     seen.add(key)
-                    turned = op_name(t) in ("transpose", "permute")
+                    turned = op_name(t) in ("transpose", "permute", "select")
                     stack.append((t, new, _moved(t, axis, rank) if turned else axis, viewed))
             # any other node (a layer, a channel-mixing norm, attention, ...) ends the walk
     reached, seen_blind = set(), set()

@@ -805,8 +805,9 @@ def output_shape(node) -> tuple[int, ...] | None:
 
 
 def axis_through(node, axis: int, rank: int) -> int | None:
-    """Where the axis `axis` (of a rank-`rank` input) of a transpose / permute / view lands in
-    the node's output, or None if the node merges it with others or splits it."""
+    """Where the axis `axis` (of a rank-`rank` input) of a transpose / permute / select / view
+    lands in the node's output, or None if the node merges it with others, splits it or selects
+    from it."""
     g, op = node.grad_fn, op_name(node)
     out = output_shape(node)
     if out is None:
@@ -817,6 +818,10 @@ def axis_through(node, axis: int, rank: int) -> int | None:
     if op == "permute":
         dims = [int(d) % rank for d in g._saved_dims]
         return dims.index(axis)
+    if op == "select":  # (a token, ViT's class-token readout: the axes after it move up one)
+        dim = int(g._saved_dim)
+        dim = (dim - _U64 if dim >= 1 << 63 else dim) % rank
+        return None if dim == axis else axis - (dim < axis)
     sizes = getattr(g, "_saved_self_sym_sizes", None)
     if sizes is None:
         return None
