@@ -649,8 +649,8 @@ def describe(model: nn.Module) -> list[dict]:
     """Per conv / linear layer of a compact model: layer, kind, module, executor (live), reason,
     shapes and stored parameters before / after, mask density, and `group_left_whole`: why
     channel surgery left the channel group of its outputs whole (None where it did not: a
-    channel shuffle, a LayerNorm, attention, ... keep their groups whole, dead channels and
-    all, with the zeros folded in). The Linears of an attention module also have `heads`:
+    channel shuffle, a pad adding channels, attention, ... keep their groups whole, dead
+    channels and all, with the zeros folded in). The Linears of an attention module also have `heads`:
     how many heads head surgery kept, or why the module kept them all. The model's
     `ticketsmith_compact` holds per attention module `removed_heads` (heads before / after)
     and `heads_left_whole` (the reason), per module whose forward splits the channels by
