@@ -698,15 +698,7 @@ class DependencyGraph(tp.DependencyGraph):
         of what follows, C being what the layers before it produce (torch-pruning's stride
         mapping, channel c -> features c*s .. c*s + s - 1; none where prod(rest) is 1, as after
         a global pooling)."""
-        ins = outs = None
-        for n in node.inputs:
-            ins = shape_infer.infer_out_channels_recursively(self, n, [0])
-            if ins is not None:
-                break
-        for n in node.outputs:
-            outs = shape_infer.infer_in_channels_recursively(self, n, [0])
-            if outs is not None:
-                break
+        ins, outs = self._channels_around(node)
         sizes = _input_sizes(node)
         if ins is None or outs is None or sizes is None or len(sizes) < 2 or sizes[1] != ins:
             return False
@@ -715,14 +707,9 @@ class DependencyGraph(tp.DependencyGraph):
             features *= s
         return outs == features
 
-
-    def _pads_channels(self, node) -> bool:
-        """A pad adding entries to the axis holding the channels: axis 1 or the last, as wide
-        before it as the layers before it produce (a ResNet "option A" shortcut pads axis 1;
-        Swin's pad of the positions of a [B, H, W, C] map adds none to its channels)."""
-        pad, out = getattr(node.grad_fn, "_saved_pad", None), output_shape(node)
-        if pad is None or out is None or len(out) < 2:
-            return False
+    def _channels_around(self, node) -> tuple[int | None, int | None]:
+        """The channels reaching `node` and those its consumers read, as torch-pruning infers
+        them from the layers before and after it (None where it cannot)."""
         ins = outs = None
         for n in node.inputs:
             ins = shape_infer.infer_out_channels_recursively(self, n, [0])
@@ -732,6 +719,16 @@ class DependencyGraph(tp.DependencyGraph):
             outs = shape_infer.infer_in_channels_recursively(self, n, [0])
             if outs is not None:
                 break
+        return ins, outs
+
+    def _pads_channels(self, node) -> bool:
+        """A pad adding entries to the axis holding the channels: axis 1 or the last, as wide
+        before it as the layers before it produce (a ResNet "option A" shortcut pads axis 1;
+        Swin's pad of the positions of a [B, H, W, C] map adds none to its channels)."""
+        pad, out = getattr(node.grad_fn, "_saved_pad", None), output_shape(node)
+        if pad is None or out is None or len(out) < 2:
+            return False
+        ins, outs = self._channels_around(node)
         rank = len(out)
         added = [0] * rank
         for k in range(min(len(pad) // 2, rank)):
@@ -757,15 +754,7 @@ class DependencyGraph(tp.DependencyGraph):
             merged *= s
         if list(sizes[:k]) != list(out[:k]) or merged != out[-1] or merged == sizes[-1]:
             return None
-        ins = outs = None
-        for n in node.inputs:
-            ins = shape_infer.infer_out_channels_recursively(self, n, [0])
-            if ins is not None:
-                break
-        for n in node.outputs:
-            outs = shape_infer.infer_in_channels_recursively(self, n, [0])
-            if outs is not None:
-                break
+        ins, outs = self._channels_around(node)
         if ins != sizes[-1] or outs != merged:
             return None
         return sizes[-1], merged // sizes[-1]
