@@ -1146,6 +1146,29 @@ def test_swin_patch_merging_stream_is_cut_with_its_interleaved_features(tmp_path
         assert rel_err(small(xb), C.run_onnx(path, xb)[0]) < 1e-4
 
 
+def test_torchvision_swin_patch_merging_stream_is_cut_through_its_strided_slices():
+    """torchvision's Swin patch merging takes x[..., 0::2, 0::2, :] of a [B, H, W, C] map (four
+    slices of the positions; torch-pruning takes a slice of dimension 1 for a slice of the
+    channels) and concatenates them along the channels (its last axis): channel c is features
+    c, c + C, c + 2C, c + 3C. With one channel set for the stream, a dead stream channel goes
+    from the patch embedding, the blocks and those four features of the merge: exact. (The
+    stream was left whole: "slice is not supported by channel surgery".)"""
+    build, shape, others = FAMILIES["swin_windows"]
+    model = build()
+    x = torch.randn(shape)
+    masks = ts.refill(model, magnitude(model, 0.5), example_inputs=x, coupling="shared")
+    dead = ~masks["patch.weight"].reshape(16, -1).any(1)
+    assert bool(dead.any())
+    features = dead.repeat(4)
+    assert not bool(masks["merge.norm.weight"][features].any())
+    small = C.compact(model, masks, x)
+    width = int((~dead).sum())
+    assert small.patch.out_channels == width and small.merge.reduction.in_features == 4 * width
+    kept = torch.nonzero(~features).flatten()
+    assert torch.equal(small.merge.norm.weight, model.merge.norm.weight[kept])
+    assert_matches_masked(model, masks, small, others)
+
+
 class RolledChannels(nn.Module):
     """A torch.roll of an NCHW map along its channels (`dims` 1), or of the flattened tensor."""
 
@@ -1371,6 +1394,28 @@ def test_zoo_swin_streams_are_cut_through_its_patch_merging(tmp_path):
         xi = torch.randn(2, 3, 224, 224)
         assert rel_err(masked(xi), small(xi)) < 1e-4
     assert_loads_the_same(small, lambda: _zoo_model("timm", name), (2, 3, 224, 224), tmp_path)
+
+
+@pytest.mark.zoo
+def test_zoo_torchvision_swin_streams_are_cut_through_its_strided_slices():
+    """torchvision's Swin-T: its patch merging's strided slices and concatenation along the
+    channels are followed; the streams of its first three stages lose channels with shared
+    coupling (its last stage's stays whole: an as_strided after its final norm); exact."""
+    if importlib.util.find_spec("torchvision") is None:
+        pytest.skip("torchvision is not installed")
+    torch.manual_seed(0)
+    model = _zoo_model("torchvision", "swin_t").eval()
+    x = torch.randn(1, 3, 224, 224)
+    masks = ts.refill(model, magnitude(model, 0.5), example_inputs=x, coupling="shared")
+    small = C.compact(model, masks, x)
+    assert small.features[0][0].out_channels < model.features[0][0].out_channels
+    for i in (2, 4, 6):  # the patch merging after each of the first three stages
+        assert small.features[i].reduction.in_features < model.features[i].reduction.in_features
+    masked = copy_module(model)
+    masks.apply(masked)
+    with torch.no_grad():
+        xi = torch.randn(2, 3, 224, 224)
+        assert rel_err(masked(xi), small(xi)) < 1e-4
 
 
 def test_a_deviating_executor_is_replaced_by_the_dense_layer(small_executors, monkeypatch):

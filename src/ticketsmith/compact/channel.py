@@ -579,6 +579,11 @@ class _Group:
                             found.add(axis_through(node, axes[i], len(shape)))
                         elif t == OPTYPE.ELEMENTWISE and len(shape) == len(out):
                             found.add(axes[i])
+                        elif t in (OPTYPE.SLICE, OPTYPE.CONCAT) and len(shape) == len(out):
+                            dim = _dim(getattr(node.grad_fn, "_saved_dim", 1)) % len(out)
+                            if t == OPTYPE.CONCAT and dim != axes[i]:
+                                return None  # (joined along another axis: the tokens)
+                            found.add(axes[i])
                         elif op in ("mean", "sum") and _reduced_dims(node) is not None:
                             dims = _reduced_dims(node)[0]  # (keepdim=False: the axes go)
                             if axes[i] in dims or len(out) != len(shape) - len(dims):
@@ -709,6 +714,8 @@ class _Group:
                 if _channels_last(node) and not last_dim and (shape is None or len(shape) != 2):
                     return f"{node.name}: a norm over another axis than the channels"
                 continue
+            if t == OPTYPE.SLICE and node in self.graph.position_slices:
+                continue  # of the positions (torchvision's Swin patch merging)
             if t == OPTYPE.SLICE and all(i.type == OPTYPE.SPLIT and i in self.graph.split_attrs
                                          for i in self.data_inputs(node)):
                 # a slice of a split's chunk (FocalNet's gates): the channels of that chunk stay
@@ -735,7 +742,9 @@ class _Group:
                 if op in ("addmm", "mm") and _feeds_linear(node):
                     continue
                 if followed and (op in LAYOUT_OPS or _is_norm(node) or node.type in (
-                        OPTYPE.CONV, OPTYPE.DEPTHWISE_CONV, OPTYPE.BN)):
+                        OPTYPE.CONV, OPTYPE.DEPTHWISE_CONV, OPTYPE.BN, OPTYPE.CONCAT)):
+                    continue
+                if node in self.graph.position_slices:
                     continue
                 if _is_norm(node) and _channels_last(node):
                     continue  # its channels in the last dimension
@@ -847,7 +856,8 @@ class _Group:
             z = self._all_by_root(locs, roots, kills & maps_zero) | (
                 zin & self._all_by_root(locs, roots, maps_zero))
             z &= self.covers(node)
-        elif t in (OPTYPE.PRELU, OPTYPE.RESHAPE, OPTYPE.CONCAT, OPTYPE.EXPAND, OPTYPE.SPLIT):
+        elif t in (OPTYPE.PRELU, OPTYPE.RESHAPE, OPTYPE.CONCAT, OPTYPE.EXPAND, OPTYPE.SPLIT) \
+                or node in self.graph.position_slices:
             z = self.zero_in(node)
         elif _is_norm(node):  # a dead input channel outputs its bias (GroupNorm: zero weight)
             locs, roots = self._locals(node)
@@ -927,7 +937,8 @@ class _Group:
                  | self.zero_in(node)) & self.covers(node)
         elif t == OPTYPE.BN:
             c = self.const_in(node)  # (eval mode: running statistics, per channel)
-        elif t in (OPTYPE.PRELU, OPTYPE.RESHAPE, OPTYPE.CONCAT, OPTYPE.EXPAND, OPTYPE.SPLIT):
+        elif t in (OPTYPE.PRELU, OPTYPE.RESHAPE, OPTYPE.CONCAT, OPTYPE.EXPAND, OPTYPE.SPLIT) \
+                or node in self.graph.position_slices:
             c = self.const_in(node)
         elif _is_norm(node):  # dead in: its bias out (a live constant input is scaled by x_n)
             locs, roots = self._locals(node)
@@ -1017,7 +1028,7 @@ class _Group:
                     (h, loc, r) for h, loc, r in self.items[node]
                     if h.__name__ == "prune_out_channels"]
                 ok &= ~self.covers_out(shown)
-            if node.type == OPTYPE.SLICE:
+            if node.type == OPTYPE.SLICE and node not in self.graph.position_slices:
                 # a slice picks channels by position: every channel of what it reads stays
                 ok &= ~self._read_by_slice(node)
             if _is_norm(node):

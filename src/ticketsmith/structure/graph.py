@@ -201,11 +201,11 @@ def _input_sizes(node):
     return None if sizes is None else [int(s) for s in sizes]
 
 
-def _concat_sizes(node) -> list[int] | None:
-    """The channel counts of a concatenation's inputs along dimension 1, read from autograd
-    (what produced each input recorded its shape), or None if that is not known there. torch-
-    pruning infers them from the layers around, which fails past a slice (DPN's dual paths:
-    its own code then adds None)."""
+def _concat_sizes(node, last: bool = False) -> list[int] | None:
+    """The channel counts of a concatenation's inputs along dimension 1 (`last`: along the last
+    dimension), read from autograd (what produced each input recorded its shape), or None if
+    that is not known there. torch-pruning infers them from the layers around, which fails
+    past a slice (DPN's dual paths: its own code then adds None)."""
     g = node.grad_fn
     dim = getattr(g, "_saved_dim", None)
     if g is None or dim is None:
@@ -216,12 +216,31 @@ def _concat_sizes(node) -> list[int] | None:
             if f is None:
                 return None  # an input without autograd history: not one of the graph's nodes
             shape = f._input_metadata[nr].shape
-            if (int(dim) - _U64 if int(dim) >= 1 << 63 else int(dim)) % len(shape) != 1:
+            axis = len(shape) - 1 if last else 1
+            if (int(dim) - _U64 if int(dim) >= 1 << 63 else int(dim)) % len(shape) != axis:
                 return None
-            sizes.append(int(shape[1]))
+            sizes.append(int(shape[axis]))
     except (AttributeError, IndexError, TypeError, RuntimeError, ZeroDivisionError):
         return None
     return sizes if len(sizes) == len(node.inputs) else None
+
+
+def _from_linear(node, rank: int) -> bool:
+    """What reaches `node` comes from a linear layer (channels last), through element-wise
+    operations keeping its rank only (a residual addition, a pad, a slice)."""
+    seen, stack = set(), list(node.inputs)
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if n.type == OPTYPE.LINEAR:
+            return True
+        shape = output_shape(n)
+        if n.type not in (OPTYPE.ELEMENTWISE, OPTYPE.SLICE) or shape is None or len(shape) != rank:
+            return False
+        stack.extend(n.inputs)
+    return False
 
 
 def _split_dim(node) -> int | None:
@@ -541,7 +560,11 @@ class DependencyGraph(tp.DependencyGraph):
         self.view_attrs: dict = {}
         # reshape merging trailing axes into the channels, fastest -> (channels, copies)
         self.interleaved: dict = {}
-        self._channel_pads: set = set()  # (in `unmapped`: pads that add channels)
+        # slices along the positions of a channels-last map (torch-pruning would take a slice of
+        # its dimension 1 for one of the channels): indices pass them unchanged
+        self.position_slices: set = set()
+        # nodes torch-pruning must not map (their types while it does) -> their own types
+        self._hidden: dict = {}
 
     def _state(self) -> tuple:
         """What the index mappings depend on that can change after tracing: the channel counts
@@ -549,10 +572,9 @@ class DependencyGraph(tp.DependencyGraph):
         return tuple(tuple(p.shape) for p in self.model.parameters())
 
     def _hidden_reshapes(self) -> list:
-        """The reshapes torch-pruning must not map: those without a mapping and those with
-        one of ours (`interleaved`)."""
-        return [n for n in list(self.unmapped) + list(self.interleaved)
-                if n.type in (OPTYPE.RESHAPE, OPTYPE.ELEMENTWISE) and n not in self._channel_pads]
+        """The nodes torch-pruning must not map: the reshapes without a mapping, those with one
+        of ours (`interleaved`), and the slices of positions (`position_slices`)."""
+        return list(self._hidden)
 
     def build_dependency(self, model, example_inputs, *args, **kwargs):
         if self.max_indices is None:
@@ -567,14 +589,14 @@ class DependencyGraph(tp.DependencyGraph):
             self.split_attrs = _split_attrs(model, self, splits.sizes)
             self.view_attrs = _view_attrs(model, self, views.shapes)
         finally:
-            for node in self._hidden_reshapes():
-                node.type = OPTYPE.RESHAPE
+            for node, t in self._hidden.items():
+                node.type = t
         # torch-pruning's shape pass set every split's sizes again, from its consumers, and the
         # concatenations reading a split took their sizes from those: set again, mapped again
         self._fix_splits()
         for node in self.module2node.values():
             if node.type == OPTYPE.CONCAT:
-                node.module.concat_sizes = _concat_sizes(node)
+                node.module.concat_sizes = self._concat_sizes(node)
         with _AsElementwise(self._hidden_reshapes()), _quiet():
             index_mapping.update_index_mapping(self)
         for node, (channels, copies) in self.interleaved.items():
@@ -615,7 +637,7 @@ class DependencyGraph(tp.DependencyGraph):
         self._fix_splits()
         for node in module2node.values():
             if node.type == OPTYPE.CONCAT and node.module.concat_sizes is None:
-                node.module.concat_sizes = _concat_sizes(node)
+                node.module.concat_sizes = self._concat_sizes(node)
         self._cut_broadcasts(module2node)
         for node in module2node.values():
             if node.type == OPTYPE.RESHAPE and not self._flattens_channels(node):
@@ -625,13 +647,17 @@ class DependencyGraph(tp.DependencyGraph):
                 else:
                     self.unmapped[node] = (f"a reshape of {_input_sizes(node)} other than a "
                                           "flatten into the next layer")
+                self._hidden[node] = node.type
                 node.type = OPTYPE.ELEMENTWISE  # until build_dependency returns
+            elif node.type == OPTYPE.SLICE and self._slices_positions(node):
+                self.position_slices.add(node)
+                self._hidden[node] = node.type
+                node.type = OPTYPE.ELEMENTWISE
             elif node.type == OPTYPE.ELEMENTWISE and op_name(node) == "constantpadnd" \
                     and self._pads_channels(node):
                 # (torch-pruning ties channel i of its input and output: the ResNet "option A"
                 # shortcut, zeros padded around the channels, is offset by the padding)
                 self.unmapped[node] = "a pad along the channels (its output has more)"
-                self._channel_pads.add(node)
 
     def _cut_broadcasts(self, module2node) -> None:
         """An element-wise operand with one channel, broadcast over the channels of the other
@@ -706,6 +732,34 @@ class DependencyGraph(tp.DependencyGraph):
         for s in sizes[1:]:
             features *= s
         return outs == features
+
+    def _concat_sizes(self, node) -> list[int] | None:
+        """`_concat_sizes` along dimension 1, or along the last of channels-last maps (each input
+        as wide there as the layers before it produce: torchvision's Swin patch merging
+        concatenates its four neighbours' channels)."""
+        sizes = _concat_sizes(node)
+        if sizes is None:
+            sizes = _concat_sizes(node, last=True)
+            if sizes is None or len(output_shape(node) or ()) < 3 or any(
+                    shape_infer.infer_out_channels_recursively(self, i, [0]) != n
+                    for i, n in zip(node.inputs, sizes)):
+                return None
+        return sizes
+
+    def _slices_positions(self, node) -> bool:
+        """A slice of a channels-last map along another axis than its last (torchvision's Swin
+        patch merging takes `x[..., 0::2, 0::2, :]` of [B, H, W, C]): the last axis is as wide
+        as the layers before produce, and axis 1, which torch-pruning would take for the
+        channels, is not (as wide, the two cannot be told apart: left to torch-pruning)."""
+        sizes, dim = _input_sizes(node), getattr(node.grad_fn, "_saved_dim", None)
+        if sizes is None or dim is None or len(sizes) < 3:
+            return False
+        dim = int(dim)
+        dim = (dim - _U64 if dim >= 1 << 63 else dim) % len(sizes)
+        ins, _ = self._channels_around(node)
+        if dim == len(sizes) - 1 or sizes[-1] != ins:
+            return False
+        return sizes[1] != ins or _from_linear(node, len(sizes))
 
     def _channels_around(self, node) -> tuple[int | None, int | None]:
         """The channels reaching `node` and those its consumers read, as torch-pruning infers
