@@ -39,9 +39,10 @@ and channel, from the weights:
   and views that keep it whole (`_Group.channel_axes`): a linear layer on tokens, the tokens
   viewed as a map for a depthwise conv and flattened back (PVT-v2's and SegFormer's MLP), a
   conv stem whose map becomes the tokens, a roll of the positions (Swin's shifted windows; a
-  roll of the channels keeps the group whole), or a merge of trailing axes into the channels,
-  kept fastest (Swin's patch merging: channel c is features c, c + C, ...; the graph's
-  `interleaved`). A split along the channels goes through a cut where
+  roll of the channels keeps the group whole), a merge of trailing axes into the channels,
+  kept fastest (timm's Swin patch merging: channel c is features c, c + C, ...; the graph's
+  `interleaved`), or slices of the positions of a channels-last map concatenated along its
+  channels (torchvision's: the graph's `position_slices`). A split along the channels goes through a cut where
   its sizes are a list a module holds and passes to torch.split (timm's MixNet `splits`,
   FocalNet's `input_split`: the graph's `split_attrs`): the list is set to the new chunk sizes
   (recorded as `split_sizes`, restored by `load`); a slice of such a split's chunk (FocalNet's
