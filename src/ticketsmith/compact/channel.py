@@ -75,11 +75,11 @@ from torch import nn
 from ..errors import UsageError
 from ..masks import copy_module
 from ..models.norms import PrunableGRN, PrunableGroupNorm, PrunableLayerNorm
+from ..structure.graph import _input_sizes  # (the sizes autograd saved of a node's input)
 from ..structure.graph import (LAYOUT_ONLY, DependencyGraph, IndexMappingFailed, axis_through,
-                               op_name, output_shape, unwrapped_parameter)
+                               op_name, output_shape, saved_dim, unwrapped_parameter)
 
 OPTYPE = tp.ops.OPTYPE
-_U64 = 1 << 64
 
 # Element-wise operations (autograd node names, lower case, without "backward" and the trailing
 # digits) known to act on each channel independently. ZERO_PRESERVING ones map a zero channel to
@@ -278,17 +278,6 @@ def _untraced_operand(node) -> bool:
     return any(f is None for f, _ in getattr(g, "next_functions", ()))
 
 
-def _dim(d) -> int:
-    """A dimension autograd saved (a negative one reads as an unsigned 64-bit number)."""
-    d = int(d)
-    return d - _U64 if d >= 1 << 63 else d
-
-
-def _input_sizes(node) -> list[int] | None:
-    sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
-    return None if sizes is None else [int(v) for v in sizes]
-
-
 def _reduced_dims(node) -> tuple[list[int], int] | None:
     """The dimensions a mean / sum node reduces (of its input, >= 0) and that input's rank;
     None where not known (a reduction of everything)."""
@@ -297,7 +286,7 @@ def _reduced_dims(node) -> tuple[list[int], int] | None:
     sizes = getattr(g, "_saved_self_sym_sizes", None)
     if dims is None or sizes is None:
         return None
-    dims = [_dim(d) for d in (dims if isinstance(dims, tuple) else (dims,))]
+    dims = [saved_dim(d) for d in (dims if isinstance(dims, tuple) else (dims,))]
     nd = len(sizes)
     if nd < 2 or not dims:
         return None
@@ -581,7 +570,7 @@ class _Group:
                         elif t == OPTYPE.ELEMENTWISE and len(shape) == len(out):
                             found.add(axes[i])
                         elif t in (OPTYPE.SLICE, OPTYPE.CONCAT) and len(shape) == len(out):
-                            dim = _dim(getattr(node.grad_fn, "_saved_dim", 1)) % len(out)
+                            dim = saved_dim(getattr(node.grad_fn, "_saved_dim", 1)) % len(out)
                             if t == OPTYPE.CONCAT and dim != axes[i]:
                                 return None  # (joined along another axis: the tokens)
                             found.add(axes[i])
@@ -693,7 +682,7 @@ class _Group:
                 elif op == "select":
                     dim, sizes = getattr(node.grad_fn, "_saved_dim", None), _input_sizes(node)
                     if dim is None or sizes is None or \
-                            self._in_axis(node, bool(last_dim)) == _dim(dim) % len(sizes):
+                            self._in_axis(node, bool(last_dim)) == saved_dim(dim) % len(sizes):
                         return "operation select of the channel dimension"
                 elif op in ("addmm", "mm") and last_dim and _feeds_linear(node):
                     pass  # the product of a linear layer on a >2-D tensor (checked above)

@@ -194,6 +194,12 @@ class _Mappings(list):
         super().__setitem__(i, fn)
 
 
+def saved_dim(d) -> int:
+    """A dimension autograd saved (a negative one reads as an unsigned 64-bit number)."""
+    d = int(d)
+    return d - _U64 if d >= 1 << 63 else d
+
+
 def _input_sizes(node):
     sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
     if sizes is None:
@@ -217,7 +223,7 @@ def _concat_sizes(node, last: bool = False) -> list[int] | None:
                 return None  # an input without autograd history: not one of the graph's nodes
             shape = f._input_metadata[nr].shape
             axis = len(shape) - 1 if last else 1
-            if (int(dim) - _U64 if int(dim) >= 1 << 63 else int(dim)) % len(shape) != axis:
+            if saved_dim(dim) % len(shape) != axis:
                 return None
             sizes.append(int(shape[axis]))
     except (AttributeError, IndexError, TypeError, RuntimeError, ZeroDivisionError):
@@ -247,8 +253,7 @@ def _split_dim(node) -> int | None:
     sizes, dim = _input_sizes(node), getattr(node.grad_fn, "_saved_dim", None)
     if sizes is None or dim is None or not sizes:
         return None
-    dim = int(dim)
-    return (dim - _U64 if dim >= 1 << 63 else dim) % len(sizes)
+    return saved_dim(dim) % len(sizes)
 
 
 def _chunk_sizes(node) -> list[int] | None:
@@ -754,8 +759,7 @@ class DependencyGraph(tp.DependencyGraph):
         sizes, dim = _input_sizes(node), getattr(node.grad_fn, "_saved_dim", None)
         if sizes is None or dim is None or len(sizes) < 3:
             return False
-        dim = int(dim)
-        dim = (dim - _U64 if dim >= 1 << 63 else dim) % len(sizes)
+        dim = saved_dim(dim) % len(sizes)
         ins, _ = self._channels_around(node)
         if dim == len(sizes) - 1 or sizes[-1] != ins:
             return False
@@ -862,8 +866,7 @@ def axis_through(node, axis: int, rank: int) -> int | None:
         dims = [int(d) % rank for d in g._saved_dims]
         return dims.index(axis)
     if op == "select":  # (a token, ViT's class-token readout: the axes after it move up one)
-        dim = int(g._saved_dim)
-        dim = (dim - _U64 if dim >= 1 << 63 else dim) % rank
+        dim = saved_dim(g._saved_dim) % rank
         return None if dim == axis else axis - (dim < axis)
     sizes = getattr(g, "_saved_self_sym_sizes", None)
     if sizes is None:
