@@ -1875,6 +1875,32 @@ class TimmViT(nn.Module):
         return self.head(self.norm(self.block(x)).mean(1))
 
 
+class TimmViTTokens(TimmViT):
+    """timm's VisionTransformer: a class token before the patch tokens and a learned position
+    embedding (a value per token and channel) added to all of them, or (`embed_class=False`,
+    DeiT-III) to the patch tokens before the class token joins; the class token read out, or
+    (`pool="avg"`, EVA-02) the mean of the patch tokens, through a norm of its own."""
+
+    def __init__(self, classes=10, dim=32, patch=4, image=16, embed_class=True, pool="token"):
+        super().__init__(classes, dim, patch)
+        self.embed_class, self.pool = embed_class, pool
+        if pool == "avg":
+            self.fc_norm = nn.LayerNorm(dim)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, (image // patch) ** 2 + embed_class, dim))
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        if self.embed_class:
+            x = torch.cat([cls, x], dim=1) + self.pos_embed
+        else:
+            x = torch.cat([cls, x + self.pos_embed], dim=1)
+        if self.pool == "avg":
+            return self.head(self.fc_norm(self.block(x)[:, 1:].mean(1)))
+        return self.head(self.norm(self.block(x))[:, 0])
+
+
 # -- MLP-Mixer: token mixing (Linear over the transposed token axis), channel mixing -------------
 class MixerBlock(nn.Module):
     def __init__(self, tokens, dim, tok_hidden=32, ch_hidden=64):
@@ -2258,6 +2284,10 @@ FAMILIES = {
     "vit_mha": (builder(TinyViT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "vit_qkv": (builder(TinyViTQKV), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
     "vit_timm": (builder(TimmViT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 24, 24)]),
+    "vit_timm_tokens": (builder(TimmViTTokens), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 16, 16)]),
+    "vit_timm_no_embed_class": (builder(TimmViTTokens, embed_class=False), (2, 3, 16, 16),
+                                [(3, 3, 16, 16)]),
+    "vit_timm_avg": (builder(TimmViTTokens, pool="avg"), (2, 3, 16, 16), [(3, 3, 16, 16)]),
     "mlp_mixer": (builder(TinyMixer), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 16, 16)]),
     "convnext": (builder(TinyConvNeXt), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 20, 20)]),
     "convnext_v2": (builder(TinyConvNeXtV2), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 20, 20)]),

@@ -1146,6 +1146,44 @@ def test_swin_patch_merging_stream_is_cut_with_its_interleaved_features(tmp_path
         assert rel_err(small(xb), C.run_onnx(path, xb)[0]) < 1e-4
 
 
+@pytest.mark.parametrize("family", ["vit_timm_tokens", "vit_timm_no_embed_class", "vit_timm_avg"])
+def test_a_vit_stream_is_cut_with_its_class_token_and_position_embedding(family, tmp_path):
+    """timm's ViT concatenates its class token before the patch tokens (along the tokens:
+    torch-pruning took it for a concatenation of channels, offset by one) and adds a position
+    embedding, a value per token and channel. Refill zeroes both on a dead stream channel, as
+    it does a bias (the norms after them are zeroed too: they were "external" before; also a
+    norm after the mean of the patch tokens, where refill's walk lost the channel axis), and
+    compaction cuts them with the stream. The masks count them as no weight. Exact, through
+    save / load and ONNX. (The stream was left whole: "a parameter holding more than one
+    value per channel".)"""
+    build, shape, others = FAMILIES[family]
+    model = build()
+    x = torch.randn(shape)
+    base = magnitude(model, 0.5)
+    masks = ts.refill(model, base, example_inputs=x, coupling="shared")
+    dead = ~masks["patch.weight"].reshape(32, -1).any(1)
+    assert bool(dead.any())
+    assert masks.companions == {"pos_embed", "cls_token"}
+    assert masks.weight_names == base.weight_names
+    norms = [f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)
+             and (n != "norm" or family != "vit_timm_avg") for p in ("weight", "bias")]
+    for name in ["pos_embed", "cls_token"] + norms:
+        assert torch.equal(masks[name].reshape(-1, 32).any(0), ~dead), name
+    small = C.compact(model, masks, x)
+    width = int((~dead).sum())
+    assert small.patch.out_channels == width
+    assert small.pos_embed.shape[-1] == small.cls_token.shape[-1] == width
+    assert small.pos_embed.shape[1] == model.pos_embed.shape[1]
+    assert not any(not k.endswith("qkv") for k in small.ticketsmith_compact["skipped_groups"])
+    assert_matches_masked(model, masks, small, others)
+    assert_loads_the_same(small, build, others[0], tmp_path)
+    pytest.importorskip("onnxruntime")
+    path = C.export_onnx(small, x, tmp_path / "ticket.onnx")
+    xb = torch.randn(others[0])
+    with torch.no_grad():
+        assert rel_err(small(xb), C.run_onnx(path, xb)[0]) < 1e-4
+
+
 def test_torchvision_swin_patch_merging_stream_is_cut_through_its_strided_slices():
     """torchvision's Swin patch merging takes x[..., 0::2, 0::2, :] of a [B, H, W, C] map (four
     slices of the positions; torch-pruning takes a slice of dimension 1 for a slice of the
@@ -1394,6 +1432,30 @@ def test_zoo_swin_streams_are_cut_through_its_patch_merging(tmp_path):
         xi = torch.randn(2, 3, 224, 224)
         assert rel_err(masked(xi), small(xi)) < 1e-4
     assert_loads_the_same(small, lambda: _zoo_model("timm", name), (2, 3, 224, 224), tmp_path)
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "eva02_tiny_patch14_224"])
+def test_zoo_vit_streams_are_cut_with_the_class_token_and_position_embedding(name):
+    """timm's ViT-Ti and EVA-02-Ti (rotary embedding, SwiGLU, mean of the patch tokens): a
+    refill ticket with one channel set for the stream cuts the patch embedding, the class token
+    and the position embedding with the blocks' outputs; exact."""
+    if importlib.util.find_spec("timm") is None:
+        pytest.skip("timm is not installed")
+    torch.manual_seed(0)
+    model = _zoo_model("timm", name).eval()
+    x = torch.randn(1, 3, 224, 224)
+    masks = ts.refill(model, magnitude(model, 0.5), example_inputs=x, coupling="shared")
+    assert masks.companions == {"cls_token", "pos_embed"}
+    small = C.compact(model, masks, x)
+    width = small.patch_embed.proj.out_channels
+    assert width < model.patch_embed.proj.out_channels
+    assert small.pos_embed.shape[-1] == small.cls_token.shape[-1] == width
+    masked = copy_module(model)
+    masks.apply(masked)
+    with torch.no_grad():
+        xi = torch.randn(2, 3, 224, 224)
+        assert rel_err(masked(xi), small(xi)) < 1e-4
 
 
 @pytest.mark.zoo

@@ -35,6 +35,28 @@ def test_sparsity_accounting_ignores_companion_masks():
     assert "total" in masks2.report()
 
 
+def test_a_companion_of_several_dimensions_counts_for_nothing_and_survives_a_file(tmp_path):
+    """A position embedding's mask ([1, tokens, channels], refill's companion of dead stream
+    channels) is no weight: sparsity, counts and pruning's layer list ignore it, through
+    `updated` and save / load."""
+    m = small()
+    masks = ts.Masks.ones(m)
+    pos = torch.ones(1, 5, 4, dtype=torch.bool)
+    pos[..., 1] = False
+    with_pos = masks.updated({"pos_embed": pos}, companions=["pos_embed"])
+    assert with_pos.weight_names == masks.weight_names
+    assert with_pos.numel() == masks.numel() and with_pos.sparsity() == masks.sparsity()
+    w = masks["0.weight"].clone()
+    w[0] = False
+    again = with_pos.updated({"0.weight": w})
+    assert again.companions == {"pos_embed"} and "pos_embed" not in again.weight_names
+    again.save(tmp_path / "m.safetensors")
+    back = ts.Masks.load(tmp_path / "m.safetensors")
+    assert back == again and back.companions == {"pos_embed"}
+    assert back != masks.updated({"0.weight": w, "pos_embed": pos})  # (counted as a weight)
+    assert "pos_embed" in masks.updated({"pos_embed": pos}).weight_names
+
+
 def test_check_rejects_wrong_shape_unknown_name_and_nonbinary():
     m = small()
     with pytest.raises(UsageError, match="0.weight.*shape"):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -118,8 +118,12 @@ class Masks(Mapping[str, torch.Tensor]):
     """An immutable mapping from parameter name to a boolean keep-mask."""
 
     def __init__(self, masks: Mapping[str, torch.Tensor],
-                 blocks: Mapping[str, Sequence[Block]] | None = None):
+                 blocks: Mapping[str, Sequence[Block]] | None = None,
+                 companions: Iterable[str] = ()):
         self._m: dict[str, torch.Tensor] = {k: _as_bool(k, v).detach() for k, v in masks.items()}
+        # masks of two or more dimensions that are no layer's weight: a position embedding or
+        # class token, zeroed on a dead channel (`structure.coupling`); they count for nothing
+        self._companions = frozenset(k for k in companions if k in self._m)
         self._blocks: dict[str, tuple[Block, ...]] = {k: tuple(v) for k, v in (blocks or {}).items()}
         unknown = set(self._blocks) - set(self._m)
         if unknown:
@@ -142,7 +146,8 @@ class Masks(Mapping[str, torch.Tensor]):
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Masks) or set(self) != set(other):
             return False
-        return all(torch.equal(self[k], other[k]) for k in self)
+        return self._companions == other._companions and \
+            all(torch.equal(self[k], other[k]) for k in self)
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -163,22 +168,30 @@ class Masks(Mapping[str, torch.Tensor]):
 
     def updated(self, masks: Mapping[str, torch.Tensor] | None = None,
                 blocks: Mapping[str, Sequence[Block]] | None = None,
-                drop_blocks: bool = False) -> "Masks":
-        """A new Masks with some entries replaced or added (and optionally new blocks)."""
+                drop_blocks: bool = False, companions: Iterable[str] = ()) -> "Masks":
+        """A new Masks with some entries replaced or added (and optionally new blocks, and
+        the names of new `companions` among them)."""
         m = dict(self._m)
         m.update(masks or {})
         b = {} if drop_blocks else dict(self._blocks)
         b.update(blocks or {})
-        return Masks(m, b)
+        return Masks(m, b, self._companions | set(companions))
 
     @property
     def blocks(self) -> Mapping[str, tuple[Block, ...]]:
         return dict(self._blocks)
 
     @property
+    def companions(self) -> frozenset[str]:
+        """The masks of two or more dimensions that are no layer's weight (a position
+        embedding's entries of dead channels): not counted among `weight_names`."""
+        return self._companions
+
+    @property
     def weight_names(self) -> list[str]:
-        """Entries that count toward sparsity: masks with two or more dimensions."""
-        return [k for k, v in self._m.items() if v.dim() >= 2]
+        """Entries that count toward sparsity: masks with two or more dimensions (but the
+        `companions`)."""
+        return [k for k, v in self._m.items() if v.dim() >= 2 and k not in self._companions]
 
     # -- accounting --------------------------------------------------------------------------
     def numel(self) -> int:
@@ -247,7 +260,10 @@ class Masks(Mapping[str, torch.Tensor]):
             for i, b in enumerate(blocks):
                 tensors[f"block/{k}/{i}/rows"] = b.rows
                 tensors[f"block/{k}/{i}/cols"] = b.cols
-        return tensors, {"kind": "ticketsmith.masks", "order": list(self._m)}
+        meta = {"kind": "ticketsmith.masks", "order": list(self._m)}
+        if self._companions:
+            meta["companions"] = sorted(self._companions)
+        return tensors, meta
 
     @classmethod
     def _from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict, source: str) -> "Masks":
@@ -274,8 +290,11 @@ class Masks(Mapping[str, torch.Tensor]):
             except (UsageError, TypeError, ValueError, RuntimeError) as e:
                 raise ArtifactError(f"{source}: block {layer}/{i}: {e}") from None
             blocks.setdefault(layer, []).append(block)
+        companions = meta.get("companions", [])
+        if not (isinstance(companions, list) and all(isinstance(k, str) for k in companions)):
+            raise ArtifactError(f"{source}: field 'companions' must be a list of names")
         try:
-            return cls(masks, blocks)
+            return cls(masks, blocks, companions)
         except UsageError as e:  # not binary, blocks of a layer without a mask
             raise ArtifactError(f"{source}: {e}") from None
 

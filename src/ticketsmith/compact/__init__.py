@@ -612,7 +612,7 @@ def _freeze(work: nn.Module, masks: Masks, inputs: tuple) -> tuple[Masks, dict[s
     for n in sorted({n for n in under.values() if n is not None}):
         kept[f"{n}.weight"] = work.get_submodule(n).weight.detach() != 0
     blocks = {k: v for k, v in masks.blocks.items() if under[k] is None}
-    return Masks(kept, blocks), frozen
+    return Masks(kept, blocks, masks.companions), frozen
 
 
 def _after_heads(surgery: SurgeryReport, heads: HeadReport) -> SurgeryReport:

@@ -245,7 +245,7 @@ def _is_param_leaf(node) -> bool:
     (`unwrapped_parameter`): no data flows in. (Cached on the node.)"""
     if node.type == OPTYPE.PARAMETER:
         return True
-    if node.type not in (OPTYPE.ELEMENTWISE, OPTYPE.RESHAPE) or node.grad_fn is None:
+    if node.type not in (OPTYPE.ELEMENTWISE, OPTYPE.RESHAPE, OPTYPE.EXPAND) or node.grad_fn is None:
         return False
     cached = getattr(node, "_ts_param_leaf", None)
     if cached is None:
@@ -271,6 +271,12 @@ def _params_only(fn) -> bool:
             return False
         stack.extend(g for g, _ in nexts)
     return True
+
+
+def _pruning_dim(node) -> int | None:
+    """The axis along which torch-pruning cuts a parameter of no torch layer (>= 0)."""
+    d = getattr(node, "pruning_dim", None)
+    return None if d is None else d % node.module.dim()
 
 
 def _untraced_operand(node) -> bool:
@@ -571,7 +577,8 @@ class _Group:
                             found.add(axes[i])
                         elif t in (OPTYPE.SLICE, OPTYPE.CONCAT) and len(shape) == len(out):
                             dim = saved_dim(getattr(node.grad_fn, "_saved_dim", 1)) % len(out)
-                            if t == OPTYPE.CONCAT and dim != axes[i]:
+                            if t == OPTYPE.CONCAT and dim != axes[i] and \
+                                    node not in self.graph.position_concats:
                                 return None  # (joined along another axis: the tokens)
                             found.add(axes[i])
                         elif op in ("mean", "sum") and _reduced_dims(node) is not None:
@@ -846,6 +853,9 @@ class _Group:
             z = self._all_by_root(locs, roots, kills & maps_zero) | (
                 zin & self._all_by_root(locs, roots, maps_zero))
             z &= self.covers(node)
+        elif node in self.graph.position_concats:
+            # joined to a parameter's tokens (ViT's class token): dead where that is zero too
+            z = self.zero_in(node) & self._params_zero(node)
         elif t in (OPTYPE.PRELU, OPTYPE.RESHAPE, OPTYPE.CONCAT, OPTYPE.EXPAND, OPTYPE.SPLIT) \
                 or node in self.graph.position_slices:
             z = self.zero_in(node)
@@ -864,14 +874,8 @@ class _Group:
             elif op in ("add", "sub"):
                 # a dead channel plus a parameter holds that parameter (StarReLU's learned
                 # bias, a per-channel shift): dead only where the parameter is zero
-                z = self.zero_in(node)
-                shifts = self._shifts(node)
-                mine = {id(src.module) for src in shifts or ()}
-                if shifts is None or any(bool((p != 0).any()) for p in _param_operands(node)
-                                         if id(p) not in mine):
-                    z = torch.zeros(n, dtype=torch.bool)
-                for src in shifts or ():
-                    z &= self._param_zero(src)
+                # (or a value per channel and position: ViT's position embedding)
+                z = self.zero_in(node) & self._params_zero(node)
             elif op == "mul":
                 z = torch.zeros(n, dtype=torch.bool)
                 for i in self.data_inputs(node):
@@ -927,6 +931,8 @@ class _Group:
                  | self.zero_in(node)) & self.covers(node)
         elif t == OPTYPE.BN:
             c = self.const_in(node)  # (eval mode: running statistics, per channel)
+        elif node in self.graph.position_concats:
+            pass  # (a parameter's tokens beside the others': one value only where dead)
         elif t in (OPTYPE.PRELU, OPTYPE.RESHAPE, OPTYPE.CONCAT, OPTYPE.EXPAND, OPTYPE.SPLIT) \
                 or node in self.graph.position_slices:
             c = self.const_in(node)
@@ -945,17 +951,18 @@ class _Group:
         self._const[node] = c
         return c
 
-    def _shifts(self, node) -> list | None:
+    def _shifts(self, node, positions: bool = False) -> list | None:
         """The per-channel parameters of no torch layer (their nodes in this group) that an
-        element-wise node reads; None where it reads any other parameter but scalars (not one
-        value per channel, or computed from a parameter)."""
+        element-wise node reads (`positions`: or per channel and position, as a position
+        embedding); None where it reads any other parameter but scalars (not one value per
+        channel, or computed from a parameter)."""
         srcs = []
         for i in node.inputs:
             if not _is_param_leaf(i):
                 continue
             src = unwrapped_parameter(i)
-            if src is None or src not in self.items or \
-                    sum(size > 1 for size in src.module.shape) != 1:
+            if src is None or src not in self.items or (
+                    not positions and sum(size > 1 for size in src.module.shape) != 1):
                 return None  # (`_param_unsupported` refuses the group then)
             srcs.append(src)
         mine = {id(src.module) for src in srcs}
@@ -965,9 +972,25 @@ class _Group:
         return srcs
 
     def _param_zero(self, src) -> torch.Tensor:
-        """Per root: the per-channel parameter (a PARAMETER member) is zero on it."""
+        """Per root: the parameter (a PARAMETER member, one value per channel or per channel
+        and position) is zero on it, at every position."""
         locs, roots = self._locals(src)
-        return self._all_by_root(locs, roots, src.module.detach().reshape(-1) == 0) & self.covers(src)
+        p = src.module.detach()
+        zero = (p.movedim(_pruning_dim(src), 0).reshape(p.shape[_pruning_dim(src)], -1) == 0).all(1)
+        return self._all_by_root(locs, roots, zero) & self.covers(src)
+
+    def _params_zero(self, node) -> torch.Tensor:
+        """Per root: every parameter operand of an element-wise node or a concatenation (a
+        learned shift, a position embedding, a class token) is zero on it."""
+        srcs = self._shifts(node, positions=True)
+        mine = {id(src.module) for src in srcs or ()}
+        if srcs is None or any(bool((p != 0).any()) for p in _param_operands(node)
+                               if id(p) not in mine):
+            return torch.zeros(self.n_roots, dtype=torch.bool)
+        z = torch.ones(self.n_roots, dtype=torch.bool)
+        for src in srcs:
+            z &= self._param_zero(src)
+        return z
 
     def _param_unsupported(self, node, last_dim) -> str | None:
         """Why a parameter of no torch layer (a PARAMETER member) stops the group's cut, or None:
@@ -975,7 +998,8 @@ class _Group:
         mul that reads it (directly or laid out by a view / unsqueeze) has the group's channels."""
         p = node.module
         big = [d for d, size in enumerate(p.shape) if size > 1]
-        if len(big) != 1 or getattr(node, "pruning_dim", None) not in (big[0], big[0] - p.dim()):
+        dim = _pruning_dim(node)
+        if dim not in big:
             return f"{node.name}: a parameter holding more than one value per channel"
         uses, stack = [], [(o, node) for o in node.outputs]
         while stack:
@@ -983,22 +1007,31 @@ class _Group:
             if _is_param_leaf(o):
                 if op_name(o) not in LAYOUT_ONLY:
                     return f"{node.name}: a parameter computed on ({op_name(o)}) before it is used"
-                stack.extend((oo, o) for oo in o.outputs)
+                # (an expand repeats the values along the batch: its input is the layout)
+                stack.extend((oo, operand if op_name(o) == "expand" else o) for oo in o.outputs)
             else:
                 uses.append((o, operand))
         for use, operand in uses:
             op = op_name(use) if use.type == OPTYPE.ELEMENTWISE else ""
-            if op not in ("add", "sub", "mul") or use not in self.items:
+            if use not in self.items or (op not in ("add", "sub", "mul")
+                                         and use not in self.graph.position_concats):
                 return f"{node.name}: a parameter read by {op or use.type.name.lower()}"
-            out, shape = output_shape(use), output_shape(operand)
+            out = output_shape(use)
+            shape = tuple(p.shape) if operand is node else output_shape(operand)
             if out is None or shape is None or len(shape) > len(out):
                 return f"{node.name}: a parameter whose layout is not known"
             if self.axes_followed():
                 axis = self.axes().get(use)
             else:
                 axis = len(out) - 1 if last_dim else 1
-            big = [d for d, size in enumerate(shape) if size > 1]
-            if len(big) != 1 or len(out) - len(shape) + big[0] != axis:
+            if len(big) > 1:
+                # a value per channel and position (ViT's position embedding, class token):
+                # read as it is laid out, its channels on the group's channel axis
+                if operand is not node or len(out) - len(shape) + dim != axis:
+                    return f"{node.name}: a parameter along another axis than the channels"
+                continue
+            big_op = [d for d, size in enumerate(shape) if size > 1]
+            if len(big_op) != 1 or len(out) - len(shape) + big_op[0] != axis:
                 return f"{node.name}: a parameter along another axis than the channels"
         return None
 

@@ -10,7 +10,9 @@ BatchNorm after the concatenation serves both, each on its own slice.
 
 `channel_groups` describes every conv/linear layer's group; `channel_companions` adds the 1-D
 masks (conv/linear bias, the per-channel norm's affine weight and bias that follow) that make a
-channel whose weight rows are all zero output exactly zero.
+channel whose weight rows are all zero output exactly zero, and the masks of a ViT's position
+embedding and class token (a value per token and channel, added to the channels or put
+beside them along the tokens: zeroed on a dead channel as a bias is; `Masks.companions`).
 """
 from __future__ import annotations
 
@@ -106,6 +108,9 @@ class Coupling:
     external: set[str]                  # companions that also see a non-layer input: never zeroed
     sizes: dict[str, int]               # companion name -> number of entries
     transposed: frozenset = frozenset()  # weights stored in x out x k (transposed convs)
+    # companion of more than one dimension (a position embedding, a class token) -> (the axis
+    # of its channels, its shape): its mask repeats the channels' entries along the others
+    layout: Mapping[str, tuple[int, tuple[int, ...]]] = field(default_factory=dict)
 
     def companion_masks(self, masks: Masks) -> dict[str, torch.Tensor]:
         """For every companion fed by a masked layer: True where some feeding row survives."""
@@ -129,8 +134,16 @@ class Coupling:
             keep = alive | ~fed
             if comp in self.external:
                 keep[:] = True
+            if comp in self.layout:
+                axis, shape = self.layout[comp]
+                keep = keep.view([-1 if d == axis else 1 for d in range(len(shape))]).expand(shape)
             out[comp] = keep
         return out
+
+    def with_companions(self, masks: Masks) -> Masks:
+        """`masks` with its companions' masks (`companion_masks`) set."""
+        new = self.companion_masks(masks)
+        return masks.updated(new, companions=[c for c in new if c in self.layout])
 
 
 def example_inputs_for(model: nn.Module) -> torch.Tensor:
@@ -275,6 +288,8 @@ def analyse(model: nn.Module, example_inputs=None) -> Coupling:
     unmapped_layers = set()  # layers whose channels could not be followed
     unknown: set[str] = set()  # norm parameters fed through a node without index mapping
     params = dict(model.named_parameters())
+    pname = {id(p): n for n, p in params.items()}
+    layout: dict = {}  # companions of several dimensions -> (channel axis, shape)
     for n, m in layers:
         w = wname[m]
         if getattr(m, "bias", None) is not None:
@@ -283,7 +298,7 @@ def analyse(model: nn.Module, example_inputs=None) -> Coupling:
         if m not in dg.module2node:
             continue
         try:
-            hits, out, reached = _walk_forward(dg, dg.module2node[m], _out_channels(m))
+            hits, out, reached, embedded = _walk_forward(dg, dg.module2node[m], _out_channels(m))
         except IndexMappingFailed:
             # where its channels go is not known: no norm it feeds is zeroed (see
             # `_has_external_source`), and its channels count as shown by the model's output
@@ -296,6 +311,11 @@ def analyse(model: nn.Module, example_inputs=None) -> Coupling:
             blind_norms.add(node)
             nn_name = names[node.module]
             unknown.update(f"{nn_name}.{pn}" if nn_name else pn for pn in ("weight", "bias"))
+        for src, p_axis, pos, rows in embedded:
+            full = pname[id(src.module)]
+            layout[full] = (p_axis, tuple(src.module.shape))
+            feeds.setdefault(full, []).append(
+                Feed(w, torch.tensor(pos, dtype=torch.int64), torch.tensor(rows, dtype=torch.int64)))
         for node, pos, rows in hits:
             norms_seen.add(node)
             nn_name = names[node.module]
@@ -308,8 +328,10 @@ def analyse(model: nn.Module, example_inputs=None) -> Coupling:
     external = {c for c in unknown if c in feeds}
     zeroable = {n for n in norms_seen if n not in blind_norms
                 and getattr(n.module, "weight", None) is not None}
+    # (a parameter zeroed with the rows that reach it is no source of the norms after it)
+    embeddings = frozenset(id(params[c]) for c in layout)
     for node in norms_seen:
-        if _has_external_source(node, zeroable, unmapped_layers):
+        if _has_external_source(node, zeroable, unmapped_layers, embeddings):
             nn_name = names[node.module]
             external.update(f"{nn_name}.{pn}" if nn_name else pn for pn in ("weight", "bias"))
 
@@ -322,7 +344,7 @@ def analyse(model: nn.Module, example_inputs=None) -> Coupling:
             mine = [f for f in fs if group_of[f.layer] == gi]
             if not mine:
                 continue
-            size = params[comp].shape[0]
+            size = params[comp].shape[layout[comp][0] if comp in layout else 0]
             idx = torch.full((size,), -1, dtype=torch.int64)
             for f in mine:
                 idx[f.positions] = index[f.layer][f.rows]
@@ -355,7 +377,8 @@ def analyse(model: nn.Module, example_inputs=None) -> Coupling:
     transposed = frozenset(wname[m] for _, m in layers
                            if isinstance(m, nn.modules.conv._ConvNd) and m.transposed)
     return Coupling(groups, group_of, feeds, external,
-                    {c: int(params[c].shape[0]) for c in feeds}, transposed)
+                    {c: int(params[c].shape[layout[c][0] if c in layout else 0]) for c in feeds},
+                    transposed, MappingProxyType(layout))
 
 
 def _conv_groups(model: nn.Module, channels: int, index: dict, layers, consumers
@@ -427,6 +450,7 @@ def _walk_forward(dg, root, c_out: int):
     axis = None if shape is None else (len(shape) - 1 if isinstance(root.module, nn.Linear) else 1)
     # (node, indices, channel axis of its output or None, passed a node without mapping)
     stack, seen, hits, out = [(root, start, axis, False)], set(), [], False
+    embedded: list = []
     blind: list = []
     while stack:
         node, idxs, axis, viewed = stack.pop()
@@ -480,7 +504,10 @@ def _walk_forward(dg, root, c_out: int):
                 key = (id(t), tuple(new))
                 if key not in seen:
                     seen.add(key)
-                    turned = op_name(t) in ("transpose", "permute", "select")
+                    for src, p_axis in _embeddings(dg, t, axis):
+                        embedded.append((src, p_axis, [i.idx for i in new],
+                                         [i.root_idx for i in new]))
+                    turned = op_name(t) in ("transpose", "permute", "select", "mean", "sum")
                     stack.append((t, new, _moved(t, axis, rank) if turned else axis, viewed))
             # any other node (a layer, a channel-mixing norm, attention, ...) ends the walk
     reached, seen_blind = set(), set()
@@ -500,7 +527,36 @@ def _walk_forward(dg, root, c_out: int):
                 reached.add(t)
             elif t.type in _PASS or t in dg.unmapped:
                 blind.append(t)
-    return hits, out, reached
+    return hits, out, reached, embedded
+
+
+def _embeddings(dg, node, axis: int | None) -> list:
+    """[(parameter node, its channel axis)] for the parameters of no torch layer that an
+    addition adds to the channels reaching `node`, holding a value per channel and position
+    (ViT's position embedding), or that a concatenation along the positions puts beside them
+    (its class token, expanded over the batch): refill zeroes their entries of a dead channel,
+    as a bias's. Only parameters used as laid out (or expanded) qualify."""
+    out = output_shape(node)
+    if axis is None or out is None:
+        return []
+    joins = node in dg.position_concats
+    if not joins and op_name(node) not in ("add", "sub"):
+        return []
+    found = []
+    for i in node.inputs:
+        src = i
+        while src.type != tpops.OPTYPE.PARAMETER and op_name(src) == "expand" \
+                and len(src.inputs) == 1:
+            src = src.inputs[0]
+        if src.type != tpops.OPTYPE.PARAMETER:
+            continue
+        p = src.module
+        p_axis = axis - (len(out) - p.dim())
+        if p_axis < 0 or p.shape[p_axis] != out[axis] or (
+                not joins and sum(size > 1 for size in p.shape) < 2):
+            continue
+        found.append((src, p_axis))
+    return found
 
 
 def _as_leaves(inputs, device):
@@ -529,7 +585,7 @@ def _leaf_operand(grad_fn, own: frozenset = frozenset()) -> bool:
 
 
 def _has_external_source(norm_node, zeroable: set = frozenset(), unmapped: set = frozenset(),
-                         _seen: set | None = None) -> bool:
+                         embeddings: frozenset = frozenset(), _seen: set | None = None) -> bool:
     """Whether the norm's input depends on something other than conv/linear layers (and
     constants) through parameter-free ops: the model input, a parameter added to it, another
     norm that has such a source. Such a norm channel carries information even when every
@@ -539,10 +595,12 @@ def _has_external_source(norm_node, zeroable: set = frozenset(), unmapped: set =
     with its channels known, with an affine weight) and it has no such source itself: the
     forward walk from a layer goes on past a norm, so its rows feed this norm too, and with
     them zero it outputs zero. A layer among `unmapped` (whose channels the forward walk
-    could not follow: its rows feed no norm) is a source too: its live rows would go unseen."""
+    could not follow: its rows feed no norm) is a source too: its live rows would go unseen.
+    A parameter among `embeddings` (ids: a position embedding, a class token; `_embeddings`)
+    is none: refill zeroes it with the rows that reach it, which reach this norm too."""
     seen = _seen if _seen is not None else set()
     stack = list(norm_node.inputs)
-    own = frozenset(id(p) for p in norm_node.module.parameters(recurse=False))
+    own = frozenset(id(p) for p in norm_node.module.parameters(recurse=False)) | embeddings
     if any(_leaf_operand(f[0], own) for f in getattr(norm_node.grad_fn, "next_functions", ())[:1]):
         return True
     while stack:
@@ -555,7 +613,8 @@ def _has_external_source(norm_node, zeroable: set = frozenset(), unmapped: set =
                 return True
             continue
         if isinstance(node.module, CHANNEL_NORMS):
-            if node not in zeroable or _has_external_source(node, zeroable, unmapped, seen):
+            if node not in zeroable or _has_external_source(node, zeroable, unmapped, embeddings,
+                                                            seen):
                 return True
             continue
         if node.type not in _PASS:
@@ -565,6 +624,8 @@ def _has_external_source(norm_node, zeroable: set = frozenset(), unmapped: set =
         if op_name(node) == "mul":  # times a parameter (a layer scale): zero stays zero
             ins = [i for i in ins if unwrapped_parameter(i) is None]
             fns = [f for f in fns if not isinstance(getattr(f[0], "variable", None), nn.Parameter)]
+        ins = [i for i in ins if unwrapped_parameter(i) is None
+               or id(unwrapped_parameter(i).module) not in embeddings]
         if any(_leaf_operand(f[0], own) for f in fns):
             return True  # an operand that is no layer's output: the model input, a constant
         if not ins:
@@ -584,18 +645,22 @@ def channel_groups(model: nn.Module, example_inputs=None) -> list[ChannelGroup]:
 
 def channel_companions(model: nn.Module, masks: Masks, example_inputs=None,
                        coupling: Coupling | None = None) -> Masks:
-    """`masks` plus 1-D companion masks, so that a channel whose weight rows are all zero
+    """`masks` plus companion masks, so that a channel whose weight rows are all zero
     outputs exactly zero (in train and eval mode).
 
     For every bias and per-channel norm affine weight/bias fed by a masked layer, an entry is
     False exactly when every layer row feeding it (through parameter-free ops, e.g. the convs
     of a residual addition before a post-addition BatchNorm) is entirely zero in `masks`; a
     layer without a mask counts as dense. A norm that also sees the model input or another
-    non-layer source is never zeroed. Existing companion masks for these parameters are
-    replaced; everything else (weight masks, blocks) is kept. `masks` is not modified."""
+    non-layer source is never zeroed. A parameter of no layer holding a value per channel and
+    position that an addition adds to the channels (a position embedding), or that a
+    concatenation along the tokens puts beside them (a class token), is zeroed likewise along
+    its channel axis (listed in the result's `companions`: no weight); the norms after it then
+    see no other source. Existing companion masks for these parameters are replaced;
+    everything else (weight masks, blocks) is kept. `masks` is not modified."""
     masks.check(model)
     coupling = coupling if coupling is not None else analyse(model, example_inputs)
-    return masks.updated(coupling.companion_masks(masks))
+    return coupling.with_companions(masks)
 
 
 __all__ = ["ChannelGroup", "Coupling", "Feed", "analyse", "channel_groups", "channel_companions",

@@ -31,6 +31,10 @@ It then falls back to channel counts inferred from the neighbouring layers, righ
   the reshape keeps the features of the last dimension (a linear layer on a >2-D tensor).
   They are listed in `unmapped`, and the forward walk to a layer's norms does not map indices
   through them;
+- leaves the slices and concatenations along the positions (tokens) of a channels-last tensor
+  without a mapping (`position_slices`, `position_concats`): torch-pruning takes a slice or
+  concatenation of dimension 1 for one of the channels, and would offset a ViT's patch tokens'
+  channels by its class token's one "channel";
 - gives a split along the channels its chunk sizes from its autograd node, and each consumer
   edge the chunk autograd says it carries (`output_nr`); a channel split whose edges cannot be
   told apart gets no mapping (and is listed in `unmapped`);
@@ -568,6 +572,9 @@ class DependencyGraph(tp.DependencyGraph):
         # slices along the positions of a channels-last map (torch-pruning would take a slice of
         # its dimension 1 for one of the channels): indices pass them unchanged
         self.position_slices: set = set()
+        # concatenations along the positions (tokens) of a channels-last tensor (ViT's class
+        # token before its patch tokens): every input holds every channel, indices unchanged
+        self.position_concats: set = set()
         # nodes torch-pruning must not map (their types while it does) -> their own types
         self._hidden: dict = {}
 
@@ -578,7 +585,8 @@ class DependencyGraph(tp.DependencyGraph):
 
     def _hidden_reshapes(self) -> list:
         """The nodes torch-pruning must not map: the reshapes without a mapping, those with one
-        of ours (`interleaved`), and the slices of positions (`position_slices`)."""
+        of ours (`interleaved`), and the slices and concatenations of positions
+        (`position_slices`, `position_concats`)."""
         return list(self._hidden)
 
     def build_dependency(self, model, example_inputs, *args, **kwargs):
@@ -656,6 +664,12 @@ class DependencyGraph(tp.DependencyGraph):
                 node.type = OPTYPE.ELEMENTWISE  # until build_dependency returns
             elif node.type == OPTYPE.SLICE and self._slices_positions(node):
                 self.position_slices.add(node)
+                self._hidden[node] = node.type
+                node.type = OPTYPE.ELEMENTWISE
+            elif node.type == OPTYPE.CONCAT and self._joins_positions(node):
+                # (torch-pruning takes a concatenation along dimension 1 for one of channels:
+                # it would offset the patch tokens' channels by the class token's one "channel")
+                self.position_concats.add(node)
                 self._hidden[node] = node.type
                 node.type = OPTYPE.ELEMENTWISE
             elif node.type == OPTYPE.ELEMENTWISE and op_name(node) == "constantpadnd" \
@@ -765,6 +779,18 @@ class DependencyGraph(tp.DependencyGraph):
             return False
         return sizes[1] != ins or _from_linear(node, len(sizes))
 
+    def _joins_positions(self, node) -> bool:
+        """A concatenation of channels-last tensors along another axis than their last (ViT's
+        `cat([cls_token, patch_tokens], dim=1)` of [B, T, C] tokens), the last as wide as the
+        layers after it read and axis 1 not (or the input coming from a linear layer)."""
+        out, dim = output_shape(node), getattr(node.grad_fn, "_saved_dim", None)
+        if out is None or dim is None or len(out) < 3:
+            return False
+        _, outs = self._channels_around(node)
+        if saved_dim(dim) % len(out) == len(out) - 1 or out[-1] != outs:
+            return False
+        return out[1] != outs or _from_linear(node, len(out))
+
     def _channels_around(self, node) -> tuple[int | None, int | None]:
         """The channels reaching `node` and those its consumers read, as torch-pruning infers
         them from the layers before and after it (None where it cannot)."""
@@ -819,8 +845,9 @@ class DependencyGraph(tp.DependencyGraph):
 
 
 # Operations on a parameter that only lay its values out for broadcasting (a layer scale's
-# `gamma.view(1, -1, 1, 1)`): its values reach the consumer unchanged.
-LAYOUT_ONLY = {"view", "reshape", "unsqueeze", "squeeze", "alias"}
+# `gamma.view(1, -1, 1, 1)`, ViT's `cls_token.expand(B, -1, -1)`): its values reach the
+# consumer unchanged.
+LAYOUT_ONLY = {"view", "reshape", "unsqueeze", "squeeze", "alias", "expand"}
 
 
 def unwrapped_parameter(node):
@@ -852,9 +879,9 @@ def output_shape(node) -> tuple[int, ...] | None:
 
 
 def axis_through(node, axis: int, rank: int) -> int | None:
-    """Where the axis `axis` (of a rank-`rank` input) of a transpose / permute / select / view
-    lands in the node's output, or None if the node merges it with others, splits it or selects
-    from it."""
+    """Where the axis `axis` (of a rank-`rank` input) of a transpose / permute / select / view /
+    mean or sum lands in the node's output, or None if the node merges it with others, splits
+    it, selects from it or reduces it."""
     g, op = node.grad_fn, op_name(node)
     out = output_shape(node)
     if out is None:
@@ -868,6 +895,14 @@ def axis_through(node, axis: int, rank: int) -> int | None:
     if op == "select":  # (a token, ViT's class-token readout: the axes after it move up one)
         dim = saved_dim(g._saved_dim) % rank
         return None if dim == axis else axis - (dim < axis)
+    if op in ("mean", "sum"):  # (over the tokens: an average pooling of a ViT's patch tokens)
+        dims = getattr(g, "_saved_dim", None)
+        if dims is None:
+            return None
+        dims = {saved_dim(d) % rank for d in (dims if isinstance(dims, (tuple, list)) else (dims,))}
+        if axis in dims:
+            return None
+        return axis - sum(d < axis for d in dims) if len(out) < rank else axis
     sizes = getattr(g, "_saved_self_sym_sizes", None)
     if sizes is None:
         return None

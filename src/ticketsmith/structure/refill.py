@@ -147,7 +147,7 @@ def refill(model: nn.Module, masks: Masks, criterion: str = "l1", extra: float =
             new[key] = m
     new = {n: _out_major(m, n in transposed) for n, m in new.items()}
     result = masks.updated(new, drop_blocks=True)
-    return result.updated(graph.companion_masks(result))
+    return graph.with_companions(result)
 
 
 def _transposed(model: nn.Module) -> set[str]:
