@@ -110,6 +110,7 @@ SECTIONS = {"channel_tickets_runtimes": lambda: fastest_rows("channel_tickets_ru
             "zoo_group_norm_tickets": lambda: fastest_rows("zoo_group_norm_tickets"),
             "zoo_stream_tickets": lambda: fastest_rows("zoo_stream_tickets"),
             "zoo_swin_stream_tickets": lambda: fastest_rows("zoo_swin_stream_tickets"),
+            "zoo_vit_stream_tickets": lambda: fastest_rows("zoo_vit_stream_tickets"),
             "dense_runtimes": dense_runtimes,
             "int8_ticket": int8_ticket, "absorbed_conv": absorbed_conv, "condensed_mlp": condensed_mlp}
 
