@@ -1901,6 +1901,31 @@ class TimmViTTokens(TimmViT):
         return self.head(self.norm(self.block(x))[:, 0])
 
 
+class TorchvisionViT(nn.Module):
+    """torchvision's VisionTransformer in small: the patches reshaped to `self.hidden_dim`
+    channels (an attribute the cut must lower), a class token, a position embedding added to
+    all tokens, nn.MultiheadAttention blocks (swapped as `ticketsmith.models.build` does), a
+    final LayerNorm and the class token read out."""
+
+    def __init__(self, classes=10, hidden_dim=32, patch=4, image=16):
+        super().__init__()
+        self.hidden_dim, self.patch_size = hidden_dim, patch
+        self.conv_proj = nn.Conv2d(3, hidden_dim, patch, stride=patch)
+        self.class_token = nn.Parameter(torch.randn(1, 1, hidden_dim))
+        self.pos_embedding = nn.Parameter(torch.randn(1, (image // patch) ** 2 + 1, hidden_dim))
+        self.block = ViTBlock(hidden_dim)
+        self.ln = nn.LayerNorm(hidden_dim)
+        self.head = nn.Linear(hidden_dim, classes)
+        from ticketsmith.models import prunable_attention
+        prunable_attention(self)
+
+    def forward(self, x):
+        n = x.shape[0]
+        x = self.conv_proj(x).reshape(n, self.hidden_dim, -1).permute(0, 2, 1)
+        x = torch.cat([self.class_token.expand(n, -1, -1), x], dim=1)
+        return self.head(self.ln(self.block(x + self.pos_embedding))[:, 0])
+
+
 # -- MLP-Mixer: token mixing (Linear over the transposed token axis), channel mixing -------------
 class MixerBlock(nn.Module):
     def __init__(self, tokens, dim, tok_hidden=32, ch_hidden=64):
@@ -2288,6 +2313,7 @@ FAMILIES = {
     "vit_timm_no_embed_class": (builder(TimmViTTokens, embed_class=False), (2, 3, 16, 16),
                                 [(3, 3, 16, 16)]),
     "vit_timm_avg": (builder(TimmViTTokens, pool="avg"), (2, 3, 16, 16), [(3, 3, 16, 16)]),
+    "vit_torchvision": (builder(TorchvisionViT), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 16, 16)]),
     "mlp_mixer": (builder(TinyMixer), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 16, 16)]),
     "convnext": (builder(TinyConvNeXt), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 20, 20)]),
     "convnext_v2": (builder(TinyConvNeXtV2), (2, 3, 16, 16), [(3, 3, 16, 16), (1, 3, 20, 20)]),

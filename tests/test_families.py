@@ -1184,6 +1184,28 @@ def test_a_vit_stream_is_cut_with_its_class_token_and_position_embedding(family,
         assert rel_err(small(xb), C.run_onnx(path, xb)[0]) < 1e-4
 
 
+def test_torchvision_vit_stream_is_cut_with_the_width_it_reshapes_to(tmp_path):
+    """torchvision's ViT reshapes its patches to `self.hidden_dim` channels: the cut lowers
+    that attribute with the stream (the stream was left whole: "cutting its channels breaks
+    the model's forward"), and a saved ticket loads with it. Exact, also under ONNX."""
+    build, shape, others = FAMILIES["vit_torchvision"]
+    model = build()
+    x = torch.randn(shape)
+    masks = ts.refill(model, magnitude(model, 0.5), example_inputs=x, coupling="shared")
+    assert masks.companions == {"pos_embedding", "class_token"}
+    small = C.compact(model, masks, x)
+    width = small.conv_proj.out_channels
+    assert width < 32 and small.hidden_dim == width
+    assert small.pos_embedding.shape[-1] == small.class_token.shape[-1] == width
+    assert_matches_masked(model, masks, small, others)
+    assert_loads_the_same(small, build, others[0], tmp_path)
+    pytest.importorskip("onnxruntime")
+    path = C.export_onnx(small, x, tmp_path / "ticket.onnx")
+    xb = torch.randn(others[0])
+    with torch.no_grad():
+        assert rel_err(small(xb), C.run_onnx(path, xb)[0]) < 1e-4
+
+
 def test_torchvision_swin_patch_merging_stream_is_cut_through_its_strided_slices():
     """torchvision's Swin patch merging takes x[..., 0::2, 0::2, :] of a [B, H, W, C] map (four
     slices of the positions; torch-pruning takes a slice of dimension 1 for a slice of the
@@ -1408,29 +1430,36 @@ def test_zoo_residual_streams_are_cut_with_shared_coupling(name, tmp_path):
     assert_loads_the_same(small, lambda: _zoo_model("timm", name), (2, 3, 64, 64), tmp_path)
 
 
+def _zoo_stream_ticket(lib: str, name: str, tweak=None):
+    """(model, masks, compact model) of a zoo model at 224 px: a 50% magnitude mask refilled
+    with one channel set per residual stream, compacted; checked exact on another batch.
+    `tweak(model)` runs first (torchvision's ViT starts with a zero head)."""
+    if importlib.util.find_spec(lib) is None:
+        pytest.skip(f"{lib} is not installed")
+    torch.manual_seed(0)
+    model = _zoo_model(lib, name).eval()
+    if tweak is not None:
+        with torch.no_grad():
+            tweak(model)
+    x = torch.randn(1, 3, 224, 224)
+    masks = ts.refill(model, magnitude(model, 0.5), example_inputs=x, coupling="shared")
+    small = C.compact(model, masks, x)
+    assert_matches_masked(model, masks, small, [(2, 3, 224, 224)])
+    return model, masks, small
+
+
 @pytest.mark.zoo
 def test_zoo_swin_streams_are_cut_through_its_patch_merging(tmp_path):
     """timm's Swin-T: a refill ticket with one channel set per residual stream loses channels
     from every stage's stream, through the shifted windows (torch.roll) and each patch
     merging's interleaved 4C features; exact, also after save / load."""
-    if importlib.util.find_spec("timm") is None:
-        pytest.skip("timm is not installed")
-    torch.manual_seed(0)
     name = "swin_tiny_patch4_window7_224"
-    model = _zoo_model("timm", name).eval()
-    x = torch.randn(1, 3, 224, 224)
-    masks = ts.refill(model, magnitude(model, 0.5), example_inputs=x, coupling="shared")
-    small = C.compact(model, masks, x)
+    model, _, small = _zoo_stream_ticket("timm", name)
     assert small.patch_embed.proj.out_channels < model.patch_embed.proj.out_channels
     for stage in (1, 2, 3):
         merge, dense = small.layers[stage].downsample, model.layers[stage].downsample
         assert merge.reduction.in_features < dense.reduction.in_features
         assert merge.reduction.out_features < dense.reduction.out_features
-    masked = copy_module(model)
-    masks.apply(masked)
-    with torch.no_grad():
-        xi = torch.randn(2, 3, 224, 224)
-        assert rel_err(masked(xi), small(xi)) < 1e-4
     assert_loads_the_same(small, lambda: _zoo_model("timm", name), (2, 3, 224, 224), tmp_path)
 
 
@@ -1440,22 +1469,20 @@ def test_zoo_vit_streams_are_cut_with_the_class_token_and_position_embedding(nam
     """timm's ViT-Ti and EVA-02-Ti (rotary embedding, SwiGLU, mean of the patch tokens): a
     refill ticket with one channel set for the stream cuts the patch embedding, the class token
     and the position embedding with the blocks' outputs; exact."""
-    if importlib.util.find_spec("timm") is None:
-        pytest.skip("timm is not installed")
-    torch.manual_seed(0)
-    model = _zoo_model("timm", name).eval()
-    x = torch.randn(1, 3, 224, 224)
-    masks = ts.refill(model, magnitude(model, 0.5), example_inputs=x, coupling="shared")
+    model, masks, small = _zoo_stream_ticket("timm", name)
     assert masks.companions == {"cls_token", "pos_embed"}
-    small = C.compact(model, masks, x)
     width = small.patch_embed.proj.out_channels
     assert width < model.patch_embed.proj.out_channels
     assert small.pos_embed.shape[-1] == small.cls_token.shape[-1] == width
-    masked = copy_module(model)
-    masks.apply(masked)
-    with torch.no_grad():
-        xi = torch.randn(2, 3, 224, 224)
-        assert rel_err(masked(xi), small(xi)) < 1e-4
+
+
+@pytest.mark.zoo
+def test_zoo_torchvision_vit_stream_is_cut_with_its_hidden_dim():
+    """torchvision's ViT-B/16: the stream loses channels with shared coupling, `hidden_dim`
+    (its patches' reshape) lowered with them; exact."""
+    model, _, small = _zoo_stream_ticket("torchvision", "vit_b_16",
+                                         tweak=lambda m: m.heads.head.weight.normal_())
+    assert small.conv_proj.out_channels == small.hidden_dim < model.hidden_dim
 
 
 @pytest.mark.zoo
@@ -1463,21 +1490,10 @@ def test_zoo_torchvision_swin_streams_are_cut_through_its_strided_slices():
     """torchvision's Swin-T: its patch merging's strided slices and concatenation along the
     channels are followed; the streams of its first three stages lose channels with shared
     coupling (its last stage's stays whole: an as_strided after its final norm); exact."""
-    if importlib.util.find_spec("torchvision") is None:
-        pytest.skip("torchvision is not installed")
-    torch.manual_seed(0)
-    model = _zoo_model("torchvision", "swin_t").eval()
-    x = torch.randn(1, 3, 224, 224)
-    masks = ts.refill(model, magnitude(model, 0.5), example_inputs=x, coupling="shared")
-    small = C.compact(model, masks, x)
+    model, _, small = _zoo_stream_ticket("torchvision", "swin_t")
     assert small.features[0][0].out_channels < model.features[0][0].out_channels
     for i in (2, 4, 6):  # the patch merging after each of the first three stages
         assert small.features[i].reduction.in_features < model.features[i].reduction.in_features
-    masked = copy_module(model)
-    masks.apply(masked)
-    with torch.no_grad():
-        xi = torch.randn(2, 3, 224, 224)
-        assert rel_err(masked(xi), small(xi)) < 1e-4
 
 
 def test_a_deviating_executor_is_replaced_by_the_dense_layer(small_executors, monkeypatch):

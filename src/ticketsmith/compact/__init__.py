@@ -654,8 +654,9 @@ def describe(model: nn.Module) -> list[dict]:
     how many heads head surgery kept, or why the module kept them all. The model's
     `ticketsmith_compact` holds per attention module `removed_heads` (heads before / after)
     and `heads_left_whole` (the reason), per module whose forward splits the channels by
-    sizes it holds (timm's MixNet, FocalNet) or views a parameter to a shape it holds (timm's
-    layer `Scale`) `split_sizes`: the sizes it holds now, and per parameter of no torch layer
+    sizes it holds (timm's MixNet, FocalNet), views a parameter to a shape it holds (timm's
+    layer `Scale`) or reshapes data to a width it holds (torchvision's ViT `hidden_dim`)
+    `split_sizes`: the sizes it holds now (the width: an int), and per parameter of no torch layer
     whose channels went (a layer scale) `param_shapes`: its shape now."""
     info = getattr(model, "ticketsmith_compact", None)
     if info is None:

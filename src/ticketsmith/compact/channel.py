@@ -170,8 +170,8 @@ class SurgeryReport:
     skipped: dict[str, str]
     whole: dict[str, str] = dataclasses.field(default_factory=dict)
     # module name -> {attribute: the sizes it now holds}: the chunk sizes of the splits resized,
-    # the shapes of the parameter views resized
-    split_sizes: dict[str, dict[str, list[int]]] = dataclasses.field(default_factory=dict)
+    # the shapes of the parameter views resized, the widths data is reshaped to (an int)
+    split_sizes: dict[str, dict[str, list[int] | int]] = dataclasses.field(default_factory=dict)
     # parameter of no torch layer (a layer scale) whose channels were cut -> its shape now
     param_shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
@@ -1186,7 +1186,7 @@ def remove_dead_channels(model: nn.Module, example_inputs: Sequence[torch.Tensor
     removed: dict[str, int] = {}
     skipped: dict[str, str] = {}
     members: dict[str, list[str]] = {}  # root of a group left whole -> its layers (out side)
-    split_sizes: dict[str, dict[str, list[int]]] = {}
+    split_sizes: dict[str, dict[str, list[int] | int]] = {}
     param_shapes: dict[str, list[int]] = {}
     # reshape nodes of pruned groups: the sizes their autograd nodes saved (which the checks
     # of a flatten read) are stale; the graph is traced again before a group holding one is
@@ -1281,6 +1281,7 @@ def remove_dead_channels(model: nn.Module, example_inputs: Sequence[torch.Tensor
                                            requires_grad=conv.weight.requires_grad)
             resized = _resize_splits(graph, pruning)
             viewed = _resize_views(graph, pruning)
+            reshaped = _resize_reshapes(graph, g, pruning)
             why = _breaks_forward(model, inputs)
             if why is not None:  # (timm's LambdaLayer reshapes its output by its input width)
                 before_cut.restore(kept)
@@ -1297,6 +1298,8 @@ def remove_dead_channels(model: nn.Module, example_inputs: Sequence[torch.Tensor
             for node in viewed:
                 m, attr = graph.view_attrs[node]
                 split_sizes.setdefault(names[m], {})[attr] = [int(v) for v in getattr(m, attr)]
+            for m, attr in reshaped:
+                split_sizes.setdefault(names[m], {})[attr] = int(getattr(m, attr))
             for it in pruning:
                 if it.dep.target.type == OPTYPE.PARAMETER:
                     name = graph._param_to_name[it.dep.target.module]
@@ -1347,6 +1350,9 @@ class _Snapshot:
                 if node in attrs:
                     m, attr = attrs[node]
                     self.sizes.append((m, attr, getattr(m, attr)))
+            if node in graph.reshape_attrs:
+                m, by_axis = graph.reshape_attrs[node]
+                self.sizes.extend((m, attr, getattr(m, attr)) for attr in by_axis.values())
         self.books = {n: (cm.out, cm.inp) for n, cm in kept.items()}
 
     def restore(self, kept: dict) -> None:
@@ -1398,6 +1404,25 @@ def _resize_views(graph, pruning) -> set:
                 shape[big[0]] = node.module.numel()
                 setattr(m, attr, type(getattr(m, attr))(shape))
                 done.add(view)
+    return done
+
+
+def _resize_reshapes(graph, g: _Group, pruning) -> list:
+    """Lower the int attribute a module reshapes data by (`reshape_attrs`: torchvision's ViT
+    reshapes its patches to `self.hidden_dim` channels) by the channels cut, where it sizes
+    the axis holding them (`channel_axes`). Returns the (module, attribute) pairs set."""
+    axes = g.axes() or {}
+    done, seen = [], set()
+    for it in pruning:
+        node = it.dep.target
+        if node not in graph.reshape_attrs or node in seen:
+            continue
+        seen.add(node)
+        m, by_axis = graph.reshape_attrs[node]
+        attr = by_axis.get(axes.get(node))
+        if attr is not None:
+            setattr(m, attr, getattr(m, attr) - len({int(i) for i in it.idxs}))
+            done.append((m, attr))
     return done
 
 

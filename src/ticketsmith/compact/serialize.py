@@ -237,7 +237,9 @@ def load(path: str | os.PathLike, build: Callable[[], nn.Module] | None = None) 
         for name, attrs in ((desc.get("compact") or {}).get("split_sizes") or {}).items():
             module = model.get_submodule(name)
             for attr, sizes in attrs.items():
-                setattr(module, attr, type(getattr(module, attr))(int(v) for v in sizes))
+                old = getattr(module, attr)  # (an int: the width a module reshapes data to)
+                setattr(module, attr, int(sizes) if type(old) is int else
+                        type(old)(int(v) for v in sizes))
     except (TypeError, ValueError, AttributeError) as e:
         raise ArtifactError(f"{description}: split_sizes: {str(e).splitlines()[0][:160]}") from None
     try:  # parameters of no torch layer whose channels went (a layer scale): their shapes

@@ -45,7 +45,9 @@ It then falls back to channel counts inferred from the neighbouring layers, righ
 - records which module attribute holds the sizes of each split along the channels, where the
   forward passes a module's own list to torch.split (`split_attrs`: channel surgery sets it to
   the new sizes), and which holds the shape each view / reshape of a parameter is given
-  (`view_attrs`: timm's MetaFormer `Scale` views its layer scale to `self.shape`);
+  (`view_attrs`: timm's MetaFormer `Scale` views its layer scale to `self.shape`), and which
+  int attribute of the module reshaping data sizes an axis of the shape it is given
+  (`reshape_attrs`: torchvision's ViT reshapes its patches to `self.hidden_dim` channels);
 - records the additions and subtractions whose other operand is a constant zero (`zero_adds`:
   their autograd nodes): timm's MobileOne adds a Python 0 where a block has no skip branch,
   which autograd shows as any constant operand would, and adding zero keeps a removed channel
@@ -507,6 +509,65 @@ class _ParamViews(TorchFunctionMode):
         return out
 
 
+class _DataReshapes(TorchFunctionMode):
+    """Records, during the traced forward, the shape each reshape / view of data (not of a
+    parameter) was given, and the module whose forward ran it, by the autograd node of its
+    output."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: dict = {}  # autograd node -> (module, the shape as given)
+        self.stack: list = []
+
+    def __enter__(self):
+        from torch.nn.modules.module import (register_module_forward_hook,
+                                             register_module_forward_pre_hook)
+        self.handles = [register_module_forward_pre_hook(lambda m, i: self.stack.append(m)),
+                        register_module_forward_hook(lambda m, i, o: self._pop(m))]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        return super().__exit__(*exc)
+
+    def _pop(self, m):
+        if self.stack and self.stack[-1] is m:
+            self.stack.pop()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if getattr(func, "__name__", "") in ("view", "reshape") and len(args) >= 2 \
+                and isinstance(args[0], torch.Tensor) and not isinstance(args[0], nn.Parameter) \
+                and isinstance(out, torch.Tensor) and out.grad_fn is not None and self.stack:
+            shape = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+            self.shapes.setdefault(out.grad_fn, (self.stack[-1], tuple(shape)))
+        return out
+
+
+def _reshape_attrs(graph, shapes: dict) -> dict:
+    """Reshape node of data -> (module, {axis: attribute name}): the axes of the shape given
+    (`_DataReshapes`) whose size is the value of exactly one int attribute of the module that
+    ran the reshape."""
+    out = {}
+    for node in graph.module2node.values():
+        found = shapes.get(node.grad_fn)
+        if node.type != OPTYPE.RESHAPE or found is None:
+            continue
+        m, shape = found
+        ints = [(k, v) for k, v in vars(m).items() if type(v) is int and not k.startswith("_")]
+        axes = {}
+        for axis, size in enumerate(shape):
+            if type(size) is not int or size < 2:
+                continue
+            names = [k for k, v in ints if v == size]
+            if len(names) == 1:
+                axes[axis] = names[0]
+        if axes:
+            out[node] = (m, axes)
+    return out
+
+
 def _view_attrs(model: nn.Module, graph, shapes: dict) -> dict:
     """View node of a parameter -> (module, attribute name) whose value is the very shape the
     view was called with (`_ParamViews`); views given another shape object are left out."""
@@ -567,6 +628,10 @@ class DependencyGraph(tp.DependencyGraph):
         self.split_attrs: dict = {}
         # view node of a parameter -> (module, attribute) holding the shape it was given
         self.view_attrs: dict = {}
+        # reshape node of data -> (module, {axis of its output: attribute}): the module that
+        # reshaped it, and its int attributes the shape was given (torchvision's ViT reshapes
+        # its patches to `self.hidden_dim` channels)
+        self.reshape_attrs: dict = {}
         # reshape merging trailing axes into the channels, fastest -> (channels, copies)
         self.interleaved: dict = {}
         # slices along the positions of a channels-last map (torch-pruning would take a slice of
@@ -596,7 +661,7 @@ class DependencyGraph(tp.DependencyGraph):
             # (`_build_dependency` fills `unmapped` and hides the reshapes in it for the rest
             # of the build; they are reshapes again below)
             with _quiet(), _ZeroOperands() as zeros, _SplitSizes() as splits, \
-                    _ParamViews() as views, norm_tracing():
+                    _ParamViews() as views, _DataReshapes() as reshapes, norm_tracing():
                 super().build_dependency(model, example_inputs, *args, **kwargs)
             self.zero_adds = zeros.nodes
             self.split_attrs = _split_attrs(model, self, splits.sizes)
@@ -604,6 +669,7 @@ class DependencyGraph(tp.DependencyGraph):
         finally:
             for node, t in self._hidden.items():
                 node.type = t
+        self.reshape_attrs = _reshape_attrs(self, reshapes.shapes)
         # torch-pruning's shape pass set every split's sizes again, from its consumers, and the
         # concatenations reading a split took their sizes from those: set again, mapped again
         self._fix_splits()
