@@ -106,6 +106,19 @@ def half_per_layer(model: nn.Module, x: torch.Tensor) -> ts.Masks:
                      example_inputs=x)
 
 
+def assert_exact_saved_and_exported(model, masks, small, build, x, others, load_shape,
+                                    tmp_path) -> None:
+    """`small` matches the masked model on `others`, loads bit-identically (checked on
+    `load_shape`), and its ONNX export computes the same on `others[0]`."""
+    assert_matches_masked(model, masks, small, others)
+    assert_loads_the_same(small, build, load_shape, tmp_path)
+    pytest.importorskip("onnxruntime")
+    path = C.export_onnx(small, x, tmp_path / "ticket.onnx")
+    xb = torch.randn(others[0])
+    with torch.no_grad():
+        assert rel_err(small(xb), C.run_onnx(path, xb)[0]) < 1e-4
+
+
 def n_params(model: nn.Module) -> int:
     return sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())
 
@@ -1073,13 +1086,7 @@ def test_a_layer_norm_stream_is_cut_with_its_layer_scales(family, tmp_path):
     cut = [m for m in small.modules() if isinstance(m, PrunableLayerNorm)]
     assert cut and all(m.num_features == width and m.channels == 16 for m in cut)
     assert not small.ticketsmith_compact["skipped_groups"]
-    assert_matches_masked(model, masks, small, others)
-    assert_loads_the_same(small, build, others[1], tmp_path)
-    pytest.importorskip("onnxruntime")
-    path = C.export_onnx(small, x, tmp_path / "ticket.onnx")
-    xb = torch.randn(others[0])  # (dynamic batch, the example's size)
-    with torch.no_grad():
-        assert rel_err(small(xb), C.run_onnx(path, xb)[0]) < 1e-4
+    assert_exact_saved_and_exported(model, masks, small, build, x, others, others[1], tmp_path)
 
 
 class NormOverWidth(nn.Module):
@@ -1137,13 +1144,7 @@ def test_swin_patch_merging_stream_is_cut_with_its_interleaved_features(tmp_path
     assert torch.equal(small.merge.norm.weight, model.merge.norm.weight[kept])
     assert not any(k.startswith("blocks.") and "qkv" not in k
                    for k in small.ticketsmith_compact["skipped_groups"])
-    assert_matches_masked(model, masks, small, others)
-    assert_loads_the_same(small, build, others[1], tmp_path)
-    pytest.importorskip("onnxruntime")
-    path = C.export_onnx(small, x, tmp_path / "ticket.onnx")
-    xb = torch.randn(others[0])
-    with torch.no_grad():
-        assert rel_err(small(xb), C.run_onnx(path, xb)[0]) < 1e-4
+    assert_exact_saved_and_exported(model, masks, small, build, x, others, others[1], tmp_path)
 
 
 @pytest.mark.parametrize("family", ["vit_timm_tokens", "vit_timm_no_embed_class", "vit_timm_avg"])
@@ -1175,13 +1176,7 @@ def test_a_vit_stream_is_cut_with_its_class_token_and_position_embedding(family,
     assert small.pos_embed.shape[-1] == small.cls_token.shape[-1] == width
     assert small.pos_embed.shape[1] == model.pos_embed.shape[1]
     assert not any(not k.endswith("qkv") for k in small.ticketsmith_compact["skipped_groups"])
-    assert_matches_masked(model, masks, small, others)
-    assert_loads_the_same(small, build, others[0], tmp_path)
-    pytest.importorskip("onnxruntime")
-    path = C.export_onnx(small, x, tmp_path / "ticket.onnx")
-    xb = torch.randn(others[0])
-    with torch.no_grad():
-        assert rel_err(small(xb), C.run_onnx(path, xb)[0]) < 1e-4
+    assert_exact_saved_and_exported(model, masks, small, build, x, others, others[0], tmp_path)
 
 
 def test_torchvision_vit_stream_is_cut_with_the_width_it_reshapes_to(tmp_path):
@@ -1197,13 +1192,7 @@ def test_torchvision_vit_stream_is_cut_with_the_width_it_reshapes_to(tmp_path):
     width = small.conv_proj.out_channels
     assert width < 32 and small.hidden_dim == width
     assert small.pos_embedding.shape[-1] == small.class_token.shape[-1] == width
-    assert_matches_masked(model, masks, small, others)
-    assert_loads_the_same(small, build, others[0], tmp_path)
-    pytest.importorskip("onnxruntime")
-    path = C.export_onnx(small, x, tmp_path / "ticket.onnx")
-    xb = torch.randn(others[0])
-    with torch.no_grad():
-        assert rel_err(small(xb), C.run_onnx(path, xb)[0]) < 1e-4
+    assert_exact_saved_and_exported(model, masks, small, build, x, others, others[0], tmp_path)
 
 
 def test_torchvision_swin_patch_merging_stream_is_cut_through_its_strided_slices():
