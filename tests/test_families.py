@@ -119,6 +119,20 @@ def assert_exact_saved_and_exported(model, masks, small, build, x, others, load_
         assert rel_err(small(xb), C.run_onnx(path, xb)[0]) < 1e-4
 
 
+def shared_stream_ticket(family: str, first: str):
+    """(build, other input shapes, model, example, masks, dead) for a family: a 50% magnitude
+    mask refilled with one channel set per residual stream; `dead`: the rows of layer weight
+    `first` (the stream's first layer) refill dropped, at least one."""
+    build, shape, others = FAMILIES[family]
+    model = build()
+    x = torch.randn(shape)
+    masks = ts.refill(model, magnitude(model, 0.5), example_inputs=x, coupling="shared")
+    rows = masks[first]
+    dead = ~rows.reshape(rows.shape[0], -1).any(1)
+    assert bool(dead.any())
+    return build, others, model, x, masks, dead
+
+
 def n_params(model: nn.Module) -> int:
     return sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())
 
@@ -871,12 +885,7 @@ def test_a_layer_scale_stream_is_cut_with_its_scales(tmp_path):
     the norms and the layer scales (parameters of no torch layer, viewed to `Scale.shape`,
     which is set to the new width), and the model is exact; save / load restores the scales'
     shapes. (The stream was left whole: "parameter is not supported".)"""
-    build, shape, others = FAMILIES["poolformer"]
-    model = build()
-    x = torch.randn(shape)
-    masks = ts.refill(model, magnitude(model, 0.5), example_inputs=x, coupling="shared")
-    dead = ~masks["stem.weight"].reshape(16, -1).any(1)
-    assert bool(dead.any())
+    build, others, model, x, masks, dead = shared_stream_ticket("poolformer", "stem.weight")
     for norm in ("blocks.0.norm2", "blocks.1.norm1", "norm"):  # past the first norm
         assert not bool(masks[f"{norm}.weight"][dead].any())
     small = C.compact(model, masks, x)
@@ -1067,13 +1076,8 @@ def test_a_layer_norm_stream_is_cut_with_its_layer_scales(family, tmp_path):
     save / load and ONNX. (The stream was left whole: "ln is not supported", or "operation
     permute not known to be per-channel" for LayerNorm2d.)"""
     from ticketsmith.models import PrunableLayerNorm
-    build, shape, others = FAMILIES[family]
-    model = build()
-    x = torch.randn(shape)
-    masks = ts.refill(model, magnitude(model, 0.5), example_inputs=x, coupling="shared")
     stem = "stem.weight" if family == "convnext" else "stem.0.weight"
-    dead = ~masks[stem].reshape(16, -1).any(1)
-    assert bool(dead.any())
+    build, others, model, x, masks, dead = shared_stream_ticket(family, stem)
     norms = [n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)]
     assert len(norms) >= 2
     for n in norms:
@@ -1127,12 +1131,7 @@ def test_swin_patch_merging_stream_is_cut_with_its_interleaved_features(tmp_path
     through save / load and ONNX. (The stream was left whole: "operation roll not known to be
     per-channel", and torch-pruning maps such a flatten as if the channels were slowest.)"""
     from ticketsmith.models import PrunableLayerNorm
-    build, shape, others = FAMILIES["swin_timm"]
-    model = build()
-    x = torch.randn(shape)
-    masks = ts.refill(model, magnitude(model, 0.5), example_inputs=x, coupling="shared")
-    dead = ~masks["patch.weight"].reshape(16, -1).any(1)
-    assert bool(dead.any())
+    build, others, model, x, masks, dead = shared_stream_ticket("swin_timm", "patch.weight")
     features = dead.repeat(4)  # feature j * 16 + c is channel c
     assert not bool(masks["merge.norm.weight"][features].any())
     small = C.compact(model, masks, x)
@@ -1202,12 +1201,7 @@ def test_torchvision_swin_patch_merging_stream_is_cut_through_its_strided_slices
     c, c + C, c + 2C, c + 3C. With one channel set for the stream, a dead stream channel goes
     from the patch embedding, the blocks and those four features of the merge: exact. (The
     stream was left whole: "slice is not supported by channel surgery".)"""
-    build, shape, others = FAMILIES["swin_windows"]
-    model = build()
-    x = torch.randn(shape)
-    masks = ts.refill(model, magnitude(model, 0.5), example_inputs=x, coupling="shared")
-    dead = ~masks["patch.weight"].reshape(16, -1).any(1)
-    assert bool(dead.any())
+    build, others, model, x, masks, dead = shared_stream_ticket("swin_windows", "patch.weight")
     features = dead.repeat(4)
     assert not bool(masks["merge.norm.weight"][features].any())
     small = C.compact(model, masks, x)
