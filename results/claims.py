@@ -72,13 +72,18 @@ def control_claim(vs) -> tuple[str, list[str]]:
 def gaimp_claim(vs) -> tuple[str, list[str]]:
     def best(arm):
         wins = [v.effective for v in vs if v.arm == arm and v.verdict == "winner" and v.effective is not None]
-        return max(wins) if wins else 0.0
+        return max(wins) if wins else None
     rows = [v for v in vs if v.arm in (REGROUP, GAIMP)]
     lines = [row(v) for v in rows]
     done = {a: [v for v in rows if v.arm == a and v.n >= 2] for a in (REGROUP, GAIMP)}
     if len(done[REGROUP]) < 5 or len(done[GAIMP]) < 5:
         return "cannot decide (yet): both arms need their 5 rounds on >= 2 seeds", lines
     r, g = best(REGROUP), best(GAIMP)
+    if r is None and g is None:  # PROTOCOL.md, 2026-12-06, "neither arm has a winning round"
+        return ("cannot decide: neither arm has a winning round, so the registered measure (the "
+                "largest winning effective sparsity) is undefined; read literally (none >= none) "
+                "the rule would say refuted"), lines
+    r, g = r or 0.0, g or 0.0  # an arm with no winning round has reached no sparsity
     if r - g >= 0.05:
         return f"**confirmed** (largest winning effective sparsity {pct(r)} vs {pct(g)})", lines
     if g >= r:
