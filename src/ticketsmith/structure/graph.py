@@ -491,33 +491,17 @@ class _SplitSizes(TorchFunctionMode):
         return out
 
 
-class _ParamViews(TorchFunctionMode):
-    """Records, during the traced forward, the shape object each view / reshape of a parameter
-    was called with (a module's attribute, as timm's MetaFormer `Scale` passes `self.shape`), by
-    the autograd node of its output."""
+class _Reshapes(TorchFunctionMode):
+    """Records, during the traced forward, by the autograd node of its output, the shape each
+    view / reshape was given: of a parameter, the shape object itself (`params`: a module's
+    attribute, as timm's MetaFormer `Scale` passes `self.shape`); of data, the shape with the
+    module whose forward ran it (`data`: torchvision's ViT reshapes to `self.hidden_dim`)."""
 
     def __init__(self):
         super().__init__()
-        self.shapes: dict = {}  # autograd node -> the shape object
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if getattr(func, "__name__", "") in ("view", "reshape") and len(args) == 2 \
-                and isinstance(args[0], nn.Parameter) and isinstance(args[1], (list, tuple)) \
-                and isinstance(out, torch.Tensor) and out.grad_fn is not None:
-            self.shapes.setdefault(out.grad_fn, args[1])
-        return out
-
-
-class _DataReshapes(TorchFunctionMode):
-    """Records, during the traced forward, the shape each reshape / view of data (not of a
-    parameter) was given, and the module whose forward ran it, by the autograd node of its
-    output."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes: dict = {}  # autograd node -> (module, the shape as given)
-        self.stack: list = []
+        self.params: dict = {}  # autograd node -> the shape object
+        self.data: dict = {}  # autograd node -> (module, the shape as given)
+        self.stack: list = []  # the modules whose forward runs, innermost last
 
     def __enter__(self):
         from torch.nn.modules.module import (register_module_forward_hook,
@@ -537,17 +521,22 @@ class _DataReshapes(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if getattr(func, "__name__", "") in ("view", "reshape") and len(args) >= 2 \
-                and isinstance(args[0], torch.Tensor) and not isinstance(args[0], nn.Parameter) \
-                and isinstance(out, torch.Tensor) and out.grad_fn is not None and self.stack:
+        if getattr(func, "__name__", "") not in ("view", "reshape") or len(args) < 2 \
+                or not isinstance(args[0], torch.Tensor) \
+                or not isinstance(out, torch.Tensor) or out.grad_fn is None:
+            return out
+        if isinstance(args[0], nn.Parameter):
+            if len(args) == 2 and isinstance(args[1], (list, tuple)):
+                self.params.setdefault(out.grad_fn, args[1])
+        elif self.stack:
             shape = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
-            self.shapes.setdefault(out.grad_fn, (self.stack[-1], tuple(shape)))
+            self.data.setdefault(out.grad_fn, (self.stack[-1], tuple(shape)))
         return out
 
 
 def _reshape_attrs(graph, shapes: dict) -> dict:
     """Reshape node of data -> (module, {axis: attribute name}): the axes of the shape given
-    (`_DataReshapes`) whose size is the value of exactly one int attribute of the module that
+    (`_Reshapes.data`) whose size is the value of exactly one int attribute of the module that
     ran the reshape."""
     out = {}
     for node in graph.module2node.values():
@@ -570,7 +559,7 @@ def _reshape_attrs(graph, shapes: dict) -> dict:
 
 def _view_attrs(model: nn.Module, graph, shapes: dict) -> dict:
     """View node of a parameter -> (module, attribute name) whose value is the very shape the
-    view was called with (`_ParamViews`); views given another shape object are left out."""
+    view was called with (`_Reshapes.params`); views given another shape object are left out."""
     holders = _holders(model)
     out = {}
     for node in graph.module2node.values():
@@ -661,15 +650,15 @@ class DependencyGraph(tp.DependencyGraph):
             # (`_build_dependency` fills `unmapped` and hides the reshapes in it for the rest
             # of the build; they are reshapes again below)
             with _quiet(), _ZeroOperands() as zeros, _SplitSizes() as splits, \
-                    _ParamViews() as views, _DataReshapes() as reshapes, norm_tracing():
+                    _Reshapes() as reshapes, norm_tracing():
                 super().build_dependency(model, example_inputs, *args, **kwargs)
             self.zero_adds = zeros.nodes
             self.split_attrs = _split_attrs(model, self, splits.sizes)
-            self.view_attrs = _view_attrs(model, self, views.shapes)
+            self.view_attrs = _view_attrs(model, self, reshapes.params)
         finally:
             for node, t in self._hidden.items():
                 node.type = t
-        self.reshape_attrs = _reshape_attrs(self, reshapes.shapes)
+        self.reshape_attrs = _reshape_attrs(self, reshapes.data)
         # torch-pruning's shape pass set every split's sizes again, from its consumers, and the
         # concatenations reading a split took their sizes from those: set again, mapped again
         self._fix_splits()
