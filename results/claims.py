@@ -107,16 +107,24 @@ def pair_claim(cs, a: str, b: str, points, confirm, refute) -> tuple[str, list[s
 
 
 def coupling_claim(cs) -> tuple[str, list[str]]:
-    rows = [c for c in cs if c["setting"] == "refill_coupling"]
+    """Read from the paired shared - none and union - none comparisons only (shared - union is
+    not part of the claim), and only once both pairs have rounds 1-3 on the registered 2 seeds:
+    a partial arm is never read as a result."""
+    rows = [c for c in cs if c["setting"] == "refill_coupling" and REFILL in (c["a"], c["b"])]
     lines = [f"{c['a']} - {c['b']}, {point_name(c['point'])}: n={c['n']}, mean gap "
-             f"{c['mean']:+.2f} → {c['verdict']}" for c in rows if c["mean"] is not None]
-    per_layer = "(per layer)"
-    coupled_worse = [c for c in rows if per_layer in c["verdict"]]
-    if coupled_worse:
+             f"{c['mean']:+.2f}" + (f" ± {c['sd']:.2f}" if c["sd"] is not None else "") + f" → {c['verdict']}"
+             for c in rows if c["mean"] is not None]
+    if not rows:
+        return "cannot decide (yet): no ResNet refill arm finished", lines
+    done = {(c["a"], c["b"], c["point"][1]) for c in rows if c["n"] >= 2}
+    if len(done) < 2 * 3:
+        return ("cannot decide (yet): shared - none and union - none need rounds 1-3 "
+                "on >= 2 seeds"), lines
+    if any(c["verdict"] == f"{REFILL} better" for c in rows):
         return "**confirmed** (per-layer refill better than a coupled one at a round)", lines
-    if rows and all(c["verdict"] == "equal" for c in rows) and all(c["n"] >= 2 for c in rows):
+    if all(c["verdict"] == "equal" for c in rows):
         return "**refuted** (equal at every round)", lines
-    return "cannot decide (yet)" + ("" if rows else ": no ResNet refill arm finished"), lines
+    return "cannot decide", lines
 
 
 def main() -> None:

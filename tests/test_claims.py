@@ -35,3 +35,40 @@ def test_group_aware_imp_waits_for_five_rounds_on_two_seeds(load_script):
     claims = load_script("results/claims.py")
     reading, _ = claims.gaimp_claim(arms({}, {})[:-1])
     assert reading.startswith("cannot decide (yet)")
+
+
+def pair(a, rnd, verdict, n=2):
+    """One paired comparison of IMP-Refill (`a`) with the per-layer one at round `rnd`."""
+    return {"a": f"IMP-Refill ({a})", "b": "IMP-Refill (per layer)", "setting": "refill_coupling",
+            "point": ("round", rnd), "n": n, "gaps": [0.0] * n, "mean": 0.0, "sd": 0.0, "verdict": verdict}
+
+
+def couplings(verdicts=None, n=2, rounds=(1, 2, 3)):
+    """shared - none, union - none and shared - union at each round; `verdicts`: (a, round) -> verdict."""
+    verdicts = verdicts or {}
+    rows = [pair(a, r, verdicts.get((a, r), "equal"), n) for a in ("shared", "union") for r in rounds]
+    return rows + [dict(pair("shared", r, "inconclusive", n), b="IMP-Refill (union)") for r in rounds]
+
+
+def test_coupling_is_refuted_when_shared_and_union_equal_per_layer_at_every_round(load_script):
+    claims = load_script("results/claims.py")
+    # shared - union is inconclusive, but the claim is read from the pairs with per-layer refill
+    reading, lines = claims.coupling_claim(couplings())
+    assert reading == "**refuted** (equal at every round)"
+    assert len(lines) == 6
+
+
+def test_coupling_is_confirmed_when_per_layer_refill_beats_a_coupled_one(load_script):
+    claims = load_script("results/claims.py")
+    reading, _ = claims.coupling_claim(couplings({("union", 2): "IMP-Refill (per layer) better"}))
+    assert reading.startswith("**confirmed**")
+    reading, _ = claims.coupling_claim(couplings({("union", 2): "IMP-Refill (union) better"}))
+    assert reading == "cannot decide"
+
+
+def test_coupling_waits_for_three_rounds_on_two_seeds(load_script):
+    claims = load_script("results/claims.py")
+    per_layer_wins = {("shared", 1): "IMP-Refill (per layer) better"}
+    assert claims.coupling_claim(couplings(per_layer_wins, n=1))[0].startswith("cannot decide (yet)")
+    assert claims.coupling_claim(couplings(per_layer_wins, rounds=(1, 2)))[0].startswith("cannot decide (yet)")
+    assert claims.coupling_claim([])[0] == "cannot decide (yet): no ResNet refill arm finished"
