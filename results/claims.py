@@ -43,6 +43,13 @@ def row(v) -> str:
             + (f", controls: {ctrl}" if ctrl else "") + f" → {v.verdict}")
 
 
+def pair_row(c) -> str:
+    """One paired comparison with its figures: A - B, point, n, mean gap ± sd, verdict."""
+    sd = f" ± {c['sd']:.2f}" if c["sd"] is not None else ""
+    return (f"{c['a']} - {c['b']}, {point_name(c['point'])}: n={c['n']}, mean gap {c['mean']:+.2f}{sd}"
+            f" → {c['verdict']}")
+
+
 def ticket_claim(vs, arm: str, confirm, refute_scope, threshold_text: str) -> tuple[str, list[str]]:
     """Winner at a qualifying round confirms; refuted at every round in scope refutes."""
     rows = [v for v in vs if v.arm == arm]
@@ -93,9 +100,7 @@ def gaimp_claim(vs) -> tuple[str, list[str]]:
 
 def pair_claim(cs, a: str, b: str, points, confirm, refute) -> tuple[str, list[str]]:
     rows = [c for c in cs if {c["a"], c["b"]} == {a, b} and c["point"][1] in points]
-    lines = [f"{c['a']} - {c['b']}, {point_name(c['point'])}: n={c['n']}, mean gap "
-             f"{c['mean']:+.2f}" + (f" ± {c['sd']:.2f}" if c["sd"] is not None else "") + f" → {c['verdict']}"
-             for c in rows if c["mean"] is not None]
+    lines = [pair_row(c) for c in rows if c["mean"] is not None]
     verdicts_at = {c["point"][1]: c["verdict"] for c in rows}
     if set(verdicts_at) != set(points):
         return "cannot decide (yet): not every point compared", lines
@@ -111,9 +116,7 @@ def coupling_claim(cs) -> tuple[str, list[str]]:
     not part of the claim), and only once both pairs have rounds 1-3 on the registered 2 seeds:
     a partial arm is never read as a result."""
     rows = [c for c in cs if c["setting"] == "refill_coupling" and REFILL in (c["a"], c["b"])]
-    lines = [f"{c['a']} - {c['b']}, {point_name(c['point'])}: n={c['n']}, mean gap "
-             f"{c['mean']:+.2f}" + (f" ± {c['sd']:.2f}" if c["sd"] is not None else "") + f" → {c['verdict']}"
-             for c in rows if c["mean"] is not None]
+    lines = [pair_row(c) for c in rows if c["mean"] is not None]
     if not rows:
         return "cannot decide (yet): no ResNet refill arm finished", lines
     done = {(c["a"], c["b"], c["point"][1]) for c in rows if c["n"] >= 2}
