@@ -71,4 +71,4 @@ def test_coupling_waits_for_three_rounds_on_two_seeds(load_script):
     per_layer_wins = {("shared", 1): "IMP-Refill (per layer) better"}
     assert claims.coupling_claim(couplings(per_layer_wins, n=1))[0].startswith("cannot decide (yet)")
     assert claims.coupling_claim(couplings(per_layer_wins, rounds=(1, 2)))[0].startswith("cannot decide (yet)")
-    assert claims.coupling_claim([])[0] == "cannot decide (yet): no ResNet refill arm finished"
+    assert claims.coupling_claim([])[0].startswith("cannot decide (yet): no paired comparison yet")
