@@ -118,7 +118,8 @@ def coupling_claim(cs) -> tuple[str, list[str]]:
     rows = [c for c in cs if c["setting"] == "refill_coupling" and REFILL in (c["a"], c["b"])]
     lines = [pair_row(c) for c in rows if c["mean"] is not None]
     if not rows:
-        return "cannot decide (yet): no paired comparison yet (a round needs a coupled and the per-layer refill on one seed)", lines
+        return ("cannot decide (yet): no paired comparison yet (a round needs a coupled and "
+                "the per-layer refill on one seed)"), lines
     done = {(c["a"], c["b"], c["point"][1]) for c in rows if c["n"] >= 2}
     if len(done) < 2 * 3:
         return ("cannot decide (yet): shared - none and union - none need rounds 1-3 "
