@@ -61,11 +61,13 @@ def seconds_per_epoch(net: str) -> float | None:
 
 def main() -> None:
     rows, total, mlp = [], {}, [0, 0, 0]
+    chains = 0  # unfinished (arm, seed) runs: a run's rounds are sequential, so one lane each
     for arm, net, pattern, seeds, (first, last) in ARMS:
         per_seed, left = [], 0
         for s in seeds:
             done, e = state(RUNS / pattern.format(s=s), first, last, EPOCHS[net])
             left += e
+            chains += e > 0
             per_seed.append(f"s{s}: {len(done)}/{last - first + 1}")
             if net == "mlp":
                 mlp[0] += len(done)
@@ -95,9 +97,12 @@ def main() -> None:
         hours += h
         lines.append(f"- {net}: {left} epochs left x {spe:.0f} s per epoch (median of its "
                      f"finished rounds) = {h:.1f} lane-hours")
-    lines += [f"- in all: about {hours:.0f} lane-hours, so about {hours / 2:.0f} hours of wall time "
-              "with two lanes side by side (most recorded epochs ran beside another lane: about "
-              "105-115 s for VGG, against about 71 s alone)", ""]
+    lanes = min(2, chains)
+    if lanes:
+        lines += [f"- in all: about {hours:.1f} lane-hours, so about {hours / lanes:.1f} hours of wall "
+                  f"time with {lanes} lane{'s' * (lanes > 1)} ({chains} unfinished run"
+                  f"{'s' * (chains > 1)}; a run's rounds follow each other; most recorded epochs "
+                  "ran beside another lane: about 105-115 s for VGG, against about 71 s alone)", ""]
     OUT.write_text("\n".join(lines))
     print(f"wrote {OUT}")
 

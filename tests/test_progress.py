@@ -21,3 +21,21 @@ def test_counts_finished_rounds_and_the_epochs_left(tmp_path, monkeypatch, load_
     assert "| M (dense, RigL, SRigL, SRigL without ablation; 3 seeds) | 0/39 runs | 1170 epochs left |" in text
     assert "x 100 s per epoch" in text  # VGG's speed from its finished rounds
     assert "resnet: 780 epochs left (no finished round records its speed yet)" in text
+
+
+def test_one_unfinished_run_gets_one_lane(tmp_path, monkeypatch, load_script):
+    """A run's rounds follow each other: one unfinished run cannot use a second lane."""
+    mod = load_script("results/progress.py")
+    runs = tmp_path / "runs"
+    monkeypatch.setattr(mod, "RUNS", runs)
+    monkeypatch.setattr(mod, "OUT", tmp_path / "progress.md")
+    monkeypatch.setattr(mod, "ARMS", [a for a in mod.ARMS if a[0] == "R-IMP"])
+    for s in (0, 1):  # seed 0 finished (rounds 0-3), seed 1 has round 3 left
+        for r in range(4 if s == 0 else 3):
+            d = runs / f"resnet-e30-imp-s{s}" / f"round_{r:02d}"
+            d.mkdir(parents=True)
+            (d / "round.json").write_text(json.dumps({"seconds_per_epoch": 60.0}))
+    mod.main()
+    text = (tmp_path / "progress.md").read_text()
+    assert "| R-IMP | s0: 4/4, s1: 3/4 | 30 epochs left |" in text
+    assert "about 0.5 lane-hours, so about 0.5 hours of wall time with 1 lane (1 unfinished run" in text
