@@ -162,7 +162,8 @@ def main() -> None:
     out += [f"| {claim} | {source} | {reading} |" for claim, source, (reading, _) in claims]
     out += ["", "## The figures behind each reading", ""]
     for claim, _, (_, lines) in claims:
-        out += [f"**{claim}**", ""] + ([f"- {ln}" for ln in lines] or ["- no finished run or paired comparison yet"]) + [""]
+        figures = [f"- {ln}" for ln in lines] or ["- no finished run or paired comparison yet"]
+        out += [f"**{claim}**", "", *figures, ""]
     OUT.write_text("\n".join(out))
     print(f"written: {OUT}")
 
