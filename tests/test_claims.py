@@ -72,3 +72,14 @@ def test_coupling_waits_for_three_rounds_on_two_seeds(load_script):
     assert claims.coupling_claim(couplings(per_layer_wins, n=1))[0].startswith("cannot decide (yet)")
     assert claims.coupling_claim(couplings(per_layer_wins, rounds=(1, 2)))[0].startswith("cannot decide (yet)")
     assert claims.coupling_claim([])[0].startswith("cannot decide (yet): no paired comparison yet")
+
+
+def test_coupling_lines_show_each_sides_effective_sparsity(load_script):
+    claims = load_script("results/claims.py")
+    # the couplings keep different numbers of weights at one round: the line must say so
+    vs = [verdict("IMP-Refill (union)", 1, "inconclusive", 0.30),
+          verdict("IMP-Refill (per layer)", 1, "inconclusive", 0.43)]
+    _, lines = claims.coupling_claim(couplings(rounds=(1,)), vs)
+    assert "IMP-Refill (union) - IMP-Refill (per layer), round 1 (effective 30.0% vs 43.0%)" in lines[1]
+    assert "(effective 30.0% vs 43.0%)" not in lines[0]  # shared has no verdict here: shown as "-"
+    assert "(effective - vs 43.0%)" in lines[0]
