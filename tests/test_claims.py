@@ -1,4 +1,6 @@
 """results/claims.py: the reading of the protocol's claims by their registered conditions."""
+import pytest
+
 from ticketsmith.report.evidence import Verdict
 
 
@@ -83,3 +85,17 @@ def test_coupling_lines_show_each_sides_effective_sparsity(load_script):
     assert "IMP-Refill (union) - IMP-Refill (per layer), round 1 (effective 30.0% vs 43.0%)" in lines[1]
     assert "(effective 30.0% vs 43.0%)" not in lines[0]  # shared has no verdict here: shown as "-"
     assert "(effective - vs 43.0%)" in lines[0]
+
+
+def test_the_claims_table_replaces_what_stands_between_the_readme_markers(load_script, tmp_path):
+    claims = load_script("results/claims.py")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Results\n\n{claims.BEGIN}\n| old | table |\n{claims.END}\n\nafter\n")
+    table = ["| claim | reading |", "|---|---|", "| a | **refuted** |"]
+    claims.into_readme(readme, table)
+    claims.into_readme(readme, table)  # a second report leaves the page as the first wrote it
+    assert readme.read_text() == (f"# Results\n\n{claims.BEGIN}\n" + "\n".join(table)
+                                  + f"\n{claims.END}\n\nafter\n")
+    readme.write_text("# Results without the markers\n")
+    with pytest.raises(SystemExit, match="markers"):
+        claims.into_readme(readme, table)
