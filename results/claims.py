@@ -135,8 +135,23 @@ def coupling_claim(cs, vs=()) -> tuple[str, list[str]]:
     if len(done) < 2 * 3:
         return ("cannot decide (yet): shared - none and union - none need rounds 1-3 "
                 "on >= 2 seeds"), lines
-    if any(c["verdict"] == f"{REFILL} better" for c in rows):
-        return "**confirmed** (per-layer refill better than a coupled one at a round)", lines
+
+    def other(c):
+        return c["b"] if c["a"] == REFILL else c["a"]
+
+    def where(c):
+        coupled, per_layer = (effective.get((arm, c["point"])) for arm in (other(c), REFILL))
+        sides = (f" ({pct(coupled)} effective, per layer {pct(per_layer)})"
+                 if coupled is not None and per_layer is not None else "")
+        return f"{other(c)} at {point_name(c['point'])}{sides}"
+    wins = [where(c) for c in rows if c["verdict"] == f"{REFILL} better"]
+    if wins:
+        # the registered rule needs one such round; a round where a coupled refill is better is
+        # not part of it, but the reading names it so the verdict is not read wider than it is
+        losses = [where(c) for c in rows if c["verdict"] == f"{other(c)} better"]
+        return ("**confirmed** (per-layer refill better than " + "; ".join(wins) + ")"
+                + (f"; but a coupled refill better than per-layer refill: {'; '.join(losses)}"
+                   if losses else "")), lines
     if all(c["verdict"] == "equal" for c in rows):
         return "**refuted** (equal at every round)", lines
     return "cannot decide", lines

@@ -68,6 +68,18 @@ def test_coupling_is_confirmed_when_per_layer_refill_beats_a_coupled_one(load_sc
     assert reading == "cannot decide"
 
 
+def test_a_confirmed_coupling_reading_names_the_rounds_where_a_coupled_refill_was_better(load_script):
+    claims = load_script("results/claims.py")
+    mixed = {("shared", 2): "IMP-Refill (per layer) better", ("union", 3): "IMP-Refill (union) better"}
+    vs = [verdict(f"IMP-Refill ({a})", 3, "refuted", e) for a, e in (("union", 0.73), ("per layer", 0.82))]
+    reading, _ = claims.coupling_claim(couplings(mixed), vs)
+    # the registered rule: per-layer better at a round confirms; the reverse round is named
+    assert reading.startswith("**confirmed** (per-layer refill better than IMP-Refill (shared) at round 2)")
+    assert reading.endswith("but a coupled refill better than per-layer refill: IMP-Refill (union) at "
+                            "round 3 (73.0% effective, per layer 82.0%)")
+    assert "but" not in claims.coupling_claim(couplings({("shared", 2): "IMP-Refill (per layer) better"}))[0]
+
+
 def test_coupling_waits_for_three_rounds_on_two_seeds(load_script):
     claims = load_script("results/claims.py")
     per_layer_wins = {("shared", 1): "IMP-Refill (per layer) better"}
