@@ -6,7 +6,8 @@ results/protocol/runs/. Writes results/protocol/progress.md; regenerate it with
 
 Epochs left count every registered round not finished (a round in progress by the epochs its
 metrics.jsonl holds); time left uses the median seconds per epoch the finished rounds of that
-network recorded (round.json, one thread a lane).
+network recorded (round.json, one thread a lane). A last table gives, per network, the seconds
+per epoch and the training time its finished rounds recorded.
 """
 from __future__ import annotations
 
@@ -52,11 +53,41 @@ def state(run: Path, first: int, last: int, epochs: int) -> tuple[list[int], int
     return done, left
 
 
+def speeds(net: str) -> list[dict]:
+    """The round.json of every finished round of `net`, each trained round once: a chained arm's
+    round 0 is a copy of its chain's (same figures), so copies are dropped."""
+    seen, out = set(), []
+    for f in sorted(RUNS.glob(f"{net}-*/round_*/round.json")):
+        r = json.loads(f.read_text())
+        key = (r.get("seconds_per_epoch"), r.get("train_seconds"))
+        if r.get("seconds_per_epoch") and key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
 def seconds_per_epoch(net: str) -> float | None:
-    s = [json.loads(f.read_text()).get("seconds_per_epoch")
-         for f in RUNS.glob(f"{net}-*/round_*/round.json")]
-    s = [x for x in s if x]
+    s = [r["seconds_per_epoch"] for r in speeds(net)]
     return statistics.median(s) if s else None
+
+
+def speed_table() -> list[str]:
+    """Seconds per epoch and training time recorded, per network, over its trained rounds."""
+    rows = ["## Seconds per epoch (from each finished round's round.json)", "",
+            "| network | trained rounds | s / epoch, median (min - max) | threads | CPU | training recorded |",
+            "|---|---|---|---|---|---|"]
+    for net in EPOCHS:
+        rs = speeds(net)
+        if not rs:
+            continue
+        spe = [r["seconds_per_epoch"] for r in rs]
+        threads = sorted({str(r.get("machine", {}).get("threads", "?")) for r in rs})
+        cpus = sorted({r.get("machine", {}).get("cpu", "?") for r in rs})
+        hours = sum(r.get("train_seconds") or 0 for r in rs) / 3600
+        rows.append(f"| {net} | {len(rs)} | {statistics.median(spe):.1f} ({min(spe):.1f} - {max(spe):.1f}) "
+                    f"| {', '.join(threads)} | {', '.join(cpus)} | {hours:.1f} lane-hours |")
+    return rows + ["", "Most epochs ran beside a second lane (two one-thread lanes on two cores), "
+                   "some beside a test run; that load, not the model, makes most of the spread.", ""]
 
 
 def main() -> None:
@@ -103,6 +134,7 @@ def main() -> None:
                   f"time with {lanes} lane{'s' * (lanes > 1)} ({chains} unfinished run"
                   f"{'s' * (chains > 1)}; a run's rounds follow each other; most recorded epochs "
                   "ran beside another lane: about 105-115 s for VGG, against about 71 s alone)", ""]
+    lines += speed_table()
     OUT.write_text("\n".join(lines))
     print(f"wrote {OUT}")
 

@@ -13,10 +13,12 @@ def progress(tmp_path, monkeypatch, load_script):
     return mod
 
 
-def finish_round(run_dir, r, seconds_per_epoch):
+def finish_round(run_dir, r, seconds_per_epoch, train_seconds=None):
     d = run_dir / f"round_{r:02d}"
     d.mkdir(parents=True)
-    (d / "round.json").write_text(json.dumps({"seconds_per_epoch": seconds_per_epoch}))
+    (d / "round.json").write_text(json.dumps({
+        "seconds_per_epoch": seconds_per_epoch, "train_seconds": train_seconds,
+        "machine": {"cpu": "AMD EPYC", "threads": 1}}))
 
 
 def test_counts_finished_rounds_and_the_epochs_left(tmp_path, progress):
@@ -45,3 +47,16 @@ def test_one_unfinished_run_gets_one_lane(tmp_path, monkeypatch, progress):
     text = (tmp_path / "progress.md").read_text()
     assert "| R-IMP | s0: 4/4, s1: 3/4 | 30 epochs left |" in text
     assert "about 0.5 lane-hours, so about 0.5 hours of wall time with 1 lane (1 unfinished run" in text
+
+
+def test_speed_table_counts_an_adopted_round_once(tmp_path, progress):
+    """A chained arm's round 0 is a copy of its chain's: one trained round, not two."""
+    runs = tmp_path / "runs"
+    finish_round(runs / "resnet-e30-imp-s0", 0, 60.0, 1800.0)
+    finish_round(runs / "resnet-e30-imp-s0", 1, 70.0, 2100.0)
+    finish_round(runs / "resnet-e30-refill-none-s0", 0, 60.0, 1800.0)  # adopted from the chain
+    finish_round(runs / "resnet-e30-refill-none-s0", 1, 80.0, 3300.0)
+    progress.main()
+    text = (tmp_path / "progress.md").read_text()
+    assert "| resnet | 3 | 70.0 (60.0 - 80.0) | 1 | AMD EPYC | 2.0 lane-hours |" in text
+    assert "| vgg |" not in text  # no finished VGG round: no row
