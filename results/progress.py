@@ -55,29 +55,22 @@ def state(run: Path, first: int, last: int, epochs: int) -> tuple[list[int], int
 
 def speeds(net: str) -> list[dict]:
     """The round.json of every finished round of `net`, each trained round once: a chained arm's
-    round 0 is a copy of its chain's (same figures), so copies are dropped."""
+    round 0 is a byte-identical copy of its chain's, counted once (as the report's dense runs)."""
     seen, out = set(), []
     for f in sorted(RUNS.glob(f"{net}-*/round_*/round.json")):
-        r = json.loads(f.read_text())
-        key = (r.get("seconds_per_epoch"), r.get("train_seconds"))
-        if r.get("seconds_per_epoch") and key not in seen:
-            seen.add(key)
-            out.append(r)
-    return out
+        raw = f.read_bytes()
+        if raw not in seen:
+            seen.add(raw)
+            out.append(json.loads(raw))
+    return [r for r in out if r.get("seconds_per_epoch")]
 
 
-def seconds_per_epoch(net: str) -> float | None:
-    s = [r["seconds_per_epoch"] for r in speeds(net)]
-    return statistics.median(s) if s else None
-
-
-def speed_table() -> list[str]:
+def speed_table(recorded: dict[str, list[dict]]) -> list[str]:
     """Seconds per epoch and training time recorded, per network, over its trained rounds."""
     rows = ["## Seconds per epoch (from each finished round's round.json)", "",
             "| network | trained rounds | s / epoch, median (min - max) | threads | CPU | training recorded |",
             "|---|---|---|---|---|---|"]
-    for net in EPOCHS:
-        rs = speeds(net)
+    for net, rs in recorded.items():
         if not rs:
             continue
         spe = [r["seconds_per_epoch"] for r in rs]
@@ -117,13 +110,14 @@ def main() -> None:
              "full-width GPU arm (`results/protocol.sh gpu`) needs a lent GPU and is not counted.",
              "", "| arm | rounds finished per seed | left |", "|---|---|---|", *rows, ""]
     hours = 0.0
+    recorded = {net: speeds(net) for net in EPOCHS}  # read once: time left and the speed table
     for net, left in total.items():
-        spe = seconds_per_epoch(net)
         if left == 0:
             continue
-        if spe is None:
+        if not recorded[net]:
             lines.append(f"- {net}: {left} epochs left (no finished round records its speed yet)")
             continue
+        spe = statistics.median(r["seconds_per_epoch"] for r in recorded[net])
         h = left * spe / 3600
         hours += h
         lines.append(f"- {net}: {left} epochs left x {spe:.0f} s per epoch (median of its "
@@ -134,7 +128,7 @@ def main() -> None:
                   f"time with {lanes} lane{'s' * (lanes > 1)} ({chains} unfinished run"
                   f"{'s' * (chains > 1)}; a run's rounds follow each other; most recorded epochs "
                   "ran beside another lane: about 105-115 s for VGG, against about 71 s alone)", ""]
-    lines += speed_table()
+    lines += speed_table(recorded)
     OUT.write_text("\n".join(lines))
     print(f"wrote {OUT}")
 
